@@ -1,0 +1,168 @@
+"""Read-only queries on an ONNX graph: producers, consumers, constants, tensor types.
+
+Nothing here modifies a model. Nodes are identified by their name; :func:`node_keys`
+gives unnamed or duplicate-named nodes a stable key ``#<index>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import helper
+
+#: Ops without inputs whose output is not a constant.
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """Element type and shape of a tensor; a dim is an int, a symbol, or None if unknown."""
+
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    def shape_str(self) -> str:
+        if self.shape is None:
+            return "?"
+        return "x".join("?" if d is None else str(d) for d in self.shape)
+
+    def matches(self, other: TensorType) -> bool:
+        """Same dtype and same rank with no dim known to differ."""
+        if self.dtype != other.dtype or self.shape is None or other.shape is None:
+            return False
+        if len(self.shape) != len(other.shape):
+            return False
+        return all(a is None or b is None or a == b for a, b in zip(self.shape, other.shape, strict=True))
+
+
+def dtype_name(elem_type: int) -> str:
+    """ONNX element type -> numpy-style name ("float32", "int64", ...)."""
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _type_of(value_info: onnx.ValueInfoProto) -> TensorType | None:
+    t = value_info.type
+    if not t.HasField("tensor_type"):
+        return None
+    tt = t.tensor_type
+    shape: tuple[Dim, ...] | None = None
+    if tt.HasField("shape"):
+        dims: list[Dim] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shape = tuple(dims)
+    return TensorType(dtype_name(tt.elem_type), shape)
+
+
+def node_keys(graph: onnx.GraphProto) -> list[str]:
+    """A unique key per node: its name, or ``#<index>`` when unnamed or duplicated."""
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        seen[node.name] = seen.get(node.name, 0) + 1
+    return [n.name if n.name and seen[n.name] == 1 else f"#{i}" for i, n in enumerate(graph.node)]
+
+
+def subgraph_inputs(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope tensors read by the subgraphs (If/Loop/Scan bodies) of ``node``."""
+    names: list[str] = []
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                names.extend(x for x in [*n.input, *subgraph_inputs(n)] if x and x not in local)
+            names.extend(o.name for o in g.output if o.name not in local)
+    return names
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Non-empty inputs of ``node``, including outer-scope reads of its subgraphs."""
+    return [x for x in node.input if x] + subgraph_inputs(node)
+
+
+class GraphIndex:
+    """Producer/consumer maps, the constant closure and tensor types of a model's main graph.
+
+    Built once per model; does not modify ``model``. Tensor types come from the model's
+    own value_info plus ``onnx.shape_inference`` (run on a copy).
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.keys = node_keys(self.graph)
+        self.node_by_key = dict(zip(self.keys, self.graph.node, strict=True))
+        self.position = {k: i for i, k in enumerate(self.keys)}
+        self.producer: dict[str, str] = {}
+        self.consumers: dict[str, list[str]] = {}
+        for key, node in zip(self.keys, self.graph.node, strict=True):
+            for out in node.output:
+                if out:
+                    self.producer[out] = key
+            for inp in dict.fromkeys(node_inputs(node)):
+                self.consumers.setdefault(inp, []).append(key)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in self.graph.output]
+
+    @cached_property
+    def constants(self) -> frozenset[str]:
+        """Tensors whose value does not depend on any graph input (the constant closure)."""
+        const = set(self.initializers)
+        for node in self.graph.node:  # nodes are topologically sorted in a valid model
+            ins = node_inputs(node)
+            if node.op_type in _NONDETERMINISTIC:
+                continue
+            if all(x in const for x in ins):
+                const.update(o for o in node.output if o)
+        return frozenset(const)
+
+    @cached_property
+    def types(self) -> dict[str, TensorType]:
+        """Tensor name -> TensorType, for every tensor whose type is known or inferable."""
+        types: dict[str, TensorType] = {}
+        model = self.model
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception:  # shape inference is best effort (custom ops, >2 GB)
+            inferred = model
+        for g in (model.graph, inferred.graph):
+            for vi in [*g.input, *g.output, *g.value_info]:
+                t = _type_of(vi)
+                if t is not None and (vi.name not in types or types[vi.name].shape is None):
+                    types[vi.name] = t
+        for init in self.graph.initializer:
+            types.setdefault(init.name, TensorType(dtype_name(init.data_type), tuple(init.dims)))
+        return types
+
+    def type_of(self, name: str) -> TensorType | None:
+        return self.types.get(name)
+
+    def params_of(self, keys: Iterable[str]) -> int:
+        """Number of parameters (elements of non-scalar initializers) read by the given nodes."""
+        seen: set[str] = set()
+        total = 0
+        for key in keys:
+            for x in node_inputs(self.node_by_key[key]):
+                t = self.initializers.get(x)
+                if t is not None and x not in seen:
+                    seen.add(x)
+                    n = int(np.prod(t.dims)) if len(t.dims) else 1
+                    total += n if n > 1 else 0
+        return total
