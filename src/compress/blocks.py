@@ -142,8 +142,14 @@ def _name_path(name: str) -> str | None:
     """Module path from a TorchScript-style node name ``/encoder/layer.3/attn/MatMul``."""
     if not name.startswith("/"):
         return None
-    parts = name.split("/")[1:-1]
-    return ".".join(p for p in parts if p)
+    path: list[str] = []
+    for part in (p for p in name.split("/")[1:-1] if p):
+        # nn.Sequential children are scoped with the parent's name: /blocks/blocks.0/conv1
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)
 
 
 def node_module_paths(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, str], str | None]:
