@@ -24,10 +24,12 @@ from torch import nn
 
 
 def _randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Draw every parameter and BatchNorm statistic from a seeded generator; eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 and p.shape[0] > 0 and False else 0.0))
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (fan_in**-0.5 if p.dim() > 1 else 0.1))
         for m in module.modules():
             if isinstance(m, nn.LayerNorm | nn.BatchNorm2d):
                 m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))

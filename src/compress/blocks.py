@@ -323,20 +323,26 @@ def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, pre
     output of the same dtype and shape; with several, the previous block's output wins.
     """
     keyset = set(keys)
-    inputs, outputs = _boundary(index, list(keyset))
+
+    def ordered() -> list[str]:
+        return sorted(keyset, key=index.position.__getitem__)
+
+    inputs, outputs = _boundary(index, ordered())
     reach = {x: _forward(index, x, keyset) for x in inputs}
     pairs = [
         (x, o) for x in inputs for o in outputs
         if index.producer.get(o) in reach[x] and _same(index.type_of(x), index.type_of(o))
     ]
     if pairs:
-        xs = list(dict.fromkeys(x for x, _ in pairs))
+        stream_out = pairs[-1][1] if len(pairs) == 1 else max((o for _, o in pairs), key=lambda o: index.position[index.producer[o]])
+        xs = [x for x, o in pairs if o == stream_out]
         if previous_output in xs:
             stream_in = previous_output
-        else:  # side inputs are shared by many nodes; the stream by few
-            stream_in = min(xs, key=lambda x: (len(index.consumers.get(x, ())), inputs.index(x)))
+        else:  # a side input (mask) feeds several outputs and many nodes; the stream feeds one
+            produced = {x: sum(index.producer[o] in reach[x] for o in outputs) for x in xs}
+            stream_in = min(xs, key=lambda x: (produced[x], len(index.consumers.get(x, ())), inputs.index(x)))
         keyset -= _hoisted(index, keyset, reach[stream_in])
-        inputs, outputs = _boundary(index, list(keyset))
+        inputs, outputs = _boundary(index, ordered())
     else:
         stream_in = None
     keys = sorted(keyset, key=index.position.__getitem__)
@@ -431,3 +437,14 @@ def find_blocks(
             hint="export with 'compress export' (it writes a block map) or pass --blocks CONTAINER",
         )
     return bm
+
+
+def block_rows(block_map: BlockMap) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows describing ``block_map`` (for text or Markdown tables)."""
+    headers = ["#", "block", "nodes", "params", "input -> output", "shape", "removable"]
+    rows = []
+    for b in block_map.blocks:
+        shape = "?" if b.shape is None else ",".join("?" if d is None else str(d) for d in b.shape)
+        rows.append([b.index, b.name, len(b.nodes), b.params, f"{b.input} -> {b.output}",
+                     f"{b.dtype or '?'}[{shape}]", "yes" if b.removable else f"no: {b.reason}"])
+    return headers, rows

@@ -19,6 +19,9 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 
 Dim = int | str | None
 
+#: Initializer types that hold shapes and indices, not parameters.
+_INDEX_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
+
 
 @dataclass(frozen=True)
 class TensorType:
@@ -155,13 +158,13 @@ class GraphIndex:
         return self.types.get(name)
 
     def params_of(self, keys: Iterable[str]) -> int:
-        """Number of parameters (elements of non-scalar initializers) read by the given nodes."""
+        """Number of parameters read by the given nodes: elements of non-scalar, non-index initializers."""
         seen: set[str] = set()
         total = 0
         for key in keys:
             for x in node_inputs(self.node_by_key[key]):
                 t = self.initializers.get(x)
-                if t is not None and x not in seen:
+                if t is not None and x not in seen and t.data_type not in _INDEX_TYPES:
                     seen.add(x)
                     n = int(np.prod(t.dims)) if len(t.dims) else 1
                     total += n if n > 1 else 0

@@ -58,7 +58,7 @@ def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block], *, check: boo
         if not b.removable or b.input is None or b.output is None:
             raise BlockError(f"block {b.index} ({b.name}) is not removable: {b.reason}")
     meta = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_copy(model))  # gs writes into the TensorProtos it imports
     tensors = graph.tensors()
     # Remove later blocks first: a removed block's input may be an earlier removed block's output.
     for b in sorted(blocks, key=lambda b: b.index, reverse=True):
