@@ -52,7 +52,8 @@ def dtype_name(elem_type: int) -> str:
         return onnx.TensorProto.DataType.Name(elem_type).lower()
 
 
-def _type_of(value_info: onnx.ValueInfoProto) -> TensorType | None:
+def value_type(value_info: onnx.ValueInfoProto) -> TensorType | None:
+    """The TensorType declared by ``value_info``; None for non-tensor types."""
     t = value_info.type
     if not t.HasField("tensor_type"):
         return None
@@ -147,7 +148,7 @@ class GraphIndex:
             inferred = model
         for g in (model.graph, inferred.graph):
             for vi in [*g.input, *g.output, *g.value_info]:
-                t = _type_of(vi)
+                t = value_type(vi)
                 if t is not None and (vi.name not in types or types[vi.name].shape is None):
                     types[vi.name] = t
         for init in self.graph.initializer:

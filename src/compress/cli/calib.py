@@ -1,0 +1,220 @@
+"""``compress calib``: make calibration data (text, images) and check it against a model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from compress.calib import (
+    ImageOptions,
+    TextOptions,
+    check_calibration,
+    find_images,
+    image_batches,
+    iter_batches,
+    load_calibration,
+    parse_floats,
+    split_texts,
+    summarize_batches,
+    text_batches,
+)
+from compress.cli import command
+from compress.errors import CalibrationError, OutputError
+from compress.onnx_io import load_model
+
+
+def check_output_folder(path: str | os.PathLike[str], *, force: bool) -> Path:
+    """Validate an output folder before any work: parent exists; empty, missing, or ``force``.
+
+    With ``force``, only a folder holding nothing but ``.npz`` files may be replaced, so a
+    mistyped ``-o`` never deletes unrelated files.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}", hint="create it or choose another -o")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder", hint="choose another -o")
+        entries = sorted(out.iterdir())
+        if entries and not force:
+            raise OutputError(f"output folder {out} is not empty", hint="pass --force to replace it, or choose another -o")
+        others = [e.name for e in entries if not (e.is_file() and e.suffix == ".npz")]
+        if others:
+            raise OutputError(f"output folder {out} holds files other than .npz ({others[0]}); refusing to replace it",
+                              hint="choose another -o, or empty the folder yourself")
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (which may exist)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = _fresh_dir(parent, f".{out.name}.", ".tmp")
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = _fresh_dir(parent, f".{out.name}.", ".old")
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder with the user's default permissions (mkdtemp would make it private)."""
+    for _ in range(100):
+        p = parent / f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a temporary folder in {parent}")
+
+
+def write_batches(batches: Iterable[dict[str, np.ndarray]], out: Path) -> tuple[int, int, str]:
+    """Write ``batch_0000.npz``, ... into ``out`` atomically; return (files, samples, summary)."""
+    shapes: list[dict[str, tuple[str, tuple[int, ...]]]] = []
+    samples = 0
+    with _atomic_folder(out) as tmp:
+        for i, batch in enumerate(batches):
+            np.savez(tmp / f"batch_{i:04d}.npz", **batch)
+            shapes.append({k: (v.dtype.name, tuple(v.shape)) for k, v in batch.items()})
+            samples += next(iter(batch.values())).shape[0]
+        if not shapes:
+            raise CalibrationError("no batches to write", hint="give at least one sample")
+    return len(shapes), samples, summarize_batches(shapes)
+
+
+def _print_summary(out: Path, result: tuple[int, int, str]) -> None:
+    files, samples, summary = result
+    print(f"wrote {files} file{'s' if files != 1 else ''} ({samples} sample{'s' if samples != 1 else ''}) to {out}: {summary}")
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps the values given before the kind (compress calib -v text ...).
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
+    p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS, help="less log output")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to write batch_0000.npz, ... into")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if it holds .npz files")
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.output, force=args.force)
+    src = Path(args.textfile)
+    if not src.is_file():
+        raise CalibrationError(f"text file not found: {src}", hint="pass a UTF-8 text file with one text per line")
+    try:
+        texts = split_texts(src.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{src} is not UTF-8 text: {exc}", hint="save it as UTF-8") from None
+    if not texts:
+        raise CalibrationError(f"{src} holds no texts (all lines are empty)", hint="write one text per line")
+    opts = TextOptions(max_length=args.max_length, batch_size=args.batch_size, pad_to_max=args.pad_to_max,
+                       token_type_ids=not args.no_token_type_ids)
+    _print_summary(out, write_batches(text_batches(texts, tokenizer=args.tokenizer, options=opts), out))
+    return 0
+
+
+def _run_images(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.output, force=args.force)
+    opts = ImageOptions(size=args.size, crop=args.crop, mean=parse_floats(args.mean, flag="--mean"),
+                        std=parse_floats(args.std, flag="--std"), scale=args.scale, layout=args.layout,
+                        input_name=args.input_name, batch_size=args.batch_size)
+    batches = image_batches(find_images(args.imgdir), options=opts)
+    _print_summary(out, write_batches(batches, out))
+    return 0
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    calib = load_calibration(args.data, batch_size=args.batch_size)
+    model = load_model(args.model)
+    check_calibration(calib, model)
+    shapes = [{k: (v.dtype.name, tuple(v.shape)) for k, v in b.items()} for b in iter_batches(calib)]
+    print(f"ok: {calib.description}, {len(calib)} batches fit {Path(args.model).name}: {summarize_batches(shapes)}")
+    return 0
+
+
+@command(
+    "calib",
+    help="make calibration data (.npz batches) from texts or images, or check it against a model",
+    description=(
+        "Calibration data is a folder of .npz files, one array per model input named like the input,\n"
+        "batch axis first (see calib/README.md). This command writes such folders and checks them.\n\n"
+        "examples:\n"
+        "  compress calib text sentences.txt --tokenizer MODEL_DIR -o calib_text\n"
+        "  compress calib images photos/ --size 256 --crop 224 -o calib_img\n"
+        "  compress calib images photos/ --scale 1 --mean 127 --std 128 --layout NHWC -o calib_lite\n"
+        "  compress calib check calib_text --model model.onnx"
+    ),
+)
+class Calib:
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        sub = parser.add_subparsers(dest="calib_command", metavar="KIND", required=True)
+
+        text = sub.add_parser(
+            "text", help="tokenize one text per non-empty line into input_ids/attention_mask/token_type_ids",
+            description="Tokenize one text per non-empty line of TEXTFILE (int64 arrays, padded on the right).")
+        text.add_argument("textfile", metavar="TEXTFILE", help="UTF-8 text, one calibration text per non-empty line")
+        text.add_argument("--tokenizer", required=True, metavar="PATH",
+                          help="tokenizer.json, or a folder holding one (a Hugging Face model folder)")
+        _add_output(text)
+        text.add_argument("--max-length", type=int, default=128, metavar="N",
+                          help="truncate texts to N tokens, special tokens included (default: 128)")
+        text.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per file (default: 8)")
+        text.add_argument("--pad-to-max", action="store_true",
+                          help="pad every batch to --max-length (default: to the longest text of the batch)")
+        text.add_argument("--no-token-type-ids", action="store_true", help="do not write token_type_ids")
+        _add_verbosity(text)
+        text.set_defaults(_calib_run=_run_text)
+
+        img = sub.add_parser(
+            "images", help="resize, center-crop and normalize images into float32 batches",
+            description=("Resize the shorter side to --size (bilinear), center-crop --crop, then\n"
+                         "value = (pixel / scale - mean) / std per RGB channel, float32.\n"
+                         "EfficientNet-Lite's (rgb - 127) / 128: --scale 1 --mean 127 --std 128."),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        img.add_argument("imgdir", metavar="IMGDIR", help="folder of images (searched recursively, sorted by path)")
+        _add_output(img)
+        img.add_argument("--size", type=int, default=224, metavar="PX", help="shorter side after resizing (default: 224)")
+        img.add_argument("--crop", type=int, default=None, metavar="PX", help="center crop side (default: --size)")
+        img.add_argument("--mean", default="0.485,0.456,0.406", metavar="R,G,B",
+                         help="subtracted after dividing by --scale; one value for all channels or three (default: ImageNet)")
+        img.add_argument("--std", default="0.229,0.224,0.225", metavar="R,G,B",
+                         help="divisor after subtracting --mean (default: ImageNet)")
+        img.add_argument("--scale", type=float, default=255.0,
+                         help="pixels (0-255) are divided by this first: 255 gives [0, 1], 1 keeps raw values (default: 255)")
+        img.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="array layout (default: NCHW)")
+        img.add_argument("--input-name", default="x", metavar="NAME", help="model input name to save under (default: x)")
+        img.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per file (default: 8)")
+        _add_verbosity(img)
+        img.set_defaults(_calib_run=_run_images)
+
+        check = sub.add_parser("check", help="check calibration data against a model's inputs and read all of it",
+                               description="Check names, dtypes and shapes against MODEL, then read every batch (NaN/Inf).")
+        check.add_argument("data", metavar="DATA", help="folder of .npz files, or one .npz file")
+        check.add_argument("--model", required=True, metavar="MODEL.onnx", help="the model the data is for")
+        check.add_argument("--batch-size", type=int, default=None, metavar="N",
+                           help="split each file into batches of N samples (default: one batch per file)")
+        _add_verbosity(check)
+        check.set_defaults(_calib_run=_run_check)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        return int(args._calib_run(args))
