@@ -40,3 +40,46 @@ def load_model_and_blocks(path: str, *, spec: str | None) -> tuple[onnx.ModelPro
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def add_calib_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("calibration data")
+    g.add_argument("--calib", metavar="PATH",
+                   help="a folder of .npz files or one .npz (keys = model input names, leading axis = batch); "
+                        "make one with 'compress calib text|images'")
+    g.add_argument("--batch-size", type=int, metavar="N", help="split each .npz file into batches of N samples")
+    g.add_argument("--random-calib", type=int, metavar="BATCHES",
+                   help="use this many batches of random inputs instead of --calib (labelled RANDOM in every report)")
+    g.add_argument("--random-dims", metavar="DIM=N,...",
+                   help="values of symbolic dims for --random-calib, e.g. batch=4,seq=128")
+
+
+def _parse_dims(spec: str | None) -> dict[str, int]:
+    from compress.errors import ConfigError
+
+    dims: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise ConfigError(f"--random-dims {spec!r}: {item!r} is not DIM=N", hint="e.g. --random-dims batch=4,seq=128")
+        dims[name] = int(value)
+    return dims
+
+
+def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
+    """The CalibrationSet chosen by ``--calib`` / ``--random-calib``, checked against ``model``."""
+    from compress.calib import check_calibration, load_calibration, random_calibration
+    from compress.errors import ConfigError
+
+    if args.calib and args.random_calib:
+        raise ConfigError("--calib and --random-calib are exclusive", hint="pass one of them")
+    if args.random_calib:
+        dims = _parse_dims(args.random_dims)
+        batch = dims.pop("batch", args.batch_size or 1)  # axis 0 is the batch axis whatever its name
+        calib = random_calibration(model, batches=args.random_calib, batch_size=batch, dims=dims, seed=0)
+    elif args.calib:
+        calib = load_calibration(args.calib, batch_size=args.batch_size)
+    else:
+        raise ConfigError("calibration data is required", hint="pass --calib DIR (or --random-calib N for a smoke test)")
+    check_calibration(calib, model)
+    return calib

@@ -1,0 +1,46 @@
+"""Block-importance scoring: metrics (streaming accumulators) and Fisher segmentation.
+
+See :mod:`compress.scoring.metrics` for the accumulator protocol and the formulas, and
+:mod:`compress.scoring.segment` for the SGLP segmentation. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from compress.scoring.metrics import (
+    METRICS,
+    AblationAccumulator,
+    Accumulator,
+    BlockActivations,
+    BoundaryAccumulator,
+    MetricConfig,
+    MetricResult,
+    TokenRange,
+    get_metric,
+    metric_names,
+    minibatch_hsic,
+    parse_token_ranges,
+    register_metric,
+    token_view,
+)
+from compress.scoring.segment import auto_segment_count, fisher_segments, segment_costs, segment_losses
+
+__all__ = [
+    "METRICS",
+    "AblationAccumulator",
+    "Accumulator",
+    "BlockActivations",
+    "BoundaryAccumulator",
+    "MetricConfig",
+    "MetricResult",
+    "TokenRange",
+    "auto_segment_count",
+    "fisher_segments",
+    "get_metric",
+    "metric_names",
+    "minibatch_hsic",
+    "parse_token_ranges",
+    "register_metric",
+    "segment_costs",
+    "segment_losses",
+    "token_view",
+]

@@ -1,0 +1,944 @@
+"""Block-importance metrics: streaming accumulators over calibration batches.
+
+Protocol (what a collector does)::
+
+    acc = get_metric("cosine")(num_blocks, MetricConfig(interval=1))
+    for batch in calibration:                       # one ORT run per batch
+        acc.update(BlockActivations(inputs=[...], outputs=[...]))
+    result = acc.result()                           # MetricResult; result.to_dict() is JSON-ready
+
+``inputs[i]`` / ``outputs[i]`` are block ``i``'s residual-stream input and output for the
+batch (any float dtype; batch on axis 0). Accumulators keep sums and counts only (O(L^2)
+state plus per-batch temporaries), never the activations. The ``ablation`` metric
+(``needs_final`` is True) is fed differently: ``acc.update(block, reference, ablated)``
+with the model's final outputs with and without block ``block``.
+
+Every score is "higher = more important" (prune the lowest). ``scores[i]`` belongs to the
+span that starts at block ``i`` (``interval`` blocks, ``i .. i + interval - 1``); spans that
+run past the last block, or whose two ends differ in shape, are not scored (None).
+
+Token view (:func:`token_view`): an activation becomes ``[B, T, D]`` (samples, tokens,
+hidden). The hidden axis is ``channel_axis``; by default axis 1 for rank >= 4 (NCHW,
+NCDHW: every spatial position is a token) and the last axis otherwise (``[B, T, D]``;
+``[B, D]`` has one token per sample). A :class:`TokenRange` slices the token axis (the
+flattened spatial axis for NCHW); ``last_token`` keeps token ``T - 1`` of each sample.
+
+Per-token metrics (computed in float64, per token along the hidden axis):
+
+- ``cosine`` (Sana 1.5 block importance, abs variant): mean over tokens of ``1 - |cos|``.
+- ``cosine-signed`` (ShortGPT Block Influence, ModelOpt Minitron): mean of ``1 - cos``.
+- ``angular`` (Gromov et al. 2024): mean of ``arccos(cos) / pi`` in ``[0, 1]``; usually
+  with ``last_token=True``.
+
+  Zero vectors: ``cos = 1`` when both are zero, ``cos = 0`` when exactly one is zero.
+  Numerics: ``1 - cos`` is evaluated as ``|x/|x| - y/|y||^2 / 2`` and the angle as
+  ``2 atan2(|x^ - y^|, |x^ + y^|)``, accurate for nearly identical vectors.
+
+``cka``: linear CKA between the ``L + 1`` boundary representations (input of block 0,
+output of every block), by the minibatch estimator of Nguyen, Raghu & Kornblith (2021):
+the unbiased HSIC of Song et al. (2012) is averaged over minibatches and
+``CKA(X, Y) = mean HSIC(X, Y) / sqrt(mean HSIC(X, X) * mean HSIC(Y, Y))``. Rows are
+tokens (``B * T``; at most ``max_tokens`` per batch, a fixed-seed random subset) when all
+representations have the same number of tokens per sample, else samples with
+features flattened (CNN stages of different resolution). Batches with fewer than
+``min_rows`` rows are pooled with the next ones. The score is ``1 - CKA(input of block
+i, output of block i + interval - 1)``; ``matrix`` holds the (L+1) x (L+1) CKA and
+``segments`` the Fisher optimal segmentation of the L block outputs by ``1 - CKA``
+(:mod:`compress.scoring.segment`). A representation with non-positive self-HSIC
+(constant) has CKA 0 with everything else. Cost per batch: about ``(L+1) n^2 D / 2``
+multiply-adds for ``n`` rows (``n <= max_tokens``), i.e. ``n / (24 D)`` of a transformer
+forward pass; lower ``max_tokens`` when D is small.
+
+Token ranges (per modality): with ``token_ranges``, every metric is computed separately
+on each range (``per_range``) and ``scores`` is the *combined* score: the unweighted
+mean of the per-range scores, so a short text range counts as much as a long image
+range. For CKA the per-range matrices are averaged the same way.
+
+NaN/Inf in any activation raises :class:`~compress.errors.BlockError` naming the block
+and whether its input or output is affected.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from compress.errors import BlockError, CalibrationError, ConfigError
+from compress.registry import Registry
+from compress.scoring.segment import auto_segment_count, fisher_segments, segment_losses
+
+__all__ = [
+    "METRICS",
+    "AblationAccumulator",
+    "Accumulator",
+    "BlockActivations",
+    "BoundaryAccumulator",
+    "MetricConfig",
+    "MetricResult",
+    "TokenRange",
+    "get_metric",
+    "metric_names",
+    "minibatch_hsic",
+    "parse_token_ranges",
+    "register_metric",
+    "token_view",
+]
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Elements per float64 temporary (32 MiB): bounds per-batch scratch memory."""
+
+_MIN_HSIC_ROWS = 4
+"""The unbiased HSIC estimator needs at least 4 rows."""
+
+_RANGE_ITEM = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)=(?P<start>[+-]?\d+)?:(?P<stop>[+-]?\d+)?$")
+_RANGE_EXAMPLE = "e.g. --token-ranges text=0:77,image=77:"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """A named slice ``[start:stop]`` of the token axis (Python slice semantics).
+
+    Attributes:
+        name: label of the range ("text", "image"); not "combined".
+        start: first token (negative counts from the end); None = 0.
+        stop: one past the last token (negative counts from the end); None = the end.
+    """
+
+    name: str
+    start: int | None = None
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        s = "" if self.start is None else str(self.start)
+        e = "" if self.stop is None else str(self.stop)
+        return f"{self.name}={s}:{e}"
+
+
+def parse_token_ranges(spec: str) -> tuple[TokenRange, ...]:
+    """Parse ``"text=0:77,image=77:"`` into TokenRanges (empty string -> ()).
+
+    Raises:
+        ConfigError: bad syntax, duplicate or reserved names (names the --token-ranges flag).
+    """
+    ranges: list[TokenRange] = []
+    if not spec.strip():
+        return ()
+    for item in (p.strip() for p in spec.split(",")):
+        m = _RANGE_ITEM.match(item)
+        if m is None:
+            raise ConfigError(
+                f"bad token range {item!r} in --token-ranges {spec!r}: expected NAME=START:STOP",
+                hint=f"separate ranges with commas, leave START or STOP empty for an open end ({_RANGE_EXAMPLE})",
+            )
+        name = m["name"]
+        if name == "combined" or any(r.name == name for r in ranges):
+            what = "reserved" if name == "combined" else "repeated"
+            raise ConfigError(
+                f"token range name {name!r} is {what} in --token-ranges {spec!r}",
+                hint=f"give every range its own name other than 'combined' ({_RANGE_EXAMPLE})",
+            )
+        start = None if m["start"] is None else int(m["start"])
+        stop = None if m["stop"] is None else int(m["stop"])
+        ranges.append(TokenRange(name, start, stop))
+    return tuple(ranges)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricConfig:
+    """Options shared by all metrics (each metric reads the ones it uses).
+
+    Attributes:
+        interval: span length n: score ``i`` compares the input of block ``i`` with the
+            output of block ``i + n - 1`` (cosine, cosine-signed, angular, cka).
+        token_ranges: per-modality scoring (see module docstring); () = all tokens.
+        last_token: keep only the last token of each sample (cosine, cosine-signed, angular).
+        channel_axis: the hidden axis; None = 1 for rank >= 4, else the last axis.
+        segments: CKA Fisher segmentation: number of segments; None = automatic (elbow).
+        max_tokens: CKA: at most this many token rows per batch (fixed-seed random subset).
+        min_rows: CKA: pool batches until a minibatch has at least this many rows (>= 4).
+        seed: seed of the CKA row-subsampling generator.
+    """
+
+    interval: int = 1
+    token_ranges: tuple[TokenRange, ...] = ()
+    last_token: bool = False
+    channel_axis: int | None = None
+    segments: int | None = None
+    max_tokens: int = 1024
+    min_rows: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(flag: str, value: Any, need: str) -> ConfigError:
+            return ConfigError(f"{flag} {value!r} is invalid: {need}", hint=f"pass {flag} {need}")
+
+        for flag, value, low in (
+            ("--interval", self.interval, 1),
+            ("--max-tokens", self.max_tokens, _MIN_HSIC_ROWS),
+            ("--min-rows", self.min_rows, _MIN_HSIC_ROWS),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(flag, value, f"an integer >= {low}")
+        if self.segments is not None and (
+            isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1
+        ):
+            raise bad("--segments", self.segments, "an integer >= 1")
+        if self.channel_axis is not None and (
+            isinstance(self.channel_axis, bool) or not isinstance(self.channel_axis, int)
+        ):
+            raise bad("--channel-axis", self.channel_axis, "an integer axis")
+        if not isinstance(self.token_ranges, tuple) or not all(isinstance(r, TokenRange) for r in self.token_ranges):
+            raise ConfigError(
+                "token_ranges must be a tuple of TokenRange", hint="build it with parse_token_ranges('text=0:77,...')"
+            )
+        names = [r.name for r in self.token_ranges]
+        if len(set(names)) != len(names) or "combined" in names:
+            raise ConfigError(f"token range names must be unique and not 'combined': {names}", hint=_RANGE_EXAMPLE)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (token ranges as ``NAME=START:STOP`` strings)."""
+        return {
+            "interval": self.interval,
+            "token_ranges": [str(t) for t in self.token_ranges],
+            "last_token": self.last_token,
+            "channel_axis": self.channel_axis,
+            "segments": self.segments,
+            "max_tokens": self.max_tokens,
+            "min_rows": self.min_rows,
+            "seed": self.seed,
+        }
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _site(block: int, where: str, names: Sequence[str] | None) -> str:
+    label = f"block {block}" if names is None or block >= len(names) else f"block {block} ({names[block]})"
+    return f"{label} {where}"
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """The block boundaries of one calibration batch. Validated on construction.
+
+    Attributes:
+        inputs: ``inputs[i]`` = residual-stream input of block ``i`` (float, batch on axis 0).
+        outputs: ``outputs[i]`` = output of block ``i`` (usually the shape of ``inputs[i]``).
+        final: the model's final outputs for this batch (optional; unused by boundary metrics).
+        names: block names, used only in error messages (optional).
+
+    Raises:
+        BlockError: unequal lengths, a non-float or rank-0 array, NaN or Inf (naming the
+            block and whether its input or output is affected).
+    """
+
+    inputs: Sequence[np.ndarray]
+    outputs: Sequence[np.ndarray]
+    final: Mapping[str, np.ndarray] | None = None
+    names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        ins = tuple(np.asarray(a) for a in self.inputs)
+        outs = tuple(np.asarray(a) for a in self.outputs)
+        if len(ins) != len(outs) or not ins:
+            raise BlockError(
+                f"block activations need one input and one output per block, got {len(ins)} inputs "
+                f"and {len(outs)} outputs",
+                hint="pass inputs[i] and outputs[i] for every block i",
+            )
+        checked: set[int] = set()
+        for where, arrays in (("input", ins), ("output", outs)):
+            for i, a in enumerate(arrays):
+                if id(a) in checked:
+                    continue
+                checked.add(id(a))
+                if a.ndim == 0 or not np.issubdtype(a.dtype, np.floating):
+                    raise BlockError(
+                        f"{_site(i, where, self.names)} is a {a.dtype} array of shape {a.shape}; "
+                        "block boundaries must be float tensors of rank >= 1",
+                        hint="choose block boundaries on the residual stream (hidden states)",
+                    )
+                if not np.isfinite(a).all():
+                    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+                    raise BlockError(
+                        f"{_site(i, where, self.names)} contains NaN or Inf ({bad} of {a.size} values)",
+                        hint="the model overflows on this calibration data (common in float16); "
+                        "check its inputs, or score a float32 model",
+                    )
+        object.__setattr__(self, "inputs", ins)
+        object.__setattr__(self, "outputs", outs)
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks L."""
+        return len(self.inputs)
+
+
+def _hidden_axis(ndim: int, channel_axis: int | None) -> int:
+    axis = (1 if ndim >= 4 else ndim - 1) if channel_axis is None else channel_axis
+    if not -ndim <= axis < ndim or axis % ndim == 0 and ndim > 1:
+        raise ConfigError(
+            f"--channel-axis {channel_axis} does not fit a rank-{ndim} activation (axis 0 is the batch)",
+            hint=f"use an axis from 1 to {ndim - 1}, or leave --channel-axis out",
+        )
+    return axis % ndim
+
+
+def token_view(
+    array: np.ndarray,
+    *,
+    channel_axis: int | None = None,
+    token_range: TokenRange | None = None,
+    last_token: bool = False,
+) -> np.ndarray:
+    """An activation as ``[B, T, D]``: samples, tokens, hidden (see module docstring).
+
+    Args:
+        array: activation with the batch on axis 0 (rank 1 = one sample, one token).
+        channel_axis: hidden axis; None = 1 for rank >= 4, else the last axis.
+        token_range: slice of the (flattened) token axis; None = all tokens.
+        last_token: keep only the last token (of the range) of each sample.
+
+    Returns:
+        A view or copy in the input's dtype; does not modify ``array``.
+
+    Raises:
+        ConfigError: a bad ``channel_axis`` or a range that selects no token.
+    """
+    a = np.asarray(array)
+    if a.ndim == 1:
+        a = a[None, :]
+    axis = _hidden_axis(a.ndim, channel_axis)
+    b, d = a.shape[0], a.shape[axis]
+    if axis == a.ndim - 1:
+        v = a.reshape(b, -1, d)  # [B, T, D]
+        token_axis = 1
+    else:
+        v = np.moveaxis(a, axis, 1).reshape(b, d, -1)  # a view for contiguous NCHW: [B, D, T]
+        token_axis = 2
+    t = v.shape[token_axis]
+    sel = slice(None)
+    if token_range is not None:
+        sel = slice(token_range.start, token_range.stop)
+        if len(range(*sel.indices(t))) == 0:
+            raise ConfigError(
+                f"token range {token_range} selects no token of an activation of shape {a.shape} ({t} tokens)",
+                hint=f"fix --token-ranges ({_RANGE_EXAMPLE})",
+            )
+    if last_token:
+        sel = slice(*sel.indices(t))
+        sel = slice(range(t)[sel][-1], range(t)[sel][-1] + 1)
+    v = v[:, :, sel] if token_axis == 2 else v[:, sel, :]
+    return v.transpose(0, 2, 1) if token_axis == 2 else v
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready copy: tuples -> lists, numpy scalars -> Python, NaN/Inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+Scores = tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """What a metric measured. Higher score = more important block (prune the lowest).
+
+    Attributes:
+        name: metric name ("cosine", "cka", ...).
+        scores: per block (span start), the combined score; None = not scored.
+        per_range: token-range name -> per-block scores, or None without token ranges.
+        matrix: CKA only: (L+1) x (L+1) similarity between boundaries (index 0 = input of
+            block 0, index k = output of block k-1).
+        segments: CKA only: half-open block ranges of the Fisher segmentation.
+        details: metric-specific extras (counts, per-output errors, ...), JSON-ready.
+    """
+
+    name: str
+    scores: Scores
+    per_range: Mapping[str, Scores] | None = None
+    matrix: tuple[tuple[float, ...], ...] | None = None
+    segments: tuple[tuple[int, int], ...] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists, Python numbers, None for NaN/Inf)."""
+        return _clean(
+            {
+                "name": self.name,
+                "scores": self.scores,
+                "per_range": self.per_range,
+                "matrix": self.matrix,
+                "segments": self.segments,
+                "details": self.details,
+            }
+        )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class Accumulator:
+    """Base of all metric accumulators: ``cls(num_blocks, config)``, ``update(...)``, ``result()``.
+
+    Attributes:
+        name: registered metric name (set by :func:`register_metric`).
+        needs_final: False: ``update(BlockActivations)`` once per batch; True (ablation):
+            ``update(block, reference, ablated)`` with the model's final outputs.
+        num_blocks: number of blocks L being scored.
+        config: the options.
+    """
+
+    name: ClassVar[str] = ""
+    needs_final: ClassVar[bool] = False
+
+    def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise BlockError(f"no block to score (num_blocks={num_blocks!r})", hint="check the block map")
+        self.num_blocks = num_blocks
+        self.config = config if config is not None else MetricConfig()
+
+    def result(self) -> MetricResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+A = TypeVar("A", bound=type[Accumulator])
+
+METRICS: Registry[type[Accumulator]] = Registry("metric", flag="--metric")
+"""Metric name -> accumulator class."""
+
+
+def register_metric(name: str) -> Callable[[A], A]:
+    """Class decorator: register an :class:`Accumulator` subclass as metric ``name``."""
+
+    def decorate(cls: A) -> A:
+        cls.name = name
+        METRICS.register(name)(cls)
+        return cls
+
+    return decorate
+
+
+def get_metric(name: str) -> type[Accumulator]:
+    """The accumulator class of metric ``name``; ConfigError listing the valid names otherwise."""
+    return METRICS.get(name)
+
+
+def metric_names() -> list[str]:
+    """Registered metric names, sorted."""
+    return METRICS.names()
+
+
+class BoundaryAccumulator(Accumulator):
+    """An accumulator fed with :class:`BlockActivations`, one call per calibration batch.
+
+    Raises:
+        ConfigError: on construction, an ``interval`` longer than ``num_blocks``.
+    """
+
+    def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
+        super().__init__(num_blocks, config)
+        self.batches = 0
+        k = self.config.interval
+        if k > num_blocks:
+            raise ConfigError(
+                f"--interval {k} is longer than the model's {num_blocks} blocks",
+                hint=f"use --interval from 1 to {num_blocks}",
+            )
+        self.spans = list(range(num_blocks - k + 1))
+        """Start blocks of the scored spans."""
+
+    def update(self, acts: BlockActivations) -> None:
+        """Add one calibration batch."""
+        if acts.num_blocks != self.num_blocks:
+            raise BlockError(
+                f"batch {self.batches} has {acts.num_blocks} blocks; the metric was set up for {self.num_blocks}",
+                hint="feed the same block boundaries for every calibration batch",
+            )
+        if self.batches == 0:
+            self._start(acts)
+        self._add(acts)
+        self.batches += 1
+
+    def _start(self, acts: BlockActivations) -> None:
+        """Set up data-dependent state from the first batch."""
+
+    def _add(self, acts: BlockActivations) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _no_data(self) -> CalibrationError:
+        return CalibrationError(
+            f"metric {self.name!r} received no calibration batch", hint="pass at least one calibration sample"
+        )
+
+
+def _ranges(config: MetricConfig) -> tuple[TokenRange | None, ...]:
+    return config.token_ranges if config.token_ranges else (None,)
+
+
+def _combine(per_range: list[list[float | None]]) -> Scores:
+    """Unweighted mean over ranges; None where any range is None."""
+    out: list[float | None] = []
+    for values in zip(*per_range, strict=True):
+        out.append(None if any(v is None for v in values) else float(np.mean(values)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- per-token metrics
+
+
+def _pair_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of two ``[N, D]`` arrays: ``|x^ - y^|^2``, ``|x^ + y^|^2`` (x^ = x/|x|) and zero masks."""
+    xh = x.astype(np.float64)  # copies: normalised in place below
+    yh = y.astype(np.float64)
+    nx = np.sqrt(np.einsum("ij,ij->i", xh, xh))
+    ny = np.sqrt(np.einsum("ij,ij->i", yh, yh))
+    zx, zy = nx == 0.0, ny == 0.0
+    xh /= np.where(zx, 1.0, nx)[:, None]
+    yh /= np.where(zy, 1.0, ny)[:, None]
+    diff = xh - yh
+    xh += yh  # now the sum
+    return np.einsum("ij,ij->i", diff, diff), np.einsum("ij,ij->i", xh, xh), zx, zy
+
+
+class _TokenPairAccumulator(BoundaryAccumulator):
+    """Shared machinery of cosine, cosine-signed and angular: mean of a per-token distance."""
+
+    one_zero: ClassVar[float] = 1.0
+    """The per-token value when exactly one of the two vectors is zero."""
+
+    def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
+        super().__init__(num_blocks, config)
+        r = len(_ranges(self.config))
+        self.sums = np.zeros((r, num_blocks))
+        self.counts = np.zeros((r, num_blocks), dtype=np.int64)
+        self.unscored: dict[int, str] = {}
+
+    @staticmethod
+    def _distance(d2: np.ndarray, p2: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _token_sum(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Sum over the rows of ``[N, D]`` x, y of the per-token distance (chunked, float64)."""
+        step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+        total = 0.0
+        for lo in range(0, x.shape[0], step):
+            d2, p2, zx, zy = _pair_terms(x[lo : lo + step], y[lo : lo + step])
+            value = self._distance(d2, p2)
+            value = np.where(zx & zy, 0.0, np.where(zx | zy, self.one_zero, value))
+            total += float(value.sum())
+        return total
+
+    def _add(self, acts: BlockActivations) -> None:
+        cfg = self.config
+        k = cfg.interval
+        for i in self.spans:
+            x, y = acts.inputs[i], acts.outputs[i + k - 1]
+            if x.shape != y.shape:
+                self.unscored.setdefault(i, f"shape {list(x.shape)} -> {list(y.shape)}")
+                continue
+            for r, token_range in enumerate(_ranges(cfg)):
+                kw = {"channel_axis": cfg.channel_axis, "token_range": token_range, "last_token": cfg.last_token}
+                xv, yv = token_view(x, **kw), token_view(y, **kw)
+                d = xv.shape[-1]
+                self.sums[r, i] += self._token_sum(xv.reshape(-1, d), yv.reshape(-1, d))
+                self.counts[r, i] += xv.shape[0] * xv.shape[1]
+
+    def result(self) -> MetricResult:
+        """Mean distance per span (combined over token ranges, see module docstring)."""
+        if self.batches == 0:
+            raise self._no_data()
+        spans = set(self.spans)
+        per: list[list[float | None]] = []
+        for r in range(self.sums.shape[0]):
+            per.append(
+                [
+                    float(self.sums[r, i] / self.counts[r, i]) if i in spans and self.counts[r, i] else None
+                    for i in range(self.num_blocks)
+                ]
+            )
+        ranges = self.config.token_ranges
+        per_range = {t.name: tuple(v) for t, v in zip(ranges, per, strict=True)} if ranges else None
+        details = {
+            "interval": self.config.interval,
+            "last_token": self.config.last_token,
+            "batches": self.batches,
+            "tokens": [int(c) for c in self.counts.sum(axis=0)],
+            "token_ranges": [str(t) for t in ranges],
+            "unscored": {str(i): why for i, why in sorted(self.unscored.items())},
+        }
+        return MetricResult(self.name, _combine(per), per_range=per_range, details=details)
+
+
+@register_metric("cosine")
+class CosineAccumulator(_TokenPairAccumulator):
+    """Sana 1.5: mean over tokens of ``1 - |cos(x_in, x_out)|``."""
+
+    @staticmethod
+    def _distance(d2: np.ndarray, p2: np.ndarray) -> np.ndarray:
+        return 0.5 * np.minimum(d2, p2)
+
+
+@register_metric("cosine-signed")
+class SignedCosineAccumulator(_TokenPairAccumulator):
+    """ShortGPT Block Influence / ModelOpt Minitron: mean over tokens of ``1 - cos(x_in, x_out)``."""
+
+    @staticmethod
+    def _distance(d2: np.ndarray, p2: np.ndarray) -> np.ndarray:
+        return 0.5 * d2
+
+
+@register_metric("angular")
+class AngularAccumulator(_TokenPairAccumulator):
+    """Gromov et al. 2024: mean over tokens of ``arccos(cos(x_in, x_out)) / pi``."""
+
+    one_zero: ClassVar[float] = 0.5
+
+    @staticmethod
+    def _distance(d2: np.ndarray, p2: np.ndarray) -> np.ndarray:
+        return (2.0 / math.pi) * np.arctan2(np.sqrt(d2), np.sqrt(p2))
+
+
+# --------------------------------------------------------------------------- CKA
+
+
+def minibatch_hsic(reps: Sequence[np.ndarray]) -> np.ndarray:
+    """Unbiased linear-kernel HSIC (Song et al. 2012) between all pairs of representations.
+
+    For Gram matrices ``K = X X^T`` with zeroed diagonals (``K~``), ``n`` rows::
+
+        HSIC(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))
+
+    Features are centred first (the estimator is invariant to it; it avoids cancellation).
+    Features and Gram blocks (upper triangle only) are float32 when every input is float32
+    or narrower, else float64; means and the sums over Gram entries are float64. Memory: the centred features plus a
+    32 MiB scratch block.
+
+    Args:
+        reps: m arrays ``[n, D_r]`` with the same rows (n >= 4). Not modified.
+
+    Returns:
+        ``[m, m]`` float64 matrix of HSIC estimates.
+    """
+    n = reps[0].shape[0]
+    if n < _MIN_HSIC_ROWS or any(x.shape[0] != n for x in reps):
+        raise ValueError(f"minibatch_hsic needs >= 4 equal rows, got {[x.shape[0] for x in reps]}")
+    work = np.float64 if any(np.dtype(x.dtype).itemsize > 4 for x in reps) else np.float32
+    m = len(reps)
+    centred = []
+    sq = np.empty((m, n))  # squared row norms (the Gram diagonals)
+    rowsum = np.empty((m, n))  # K~ 1
+    total = np.empty(m)  # 1^T K~ 1
+    for r, x in enumerate(reps):
+        x = np.asarray(x).reshape(n, -1)
+        xc = x.astype(work, copy=False) - x.mean(axis=0, dtype=np.float64).astype(work)
+        col = xc.sum(axis=0, dtype=np.float64)  # ~0 after centring
+        sq[r] = np.einsum("ij,ij->i", xc, xc)
+        rowsum[r] = xc @ col.astype(work) - sq[r]
+        total[r] = col @ col - sq[r].sum()
+        centred.append(xc)
+    # tr(K~_a K~_b) = <K~_a, K~_b>_F, from the upper triangle of row blocks: each block
+    # [lo:hi, lo:] holds the diagonal square (counted once) and the part right of it,
+    # which stands for itself and its mirror image (scaled by sqrt 2 to count twice).
+    trace = np.zeros((m, m))
+    step = max(1, min(n, _CHUNK_ELEMENTS // (m * n)))
+    scratch = np.empty(m * step * n)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        b, w = hi - lo, n - lo
+        g = scratch[: m * b * w].reshape(m, b, w)
+        for r, x in enumerate(centred):
+            g[r] = x[lo:hi] @ x[lo:].T
+        g[:, np.arange(b), np.arange(b)] = 0.0
+        g[:, :, b:] *= math.sqrt(2.0)
+        flat = g.reshape(m, -1)
+        trace += flat @ flat.T
+    return (trace + np.outer(total, total) / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * (rowsum @ rowsum.T)) / (
+        n * (n - 3)
+    )
+
+
+def _cka_from_hsic(h: np.ndarray) -> np.ndarray:
+    """CKA matrix from mean HSIC; 0 off the diagonal where a self-HSIC is <= 0, 1 on it."""
+    diag = np.diag(h).copy()
+    ok = diag > 0
+    root = np.sqrt(np.where(ok, diag, 1.0))
+    cka = h / np.outer(root, root)
+    cka[~(ok[:, None] & ok[None, :])] = 0.0
+    np.fill_diagonal(cka, 1.0)
+    return cka
+
+
+class _CkaRange:
+    """Minibatch-CKA state of one token range: a row pool and the running HSIC sum."""
+
+    def __init__(self, m: int) -> None:
+        self.pool: list[list[np.ndarray]] = [[] for _ in range(m)]
+        self.rows = 0
+        self.hsic_sum = np.zeros((m, m))
+        self.minibatches = 0
+        self.samples_mode: bool | None = None
+
+    def add(self, rows: list[np.ndarray], min_rows: int) -> None:
+        for pool, x in zip(self.pool, rows, strict=True):
+            pool.append(x)
+        self.rows += rows[0].shape[0]
+        if self.rows >= min_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows >= _MIN_HSIC_ROWS:
+            self.hsic_sum += minibatch_hsic([np.concatenate(p) if len(p) > 1 else p[0] for p in self.pool])
+            self.minibatches += 1
+            self.rows = 0
+            self.pool = [[] for _ in self.pool]
+
+
+@register_metric("cka")
+class CkaAccumulator(BoundaryAccumulator):
+    """Linear CKA between block boundaries (minibatch estimator) + Fisher segmentation.
+
+    Representations: index 0 = input of block 0, index k = output of block k-1 (k = 1..L),
+    then, for every block whose input is not the previous block's output (decided on the
+    first batch), its input as an extra representation.
+    """
+
+    def _start(self, acts: BlockActivations) -> None:
+        self.extra: dict[int, int] = {}  # block -> index of its input among the representations
+        n = acts.num_blocks
+        for i in range(1, n):
+            a, b = acts.inputs[i], acts.outputs[i - 1]
+            if a is not b and not (a.shape == b.shape and np.array_equal(a, b)):
+                self.extra[i] = n + 1 + len(self.extra)
+        self.states = [_CkaRange(n + 1 + len(self.extra)) for _ in _ranges(self.config)]
+        self.rng = np.random.default_rng(self.config.seed)
+
+    def _reps(self, acts: BlockActivations) -> list[np.ndarray]:
+        return [acts.inputs[0], *acts.outputs, *(acts.inputs[i] for i in self.extra)]
+
+    def _add(self, acts: BlockActivations) -> None:
+        cfg = self.config
+        reps = self._reps(acts)
+        batch = {r.shape[0] for r in reps}
+        if len(batch) != 1:
+            raise BlockError(
+                f"block boundaries of batch {self.batches} have different batch sizes {sorted(batch)}",
+                hint="every boundary must hold the same samples on axis 0",
+            )
+        for state, token_range in zip(self.states, _ranges(cfg), strict=True):
+            views = [token_view(r, channel_axis=cfg.channel_axis, token_range=token_range) for r in reps]
+            tokens = {v.shape[1] for v in views}
+            if state.samples_mode is None:
+                state.samples_mode = len(tokens) > 1
+            if state.samples_mode:
+                rows = [v.reshape(v.shape[0], -1) for v in views]
+            else:
+                if len(tokens) > 1:
+                    raise BlockError(
+                        f"batch {self.batches}: block boundaries have different token counts {sorted(tokens)}, "
+                        "unlike the first batch",
+                        hint="feed calibration batches of one layout",
+                    )
+                rows = [v.reshape(-1, v.shape[-1]) for v in views]
+                if rows[0].shape[0] > cfg.max_tokens:
+                    idx = np.sort(self.rng.choice(rows[0].shape[0], cfg.max_tokens, replace=False))
+                    rows = [x[idx] for x in rows]
+            state.add(rows, cfg.min_rows)
+
+    def result(self) -> MetricResult:
+        """CKA matrix, ``1 - CKA`` per span, Fisher segments of the L block outputs."""
+        if self.batches == 0:
+            raise self._no_data()
+        n = self.num_blocks
+        k = self.config.interval
+        spans = self.spans
+        dropped = []
+        matrices = []
+        for state in self.states:
+            pending = state.rows
+            state.flush()
+            dropped.append(state.rows)
+            if state.minibatches == 0:
+                raise CalibrationError(
+                    f"CKA needs at least {_MIN_HSIC_ROWS} rows (tokens or samples) per minibatch; "
+                    f"the calibration data gave {pending}",
+                    hint="provide more calibration samples",
+                )
+            matrices.append(_cka_from_hsic(state.hsic_sum / state.minibatches))
+        per: list[list[float | None]] = []
+        for cka in matrices:
+            scores: list[float | None] = [None] * n
+            for i in spans:
+                scores[i] = float(1.0 - cka[self.extra.get(i, i), i + k])
+            per.append(scores)
+        mean = np.mean(matrices, axis=0)
+        boundary = mean[: n + 1, : n + 1]
+        outputs = boundary[1:, 1:]
+        if self.config.segments is not None and self.config.segments > n:
+            raise ConfigError(
+                f"--segments {self.config.segments} is more than the model's {n} blocks",
+                hint=f"use --segments from 1 to {n}, or leave it out for the automatic choice",
+            )
+        losses = segment_losses(outputs)
+        count = self.config.segments if self.config.segments is not None else auto_segment_count(losses)
+        segments = tuple(fisher_segments(outputs, count))
+        ranges = self.config.token_ranges
+        details: dict[str, Any] = {
+            "interval": k,
+            "batches": self.batches,
+            "minibatches": [s.minibatches for s in self.states],
+            "rows": "samples" if self.states[0].samples_mode else "tokens",
+            "dropped_rows": dropped,
+            "extra_inputs": sorted(self.extra),
+            "segment_losses": losses.tolist(),
+            "segment_count": "fixed" if self.config.segments is not None else "auto",
+            "token_ranges": [str(t) for t in ranges],
+        }
+        if ranges:
+            details["per_range_matrix"] = {
+                t.name: m[: n + 1, : n + 1].tolist() for t, m in zip(ranges, matrices, strict=True)
+            }
+        return MetricResult(
+            self.name,
+            _combine(per),
+            per_range={t.name: tuple(v) for t, v in zip(ranges, per, strict=True)} if ranges else None,
+            matrix=tuple(tuple(float(v) for v in row) for row in boundary),
+            segments=segments,
+            details=details,
+        )
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(1, -1) if a.ndim <= 1 else a.reshape(a.shape[0], -1)
+
+
+def _log_softmax(a: np.ndarray) -> np.ndarray:
+    shifted = a - a.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _is_logits(a: np.ndarray) -> bool:
+    """Float, rank 2 ([B, C]) or 3 ([B, T, V]) and at least 2 classes."""
+    return np.issubdtype(a.dtype, np.floating) and a.ndim in (2, 3) and a.shape[-1] >= 2
+
+
+@register_metric("ablation")
+class AblationAccumulator(Accumulator):
+    """How far the model's final outputs move when one block is skipped.
+
+    Per block and float output, over all calibration batches:
+
+    - ``cosine_distance``: mean over samples of ``1 - cos`` of the flattened sample
+      (zero-vector rule as the per-token metrics);
+    - ``mae``: mean absolute error over all elements;
+    - logits only (float, rank 2 or 3, last dim >= 2): ``kl`` = mean over positions of
+      ``KL(softmax(reference) || softmax(ablated))`` along the last axis (nats), and
+      ``top1_agreement`` = fraction of positions whose argmax is unchanged.
+
+    Score of a block: the mean ``kl`` over its logits outputs when there is one, else the
+    mean ``cosine_distance`` over its float outputs. Non-float outputs are skipped. If an
+    ablated output has NaN/Inf the block is essential: its score is ``inf`` (None in JSON,
+    with ``details["nonfinite"]`` listing it).
+    """
+
+    needs_final: ClassVar[bool] = True
+
+    def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
+        super().__init__(num_blocks, config)
+        self.stats: dict[int, dict[str, dict[str, float]]] = {}
+        self.nonfinite: set[int] = set()
+
+    def update(self, block: int, reference: Mapping[str, np.ndarray], ablated: Mapping[str, np.ndarray]) -> None:
+        """Add one batch: final outputs of the full model and of the model without ``block``."""
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block < self.num_blocks:
+            raise BlockError(
+                f"ablation block index {block!r} is outside 0..{self.num_blocks - 1}", hint="pass the block's position"
+            )
+        block = int(block)
+        per_output = self.stats.setdefault(block, {})
+        for name, ref in reference.items():
+            ref = np.asarray(ref)
+            if name not in ablated or np.shape(ablated[name]) != ref.shape:
+                got = "missing" if name not in ablated else f"shape {list(np.shape(ablated[name]))}"
+                raise BlockError(
+                    f"output {name!r} of the model without block {block} is {got}; the full model gives "
+                    f"shape {list(ref.shape)}",
+                    hint="block removal must keep the model's outputs; check that the block is removable",
+                )
+            if not np.issubdtype(ref.dtype, np.floating):
+                continue
+            abl = np.asarray(ablated[name])
+            if not np.isfinite(ref).all():
+                raise BlockError(
+                    f"model output {name!r} contains NaN or Inf (reference run for block {block})",
+                    hint="the model overflows on this calibration data; check its inputs",
+                )
+            if not np.isfinite(abl).all():
+                self.nonfinite.add(block)
+                continue
+            s = per_output.setdefault(name, dict.fromkeys(("cos_sum", "samples", "abs_sum", "elements"), 0.0))
+            x, y = _per_sample(ref), _per_sample(abl)
+            d2, _, zx, zy = _pair_terms(x, y)
+            s["cos_sum"] += float(np.where(zx & zy, 0.0, np.where(zx | zy, 1.0, 0.5 * d2)).sum())
+            s["samples"] += x.shape[0]
+            s["abs_sum"] += float(np.abs(x - y).sum())
+            s["elements"] += x.size
+            if _is_logits(ref):
+                lp = _log_softmax(ref.astype(np.float64))
+                lq = _log_softmax(abl.astype(np.float64))
+                kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+                s["kl_sum"] = s.get("kl_sum", 0.0) + float(kl.sum())
+                s["top1_sum"] = s.get("top1_sum", 0.0) + float((ref.argmax(-1) == abl.argmax(-1)).sum())
+                s["positions"] = s.get("positions", 0.0) + kl.size
+
+    def result(self) -> MetricResult:
+        """Per-block score (KL for logits, else 1 - cosine) and per-output details."""
+        if not self.stats:
+            raise CalibrationError("metric 'ablation' received no ablated run", hint="pass at least one block")
+        scores: list[float | None] = [None] * self.num_blocks
+        outputs: dict[str, dict[str, dict[str, float]]] = {}
+        for block, per_output in sorted(self.stats.items()):
+            table = {}
+            for name, s in per_output.items():
+                row = {"cosine_distance": s["cos_sum"] / s["samples"], "mae": s["abs_sum"] / s["elements"]}
+                if "positions" in s:
+                    row["kl"] = s["kl_sum"] / s["positions"]
+                    row["top1_agreement"] = s["top1_sum"] / s["positions"]
+                table[name] = row
+            outputs[str(block)] = table
+            kls = [r["kl"] for r in table.values() if "kl" in r]
+            if block in self.nonfinite:
+                scores[block] = math.inf
+            elif kls:
+                scores[block] = float(np.mean(kls))
+            elif table:
+                scores[block] = float(np.mean([r["cosine_distance"] for r in table.values()]))
+        details = {"outputs": outputs, "nonfinite": sorted(self.nonfinite)}
+        return MetricResult(self.name, tuple(scores), details=details)
