@@ -368,12 +368,28 @@ def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, pre
     )
 
 
+def blocks_from_groups(
+    model: onnx.ModelProto, groups: Mapping[str, Sequence[str]], containers: Sequence[str], *, source: str,
+    index: GraphIndex | None = None,
+) -> BlockMap:
+    """Describe each named group of node keys as a block; blocks are ordered by first node."""
+    index = index or GraphIndex(model)
+    groups = {name: [k for k in keys if k in index.position] for name, keys in groups.items()}
+    ordered = sorted((g for g in groups if groups[g]), key=lambda g: min(index.position[k] for k in groups[g]))
+    blocks: list[Block] = []
+    prev: str | None = None
+    for i, name in enumerate(ordered):
+        block = make_block(index, i, name, groups[name], previous_output=prev)
+        blocks.append(block)
+        prev = block.output
+    return BlockMap(tuple(containers), source, tuple(blocks))
+
+
 def blocks_from_paths(
     model: onnx.ModelProto, paths: Mapping[str, str], containers: Sequence[str], *, source: str,
     index: GraphIndex | None = None,
 ) -> BlockMap:
     """Group nodes by container entry (``<container>.<i>``) into blocks, in graph order."""
-    index = index or GraphIndex(model)
     groups: dict[str, list[str]] = {}
     for key, path in paths.items():
         for c in containers:
@@ -382,14 +398,18 @@ def blocks_from_paths(
                 if rest.isdigit():
                     groups.setdefault(f"{c}.{rest}", []).append(key)
                 break
-    ordered = sorted(groups, key=lambda g: min(index.position[k] for k in groups[g]))
-    blocks: list[Block] = []
-    prev: str | None = None
-    for i, name in enumerate(ordered):
-        block = make_block(index, i, name, groups[name], previous_output=prev)
-        blocks.append(block)
-        prev = block.output
-    return BlockMap(tuple(containers), source, tuple(blocks))
+    return blocks_from_groups(model, groups, containers, source=source, index=index)
+
+
+def remaining_blocks(model: onnx.ModelProto, block_map: BlockMap, removed: Iterable[int]) -> BlockMap:
+    """The block map of ``model`` after ``removed`` (block indices of ``block_map``) were deleted.
+
+    Blocks keep their names and nodes and are re-indexed in graph order; their boundaries
+    are recomputed on ``model`` (an input may now be an earlier block's input).
+    """
+    gone = set(removed)
+    groups = {b.name: list(b.nodes) for b in block_map.blocks if b.index not in gone}
+    return blocks_from_groups(model, groups, block_map.containers, source=block_map.source)
 
 
 def find_blocks(

@@ -1,0 +1,161 @@
+"""``compress export``: PyTorch -> ONNX with a parity check and a block map."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from compress.blocks import block_rows
+from compress.cli import command
+from compress.cli._common import block_map_path, print_json
+from compress.errors import ConfigError
+from compress.log import logger
+from compress.onnx_io import check_output_path, save_model, write_json
+from compress.report import fmt, text_table
+
+
+def export_report_path(out: str | Path) -> Path:
+    """``OUT.export.json`` beside ``OUT.onnx``."""
+    p = Path(out)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + ".export.json")
+
+
+@command(
+    "export",
+    help="export a PyTorch model to ONNX, check it against torch, and write its block map",
+    description=(
+        "Export a PyTorch model to ONNX (dynamo exporter by default), check it with onnx.checker,\n"
+        "run it in ONNX Runtime (CPU) on the example inputs and compare every output with torch\n"
+        "(a mismatch is an error and nothing is written), then find its repeated blocks.\n\n"
+        "Writes OUT.onnx (tensor data in OUT.onnx.data when the model is too large for one file),\n"
+        "OUT.blocks.json (the block map) and OUT.export.json (versions, inputs, dynamic axes,\n"
+        "parity numbers, timings). The artifacts hold no absolute paths of this machine.\n\n"
+        "MODEL is one of:\n"
+        "  package.module:callable   a callable returning an nn.Module, or (module, example_inputs)\n"
+        "                            with example_inputs a tuple of tensors or a dict name -> tensor\n"
+        "  path/to/file.py:callable  the same, from a Python file\n"
+        "  hf:PATH                   a local Hugging Face folder (transformers.AutoModel, offline);\n"
+        "                            inputs input_ids, attention_mask[, token_type_ids], dynamic\n"
+        "                            batch and sequence\n"
+        "  FILE.pt2                  a program saved with torch.export.save\n\n"
+        "examples:\n"
+        "  compress export net.py:build -o net.onnx --input x:1x3x224x224 --dynamic x:0=batch\n"
+        "  compress export torchvision.models:resnet18 -o r18.onnx --input x:1x3x224x224 --blocks layer1,layer2,layer3,layer4\n"
+        "  compress export hf:./all-MiniLM-L6-v2 -o minilm.onnx\n"
+        "  compress export model.pt2 -o model.onnx --opset 20"
+    ),
+)
+class Export:
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", metavar="MODEL",
+                            help="package.module:callable, path/to/file.py:callable, hf:PATH or FILE.pt2 (see above)")
+        parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True,
+                            help="the ONNX file to write; OUT.blocks.json and OUT.export.json go beside it "
+                                 "(e.g. -o out/net.onnx; the folder must exist)")
+        parser.add_argument("--weights", metavar="FILE",
+                            help="load this state dict into the module (torch.load(weights_only=True), strict) "
+                                 "before exporting (e.g. --weights best.pt)")
+        parser.add_argument("--input", metavar="NAME:SHAPE[:DTYPE]", action="append", default=None,
+                            help="an example input, repeatable; replaces the inputs MODEL provides. Floats are "
+                                 "seeded random, '*mask' ints ones, '*ids' ints in [0, 100), other ints zeros "
+                                 "(e.g. --input x:1x3x224x224:float32 --input input_ids:1x128:int64; DTYPE "
+                                 "defaults to float32)")
+        parser.add_argument("--dynamic", metavar="NAME:AXIS[=LABEL]", action="append", default=None,
+                            help="make an input axis dynamic, repeatable; axes with the same LABEL have the "
+                                 "same size (e.g. --dynamic x:0=batch; LABEL defaults to NAME_dimAXIS; "
+                                 "hf: models default to batch and sequence)")
+        parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                            help="torch.onnx exporter: dynamo (torch.export based, default) or the legacy "
+                                 "torchscript one (e.g. --exporter torchscript when dynamo cannot convert an op)")
+        parser.add_argument("--opset", type=int, default=18, metavar="N",
+                            help="ONNX opset, at least 18 with dynamo (default 18; e.g. --opset 20)")
+        parser.add_argument("--blocks", metavar="CONTAINER",
+                            help="module path of the block container(s), comma-separated (e.g. --blocks "
+                                 "encoder.layer or --blocks layer1,layer2); default: the longest ModuleList/"
+                                 "Sequential of >= 2 modules of one type, plus containers of the same type")
+        parser.add_argument("--atol", type=float, default=1e-4, metavar="A",
+                            help="absolute tolerance of the parity check (default 1e-4; e.g. --atol 1e-3)")
+        parser.add_argument("--rtol", type=float, default=1e-3, metavar="R",
+                            help="relative tolerance: an element fails when |onnx - torch| > atol + rtol*|torch| "
+                                 "(default 1e-3; e.g. --rtol 1e-2)")
+        parser.add_argument("--min-cosine", type=float, default=0.9999, metavar="C",
+                            help="lowest cosine similarity of each output with torch's (default 0.9999; "
+                                 "e.g. --min-cosine 0.999)")
+        parser.add_argument("--force", action="store_true",
+                            help="overwrite OUT.onnx and its .blocks.json/.export.json if they exist")
+        parser.add_argument("--json", action="store_true",
+                            help="print a machine-readable summary (JSON) instead of the block table")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from compress.export import (
+            DynamicAxis,
+            ExportConfig,
+            InputSpec,
+            export_model,
+            load_torch_model,
+            make_example_inputs,
+            model_files,
+        )
+
+        # Everything that can be checked without work is checked first.
+        specs = [InputSpec.parse(s) for s in args.input or ()]
+        dynamic = tuple(DynamicAxis.parse(s) for s in args.dynamic or ())
+        config = ExportConfig(exporter=args.exporter, opset=args.opset, dynamic=dynamic, blocks=args.blocks,
+                              atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, verbose=args.verbose > 0)
+        sources = [*model_files(args.model), *([args.weights] if args.weights else [])]
+        out = check_output_path(args.output, inputs=sources, force=args.force)
+        blocks_path = check_output_path(block_map_path(out), inputs=sources, force=args.force)
+        report_path = check_output_path(export_report_path(out), inputs=sources, force=args.force)
+
+        logger.info("loading %s...", args.model)
+        start = time.perf_counter()
+        loaded = load_torch_model(args.model, weights=args.weights, verbose=config.verbose)
+        load_s = time.perf_counter() - start
+        if specs:
+            example: Any = make_example_inputs(specs)
+        elif loaded.example_inputs is not None:
+            example = loaded.example_inputs
+        else:
+            raise ConfigError(f"MODEL {args.model} provides no example inputs and no --input was given",
+                              hint="pass --input NAME:SHAPE[:DTYPE] (e.g. --input x:1x3x224x224), or return "
+                                   "(module, example_inputs) from the callable")
+        if not dynamic and loaded.dynamic:
+            names = set(example) if isinstance(example, dict) else set()
+            config = replace(config, dynamic=tuple(d for d in loaded.dynamic if d.name in names))
+
+        model, block_map, report = export_model(loaded.module, example, config)
+
+        files = save_model(model, out)
+        context = {"model": loaded.name, "onnx": out.name, "exporter": report.exporter, "opset": report.opset,
+                   "inputs": [i.to_dict() for i in report.inputs],
+                   "dynamic_axes": [d.to_dict() for d in report.dynamic]}
+        write_json(blocks_path, {**block_map.to_dict(), "export": context})
+        summary = {
+            **report.to_dict(), "model": loaded.name, "model_kind": loaded.kind,
+            "weights": Path(args.weights).name if args.weights else None,
+            "files": [f.name for f in (*files, blocks_path, report_path)],
+            "blocks": {"containers": list(block_map.containers), "source": block_map.source,
+                       "count": len(block_map.blocks), "removable": len(block_map.removable)},
+        }
+        summary["timings"]["load_s"] = round(load_s, 3)
+        write_json(report_path, summary)
+
+        if args.json:
+            print_json(summary)
+            return 0
+        if block_map.blocks:
+            headers, rows = block_rows(block_map)
+            print(text_table(headers, rows))
+            print()
+        worst = max(report.parity, key=lambda p: p.max_abs_error)
+        where = ", ".join(block_map.containers) or "no container"
+        print(f"wrote {out.name}: {report.nodes} nodes, {fmt(report.params)} params, {len(block_map.blocks)} blocks "
+              f"in {where} ({len(block_map.removable)} removable); parity max abs error {worst.max_abs_error:.2g}, "
+              f"cosine {min(p.cosine for p in report.parity):.6f}; export {report.export_s:.1f} s")
+        return 0

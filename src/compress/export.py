@@ -1,0 +1,997 @@
+"""PyTorch -> ONNX export with a parity check against torch and a block map.
+
+:func:`load_torch_model` turns a ``MODEL`` string into a torch module (and, where the
+source provides them, example inputs); :func:`export_model` exports it with the dynamo
+(``torch.onnx.export(dynamo=True)``) or TorchScript exporter, checks the result with
+``onnx.checker``, runs it in ONNX Runtime (CPU) on the example inputs, compares every
+output with torch, and finds the model's blocks. It returns the model, the block map and
+an :class:`ExportReport`; it writes no files (the CLI does, through :mod:`compress.onnx_io`).
+
+torch, onnxscript and transformers are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import io
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compress import onnx_io
+from compress.blocks import BlockMap, find_blocks, node_module_paths
+from compress.errors import BlockError, ConfigError, ExportError, MissingDependencyError, ModelError
+from compress.log import logger
+from compress.registry import Registry
+
+#: Opset used when none is given.
+DEFAULT_OPSET = 18
+#: Lowest opset the dynamo exporter supports without a lossy down-conversion.
+MIN_DYNAMO_OPSET = 18
+#: Element types accepted by ``--input NAME:SHAPE:DTYPE``.
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+#: Models whose serialization exceeds this many bytes are checked and run from a temporary file.
+PROTO_LIMIT = (1 << 31) - (1 << 20)
+#: Loggers whose warnings the exporters print; raised to ERROR unless verbose.
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "transformers")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([^']+)'"),
+    re.compile(r"[Oo]perator '([^']+)'"),
+    re.compile(r"No ONNX function found for '?([\w.:]+)"),
+)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, shape and element type (``--input x:1x3x224x224:float32``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Parse ``NAME:SHAPE[:DTYPE]``; ConfigError naming the flag value otherwise."""
+        hint = "write --input NAME:SHAPE[:DTYPE], e.g. --input x:1x3x224x224:float32"
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise ConfigError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE]", hint=hint)
+        name, shape_text = parts[0], parts[1]
+        dtype = parts[2] if len(parts) == 3 else "float32"
+        dims = shape_text.split("x")
+        if not shape_text or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ConfigError(f"--input {text!r}: shape {shape_text!r} must be positive integers separated by 'x'", hint=hint)
+        if dtype not in DTYPES:
+            raise ConfigError(f"--input {text!r}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}", hint=hint)
+        return cls(name, tuple(int(d) for d in dims), dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class DynamicAxis:
+    """A dynamic axis of an input (``--dynamic x:0=batch``); equal labels mean equal sizes."""
+
+    name: str
+    axis: int
+    label: str
+
+    @classmethod
+    def parse(cls, text: str) -> DynamicAxis:
+        """Parse ``NAME:AXIS[=LABEL]`` (LABEL defaults to ``NAME_dimAXIS``)."""
+        hint = "write --dynamic NAME:AXIS[=LABEL], e.g. --dynamic x:0=batch"
+        name, sep, rest = text.rpartition(":")
+        axis_text, _, label = rest.partition("=")
+        if not sep or not name or not axis_text.isdigit():
+            raise ConfigError(f"--dynamic {text!r}: expected NAME:AXIS[=LABEL]", hint=hint)
+        label = label or f"{name}_dim{axis_text}"
+        if not label.isidentifier():
+            raise ConfigError(f"--dynamic {text!r}: label {label!r} must be a Python identifier", hint=hint)
+        return cls(name, int(axis_text), label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "axis": self.axis, "label": self.label}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of :func:`export_model`.
+
+    Attributes:
+        exporter: ``dynamo`` (torch.export based) or ``torchscript``.
+        opset: ONNX opset; at least 18 with dynamo.
+        dynamic: dynamic axes of the inputs.
+        blocks: block container path(s), comma-separated; None = detect from the module tree.
+        atol: absolute tolerance of the parity check.
+        rtol: relative tolerance: an element fails when ``|onnx - torch| > atol + rtol * |torch|``.
+        min_cosine: lowest cosine similarity between an ONNX output and torch's.
+        verbose: let the exporter print its own logs and warnings.
+    """
+
+    exporter: str = "dynamo"
+    opset: int = DEFAULT_OPSET
+    dynamic: tuple[DynamicAxis, ...] = ()
+    blocks: str | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float = 0.9999
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        EXPORTERS.get(self.exporter)
+        if self.exporter == "dynamo" and self.opset < MIN_DYNAMO_OPSET:
+            raise ConfigError(
+                f"--opset {self.opset} is below {MIN_DYNAMO_OPSET}, the lowest opset of the dynamo exporter",
+                hint=f"use --opset {MIN_DYNAMO_OPSET} or higher (a down-converted model loses its module "
+                     "metadata), or --exporter torchscript",
+            )
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError(f"tolerances must be >= 0 (--atol {self.atol}, --rtol {self.rtol})")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"--min-cosine {self.min_cosine} is not in [-1, 1]")
+
+
+@dataclass(frozen=True)
+class TorchModel:
+    """A loaded torch model.
+
+    Attributes:
+        module: an ``nn.Module`` or a ``torch.export.ExportedProgram`` (``.pt2``).
+        example_inputs: inputs the source provides (tuple of tensors, or dict name -> tensor); None if none.
+        kind: ``module``, ``file``, ``hf`` or ``pt2``.
+        name: the MODEL string without host paths (file and folder names only).
+        dynamic: dynamic axes the source suggests (batch and sequence for ``hf:``).
+        files: local files read (for the output-equals-input check).
+    """
+
+    module: Any
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None
+    kind: str
+    name: str
+    dynamic: tuple[DynamicAxis, ...] = ()
+    files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """ONNX Runtime vs torch on one output.
+
+    ``max_rel_error`` is ``max |onnx - torch| / |torch|`` over elements with ``|torch| > atol``
+    (0 when there are none); ``cosine`` is the cosine similarity of the flattened outputs
+    (1 when both are zero).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "ok": self.ok,
+                "max_abs_error": _finite(self.max_abs_error), "max_rel_error": _finite(self.max_rel_error),
+                "cosine": _finite(self.cosine)}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_model` did. Times in seconds; ``params`` counts initializer elements."""
+
+    exporter: str
+    opset: int
+    versions: Mapping[str, str]
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    dynamic: tuple[DynamicAxis, ...]
+    parity: tuple[OutputParity, ...]
+    tolerance: Mapping[str, float]
+    export_s: float
+    parity_s: float
+    nodes: int
+    params: int
+    torch_params: int
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exporter": self.exporter, "opset": self.opset, "versions": dict(self.versions),
+            "inputs": [i.to_dict() for i in self.inputs], "outputs": list(self.outputs),
+            "dynamic_axes": [d.to_dict() for d in self.dynamic],
+            "parity": {"ok": all(p.ok for p in self.parity), "tolerance": dict(self.tolerance),
+                       "outputs": [p.to_dict() for p in self.parity]},
+            "timings": {"export_s": round(self.export_s, 3), "parity_s": round(self.parity_s, 3)},
+            "nodes": self.nodes, "params": self.params, "torch_params": self.torch_params,
+            "warnings": list(self.warnings),
+        }
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------- lazy imports
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", purpose="'compress export'", extra="export") from None
+    return torch
+
+
+# --------------------------------------------------------------------------- quiet exporter
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """Silence what torch/onnxscript/transformers print while active (Python and C++ output).
+
+    Redirects ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2, ignores warnings
+    and raises the exporters' loggers to ERROR; everything is restored on exit.
+    """
+    if not enabled:
+        yield
+        return
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        stack.enter_context(_fd_silenced())
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _fd_silenced() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at an anonymous temporary file (C++ prints)."""
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no real descriptors (embedded interpreters)
+        yield
+        return
+    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            s.flush()
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _model_kind(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return "hf"
+    if spec.endswith(".pt2"):
+        return "pt2"
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ModelError(
+            f"MODEL {spec!r} is not package.module:callable, path/to/file.py:callable, hf:PATH or a .pt2 file",
+            hint="e.g. 'torchvision.models:resnet18', 'net.py:build', 'hf:./all-MiniLM-L6-v2' or 'model.pt2'",
+        )
+    return "file" if target.endswith(".py") or "/" in target or os.sep in target else "module"
+
+
+def model_files(spec: str) -> tuple[Path, ...]:
+    """Local files (or folder) that MODEL names: for the output-equals-input check."""
+    kind = _model_kind(spec)
+    if kind == "hf":
+        return (Path(spec[3:]),)
+    if kind == "pt2":
+        return (Path(spec),)
+    if kind == "file":
+        return (Path(spec.rpartition(":")[0]),)
+    return ()
+
+
+def load_torch_model(spec: str, *, weights: str | os.PathLike[str] | None = None, verbose: bool = False) -> TorchModel:
+    """Load MODEL: ``package.module:callable``, ``path/to/file.py:callable``, ``hf:PATH`` or ``FILE.pt2``.
+
+    A callable returns an ``nn.Module`` or ``(module, example_inputs)`` with example inputs a
+    tuple of tensors or a dict name -> tensor. ``hf:PATH`` loads a local Hugging Face folder
+    with ``transformers.AutoModel`` offline (``HF_HUB_OFFLINE=1``) and provides ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids`` where ``forward`` takes them), batch 2 x sequence
+    16, dynamic on both axes. ``.pt2`` is a saved ``torch.export`` program.
+
+    Args:
+        spec: the MODEL string.
+        weights: a state dict file (``torch.save(model.state_dict())``), loaded strictly.
+        verbose: let torch/transformers print their own logs.
+
+    Raises:
+        ModelError: MODEL cannot be found, imported or called, returns no module, or the
+            weights are not a checkpoint or do not fit.
+    """
+    kind = _model_kind(spec)
+    _import_torch()
+    if kind == "pt2":
+        if weights is not None:
+            raise ConfigError("--weights cannot be loaded into a saved torch.export program (.pt2)",
+                              hint="the program holds its weights; export it again from the module with the weights loaded")
+        return _load_pt2(spec)
+    if kind == "hf":
+        loaded = _load_hf(spec, verbose=verbose)
+    else:
+        loaded = _load_callable(spec, kind)
+    if weights is not None:
+        _load_weights(loaded.module, Path(weights))
+    return loaded
+
+
+def _load_pt2(spec: str) -> TorchModel:
+    import torch
+
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}", hint="check the path of the .pt2 file")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path} is not a saved torch.export program (torch.export.load fails with {type(exc).__name__})",
+                         hint="write it with torch.export.save(torch.export.export(module, args), 'model.pt2')") from None
+    example = None
+    if program.example_inputs is not None:
+        args, kwargs = program.example_inputs
+        example = dict(kwargs) if kwargs and not args else tuple(args)
+    return TorchModel(program, example, "pt2", path.name, (), (path,))
+
+
+def _load_hf(spec: str, *, verbose: bool) -> TorchModel:
+    import torch
+
+    path = Path(spec[3:])
+    if not (path / "config.json").is_file():
+        what = "Hugging Face model folder not found:" if not path.is_dir() else "no config.json in Hugging Face model folder"
+        raise ModelError(f"{what} {path}",
+                         hint="hf: takes a local Hugging Face model folder (with config.json); nothing is downloaded")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("transformers", purpose="hf: models", extra="hf") from None
+    try:
+        with quiet(not verbose):
+            module = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the Hugging Face model in {path}: {_first_line(exc)}",
+                         hint="the folder needs config.json and the weights (model.safetensors or pytorch_model.bin)") from None
+    module.eval()
+    params = inspect.signature(module.forward).parameters
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in params else [])
+    vocab = int(getattr(module.config, "vocab_size", 1000) or 1000)
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, min(vocab, 1000), (2, 16), generator=g, dtype=torch.int64),
+        "attention_mask": torch.ones(2, 16, dtype=torch.int64),
+        "token_type_ids": torch.zeros(2, 16, dtype=torch.int64),
+    }
+    example = {n: inputs[n] for n in names}
+    dynamic = tuple(DynamicAxis(n, a, label) for n in names for a, label in ((0, "batch"), (1, "sequence")))
+    return TorchModel(module, example, "hf", f"hf:{path.resolve().name}", dynamic, (path,))
+
+
+def _load_callable(spec: str, kind: str) -> TorchModel:
+    import torch
+
+    target, _, attr = spec.rpartition(":")
+    if kind == "file":
+        path = Path(target)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}", hint="MODEL is path/to/file.py:callable; check the path")
+        mod = _import_file(path)
+        name, files = f"{path.name}:{attr}", (path,)
+    else:
+        try:
+            mod = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelError(f"cannot import module {target!r} (MODEL {spec}): {_first_line(exc)}",
+                             hint="install it or put its folder on PYTHONPATH, or pass path/to/file.py:callable") from None
+        except Exception as exc:
+            raise ModelError(f"importing {target!r} failed: {type(exc).__name__}: {_first_line(exc)}",
+                             hint="fix the error in the module") from None
+        name, files = spec, ()
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            where = path.name if kind == "file" else target
+            raise ModelError(f"{where} has no attribute {attr!r}",
+                             hint="MODEL is module:callable where the callable returns an nn.Module") from None
+        obj = getattr(obj, part)
+    if isinstance(obj, torch.nn.Module):
+        result: Any = obj
+    elif callable(obj):
+        try:
+            result = obj()
+        except Exception as exc:
+            raise ModelError(f"calling {attr}() failed: {type(exc).__name__}: {_first_line(exc)}",
+                             hint="the callable must build the model without arguments") from None
+    else:
+        raise ModelError(f"{attr} in {name.rpartition(':')[0]} is a {type(obj).__name__}, not a callable",
+                         hint="MODEL is module:callable where the callable returns an nn.Module")
+    example = None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        result, example = result
+        example = _check_example_inputs(example, f"{attr}()")
+    if not isinstance(result, torch.nn.Module):
+        raise ModelError(f"{attr}() returned {type(result).__name__}, not a torch.nn.Module",
+                         hint="return an nn.Module, or a tuple (module, example_inputs)")
+    return TorchModel(result.eval(), example, kind, name, (), files)
+
+
+def _import_file(path: Path) -> Any:
+    mod_name = "_compress_model_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot import {path}: not a Python file", hint="MODEL is path/to/file.py:callable")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        raise ModelError(f"importing {path.name} failed: {type(exc).__name__}: {_first_line(exc)}",
+                         hint="fix the error in the file") from None
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+    return module
+
+
+def _check_example_inputs(example: Any, where: str) -> tuple[Any, ...] | dict[str, Any]:
+    import torch
+
+    if isinstance(example, torch.Tensor):
+        return (example,)
+    if isinstance(example, Mapping):
+        items = dict(example)
+        bad = [k for k, v in items.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
+    elif isinstance(example, tuple | list):
+        items = tuple(example)
+        bad = [str(i) for i, v in enumerate(items) if not isinstance(v, torch.Tensor)]
+    else:
+        bad, items = ["?"], ()
+    if bad or not items:
+        raise ModelError(f"the example inputs of {where} must be a tuple of tensors or a dict name -> tensor "
+                         f"(got {type(example).__name__})", hint="return (module, (tensor, ...)) or (module, {'x': tensor})")
+    return items
+
+
+def _load_weights(module: Any, path: Path) -> None:
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}", hint="check the --weights path")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if unsafe is not None:
+            raise ModelError(f"--weights {path} holds a {unsafe.group(1)}, which torch.load(weights_only=True) refuses",
+                             hint="save only the state dict: torch.save(model.state_dict(), path)") from None
+        raise ModelError(f"--weights {path} is not a PyTorch checkpoint (torch.load fails with {type(exc).__name__})",
+                         hint="pass a file written by torch.save(model.state_dict(), path)") from None
+    if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), Mapping)), state)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"--weights {path} does not hold a state dict (name -> tensor)",
+                         hint="pass a file written by torch.save(model.state_dict(), path)")
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise ModelError(f"--weights {path} does not fit the model: {'; '.join(parts)}",
+                         hint="the checkpoint must be this model's state_dict (loaded strictly)")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), _first_line(exc))
+        raise ModelError(f"--weights {path} does not fit the model: {detail}",
+                         hint="the checkpoint must be this model's state_dict (loaded strictly)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    return onnx_io.strip_host_paths(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def make_example_inputs(specs: Sequence[InputSpec], *, seed: int = 0) -> dict[str, Any]:
+    """Tensors for ``specs``, name -> tensor, in order.
+
+    Floats are standard normal from a generator seeded with ``seed + position``; int inputs
+    whose name contains ``mask`` are ones, ``*ids`` inputs (not ``token_type_ids``) are
+    integers in [0, 100), other ints zeros; bools are True.
+    """
+    torch = _import_torch()
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"--input {dup!r} is given twice", hint="name each input once")
+    out: dict[str, Any] = {}
+    for i, s in enumerate(specs):
+        dtype = getattr(torch, s.dtype)
+        g = torch.Generator().manual_seed(seed + i)
+        if dtype.is_floating_point:
+            out[s.name] = torch.randn(s.shape, generator=g).to(dtype)
+        elif dtype == torch.bool or "mask" in s.name:
+            out[s.name] = torch.ones(s.shape, dtype=dtype)
+        elif s.name.endswith("ids") and "type" not in s.name:
+            out[s.name] = torch.randint(0, 100, s.shape, generator=g).to(dtype)
+        else:
+            out[s.name] = torch.zeros(s.shape, dtype=dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- block containers
+
+
+def find_block_containers(module: Any) -> list[str]:
+    """Block containers of a torch module, found from its module tree.
+
+    The longest ``nn.ModuleList``/``nn.Sequential`` (ties: the first) whose >= 2 children
+    all have the same type, plus every other such container with that child type that is
+    not nested in (or around) one already chosen (``layer1``..``layer4`` of a ResNet).
+    Returns module paths (``encoder.layer``); empty when there is none.
+    """
+    torch = _import_torch()
+    found: list[tuple[str, type, int]] = []
+    for name, m in module.named_modules():
+        if not name or not isinstance(m, torch.nn.ModuleList | torch.nn.Sequential):
+            continue
+        children = list(m.children())
+        if len(children) >= 2 and len({type(c) for c in children}) == 1:
+            found.append((name, type(children[0]), len(children)))
+    if not found:
+        return []
+    best = max(found, key=lambda f: f[2])  # max keeps the first of equals
+    chosen = [best[0]]
+    for name, cls, _ in found:
+        nested = any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in chosen)
+        if cls is best[1] and not nested:
+            chosen.append(name)
+    return chosen
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class _Call:
+    """How the module is called: positional args, keyword args and the input names."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    names: tuple[str, ...]
+
+    def tensors(self) -> dict[str, Any]:
+        return dict(zip(self.names, self.args, strict=True)) if self.args else dict(self.kwargs)
+
+
+def _forward_params(module: Any) -> list[str] | None:
+    """Names of ``forward``'s leading named parameters; None when they cannot be known."""
+    torch = _import_torch()
+    if isinstance(module, torch.export.ExportedProgram):
+        return list(module.graph_signature.user_inputs)
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        names.append(p.name)
+    return names
+
+
+def _bind(module: Any, example_inputs: tuple[Any, ...] | Mapping[str, Any]) -> _Call:
+    torch = _import_torch()
+    checked = _check_example_inputs(example_inputs, "export_model")
+    params = _forward_params(module) or []
+    if isinstance(checked, dict):
+        names = tuple(checked)
+        if all(n in params for n in names) and not isinstance(module, torch.export.ExportedProgram):
+            return _Call((), checked, names)
+        return _Call(tuple(checked.values()), {}, names)
+    names = tuple(params[i] if i < len(params) else f"input_{i}" for i in range(len(checked)))
+    return _Call(tuple(checked), {}, names)
+
+
+def _check_dynamic(dynamic: Sequence[DynamicAxis], call: _Call) -> None:
+    tensors = call.tensors()
+    for d in dynamic:
+        if d.name not in tensors:
+            raise ConfigError(f"--dynamic {d.name}:{d.axis}: no input named {d.name!r}; inputs: {', '.join(call.names)}",
+                              hint="name an input of the model (see --input)")
+        rank = tensors[d.name].dim()
+        if d.axis >= rank:
+            raise ConfigError(f"--dynamic {d.name}:{d.axis}: input {d.name!r} has {rank} axes",
+                              hint=f"use an axis from 0 to {rank - 1}")
+
+
+def _leaves(obj: Any) -> list[tuple[str, Any]]:
+    """Output tensors of torch, with names from their pytree path (``last_hidden_state``, ``output_0``)."""
+    import torch
+    from torch.utils import _pytree
+
+    flat, _ = _pytree.tree_flatten_with_path(obj)
+    out: list[tuple[str, Any]] = []
+    for path, leaf in flat:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        name = "_".join(parts) if parts else "output"
+        if name[:1].isdigit():
+            name = "output_" + name
+        name = re.sub(r"[^\w.]", "_", name)
+        while name in {n for n, _ in out}:
+            name += "_"
+        out.append((name, leaf))
+    return out
+
+
+EXPORTERS: Registry[Callable[[Any, _Call, ExportConfig, Sequence[str]], onnx.ModelProto]] = Registry(
+    "exporter", flag="--exporter")
+
+
+@EXPORTERS.register("dynamo")
+def _export_dynamo(module: Any, call: _Call, config: ExportConfig, output_names: Sequence[str]) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)``; module paths land in node metadata."""
+    import torch
+
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("onnxscript", purpose="the dynamo exporter", extra="export") from None
+    dynamic_shapes: Any = None
+    if config.dynamic and not isinstance(module, torch.export.ExportedProgram):
+        dims = {label: torch.export.Dim(label) for label in dict.fromkeys(d.label for d in config.dynamic)}
+        per_input: dict[str, dict[int, Any]] = {}
+        for d in config.dynamic:
+            per_input.setdefault(d.name, {})[d.axis] = dims[d.label]
+        if call.kwargs:
+            dynamic_shapes = {n: per_input.get(n) for n in call.kwargs}
+        else:
+            dynamic_shapes = tuple(per_input.get(n) for n in call.names)
+    program = torch.onnx.export(
+        module, call.args, None, kwargs=dict(call.kwargs) or None, dynamo=True, opset_version=config.opset,
+        input_names=list(call.names) if call.args else None, output_names=list(output_names),
+        dynamic_shapes=dynamic_shapes, verbose=False, external_data=False,
+    )
+    return program.model_proto
+
+
+@EXPORTERS.register("torchscript")
+def _export_torchscript(module: Any, call: _Call, config: ExportConfig, output_names: Sequence[str]) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=False)``; module paths land in node names (``/blocks.0/...``)."""
+    import torch
+
+    if isinstance(module, torch.export.ExportedProgram):
+        raise ConfigError("a saved torch.export program (.pt2) can only be exported with --exporter dynamo",
+                          hint="drop --exporter torchscript")
+    args, names = call.args, call.names
+    if call.kwargs:  # TorchScript traces positional arguments: fill gaps with the defaults
+        sig = inspect.signature(module.forward).parameters
+        order = list(sig)
+        last = max(order.index(n) for n in call.kwargs)
+        args = tuple(call.kwargs.get(p, sig[p].default) for p in order[: last + 1])
+        names = tuple(p for p in order[: last + 1] if p in call.kwargs)
+    axes = {}
+    for d in config.dynamic:
+        axes.setdefault(d.name, {})[d.axis] = d.label
+    buf = io.BytesIO()
+    torch.onnx.export(module, args, buf, dynamo=False, opset_version=config.opset, input_names=list(names),
+                      output_names=list(output_names), dynamic_axes=axes or None)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def export_error(exc: BaseException, config: ExportConfig) -> ExportError:
+    """An ExportError for an exception raised by ``torch.onnx.export``, naming the op when it can."""
+    text = _ANSI.sub("", str(exc))
+    op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
+    other = "torchscript" if config.exporter == "dynamo" else "dynamo"
+    if op is not None:
+        return ExportError(
+            f"the {config.exporter} exporter cannot convert operator {op} to ONNX (opset {config.opset})",
+            hint=f"try --exporter {other} or a newer --opset, or replace {op} in the model",
+        )
+    summary = text.split("## Exception summary", 1)[-1]
+    first = next((ln.strip() for ln in summary.splitlines() if ln.strip()), type(exc).__name__)
+    first = re.sub(r"^<class '[\w.]+'>: ", "", first)
+    return ExportError(
+        f"torch.onnx.export ({config.exporter}) failed: {onnx_io.strip_host_paths(first)[:400]}",
+        hint=f"try --exporter {other} or a newer --opset; -v shows the exporter's own log",
+    )
+
+
+@contextlib.contextmanager
+def _model_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """The model as bytes, or as a temporary file path when it is too large for one protobuf."""
+    if model.ByteSize() <= PROTO_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="compress-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx_io.save_model(model, path, external_data=True)
+        yield str(path)
+
+
+def _check(model: onnx.ModelProto, source: bytes | str) -> None:
+    try:
+        if isinstance(source, str):
+            onnx.checker.check_model(source, full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}",
+                          hint="try the other --exporter or another --opset; nothing was written") from None
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, config: ExportConfig) -> OutputParity:
+    """Compare one ONNX output with torch's (see :class:`OutputParity` for the numbers)."""
+    if got.shape != want.shape:
+        return OutputParity(name, tuple(want.shape), str(want.dtype), math.inf, math.inf, 0.0, False)
+    a = got.astype(np.float64).ravel()
+    b = want.astype(np.float64).ravel()
+    if a.size == 0:
+        return OutputParity(name, tuple(want.shape), str(want.dtype), 0.0, 0.0, 1.0, True)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    same_nan = np.isnan(a) & np.isnan(b)
+    diff = np.where(same_nan, 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs = float(diff.max())
+    big = np.abs(b) > config.atol
+    max_rel = float((diff[big] / np.abs(b[big])).max()) if big.any() else 0.0
+    fa, fb = np.nan_to_num(a, posinf=0.0, neginf=0.0), np.nan_to_num(b, posinf=0.0, neginf=0.0)
+    na, nb = float(np.linalg.norm(fa)), float(np.linalg.norm(fb))
+    cosine = 1.0 if na == 0 and nb == 0 else (float(fa @ fb / (na * nb)) if na and nb else 0.0)
+    ok = bool(np.all(diff <= config.atol + config.rtol * np.abs(np.nan_to_num(b)))) and cosine >= config.min_cosine
+    return OutputParity(name, tuple(want.shape), str(want.dtype), max_abs, max_rel, cosine, ok)
+
+
+def _run_ort(source: bytes | str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)}",
+                          hint="try the other --exporter or another --opset; nothing was written") from None
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ExportError(f"the exported model has input {missing[0]!r} that torch was not given",
+                          hint="pass every input with --input")
+    outputs = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(outputs, {n: feeds[n] for n in names})
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime fails on the exported model: {_first_line(exc)}",
+                          hint="try the other --exporter or another --opset; nothing was written") from None
+    return dict(zip(outputs, values, strict=True))
+
+
+def _specialized(model: onnx.ModelProto, dynamic: Sequence[DynamicAxis]) -> list[str]:
+    inputs = {i.name: i for i in model.graph.input}
+    notes = []
+    for d in dynamic:
+        vi = inputs.get(d.name)
+        if vi is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if d.axis < len(dims) and dims[d.axis].HasField("dim_value"):
+            notes.append(f"--dynamic {d.name}:{d.axis}: the exporter fixed this axis to {dims[d.axis].dim_value} "
+                         "(the model's code needs that size)")
+    return notes
+
+
+def _rename_dims(model: onnx.ModelProto, dynamic: Sequence[DynamicAxis]) -> None:
+    """Give dynamic axes their labels where the exporter named them otherwise (``s77`` -> ``batch``).
+
+    Renames the symbol everywhere it appears as a whole dim (inputs, outputs, value_info) of
+    ``model``, which must be a model this module owns (it is modified in place).
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    rename: dict[str, str] = {}
+    for d in dynamic:
+        vi = inputs.get(d.name)
+        dims = vi.type.tensor_type.shape.dim if vi is not None else []
+        if d.axis < len(dims) and dims[d.axis].dim_param and dims[d.axis].dim_param != d.label:
+            rename.setdefault(dims[d.axis].dim_param, d.label)
+    if not rename:
+        return
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def _versions(exporter: str) -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if exporter == "dynamo":
+        import onnxscript
+
+        versions["onnxscript"] = onnxscript.__version__
+    return versions
+
+
+def _torch_params(module: Any) -> int:
+    import torch
+
+    if isinstance(module, torch.export.ExportedProgram):
+        return sum(int(module.state_dict[n].numel()) for n in module.graph_signature.parameters if n in module.state_dict)
+    return sum(int(p.numel()) for p in module.parameters())
+
+
+def _block_map(model: onnx.ModelProto, module: Any, config: ExportConfig) -> BlockMap:
+    """Blocks of the exported model: --blocks, else containers found in the module tree."""
+    import torch
+
+    if config.blocks:
+        return find_blocks(model, spec=config.blocks)
+    spec = None if isinstance(module, torch.export.ExportedProgram) else ",".join(find_block_containers(module)) or None
+    for attempt in dict.fromkeys((spec, None)):
+        try:
+            found = find_blocks(model, spec=attempt)
+        except (BlockError, ImportError) as exc:
+            logger.debug("block detection with spec %r failed: %s", attempt, exc)
+            continue
+        # containers found in the module tree: the paths still come from the graph
+        return replace(found, source=node_module_paths(model)[2] or found.source) if attempt else found
+    logger.warning("warning: no repeated blocks found in the model; pass --blocks CONTAINER to name them")
+    return BlockMap((), "none", ())
+
+
+def export_model(
+    module: Any, example_inputs: tuple[Any, ...] | Mapping[str, Any], config: ExportConfig
+) -> tuple[onnx.ModelProto, BlockMap, ExportReport]:
+    """Export ``module`` to ONNX, check it against torch, and find its blocks. Writes no files.
+
+    The module runs in eval mode (its training flag is restored afterwards) and is not
+    otherwise changed. Inputs passed as a dict go in as keyword arguments when every name
+    is a parameter of ``forward``, else positionally in dict order; graph inputs take these
+    names (tuple inputs take ``forward``'s parameter names). Outputs are named after torch's
+    output structure (``output``, ``output_0``, dict keys). Host paths are stripped from the
+    model (:func:`compress.onnx_io.strip_model_paths`).
+
+    Args:
+        module: an ``nn.Module`` or ``torch.export.ExportedProgram``.
+        example_inputs: tuple of tensors, or dict name -> tensor.
+        config: exporter, opset, dynamic axes, block containers, parity tolerances.
+
+    Returns:
+        ``(model, block_map, report)``.
+
+    Raises:
+        ConfigError: a dynamic axis names no input or axis.
+        ExportError: the exporter fails (naming the op when it can), the model fails
+            ``onnx.checker`` or ONNX Runtime, or an output differs from torch beyond the
+            tolerances (``|onnx - torch| > atol + rtol * |torch|`` anywhere, or cosine < min_cosine).
+        BlockError: ``config.blocks`` names no container of the model.
+    """
+    torch = _import_torch()
+    call = _bind(module, example_inputs)
+    _check_dynamic(config.dynamic, call)
+    is_program = isinstance(module, torch.export.ExportedProgram)
+    runner = module.module() if is_program else module
+    was_training = None if is_program else module.training
+    try:
+        if not is_program:
+            module.eval()
+        with torch.no_grad():
+            reference = _leaves(runner(*call.args, **call.kwargs))
+        if not reference:
+            raise ExportError("the model returns no tensors", hint="forward must return a tensor, or a tuple/dict of tensors")
+        output_names = [n for n, _ in reference]
+        logger.info("exporting with the %s exporter (opset %d)...", config.exporter, config.opset)
+        start = time.perf_counter()
+        try:
+            with quiet(not config.verbose), torch.no_grad():
+                raw = EXPORTERS.get(config.exporter)(module, call, config, output_names)
+        except (ConfigError, MissingDependencyError):
+            raise
+        except Exception as exc:
+            raise export_error(exc, config) from None
+        export_s = time.perf_counter() - start
+    finally:
+        if was_training is not None:
+            module.train(was_training)
+    model = onnx_io.strip_model_paths(raw)
+    graph_outputs = [o.name for o in model.graph.output]
+    if len(graph_outputs) != len(reference):
+        raise ExportError(f"the exported model has {len(graph_outputs)} outputs but torch returns {len(reference)} tensors",
+                          hint="return a tensor or a flat tuple/dict of tensors from forward")
+    _rename_dims(model, config.dynamic)
+    notes = _specialized(model, config.dynamic)
+    for note in notes:
+        logger.warning("warning: %s", note)
+
+    logger.info("checking the model and comparing ONNX Runtime with torch...")
+    start = time.perf_counter()
+    feeds = {n: _to_numpy(t) for n, t in call.tensors().items()}
+    with _model_source(model) as source:
+        _check(model, source)
+        got = _run_ort(source, feeds)
+    parity = tuple(compare(n, got[g], _to_numpy(t), config)
+                   for g, (n, t) in zip(graph_outputs, reference, strict=True))
+    parity_s = time.perf_counter() - start
+    bad = next((p for p in parity if not p.ok), None)
+    if bad is not None:
+        raise ExportError(
+            f"ONNX Runtime output {bad.name!r} differs from torch: max abs error {bad.max_abs_error:.3g}, "
+            f"max rel error {bad.max_rel_error:.3g}, cosine {bad.cosine:.6f} "
+            f"(allowed: atol {config.atol:g} + rtol {config.rtol:g}, cosine >= {config.min_cosine:g})",
+            hint="nothing was written; try the other --exporter, or loosen --atol/--rtol/--min-cosine if the "
+                 "difference is expected (e.g. float16)",
+        )
+    block_map = _block_map(model, module, config)
+    report = ExportReport(
+        exporter=config.exporter, opset=config.opset, versions=_versions(config.exporter),
+        inputs=tuple(InputSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in call.tensors().items()),
+        outputs=tuple(graph_outputs), dynamic=config.dynamic, parity=parity,
+        tolerance={"atol": config.atol, "rtol": config.rtol, "min_cosine": config.min_cosine},
+        export_s=export_s, parity_s=parity_s, nodes=len(model.graph.node),
+        params=sum(int(np.prod(t.dims)) for t in model.graph.initializer), torch_params=_torch_params(module),
+        warnings=tuple(notes),
+    )
+    return model, block_map, report

@@ -1,0 +1,119 @@
+"""How closely a candidate model's outputs follow a reference model's, on the same inputs.
+
+Per output tensor, over all samples (leading axis = batch):
+
+- ``cosine``: mean over samples of the cosine between the flattened outputs;
+- ``max_abs`` / ``mean_abs``: largest and mean absolute difference;
+- for logits outputs (:func:`logit_outputs`): ``top1`` (share of positions whose argmax
+  agrees) and ``kl`` (mean KL(softmax(ref) || softmax(candidate)) along the last axis, in
+  nats).
+
+Statistics are accumulated batch by batch (:class:`FidelityAccumulator`), so no output
+of all batches is held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+#: Ops whose output can be class scores (a linear classifier head).
+_HEAD_OPS = {"Gemm", "MatMul", "Add", "Conv"}
+
+
+def logit_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Graph outputs that are logits: named ``*logit*``, or rank 2/3 float made by a linear head.
+
+    An output computed by LayerNormalization, Tanh, Softmax, ... (embeddings, pooled
+    features, probabilities) is not logits, whatever its shape.
+    """
+    from compress.graph import GraphIndex
+
+    index = GraphIndex(model)
+    found = set()
+    for name in index.graph_outputs:
+        t = index.type_of(name)
+        key = index.producer.get(name)
+        node = index.node_by_key[key] if key else None
+        while node is not None and node.op_type == "Identity":
+            key = index.producer.get(node.input[0])
+            node = index.node_by_key[key] if key else None
+        rank_ok = t is not None and t.shape is not None and len(t.shape) in (2, 3) and t.dtype.startswith("float")
+        if "logit" in name.lower() or (rank_ok and node is not None and node.op_type in _HEAD_OPS):
+            found.add(name)
+    return frozenset(found)
+
+
+def _log_softmax(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    m = a.max(axis=-1, keepdims=True)
+    return a - m - np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class _Sums:
+    samples: int = 0
+    cos: float = 0.0
+    abs_sum: float = 0.0
+    elements: int = 0
+    max_abs: float = 0.0
+    positions: int = 0
+    top1: float = 0.0
+    kl: float = 0.0
+    logits: bool = False
+
+
+@dataclass
+class FidelityAccumulator:
+    """Running fidelity statistics per output name; ``logits`` names the logits outputs."""
+
+    logits: frozenset[str] = frozenset()
+    sums: dict[str, _Sums] = field(default_factory=dict)
+
+    def update(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
+        for name, ref in reference.items():
+            r = np.asarray(ref, dtype=np.float64)
+            c = np.asarray(candidate[name], dtype=np.float64)
+            s = self.sums.setdefault(name, _Sums(logits=name in self.logits and np.asarray(ref).shape[-1] >= 2))
+            b = r.shape[0] if r.ndim else 1
+            rf, cf = r.reshape(b, -1), c.reshape(b, -1)
+            nr, nc = np.linalg.norm(rf, axis=1), np.linalg.norm(cf, axis=1)
+            dots = (rf * cf).sum(axis=1)
+            both_zero = (nr == 0) & (nc == 0)
+            cos = np.where(both_zero, 1.0, dots / np.maximum(nr * nc, 1e-300))
+            s.samples += b
+            s.cos += float(cos.sum())
+            d = np.abs(r - c)
+            s.abs_sum += float(d.sum())
+            s.elements += d.size
+            s.max_abs = max(s.max_abs, float(d.max()) if d.size else 0.0)
+            if s.logits:
+                lr, lc = _log_softmax(r), _log_softmax(c)
+                n = int(np.prod(r.shape[:-1]))
+                s.positions += n
+                s.top1 += float((r.argmax(-1) == c.argmax(-1)).sum())
+                s.kl += float((np.exp(lr) * (lr - lc)).sum())
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """Per output: cosine, max_abs, mean_abs (+ top1, kl for logits)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self.sums.items():
+            d: dict[str, Any] = {"cosine": s.cos / max(s.samples, 1), "max_abs": s.max_abs,
+                                 "mean_abs": s.abs_sum / max(s.elements, 1), "samples": s.samples}
+            if s.logits:
+                d["top1"] = s.top1 / max(s.positions, 1)
+                d["kl"] = s.kl / max(s.positions, 1)
+            out[name] = d
+        return out
+
+
+def worst(result: Mapping[str, Mapping[str, Any]], key: str) -> float | None:
+    """The worst value of ``key`` over outputs (lowest cosine/top1, highest errors/kl); None if absent."""
+    values = [v[key] for v in result.values() if key in v]
+    if not values:
+        return None
+    return min(values) if key in ("cosine", "top1") else max(values)

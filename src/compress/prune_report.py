@@ -1,0 +1,95 @@
+"""Render prune and sweep reports: Markdown for CI job summaries, a PNG for the sweep."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from compress.errors import MissingDependencyError
+from compress.report import fmt, markdown_table
+
+
+def prune_markdown(report: dict[str, Any]) -> str:
+    """Blocks removed and why, size, fidelity on held-out data, latency next to the ideal."""
+    m = report["method"]
+    cal = report["calibration"]
+    lines = [f"## Pruned {report.get('model', 'model')}: {report['blocks_before']} -> {report['blocks_after']} blocks", ""]
+    how = f"metric `{m['metric']}`, rule `{m['select']}`" + (f", budget {m['max_drop']}" if m["max_drop"] is not None else "")
+    lines.append(f"Method: {how}. Calibration: {cal['description']}"
+                 + (" **(random data)**" if cal["random"] else "")
+                 + f"; {cal['scoring_batches']} batches scored, {cal['holdout_batches']} held out"
+                 + (" (held-out = scoring data: only one batch)" if cal.get("holdout_is_scoring_data") else "") + ".")
+    lines.append("")
+    if report["removed"]:
+        lines.append(markdown_table(["removed block", "name", "score", "params"],
+                                    [[b["index"], b["name"], b["score"], b["params"]] for b in report["removed"]]))
+    else:
+        lines.append("No block was removed" + (" (no removal stays within the budget; the model is unchanged)."
+                                               if m["max_drop"] is not None else "."))
+    if report.get("steps"):
+        lines += ["", markdown_table(["step", "candidate", "score", "loss", "accepted"],
+                                     [[i + 1, s["block"], s["score"], s["loss"], s["accepted"]]
+                                      for i, s in enumerate(report["steps"])])]
+    f = report["fidelity"]
+    p, sz = report["params"], report["size_bytes"]
+    rows = [["parameters", p["before"], p["after"], f"{p['after'] / max(p['before'], 1):.3f}x"],
+            ["size (MB)", sz["before"] / 1e6, sz["after"] / 1e6, f"{sz['after'] / max(sz['before'], 1):.3f}x"]]
+    lat = report.get("latency")
+    if lat:
+        rows.append(["ORT latency median (ms)", lat["original"]["median_ms"], lat["pruned"]["median_ms"],
+                     f"{fmt(lat['speedup_median'])}x faster (ideal {fmt(lat['ideal_speedup'])}x)"])
+        rows.append(["ORT latency p90 (ms)", lat["original"]["p90_ms"], lat["pruned"]["p90_ms"],
+                     f"{fmt(lat['speedup_p90'])}x"])
+    lines += ["", markdown_table(["", "original", "pruned", "ratio"], rows)]
+    fid = [["output cosine (worst output)", f["cosine"]], ["max abs error", f["max_abs"]],
+           ["mean abs error", f["mean_abs"]]]
+    if f.get("top1") is not None:
+        fid += [["top-1 agreement", f["top1"]], ["KL(original || pruned)", f["kl"]]]
+    fid.append([f"fidelity loss ({f['loss_metric']})", f["loss"]])
+    lines += ["", "Fidelity against the original on held-out calibration data:", "",
+              markdown_table(["measure", "value"], fid)]
+    if lat and lat.get("efficiency_ratio") is not None:
+        lines += ["", f"Measured / ideal speedup: {fmt(lat['efficiency_ratio'])} "
+                      "(ideal from the removed blocks' share of time, each block timed alone)."]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(report: dict[str, Any]) -> str:
+    rows = [[r["removed"], ", ".join(r["blocks"]) or "-", r["loss"], r["cosine"], r["top1"], r["params"],
+             r["median_ms"], r["speedup"], r["ideal_speedup"]] for r in report["sweep"]]
+    head = ["removed", "blocks", "loss", "cosine", "top1", "params", "median ms", "speedup", "ideal"]
+    m = report["method"]
+    cal = report["calibration"]
+    return (f"## Sweep: {report['model']} (metric `{m['metric']}`, rule `{m['select']}`)\n\n"
+            f"Calibration: {cal['description']}" + (" **(random data)**" if cal["random"] else "") + "\n\n"
+            + markdown_table(head, rows) + "\n")
+
+
+def plot_sweep(report: dict[str, Any]) -> bytes:
+    """PNG: fidelity loss and latency speedup (with the ideal) against blocks removed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("matplotlib", purpose="the sweep plot", extra="plot") from None
+    rows = report["sweep"]
+    k = [r["removed"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(k, [r["loss"] for r in rows], "o-")
+    a.set_xlabel("blocks removed")
+    a.set_ylabel("fidelity loss")
+    a.set_title("fidelity (held-out)")
+    if all(r["speedup"] is not None for r in rows):
+        b.plot(k, [r["speedup"] for r in rows], "o-", label="measured")
+        b.plot(k, [r["ideal_speedup"] for r in rows], "--", label="ideal")
+        b.legend()
+    b.set_xlabel("blocks removed")
+    b.set_ylabel("ORT speedup (median)")
+    b.set_title("latency")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
