@@ -153,3 +153,30 @@ def test_two_outputs_are_not_removable() -> None:
     b0 = find_blocks(model).blocks[0]
     assert not b0.removable
     assert b0.reason == "2 outputs leave the block (a, b); a removable block has one"
+
+
+def test_gpt2_dynamo_blocks_are_repaired_with_the_graph() -> None:
+    """The dynamo export of GPT-2 has an optimizer-made Split without a name scope, which
+    breaks the metadata boundaries of some layers; the residual cuts repair them."""
+    import contextlib
+    import io
+
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=100, n_positions=32, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    module = GPT2Model(config).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        model = torch.onnx.export(module, (ids,), dynamo=True, opset_version=18, external_data=False).model_proto
+    bm = find_blocks(model)
+    assert bm.source == "metadata+graph"
+    assert [b.name for b in bm.blocks] == ["h.0", "h.1", "h.2", "h.3"]
+    assert all(b.removable for b in bm.blocks)
+    hooks = models.block_hooks(module, module.h, ids)
+    sess = ort.InferenceSession(add_outputs(model, [bm.blocks[2].output]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: ids.numpy()}
+    np.testing.assert_allclose(sess.run([bm.blocks[2].output], feed)[0], hooks[2][1].numpy(), rtol=1e-5, atol=1e-5)

@@ -441,8 +441,10 @@ def find_blocks(
         containers = choose_containers(paths, classes, spec=spec)
         if containers:
             bm = blocks_from_paths(model, paths, containers, source="user" if spec else source, index=index)
-            if bm.blocks:
+            if bm.blocks and (spec or all(b.removable for b in bm.blocks)):
                 return bm
+            if bm.blocks:  # e.g. an optimizer-made node without a scope broke a boundary
+                return _repair_with_graph(model, bm, index)
     elif spec:
         raise BlockError(
             f"--blocks {spec}: the model has no module paths (no dynamo metadata, no '/module/...' node names)",
@@ -468,3 +470,25 @@ def block_rows(block_map: BlockMap) -> tuple[list[str], list[list[Any]]]:
         rows.append([b.index, b.name, len(b.nodes), b.params, f"{b.input} -> {b.output}",
                      f"{b.dtype or '?'}[{shape}]", "yes" if b.removable else f"no: {b.reason}"])
     return headers, rows
+
+
+def _repair_with_graph(model: onnx.ModelProto, named: BlockMap, index: GraphIndex) -> BlockMap:
+    """Graph-found blocks named after the path-found ones, when they describe the same blocks better.
+
+    Used when some path-found blocks are not removable: the graph's residual cuts give the
+    boundaries, each graph block takes the name of the path-found block it shares most nodes
+    with. Falls back to ``named`` when the graph finds a different number of blocks or no
+    more removable ones.
+    """
+    from compress.cuts import blocks_from_graph
+
+    graph = blocks_from_graph(model, index=index)
+    if len(graph.blocks) != len(named.blocks) or len(graph.removable) <= len(named.removable):
+        return named
+    groups = {}
+    for g in graph.blocks:
+        best = max(named.blocks, key=lambda b: len(set(b.nodes) & set(g.nodes)))
+        groups[best.name] = list(g.nodes)
+    if len(groups) != len(graph.blocks):
+        return named
+    return blocks_from_groups(model, groups, named.containers, source=f"{named.source}+graph", index=index)

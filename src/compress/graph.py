@@ -36,12 +36,15 @@ class TensorType:
         return "x".join("?" if d is None else str(d) for d in self.shape)
 
     def matches(self, other: TensorType) -> bool:
-        """Same dtype and same rank with no dim known to differ."""
+        """Same dtype and rank, and no two known (integer) dims that differ."""
         if self.dtype != other.dtype or self.shape is None or other.shape is None:
             return False
         if len(self.shape) != len(other.shape):
             return False
-        return all(a is None or b is None or a == b for a, b in zip(self.shape, other.shape, strict=True))
+        # Symbolic dims may take any value (and tools rename them: batch vs unk__29), so only two
+        # known integers can differ.
+        return all(not (isinstance(a, int) and isinstance(b, int)) or a == b
+                   for a, b in zip(self.shape, other.shape, strict=True))
 
 
 def dtype_name(elem_type: int) -> str:
