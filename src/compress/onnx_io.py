@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,62 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_output_folder(
+    path: str | os.PathLike[str], *, force: bool, replaceable: Callable[[Path], bool], what: str, flag: str = "-o"
+) -> Path:
+    """Validate an output folder before any work: its parent exists; it is missing, empty, or ``force``.
+
+    With ``force`` only a folder whose every entry satisfies ``replaceable`` may be replaced
+    (``what`` names such entries in the error), so a mistyped path never deletes other files.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}", hint=f"create it or choose another {flag}")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder", hint=f"choose another {flag}")
+        entries = sorted(out.iterdir())
+        if entries and not force:
+            raise OutputError(f"output folder {out} is not empty", hint=f"pass --force to replace it, or choose another {flag}")
+        others = [e.name for e in entries if not replaceable(e)]
+        if others:
+            raise OutputError(f"output folder {out} holds files other than {what} ({others[0]}); refusing to replace it",
+                              hint=f"choose another {flag}, or empty the folder yourself")
+    return out
+
+
+def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder with the user's default permissions (mkdtemp would make it private)."""
+    for _ in range(100):
+        p = parent / f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a temporary folder in {parent}")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (which may exist).
+
+    On an error the temporary folder is removed and ``out`` is left as it was.
+    """
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = _fresh_dir(parent, f".{out.name}.", ".tmp")
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = _fresh_dir(parent, f".{out.name}.", ".old")
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,69 +23,21 @@ from compress.calib import (
     text_batches,
 )
 from compress.cli import command
-from compress.errors import CalibrationError, OutputError
-from compress.onnx_io import load_model
+from compress.errors import CalibrationError
+from compress.onnx_io import atomic_folder, load_model
+from compress.onnx_io import check_output_folder as _check_folder
 
 
 def check_output_folder(path: str | os.PathLike[str], *, force: bool) -> Path:
-    """Validate an output folder before any work: parent exists; empty, missing, or ``force``.
-
-    With ``force``, only a folder holding nothing but ``.npz`` files may be replaced, so a
-    mistyped ``-o`` never deletes unrelated files.
-    """
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output folder does not exist: {parent}", hint="create it or choose another -o")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a folder", hint="choose another -o")
-        entries = sorted(out.iterdir())
-        if entries and not force:
-            raise OutputError(f"output folder {out} is not empty", hint="pass --force to replace it, or choose another -o")
-        others = [e.name for e in entries if not (e.is_file() and e.suffix == ".npz")]
-        if others:
-            raise OutputError(f"output folder {out} holds files other than .npz ({others[0]}); refusing to replace it",
-                              hint="choose another -o, or empty the folder yourself")
-    return out
-
-
-@contextlib.contextmanager
-def _atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (which may exist)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = _fresh_dir(parent, f".{out.name}.", ".tmp")
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = _fresh_dir(parent, f".{out.name}.", ".old")
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
-    """A new folder with the user's default permissions (mkdtemp would make it private)."""
-    for _ in range(100):
-        p = parent / f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
-        try:
-            p.mkdir()
-            return p
-        except FileExistsError:
-            continue
-    raise OutputError(f"cannot create a temporary folder in {parent}")
+    """An output folder for calibration batches: with ``force`` only a folder of .npz files is replaced."""
+    return _check_folder(path, force=force, replaceable=lambda e: e.is_file() and e.suffix == ".npz", what=".npz")
 
 
 def write_batches(batches: Iterable[dict[str, np.ndarray]], out: Path) -> tuple[int, int, str]:
     """Write ``batch_0000.npz``, ... into ``out`` atomically; return (files, samples, summary)."""
     shapes: list[dict[str, tuple[str, tuple[int, ...]]]] = []
     samples = 0
-    with _atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         for i, batch in enumerate(batches):
             np.savez(tmp / f"batch_{i:04d}.npz", **batch)
             shapes.append({k: (v.dtype.name, tuple(v.shape)) for k, v in batch.items()})

@@ -1,0 +1,170 @@
+"""``compress build`` as a function: passes, engine or ORT session, latency, reports, gates.
+
+:func:`build` is pure apart from the temporary ONNX file TensorRT's parser reads; the
+CLI writes the results (:class:`BuildResult`) into the output folder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from compress.bench import BenchConfig, Timing
+from compress.errors import ConfigError
+from compress.latency import (
+    LATENCY_SCHEMA,
+    GateResult,
+    Gates,
+    benchmark_action_json,
+    compare,
+    evaluate_gates,
+    latency_markdown,
+    measurement,
+    plot_latency,
+)
+from compress.log import logger
+from compress.onnx_io import model_digest, save_model
+from compress.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """What ``compress build`` does (see ``compress build --help``)."""
+
+    precision: str = "fp32"
+    sparsity: str | None = None
+    backend: str = "ort"
+    calibration_method: str = "minmax"
+    exclude: tuple[str, ...] = ()
+    profiles: tuple[ShapeProfile, ...] = ()
+    legacy_precision: bool = False
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    gates: Gates = field(default_factory=Gates)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    model: onnx.ModelProto
+    passes: dict[str, Any]
+    engine: Engine | None
+    latency: dict[str, Any]
+    markdown: str
+    plot: bytes
+    benchmark: list[dict[str, Any]]
+    trtexec: str
+    gates: list[GateResult]
+
+
+def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProfile, ...]) -> tuple[dict[str, np.ndarray], bool]:
+    """One input batch to time: the first calibration batch, else random data at the OPT shapes."""
+    if calib is not None:
+        return dict(next(iter(calib))), bool(calib.random)
+    from compress.calib import model_input_types, random_calibration
+
+    types = model_input_types(model)
+    opt = {p.name: p.opt for p in profiles}
+    dims: dict[str, int] = {}
+    batch = 1
+    for name, t in types.items():
+        if t is None or t.shape is None:
+            continue
+        shape = opt.get(name)
+        for axis, d in enumerate(t.shape):
+            if isinstance(d, str):
+                if shape is None:
+                    raise ConfigError(f"input {name!r} has a dynamic dim {d!r}: no shape to benchmark",
+                                      hint=f"pass --calib DIR or --shapes {name}:MIN/OPT/MAX")
+                if axis == 0:
+                    batch = shape[0]
+                else:
+                    dims[d] = shape[axis]
+    calib = random_calibration(model, batches=1, batch_size=batch, dims=dims, seed=0)
+    return dict(next(iter(calib))), True
+
+
+def _time_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], bench: BenchConfig) -> tuple[Timing, str]:
+    from compress.bench import measure
+    from compress.scoring.collect import make_session
+
+    sess = make_session(model, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    names = [o.name for o in model.graph.output]
+    return measure(lambda: sess.run(names, dict(feed)), bench), sess.get_providers()[0]
+
+
+def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Sparsity first (it edits FP32 weights), then the precision pass; each checked against its input."""
+    from compress.passes import run_passes
+
+    return run_passes(model, precision=config.precision, sparsity=config.sparsity, calib=calib,
+                      calibration_method=config.calibration_method, exclude=config.exclude)
+
+
+def build(
+    model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
+    previous: Mapping[str, Any] | None = None, names: Mapping[str, str | None], timing_cache: bytes | None = None,
+) -> BuildResult:
+    """Run the passes, build/time the candidate (and baseline), evaluate the gates. Does not modify inputs."""
+    final, pass_reports = _apply_passes(model, config, calib) if (config.precision != "fp32" or config.sparsity) else (model, [])
+    feed, random_inputs = benchmark_feed(final, calib, config.profiles)
+    engine_cfg = EngineConfig(profiles=config.profiles, sparse_weights=config.sparsity == "2:4",
+                              legacy_precision=(config.precision if config.legacy_precision else None),
+                              timing_cache=timing_cache)
+    engine = None
+    major = None
+    if config.backend == "trt":
+        from compress.trt import build_engine, import_tensorrt, major_version, time_engine
+
+        major = major_version(import_tensorrt())
+        with tempfile.TemporaryDirectory(prefix="compress-build-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(final, path)
+            engine = build_engine(str(path), engine_cfg)
+        timing = time_engine(engine.plan, feed, config.bench)
+        provider = "TensorRT"
+        base_timing = None
+        if baseline is not None:
+            with tempfile.TemporaryDirectory(prefix="compress-build-") as tmp:
+                path = Path(tmp) / "baseline.onnx"
+                save_model(baseline, path)
+                base_engine = build_engine(str(path), EngineConfig(profiles=config.profiles))
+            base_timing = time_engine(base_engine.plan, feed, config.bench)
+    else:
+        logger.info("timing %s with ONNX Runtime", names["model"])
+        timing, provider = _time_ort(final, feed, config.bench)
+        base_timing = _time_ort(baseline, feed, config.bench)[0] if baseline is not None else None
+    batch = int(next(iter(feed.values())).shape[0]) if feed else 1
+    candidate = {"model": names["model"], "precision": config.precision, "sparsity": config.sparsity,
+                 "sha256": model_digest(final), "random_inputs": random_inputs,
+                 **measurement(timing.to_dict(), batch=batch)}
+    report: dict[str, Any] = {
+        "schema_version": LATENCY_SCHEMA, "backend": config.backend, "provider": provider,
+        "percentile_method": "nearest rank, as trtexec (float32 index arithmetic)",
+        "bench": {"warmup_s": config.bench.warmup_s, "iterations_min": config.bench.iterations,
+                  "duration_s": config.bench.duration_s, "input_shapes": {k: list(v.shape) for k, v in feed.items()}},
+        "candidate": candidate,
+        "environment": {"host": host_info(), "versions": versions()},
+    }
+    if engine is not None:
+        report["environment"]["gpu"] = engine.info.get("gpu")
+        report["engine"] = {k: engine.info[k] for k in ("tensorrt", "strongly_typed", "sparse_weights", "legacy_precision", "size_bytes")}
+    if base_timing is not None:
+        report["baseline"] = {"model": names["baseline"], "precision": "fp32", "sparsity": None, "random_inputs": random_inputs,
+                              **measurement(base_timing.to_dict(), batch=batch)}
+        report["comparison"] = compare(candidate, report["baseline"])
+        if calib is not None and baseline is not None:
+            from compress.prune import compare_models
+
+            report["comparison"]["fidelity"] = compare_models(baseline, final, calib)
+    gates = evaluate_gates(report, config.gates, previous=previous)
+    report["gates"] = [{"name": g.name, "passed": g.passed, "value": g.value, "limit": g.limit, "message": g.message}
+                       for g in gates]
+    cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
+    passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
+    return BuildResult(final, passes, engine, report, latency_markdown(report), plot_latency(report),
+                       benchmark_action_json(report), cmd, gates)
