@@ -1,0 +1,135 @@
+"""compress build on ONNX Runtime: reports (schema pinned), gates and their exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import models
+from compress.cli import main
+from compress.latency import GATE_EXIT_CODES
+
+FAST = ["--warmup-ms", "5", "--iterations", "10", "--duration", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("build")
+    path = models.export_onnx(models.tiny_transformer(), models.transformer_input(), d / "t.onnx", dynamic_batch=True)
+    small = models.export_onnx(models.tiny_transformer(depth=2), models.transformer_input(), d / "s.onnx",
+                               dynamic_batch=True)
+    calib = d / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.savez(calib / f"b{i}.npz", x=models.transformer_input(2, 8, seed=30 + i).numpy())
+    return str(path), str(small), str(calib)
+
+
+def test_build_ort_writes_every_report(tiny, tmp_path, capsys) -> None:
+    model, small, calib = tiny
+    out = tmp_path / "build"
+    rc = main(["build", small, "-o", str(out), "--calib", calib, "--baseline", model, *FAST])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "latency.json", "latency.md", "latency.png",
+                                                      "model.onnx", "passes.json", "trtexec.sh"]
+    report = json.loads((out / "latency.json").read_text())
+    assert set(report) == {"schema_version", "backend", "provider", "percentile_method", "bench", "candidate",
+                           "environment", "baseline", "comparison", "gates"}
+    assert report["schema_version"] == 1
+    assert report["provider"] == "CPUExecutionProvider"
+    lat = report["candidate"]["latency"]
+    assert set(lat) == {"count", "min_ms", "max_ms", "mean_ms", "median_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
+                        "std_ms", "cov_pct", "total_s"}
+    assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert lat["count"] >= 10
+    comp = report["comparison"]
+    assert comp["speedup_median"] == pytest.approx(report["baseline"]["latency"]["median_ms"] / lat["median_ms"])
+    assert 0 < comp["fidelity"]["cosine"] <= 1
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert [b["name"] for b in bench] == ["s.onnx ort fp32 median", "s.onnx ort fp32 p99"]
+    assert all(b["unit"] == "ms" for b in bench)
+    assert (out / "trtexec.sh").read_text().splitlines()[-1].startswith("trtexec --onnx=model.onnx --saveEngine=engine.plan")
+    assert str(tmp_path) not in (out / "latency.json").read_text()
+    assert "## Latency: s.onnx (ort, CPUExecutionProvider)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("gate", "args"), [
+    ("max-latency", ["--max-latency-ms", "0.000001"]),
+    ("min-speedup", ["--min-speedup", "1000"]),
+    ("min-fidelity", ["--min-fidelity", "1.01"]),
+])
+def test_failed_gates_exit_with_their_code(tiny, tmp_path, capsys, gate, args) -> None:
+    model, small, calib = tiny
+    rc = main(["build", small, "-o", str(tmp_path / "b"), "--calib", calib, "--baseline", model, *FAST, *args])
+    assert rc == GATE_EXIT_CODES[gate]
+    assert f"gate failed: {gate}: " in capsys.readouterr().err
+    report = json.loads((tmp_path / "b" / "latency.json").read_text())  # the reports are still written
+    assert [g["passed"] for g in report["gates"]] == [False]
+
+
+def test_regression_gate_against_a_previous_report(tiny, tmp_path, capsys) -> None:
+    model, small, calib = tiny
+    assert main(["build", model, "-o", str(tmp_path / "a"), "--calib", calib, *FAST]) == 0
+    previous = json.loads((tmp_path / "a" / "latency.json").read_text())
+    previous["candidate"]["latency"]["median_ms"] = 1e-6  # a previous run that was impossibly fast
+    (tmp_path / "prev.json").write_text(json.dumps(previous))
+    rc = main(["build", model, "-o", str(tmp_path / "b"), "--calib", calib, *FAST,
+               "--previous", str(tmp_path / "prev.json"), "--max-regression", "5"])
+    assert rc == GATE_EXIT_CODES["max-regression"]
+    assert "gate failed: max-regression: median 1e-06 -> " in capsys.readouterr().err
+
+
+def test_bad_previous_report_is_named(tiny, tmp_path, capsys) -> None:
+    model, _, calib = tiny
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    assert main(["build", model, "-o", str(tmp_path / "b"), "--previous", str(bad), "--max-regression", "5"]) == 1
+    assert capsys.readouterr().err == (f"error: {bad} is not a compress latency report (schema_version 1 with a candidate)\n"
+                                       "hint: pass the latency.json written by an earlier 'compress build'\n")
+    assert not (tmp_path / "b").exists()
+
+
+def test_output_folder_rules(tiny, tmp_path, capsys) -> None:
+    model, _, calib = tiny
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["build", model, "-o", str(out), "--calib", calib, *FAST]) == 1
+    assert capsys.readouterr().err == f"error: output folder {out} is not empty\nhint: pass --force to replace it, or choose another -o\n"
+    assert main(["build", model, "-o", str(out), "--calib", calib, "--force", *FAST]) == 1
+    assert "holds files other than an earlier build's files (notes.txt); refusing to replace it" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_failure_leaves_no_output_folder(tiny, tmp_path, capsys) -> None:
+    model, _, calib = tiny
+    out = tmp_path / "b"
+    rc = main(["build", model, "-o", str(out), "--calib", calib, "--backend", "trt", *FAST])
+    if "tensorrt" in sys.modules:
+        pytest.skip("tensorrt is installed")
+    assert rc == 1
+    assert capsys.readouterr().err == ("error: tensorrt is required for 'compress build --backend trt' but is not installed\n"
+                                       "hint: pip install 'onnx-compress[trt]'\n")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+
+
+def test_dynamic_model_without_shapes_or_calibration(tiny, tmp_path, capsys) -> None:
+    model, _, _ = tiny
+    assert main(["build", model, "-o", str(tmp_path / "b"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: input 'x' has a dynamic dim 'batch': no shape to benchmark\n")
+    assert main(["build", model, "-o", str(tmp_path / "c"), "--shapes", "x:1x8x16/2x8x16/4x8x16", *FAST]) == 0
+    report = json.loads((tmp_path / "c" / "latency.json").read_text())
+    assert report["bench"]["input_shapes"] == {"x": [2, 8, 16]}
+    assert report["candidate"]["random_inputs"] is True
+
+
+def test_int8_needs_real_calibration(tiny, tmp_path, capsys) -> None:
+    model, _, _ = tiny
+    assert main(["build", model, "-o", str(tmp_path / "b"), "--precision", "int8", "--random-calib", "2",
+                 "--random-dims", "batch=2"]) == 1
+    assert capsys.readouterr().err == "error: --precision int8 needs real calibration data\nhint: pass --calib DIR\n"
