@@ -292,28 +292,27 @@ def _forward(index: GraphIndex, start: str, keys: set[str]) -> set[str]:
     return seen
 
 
-def _hoisted(index: GraphIndex, keys: set[str], stream_nodes: set[str]) -> set[str]:
-    """Side nodes of a block (not fed by the stream) whose results are also used outside it.
+def hoisted_nodes(index: GraphIndex, keys: set[str], side: set[str]) -> set[str]:
+    """Side nodes among ``keys`` whose results are also read outside ``keys``, with their side ancestors.
 
-    Exporters hoist shared work (mask and shape arithmetic) into the first block that
-    needs it; those nodes survive the block's removal, so they are not part of it.
+    A side node does not compute the residual stream (shape arithmetic, mask building).
+    Exporters hoist work shared by all layers into the first layer that needs it; those
+    nodes survive the layer's removal, so they are not part of it.
     """
-    side = keys - stream_nodes
-    out_ok = set(index.graph_outputs)
-    exported = {
+    outputs = set(index.graph_outputs)
+    hoisted = {
         k for k in side
         for o in index.node_by_key[k].output
-        if o and (o in out_ok or any(c not in keys for c in index.consumers.get(o, ())))
+        if o and (o in outputs or any(c not in keys for c in index.consumers.get(o, ())))
     }
-    stack = list(exported)
+    stack = list(hoisted)
     while stack:  # their side ancestors inside the block go with them
-        k = stack.pop()
-        for x in node_inputs(index.node_by_key[k]):
+        for x in node_inputs(index.node_by_key[stack.pop()]):
             p = index.producer.get(x)
-            if p in side and p not in exported:
-                exported.add(p)
+            if p in side and p not in hoisted:
+                hoisted.add(p)
                 stack.append(p)
-    return exported
+    return hoisted
 
 
 def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, previous_output: str | None) -> Block:
@@ -341,7 +340,7 @@ def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, pre
         else:  # a side input (mask) feeds several outputs and many nodes; the stream feeds one
             produced = {x: sum(index.producer[o] in reach[x] for o in outputs) for x in xs}
             stream_in = min(xs, key=lambda x: (produced[x], len(index.consumers.get(x, ())), inputs.index(x)))
-        keyset -= _hoisted(index, keyset, reach[stream_in])
+        keyset -= hoisted_nodes(index, keyset, keyset - reach[stream_in])
         inputs, outputs = _boundary(index, ordered())
     else:
         stream_in = None

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compress.blocks import Block, BlockMap, make_block
+from compress.blocks import Block, BlockMap, hoisted_nodes, make_block
 from compress.graph import GraphIndex, node_inputs
 
 #: Longest repeating group of segments considered (a BERT layer has 4: attn, LN, ffn, LN).
@@ -319,19 +319,7 @@ def _without_hoisted(index: GraphIndex, stream: _Stream, keys: Sequence[str]) ->
     """
     keyset = set(keys)
     side = {k for k in keys if not any(o in stream.counted for o in index.node_by_key[k].output)}
-    outputs = set(index.graph_outputs)
-    hoisted = {
-        k for k in side
-        for o in index.node_by_key[k].output
-        if o and (o in outputs or any(c not in keyset for c in index.consumers.get(o, ())))
-    }
-    stack = list(hoisted)
-    while stack:
-        for x in node_inputs(index.node_by_key[stack.pop()]):
-            p = index.producer.get(x)
-            if p in side and p not in hoisted:
-                hoisted.add(p)
-                stack.append(p)
+    hoisted = hoisted_nodes(index, keyset, side)
     return [k for k in keys if k not in hoisted]
 
 

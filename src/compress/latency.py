@@ -17,14 +17,13 @@ Gates (each fails with its own exit code, :data:`GATE_EXIT_CODES`):
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
-from compress.errors import ConfigError, MissingDependencyError
-from compress.report import fmt, markdown_table
+from compress.errors import ConfigError
+from compress.report import fmt, markdown_table, png_bytes, pyplot
 
 LATENCY_SCHEMA = 1
 
@@ -154,13 +153,7 @@ def benchmark_action_json(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def plot_latency(report: Mapping[str, Any]) -> bytes:
     """PNG: median/p90/p95/p99 bars of baseline and candidate."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("matplotlib", purpose="the latency plot", extra="plot") from None
+    plt = pyplot("the latency plot")
     keys = ["median_ms", "p90_ms", "p95_ms", "p99_ms"]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     roles = [r for r in ("baseline", "candidate") if report.get(r)]
@@ -175,7 +168,4 @@ def plot_latency(report: Mapping[str, Any]) -> bytes:
     ax.set_title(f"{report['candidate']['model']} on {report['backend']}")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
-from compress.errors import MissingDependencyError
-from compress.report import fmt, markdown_table
+from compress.report import fmt, markdown_table, png_bytes, pyplot
 
 
 def prune_markdown(report: dict[str, Any]) -> str:
@@ -73,13 +71,7 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 def plot_sweep(report: dict[str, Any]) -> bytes:
     """PNG: fidelity loss and latency speedup (with the ideal) against blocks removed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("matplotlib", purpose="the sweep plot", extra="plot") from None
+    plt = pyplot("the sweep plot")
     rows = report["sweep"]
     k = [r["removed"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -95,7 +87,4 @@ def plot_sweep(report: dict[str, Any]) -> bytes:
     b.set_ylabel("ORT speedup (median)")
     b.set_title("latency")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -37,3 +37,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc]
     return "\n".join(lines)
+
+
+def pyplot(purpose: str) -> Any:
+    """matplotlib.pyplot with the non-interactive Agg backend; MissingDependencyError naming ``purpose``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from compress.errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", purpose=purpose, extra="plot") from None
+    return plt
+
+
+def png_bytes(fig: Any) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()

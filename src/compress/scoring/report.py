@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-from compress.errors import MissingDependencyError
-from compress.report import markdown_table, text_table
+from compress.report import markdown_table, png_bytes, pyplot, text_table
 
 
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -59,13 +57,7 @@ def scores_markdown(report: dict[str, Any]) -> str:
 
 def plot_scores(report: dict[str, Any]) -> bytes:
     """A PNG: one panel of per-block scores per metric, plus the CKA heatmap with segment borders."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("matplotlib", purpose="the score plot", extra="plot") from None
+    plt = pyplot("the score plot")
     metrics = report["metrics"]
     per_block = [m for m in metrics if any(v is not None for v in metrics[m]["scores"])]
     cka = metrics.get("cka")
@@ -100,7 +92,4 @@ def plot_scores(report: dict[str, Any]) -> bytes:
     if report["calibration"]["random"]:
         fig.suptitle("RANDOM calibration data", color="red")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
