@@ -98,11 +98,34 @@ def _time_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], bench: Ben
 
 
 def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """Sparsity first (it edits FP32 weights), then the precision pass; each checked against its input."""
-    from compress.passes import run_passes
+    """Sparsity first (it edits FP32 weights), then the precision pass; each checked against its input.
 
-    return run_passes(model, precision=config.precision, sparsity=config.sparsity, calib=calib,
-                      calibration_method=config.calibration_method, exclude=config.exclude)
+    Exclusions (``--exclude``) that look like op types (no '/' and capitalised) exclude op
+    types, the others node names.
+    """
+    from compress.passes import Fp16Config, Int8Config, SparsityConfig, get_pass, measure_fidelity
+
+    ops = tuple(x for x in config.exclude if "/" not in x and x[:1].isupper() and "_" not in x)
+    nodes = tuple(x for x in config.exclude if x not in ops)
+    steps: list[tuple[str, Any]] = []
+    if config.sparsity == "2:4":
+        steps.append(("sparsity-2:4", SparsityConfig(exclude_nodes=nodes)))
+    if config.precision == "fp16":
+        steps.append(("fp16", Fp16Config(block_ops=ops, block_nodes=nodes, calibration=calib)))
+    elif config.precision == "int8":
+        steps.append(("int8", Int8Config(calibration=calib, method=config.calibration_method,
+                                         exclude_nodes=nodes, exclude_ops=ops)))
+    reports = []
+    current = model
+    for name, cfg in steps:
+        logger.info("pass %s", name)
+        out, report = get_pass(name).run(current, cfg)
+        entry = report.to_dict()
+        if calib is not None:
+            entry["fidelity"] = measure_fidelity(current, out, calib)
+        reports.append(entry)
+        current = out
+    return current, reports
 
 
 def build(

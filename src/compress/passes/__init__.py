@@ -1,0 +1,48 @@
+"""Precision and sparsity passes for ``compress build``: pure ONNX -> ONNX functions.
+
+Each pass is ``pass(model, config) -> (model, PassReport)``; it copies the model, never
+modifies its input and touches no files. Registered passes (:data:`PASSES`):
+
+- ``fp16`` (:func:`fp16_pass`, :class:`Fp16Config`): FP32 -> FP16 by Cast insertion,
+  FP32 kept where FP16 is unsafe;
+- ``int8`` (:func:`int8_pass`, :class:`Int8Config`): explicit symmetric INT8 Q/DQ from
+  calibration data with ONNX Runtime's static quantizer (what TensorRT 10+/11 needs);
+- ``sparsity-2:4`` (:func:`sparsity_pass`, :class:`SparsityConfig`): 2:4 structured
+  sparsity of MatMul/Gemm/Conv weights along their input dimension.
+
+:func:`measure_fidelity` compares a pass's output with its input on calibration batches.
+"""
+
+from __future__ import annotations
+
+from compress.passes.base import (
+    PASSES,
+    Pass,
+    PassReport,
+    get_pass,
+    measure_fidelity,
+    pass_names,
+    register_pass,
+)
+from compress.passes.fp16 import Fp16Config, activation_ranges, fp16_pass
+from compress.passes.int8 import CALIBRATION_METHODS, Int8Config, int8_pass
+from compress.passes.sparsity import SparsityConfig, prune_2_4, sparsity_pass
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "PASSES",
+    "Fp16Config",
+    "Int8Config",
+    "Pass",
+    "PassReport",
+    "SparsityConfig",
+    "activation_ranges",
+    "fp16_pass",
+    "get_pass",
+    "int8_pass",
+    "measure_fidelity",
+    "pass_names",
+    "prune_2_4",
+    "register_pass",
+    "sparsity_pass",
+]

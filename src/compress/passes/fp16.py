@@ -1,0 +1,614 @@
+"""FP32 -> FP16, keeping FP32 where FP16 is unsafe (the ``fp16`` pass).
+
+TensorRT 10.12+/11 builds strongly typed networks: precision comes from the ONNX itself,
+so FP16 means casting the graph. The conversion is done by ONNX Runtime's maintained
+converter (``onnxruntime.transformers.float16.convert_float_to_float16``, a fork of
+onnxconverter-common's that also retargets ``Cast(to=float)`` nodes and handles
+initializers shared by FP32 and FP16 nodes); this module decides which nodes stay FP32,
+then tidies the result (topological order, no FP32->FP16->FP32 round trips).
+
+A node stays FP32 (with the first matching reason reported) when it is:
+
+1. on the user's block list (``block_ops`` by op type, ``block_nodes`` by name);
+2. an op whose ONNX schema has no float16 type for a float32 tensor it uses (ML ops,
+   ``Celu``, old ``CumSum``, ...) or that has no ONNX schema at all (custom domains);
+3. a normalization (``keep_normalization``): LayerNormalization, Batch/Instance/Group
+   normalization, RMSNormalization, ..., and normalizations written out as
+   ``ReduceMean(x**2)`` (+ the centring ``Sub``/``ReduceMean`` and the ``Add(eps)``,
+   ``Sqrt``, ``Div``/``Reciprocal`` chain after it);
+4. a sum-like reduction (ReduceSum/Mean/SumSquare/L1/L2/LogSum/LogSumExp/Prod,
+   GlobalAveragePool/GlobalLpPool) over more than ``max_reduce_elements`` elements, or
+   over a number of elements not known statically;
+5. Softmax/LogSoftmax when ``keep_softmax``;
+6. a reader of a float constant outside the FP16 range: a finite |x| > 65504 (would become
+   inf), or more than ``underflow_share`` of its non-zero values below 2**-24 (would
+   flush to zero); the Constant node holding such a value stays FP32 too;
+7. with calibration batches: the producer or a reader of a tensor whose largest finite |x|
+   over the batches exceeds ``activation_limit`` (65504 / 4 by default: a margin for
+   inputs the calibration did not show);
+8. a ``Cast`` from a non-float type whose readers all stay FP32 (integers above 2048 are
+   not exact in FP16).
+
+Graph inputs and outputs stay FP32 with ``keep_io_types`` (Cast nodes at the boundary).
+Initializers read only by FP32 nodes stay FP32; all others become FP16, values beyond
+the FP16 range clamped to +-65504 (and tiny ones to +-2**-24) by the converter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.errors import BlockError, BuildError, ConfigError, MissingDependencyError, ModelError
+from compress.graph import GraphIndex
+from compress.passes.base import (
+    Batch,
+    PassReport,
+    check_model,
+    copy_model,
+    describe_batches,
+    float_initializers,
+    name_nodes,
+    op_counts,
+    register_pass,
+    timer,
+    toposort,
+)
+
+if TYPE_CHECKING:
+    from compress.calib import CalibrationSet
+
+#: Largest finite float16 value.
+FP16_MAX = 65504.0
+#: Smallest positive float16 value (subnormal); smaller magnitudes round to zero.
+FP16_TINY = 2.0**-24
+
+NORM_OPS = frozenset({
+    "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "RMSNormalization", "LpNormalization", "MeanVarianceNormalization", "SimplifiedLayerNormalization",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNorm", "SkipGroupNorm",
+})
+SUM_REDUCTIONS = frozenset({
+    "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+    "ReduceLogSumExp", "ReduceProd", "GlobalAveragePool", "GlobalLpPool",
+})
+SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+#: Ops whose fixed-float inputs the converter itself keeps FP32 (see ALWAYS_FLOAT_INPUTS there).
+_CONVERTER_MIXED = frozenset({"Resize", "GroupNorm", "SkipGroupNorm"})
+_NORM_CHAIN = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Mul", "Pow"})
+_FLOAT = onnx.TensorProto.FLOAT
+_FLOAT16 = onnx.TensorProto.FLOAT16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp16Config:
+    """Options of the ``fp16`` pass (see the module docstring for the rules).
+
+    Attributes:
+        keep_io_types: graph inputs/outputs stay float32 (Cast nodes at the boundary).
+        keep_normalization: normalizations stay FP32 (rule 3).
+        keep_softmax: Softmax/LogSoftmax stay FP32 (rule 5).
+        max_reduce_elements: sum-like reductions over more elements stay FP32 (rule 4);
+            None turns the rule off.
+        activation_limit: with calibration, tensors whose largest |x| exceeds this keep their
+            producer and readers FP32 (rule 7); at most 65504.
+        underflow_share: a constant with more than this share of non-zero values below 2**-24
+            keeps its readers FP32 (rule 6).
+        block_ops: op types that stay FP32.
+        block_nodes: node names that stay FP32.
+        calibration: a CalibrationSet or a sequence of batches for rule 7 (None: no rule 7).
+        max_batches: use at most this many calibration batches for rule 7 (None: all).
+    """
+
+    keep_io_types: bool = True
+    keep_normalization: bool = True
+    keep_softmax: bool = False
+    max_reduce_elements: int | None = 4096
+    activation_limit: float = FP16_MAX / 4
+    underflow_share: float = 0.01
+    block_ops: tuple[str, ...] = ()
+    block_nodes: tuple[str, ...] = ()
+    calibration: CalibrationSet | Sequence[Batch] | None = None
+    max_batches: int | None = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.activation_limit <= FP16_MAX:
+            raise ConfigError(f"fp16: activation_limit must be in (0, {FP16_MAX:g}], got {self.activation_limit}")
+        if not 0 <= self.underflow_share <= 1:
+            raise ConfigError(f"fp16: underflow_share must be in [0, 1], got {self.underflow_share}")
+        if self.max_reduce_elements is not None and self.max_reduce_elements < 1:
+            raise ConfigError(f"fp16: max_reduce_elements must be >= 1 or None, got {self.max_reduce_elements}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"fp16: max_batches must be >= 1 or None, got {self.max_batches}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_io_types": self.keep_io_types, "keep_normalization": self.keep_normalization,
+                "keep_softmax": self.keep_softmax, "max_reduce_elements": self.max_reduce_elements,
+                "activation_limit": self.activation_limit, "underflow_share": self.underflow_share,
+                "block_ops": list(self.block_ops), "block_nodes": list(self.block_nodes),
+                "calibration": None if self.calibration is None else describe_batches(self.calibration),
+                "max_batches": self.max_batches}
+
+
+# --------------------------------------------------------------------------------------------
+# Which nodes stay FP32
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Node name -> (rule, reason) pairs saying why it stays FP32, in rule order."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, list[tuple[str, str]]] = {}
+
+    def block(self, name: str, rule: str, reason: str) -> None:
+        entries = self.reasons.setdefault(name, [])
+        if all(r != reason for _, r in entries):
+            entries.append((rule, reason))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.reasons
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    out = {(o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import}
+    return out
+
+
+def _float_tensors(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    names = [x for x in [*node.input, *node.output] if x]
+    return [x for x in names if (t := index.type_of(x)) is not None and t.dtype == "float32"]
+
+
+def _schema_reason(node: onnx.NodeProto, index: GraphIndex, opsets: Mapping[str, int]) -> str | None:
+    domain = node.domain if node.domain != "ai.onnx" else ""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+    except onnx.defs.SchemaError:
+        return f"no ONNX schema for {domain + '::' if domain else ''}{node.op_type}; kept FP32 to be safe"
+    if node.op_type in _CONVERTER_MIXED and not domain:
+        return None
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    for names, formals in ((node.input, schema.inputs), (node.output, schema.outputs)):
+        for i, name in enumerate(names):
+            if not name or not formals:
+                continue
+            formal = formals[min(i, len(formals) - 1)]
+            types = allowed.get(formal.type_str, {formal.type_str})
+            t = index.type_of(name)
+            if t is not None and t.dtype == "float32" and "tensor(float16)" not in types:
+                return f"ONNX {node.op_type}-{schema.since_version} has no float16 type for '{formal.name}'"
+    return None
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, str | None]]:
+    """Float32 constants: tensor name -> (value, name of the Constant node or None)."""
+    out: dict[str, tuple[np.ndarray, str | None]] = {}
+    for t in float_initializers(model):
+        try:
+            out[t.name] = (numpy_helper.to_array(t), None)
+        except Exception:  # external data not loaded: cannot check, the converter will fail loudly
+            continue
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for a in node.attribute:
+            if a.name == "value" and a.t.data_type == _FLOAT:
+                out[node.output[0]] = (numpy_helper.to_array(a.t), node.name)
+            elif a.name == "value_float":
+                out[node.output[0]] = (np.array(a.f, dtype=np.float32), node.name)
+            elif a.name == "value_floats":
+                out[node.output[0]] = (np.array(list(a.floats), dtype=np.float32), node.name)
+    return out
+
+
+def _range_problem(value: np.ndarray, underflow_share: float) -> str | None:
+    v = np.abs(value[np.isfinite(value)].astype(np.float64))
+    if v.size == 0:
+        return None
+    big = float(v.max())
+    if big > FP16_MAX:
+        return f"|x| up to {big:.3g} > {FP16_MAX:g} (would be inf in FP16)"
+    nonzero = v[v > 0]
+    if nonzero.size:
+        tiny = int((nonzero < FP16_TINY).sum())
+        if tiny and tiny / nonzero.size > underflow_share:
+            return f"{tiny} of {nonzero.size} non-zero values below {FP16_TINY:.3g} (would be 0 in FP16)"
+    return None
+
+
+def _const_scalar(name: str, consts: Mapping[str, tuple[np.ndarray, str | None]], index: GraphIndex) -> float | None:
+    if name in consts:
+        v = consts[name][0]
+    elif name in index.initializers:
+        v = numpy_helper.to_array(index.initializers[name])
+    else:
+        return None
+    return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+
+def _node(index: GraphIndex, tensor: str) -> tuple[str, onnx.NodeProto] | None:
+    key = index.producer.get(tensor)
+    return (key, index.node_by_key[key]) if key is not None else None
+
+
+def _decomposed_norms(index: GraphIndex, consts: Mapping[str, tuple[np.ndarray, str | None]]) -> list[str]:
+    """Nodes of normalizations written out as ReduceMean(x**2) -> sqrt -> div."""
+    members: list[str] = []
+    for key, node in index.node_by_key.items():
+        if node.op_type not in ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"):
+            continue
+        group = [key]
+        if node.op_type in ("ReduceMean", "ReduceSum"):
+            src = _node(index, node.input[0])
+            if src is None:
+                continue
+            sq_key, sq = src
+            squared = (sq.op_type == "Pow" and _const_scalar(sq.input[1], consts, index) == 2.0) or \
+                      (sq.op_type == "Mul" and sq.input[0] == sq.input[1])
+            if not squared:
+                continue
+            group.append(sq_key)
+            centre = _node(index, sq.input[0])
+            if centre is not None and centre[1].op_type == "Sub":
+                mean = _node(index, centre[1].input[1])
+                if mean is not None and mean[1].op_type == "ReduceMean" and mean[1].input[0] == centre[1].input[0]:
+                    group += [centre[0], mean[0]]
+        current = node
+        for _ in range(4):  # Add(eps) -> Sqrt -> Div / Reciprocal -> Mul
+            readers = index.consumers.get(current.output[0], [])
+            if len(readers) != 1 or index.node_by_key[readers[0]].op_type not in _NORM_CHAIN:
+                break
+            nxt = index.node_by_key[readers[0]]
+            group.append(readers[0])
+            joins = [x for x in nxt.input if x and x != current.output[0] and x not in index.constants]
+            if nxt.op_type in ("Div", "Mul") and joins:
+                break
+            current = nxt
+        members += group
+    return members
+
+
+def _axes(node: onnx.NodeProto, consts: Mapping[str, tuple[np.ndarray, str | None]],
+          index: GraphIndex) -> tuple[list[int] | None, bool]:
+    """(axes or None when all/unknown, known)."""
+    for a in node.attribute:
+        if a.name == "axes":
+            return list(a.ints), True
+    if len(node.input) > 1 and node.input[1]:
+        name = node.input[1]
+        if name in index.initializers:
+            return [int(x) for x in numpy_helper.to_array(index.initializers[name]).reshape(-1)], True
+        if name in consts:
+            return [int(x) for x in consts[name][0].reshape(-1)], True
+        hit = _node(index, name)
+        if hit is not None and hit[1].op_type == "Constant":
+            for a in hit[1].attribute:
+                if a.name == "value":
+                    return [int(x) for x in numpy_helper.to_array(a.t).reshape(-1)], True
+        return None, False
+    return None, True
+
+
+def _reduced_elements(node: onnx.NodeProto, index: GraphIndex,
+                      consts: Mapping[str, tuple[np.ndarray, str | None]]) -> int | None:
+    """Number of input elements summed into one output element; None if unknown."""
+    t = index.type_of(node.input[0])
+    if t is None or t.shape is None:
+        return None
+    shape = list(t.shape)
+    if node.op_type.startswith("Global"):
+        dims = shape[2:]
+    else:
+        axes, known = _axes(node, consts, index)
+        if not known:
+            return None
+        noop = any(a.name == "noop_with_empty_axes" and a.i for a in node.attribute)
+        if not axes:
+            dims = [] if noop else shape
+        else:
+            try:
+                dims = [shape[a % len(shape)] for a in axes]
+            except ZeroDivisionError:
+                dims = []
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return int(np.prod(dims)) if dims else 1
+
+
+def _float_activations(model: onnx.ModelProto, index: GraphIndex) -> list[str]:
+    names = [i for i in index.graph_inputs if (t := index.type_of(i)) is not None and t.dtype == "float32"]
+    for node in model.graph.node:
+        for o in node.output:
+            t = index.type_of(o)
+            if o and o not in index.constants and t is not None and t.dtype == "float32":
+                names.append(o)
+    return list(dict.fromkeys(names))
+
+
+def activation_ranges(model: onnx.ModelProto, batches: Iterable[Batch], *,
+                      max_batches: int | None = None) -> tuple[dict[str, float], int]:
+    """Largest finite |x| of every float32 activation (graph inputs included) over ``batches``.
+
+    Runs ONNX Runtime (CPU) once per batch with every float32 tensor as an extra output.
+    Returns (tensor -> max |x|, batches used). Does not modify ``model``.
+
+    Raises:
+        CalibrationError: a batch does not fit the model, or there is no batch.
+        ModelError: ONNX Runtime cannot load the model.
+    """
+    from compress.errors import CalibrationError
+    from compress.scoring.collect import make_session, run_batch
+    from compress.surgery import add_outputs
+
+    index = GraphIndex(model)
+    names = _float_activations(model, index)
+    try:
+        session = make_session(add_outputs(model, [n for n in names if n not in index.graph_inputs]),
+                               providers=("CPUExecutionProvider",))
+    except BlockError as exc:
+        raise ModelError(f"fp16: {exc.message}", hint=exc.hint) from None
+    inner = [n for n in names if n not in index.graph_inputs]
+    top: dict[str, float] = dict.fromkeys(names, 0.0)
+    used = 0
+    for i, feed in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        values = run_batch(session, feed, inner, batch=i) if inner else {}
+        for n in names:
+            arr = np.asarray(values[n] if n in values else feed[n])
+            finite = np.abs(arr[np.isfinite(arr)]) if arr.size else arr
+            if finite.size:
+                top[n] = max(top[n], float(finite.max()))
+        used += 1
+    if not used:
+        raise CalibrationError("fp16: the calibration data has no batches",
+                               hint="pass calibration batches, or none to skip the activation-range rule")
+    return top, used
+
+
+def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
+          ranges: Mapping[str, float] | None) -> _Plan:
+    plan = _Plan()
+    opsets = _opsets(model)
+    consts = _constant_values(model)
+    float_nodes = {index.keys[i] for i, n in enumerate(model.graph.node) if _float_tensors(index, n)}
+    block_ops, block_nodes = set(config.block_ops), set(config.block_nodes)
+    for key, node in index.node_by_key.items():
+        if key in block_nodes:
+            plan.block(key, "user", "user block list (node name)")
+        if node.op_type in block_ops:
+            plan.block(key, "user", f"user block list (op type {node.op_type})")
+        if key in float_nodes and (why := _schema_reason(node, index, opsets)):
+            plan.block(key, "no_fp16_type", why)
+        if config.keep_normalization and node.op_type in NORM_OPS:
+            plan.block(key, "normalization", "normalization")
+        if node.op_type in SUM_REDUCTIONS and key in float_nodes and config.max_reduce_elements is not None:
+            n = _reduced_elements(node, index, consts)
+            if n is None:
+                plan.block(key, "reduction", "reduction over a number of elements not known statically")
+            elif n > config.max_reduce_elements:
+                plan.block(key, "reduction", f"reduction over {n} elements > {config.max_reduce_elements}")
+        if config.keep_softmax and node.op_type in SOFTMAX_OPS:
+            plan.block(key, "softmax", "softmax (keep_softmax)")
+    if config.keep_normalization:
+        for key in _decomposed_norms(index, consts):
+            plan.block(key, "normalization", "normalization written out as ReduceMean of squares")
+    for name, (value, const_node) in consts.items():
+        problem = _range_problem(value, config.underflow_share)
+        if problem is None:
+            continue
+        if const_node is not None:
+            plan.block(const_node, "constant_range", f"holds a constant with {problem}")
+        for reader in index.consumers.get(name, []):
+            plan.block(reader, "constant_range", f"reads constant '{name}' with {problem}")
+    for name, top in (ranges or {}).items():
+        if top <= config.activation_limit:
+            continue
+        what = f"'{name}' reaches |x| = {top:.3g} on calibration data (> {config.activation_limit:g})"
+        if name in index.producer:
+            plan.block(index.producer[name], "activation_range", f"output {what}")
+        for reader in index.consumers.get(name, []):
+            plan.block(reader, "activation_range", f"input {what}")
+    for key, node in index.node_by_key.items():  # rule 8
+        if node.op_type != "Cast" or key in plan:
+            continue
+        src = index.type_of(node.input[0])
+        readers = index.consumers.get(node.output[0], [])
+        if src is not None and not src.dtype.startswith("float") and readers and all(r in plan for r in readers):
+            plan.block(key, "integer_cast", "casts integers to float for FP32 nodes only")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion and clean-up
+# --------------------------------------------------------------------------------------------
+
+
+def _converter() -> Any:
+    """ORT's float16 converter.
+
+    Note: ``import onnxruntime.transformers`` appends its folder to ``sys.path`` (its modules
+    import each other by bare name); ``onnxruntime.quantization`` imports it too, so this
+    cannot be undone here.
+    """
+    try:
+        from onnxruntime.transformers import float16
+    except ImportError as exc:  # pragma: no cover - ships with every onnxruntime wheel
+        raise MissingDependencyError("onnxruntime (with onnxruntime.transformers)",
+                                     purpose=f"the fp16 pass ({exc})", extra="dev") from None
+    return float16.convert_float_to_float16
+
+
+def _untype_initializers(model: onnx.ModelProto) -> None:
+    """Drop value_info (and, for IR >= 4, graph inputs) that name initializers, in place.
+
+    The converter retypes every float value_info to FP16 and then "casts back" inputs of
+    FP32 nodes found there: an FP32 initializer listed in value_info (dynamo exports list
+    them all) would get a useless Cast(float -> float) before every FP32 reader.
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    keep = [v for v in g.value_info if v.name not in inits]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    if model.ir_version >= 4:
+        inputs = [i for i in g.input if i.name not in inits]
+        del g.input[:]
+        g.input.extend(inputs)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def _drop_round_trips(model: onnx.ModelProto, original: set[str]) -> int:
+    """Remove inserted ``Cast(to=fp16) -> Cast(to=fp32)`` pairs; returns the Casts removed.
+
+    The converter inserts a Cast to FP16 after every FP32 node and a Cast back before every
+    FP32 reader; between two FP32 nodes this round trip only loses precision (and turns
+    |x| > 65504 into inf). Readers of the second Cast read the FP32 tensor directly.
+    """
+    g = model.graph
+    casts = [n for n in g.node if n.op_type == "Cast" and n.name not in original]
+    by_output = {n.output[0]: n for n in casts}
+    graph_outputs = {o.name for o in g.output}
+    fixed = {i.name for i in g.input} | {t.name for t in g.initializer}
+    rename: dict[str, str] = {}
+    removed: set[str] = set()
+    for c2 in casts:
+        c1 = by_output.get(c2.input[0])
+        if _cast_to(c2) != _FLOAT or c1 is None or _cast_to(c1) != _FLOAT16:
+            continue
+        x, y = c1.input[0], c2.output[0]
+        if y in graph_outputs:
+            if x in fixed or x in graph_outputs or x in rename:
+                continue
+            rename[x] = y
+        else:
+            rename[y] = x
+        removed.add(c2.name)
+
+    def resolve(name: str) -> str:
+        seen = set()
+        while name in rename and name not in seen:
+            seen.add(name)
+            name = rename[name]
+        return name
+
+    kept = [n for n in g.node if n.name not in removed]
+    for n in kept:
+        for i, x in enumerate(n.input):
+            n.input[i] = resolve(x)
+        for i, x in enumerate(n.output):
+            n.output[i] = resolve(x)
+    read = {x for n in kept for x in n.input} | graph_outputs
+    dead = {n.name for n in kept if n.name not in original and n.op_type == "Cast" and n.output[0] not in read}
+    kept = [n for n in kept if n.name not in dead]
+    del g.node[:]
+    g.node.extend(kept)
+    return len(removed) + len(dead)
+
+
+def _tidy_value_info(model: onnx.ModelProto) -> None:
+    g = model.graph
+    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    outputs = {o.name for o in g.output}
+    keep = [v for v in g.value_info if v.name in produced and v.name not in outputs]
+    keep = list({v.name: v for v in keep}.values())
+    del g.value_info[:]
+    g.value_info.extend(keep)
+
+
+def _counts(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    b = {t.name: t.data_type for t in before.graph.initializer}
+    a = {t.name: t.data_type for t in after.graph.initializer}
+    converted = sum(1 for k, v in b.items() if v == _FLOAT and a.get(k) == _FLOAT16)
+    kept = sum(1 for k, v in b.items() if v == _FLOAT and a.get(k) == _FLOAT)
+
+    def nbytes(m: onnx.ModelProto) -> int:
+        return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                   for t in m.graph.initializer)
+
+    return {"initializers_converted": converted, "initializers_kept_fp32": kept,
+            "initializer_bytes_before": nbytes(before), "initializer_bytes_after": nbytes(after)}
+
+
+@register_pass("fp16", config=Fp16Config, kind="precision",
+               summary="FP32 -> FP16 (Cast insertion), FP32 kept for norms, big reductions and out-of-range values")
+def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelProto, PassReport]:
+    """Convert ``model`` to FP16, keeping FP32 where FP16 is unsafe. Does not modify ``model``.
+
+    Returns the converted model (it passes ``onnx.checker`` with full checking) and a
+    report listing every node kept FP32 with its reasons.
+
+    Raises:
+        ModelError: the model has no float32 weights (already FP16, or integer-only).
+        ConfigError: ``block_nodes`` names a node the model does not have.
+        CalibrationError: a calibration batch does not fit the model.
+        BuildError: the converted model fails the checker.
+    """
+    elapsed = timer()
+    if not float_initializers(model) and not any(
+            n.op_type == "Constant" and any(a.t.data_type == _FLOAT for a in n.attribute) for n in model.graph.node):
+        raise ModelError("fp16: the model has no float32 weights to convert",
+                         hint="it is already FP16 or has no float parameters; drop --precision fp16")
+    work = copy_model(model)
+    renamed = name_nodes(work)
+    _untype_initializers(work)
+    index = GraphIndex(work)
+    missing = [n for n in config.block_nodes if n not in index.node_by_key]
+    if missing:
+        raise ConfigError(f"fp16: block list names unknown node(s): {', '.join(missing)}",
+                          hint="use node names as 'compress inspect' or Netron show them")
+    ranges, used = (None, 0)
+    if config.calibration is not None:
+        from compress.calib import CalibrationSet, check_calibration
+
+        if isinstance(config.calibration, CalibrationSet):
+            check_calibration(config.calibration, work)
+        ranges, used = activation_ranges(work, config.calibration, max_batches=config.max_batches)
+    plan = _plan(work, index, config, ranges)
+    original_names = {n.name for n in work.graph.node}
+    convert = _converter()
+    try:
+        converted = convert(work, keep_io_types=config.keep_io_types, op_block_list=[],
+                            node_block_list=sorted(plan.reasons), min_positive_val=FP16_TINY, max_finite_val=FP16_MAX)
+    except Exception as exc:  # the converter raises plain exceptions (ValueError, AssertionError)
+        raise BuildError(f"fp16: the FP16 converter failed: {type(exc).__name__}: {exc}",
+                         hint="block the node it names with a node block list, or skip --precision fp16") from None
+    toposort(converted.graph)
+    dropped = _drop_round_trips(converted, original_names)
+    _tidy_value_info(converted)
+    warnings = check_model(converted, what="fp16", source=model)
+
+    types = {n.name: n for n in work.graph.node}
+    float_nodes = {n.name for n in work.graph.node if _float_tensors(index, n)}
+    items = tuple({"node": k, "op": types[k].op_type, "precision": "fp32", "rule": v[0][0],
+                   "reason": "; ".join(r for _, r in v)}
+                  for k, v in plan.reasons.items() if k in float_nodes)
+    casts = sum(1 for n in converted.graph.node if n.op_type == "Cast" and n.name not in original_names)
+    by_rule: dict[str, int] = {}
+    for item in items:
+        by_rule[item["rule"]] = by_rule.get(item["rule"], 0) + 1
+    changes: dict[str, Any] = {
+        **_counts(model, converted),
+        "float_nodes": len(float_nodes), "nodes_kept_fp32": len(items),
+        "nodes_fp16": len(float_nodes) - len(items), "kept_fp32_by_rule": by_rule,
+        "casts_inserted": casts, "round_trip_casts_removed": dropped,
+        "calibration_batches": used,
+    }
+    if renamed:
+        warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
+    report = PassReport(name="fp16", nodes_before=op_counts(model), nodes_after=op_counts(converted),
+                        changes=changes, items=items, config=config.to_dict(), warnings=tuple(warnings),
+                        seconds=elapsed())
+    return converted, report
+
+
+__all__ = ["FP16_MAX", "FP16_TINY", "Fp16Config", "activation_ranges", "fp16_pass"]

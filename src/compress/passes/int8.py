@@ -1,0 +1,384 @@
+"""Explicit INT8 quantization (Q/DQ) from calibration data (the ``int8`` pass).
+
+TensorRT 10.1+ deprecated and TensorRT 11 removed implicit INT8 calibration: INT8 must be
+explicit QuantizeLinear/DequantizeLinear pairs in the ONNX. This pass produces them with
+ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``) in the form
+TensorRT consumes:
+
+- QDQ format, INT8 activations and weights, both **symmetric** (every zero point is 0);
+- per-channel weight scales (``per_channel``), per-tensor activation scales;
+- weights stay float with a Q/DQ pair on them (``qdq_on_weights``; TensorRT folds it) and
+  every quantized node gets its own pair (``dedicated_qdq``), as Hugging Face Optimum's
+  TensorRT preset does; biases stay float (``quantize_bias=False``): an int32 bias behind
+  a DequantizeLinear is what TensorRT parsers have rejected ("only activation types
+  allowed as input to this layer", ORT issues #14229 / #17738);
+- only ``op_types`` are quantized (MatMul, Gemm, Conv by default). ``quant_pre_process``
+  runs with ``skip_optimization=True``: its optimizer would fuse MatMul+Add into Gemm and
+  a MatMul-only list would then miss them.
+
+Calibration methods: ``minmax`` (range of observed values), ``entropy`` (KL-optimal
+threshold of a histogram) and ``percentile`` (``percentile`` of |x|).
+
+ORT needs files: the model is written to a temporary folder that is deleted before the
+pass returns; nothing else touches the file system and the input model is not modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.errors import BuildError, CalibrationError, CompressError, ConfigError, ModelError
+from compress.graph import GraphIndex, TensorType
+from compress.log import logger
+from compress.passes.base import (
+    Batch,
+    PassReport,
+    check_model,
+    copy_model,
+    describe_batches,
+    name_nodes,
+    op_counts,
+    register_pass,
+    timer,
+)
+
+if TYPE_CHECKING:
+    from compress.calib import CalibrationSet
+
+#: Calibration methods by name (values: ``onnxruntime.quantization.CalibrationMethod`` members).
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_LARGE = 1_500_000_000  # bytes; above this the model goes through external data
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Config:
+    """Options of the ``int8`` pass.
+
+    Attributes:
+        calibration: a CalibrationSet or a sequence of batches (input name -> array); required.
+        method: calibration method, one of :data:`CALIBRATION_METHODS`.
+        percentile: the percentile of |x| kept by ``method="percentile"`` (in (0, 100]).
+        op_types: op types to quantize.
+        exclude_nodes: node names never quantized.
+        exclude_ops: op types never quantized (their nodes are listed as excluded).
+        per_channel: per-output-channel weight scales (else per tensor).
+        preprocess: run ``quant_pre_process`` (shape inference only, ``skip_optimization``).
+        qdq_on_weights: keep float weights with a Q/DQ pair (TensorRT style); False stores
+            INT8 weights behind a DequantizeLinear.
+        dedicated_qdq: one Q/DQ pair per quantized node input (TensorRT style).
+        quantize_bias: quantize Gemm/Conv biases to int32 (off for TensorRT).
+        quantize_outputs: also put Q/DQ on the outputs of the quantized nodes (ORT's
+            default); off: only their inputs are quantized, as TensorRT wants (an output
+            Q/DQ before a float bias Add or residual only adds error).
+        max_batches: calibrate on at most this many batches (None: all).
+    """
+
+    calibration: CalibrationSet | Sequence[Batch] | None = None
+    method: str = "minmax"
+    percentile: float = 99.999
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    per_channel: bool = True
+    preprocess: bool = True
+    qdq_on_weights: bool = True
+    dedicated_qdq: bool = True
+    quantize_bias: bool = False
+    quantize_outputs: bool = False
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"int8: unknown calibration method {self.method!r}; valid: {', '.join(CALIBRATION_METHODS)}",
+                              hint=f"use one of: {', '.join(CALIBRATION_METHODS)}")
+        if not 0 < self.percentile <= 100:
+            raise ConfigError(f"int8: percentile must be in (0, 100], got {self.percentile}")
+        if not self.op_types:
+            raise ConfigError("int8: op_types is empty; nothing would be quantized", hint="e.g. MatMul,Gemm,Conv")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"int8: max_batches must be >= 1 or None, got {self.max_batches}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
+                "method": self.method, "percentile": self.percentile, "op_types": list(self.op_types),
+                "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
+                "per_channel": self.per_channel, "preprocess": self.preprocess,
+                "qdq_on_weights": self.qdq_on_weights, "dedicated_qdq": self.dedicated_qdq,
+                "quantize_bias": self.quantize_bias, "quantize_outputs": self.quantize_outputs,
+                "max_batches": self.max_batches,
+                "activation_type": "int8", "weight_type": "int8", "symmetric": True, "format": "QDQ"}
+
+
+class BatchReader:
+    """ORT ``CalibrationDataReader`` over batches, checking each against the model inputs.
+
+    A batch must hold exactly one array per model input, with the input's dtype (data is
+    never cast), rank and static non-batch dims. ``count`` is the number of batches handed
+    out; ``active`` is True while ORT is consuming them.
+
+    ``len()`` and ``set_range(start, end)`` let ``quantize_static`` feed the calibrator one
+    batch per ``collect_data`` call (extra option ``CalibStridedMinMax=1``; despite its name
+    ORT applies it to every method): the histogram calibrators (entropy, percentile) then
+    accept batches of different shapes, and MinMax holds one batch of activations at a time.
+    Ranges must be asked for in order (ORT does).
+    """
+
+    def __init__(self, batches: Iterable[Batch], inputs: Mapping[str, TensorType | None], *,
+                 max_batches: int | None = None) -> None:
+        if not hasattr(batches, "__len__"):
+            batches = list(batches)
+        self._batches = batches
+        self._inputs = dict(inputs)
+        self._len = len(batches) if max_batches is None else min(len(batches), max_batches)  # type: ignore[arg-type]
+        self._it: Iterator[Batch] = iter(batches)
+        self._stop = self._len
+        self.count = 0
+        self.active = False
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        if start_index != self.count:
+            raise BuildError(f"int8: calibration batches were asked for out of order ({start_index} after {self.count})")
+        self._stop = min(end_index, self._len)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.count >= self._stop:
+            self.active = False
+            return None
+        batch = next(self._it, None)
+        if batch is None:
+            self.active = False
+            return None
+        check_batch(batch, self._inputs, index=self.count)
+        self.count += 1
+        self.active = True
+        return dict(batch)
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+        self.count = 0
+        self._stop = self._len
+
+
+def check_batch(batch: Batch, inputs: Mapping[str, TensorType | None], *, index: int) -> None:
+    """CalibrationError unless ``batch`` has exactly the model's inputs with their dtype, rank and static dims."""
+    hint = "calibration arrays must be named like the model inputs and have their dtype and shape ('compress inspect')"
+    missing = [n for n in inputs if n not in batch]
+    extra = [n for n in batch if n not in inputs]
+    if missing or extra:
+        parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown array(s) {', '.join(extra)}"] if extra else [])
+        raise CalibrationError(f"calibration batch {index} does not fit the model: {'; '.join(parts)}"
+                               f" (model inputs: {', '.join(inputs)})", hint=hint)
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        arr = np.asarray(batch[name])
+        if arr.dtype.name != t.dtype:
+            raise CalibrationError(f"calibration batch {index}: input '{name}' is {arr.dtype.name}, the model wants {t.dtype}",
+                                   hint="calibration data is never cast; save it with the model's dtype")
+        if t.shape is None:
+            continue
+        if arr.ndim != len(t.shape):
+            raise CalibrationError(f"calibration batch {index}: input '{name}' has rank {arr.ndim} "
+                                   f"(shape {list(arr.shape)}), the model wants rank {len(t.shape)} ({t.shape_str()})",
+                                   hint=hint)
+        for axis, (have, want) in enumerate(zip(arr.shape, t.shape, strict=True)):
+            if isinstance(want, int) and have != want:
+                raise CalibrationError(f"calibration batch {index}: input '{name}' axis {axis} is {have}, "
+                                       f"the model wants {want} (shape {t.shape_str()})", hint=hint)
+
+
+def _model_inputs(model: onnx.ModelProto) -> dict[str, TensorType | None]:
+    index = GraphIndex(model)
+    return {n: index.type_of(n) for n in index.graph_inputs}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
+              excluded: list[str], warnings: list[str]) -> onnx.ModelProto:
+    """Run quant_pre_process + quantize_static in a temporary folder; return the loaded result."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    large = model.ByteSize() > _LARGE
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": config.qdq_on_weights,
+             "DedicatedQDQPair": config.dedicated_qdq, "QuantizeBias": config.quantize_bias,
+             "CalibStridedMinMax": 1}
+    if not config.quantize_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(config.op_types)
+    if config.method == "percentile":
+        extra["CalibPercentile"] = config.percentile
+    ort_log = logging.getLogger()
+    level = ort_log.level
+    with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
+        src, pre, out = Path(tmp, "model.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(model, src, save_as_external_data=large)
+        source = src
+        ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
+        try:
+            if config.preprocess:
+                try:
+                    quant_pre_process(str(src), str(pre), skip_optimization=True, save_as_external_data=large)
+                    source = pre
+                except Exception as exc:  # symbolic shape inference fails on some graphs: go on without it
+                    warnings.append(f"quant_pre_process failed ({_first_line(exc)}); quantized without it")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress per batch
+                    quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
+                                    op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
+                                    reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_exclude=excluded, use_external_data_format=large,
+                                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.method]),
+                                    calibration_providers=["CPUExecutionProvider"], extra_options=extra)
+            except CompressError:  # ours, raised by the reader inside ORT's loop
+                raise
+            except Exception as exc:
+                if reader.active:
+                    raise CalibrationError(f"calibration batch {reader.count - 1} does not fit the model: {_first_line(exc)}",
+                                           hint="check the calibration data against the model's inputs ('compress inspect')") from None
+                raise BuildError(f"int8: ONNX Runtime quantization failed: {type(exc).__name__}: {_first_line(exc)}",
+                                 hint="exclude the node it names (exclude_nodes) or use fewer op types") from None
+        finally:
+            ort_log.setLevel(level)
+        return onnx.load(str(out))
+
+
+def _zero_points(model: onnx.ModelProto) -> tuple[int, int]:
+    """(zero-point tensors, those with a non-zero value) over all Q/DQ nodes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen, nonzero = set(), 0
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
+            if n.input[2] in seen:
+                continue
+            seen.add(n.input[2])
+            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+                nonzero += 1
+    return len(seen), nonzero
+
+
+def _per_channel_weights(model: onnx.ModelProto) -> int:
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits
+               and int(np.prod(inits[n.input[1]].dims)) > 1)
+
+
+def _quantized(model: onnx.ModelProto, op_types: set[str]) -> dict[str, bool]:
+    """Node name -> every float input of it comes from a DequantizeLinear (per node of ``op_types``)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in op_types:
+            continue
+        data = [x for x in n.input[:2] if x]  # data inputs (A/B, X/W); a float bias stays float
+        out[n.name] = bool(data) and all(x in producer and producer[x].op_type == "DequantizeLinear" for x in data)
+    return out
+
+
+@register_pass("int8", config=Int8Config, kind="precision", needs_calibration=True,
+               summary="explicit symmetric INT8 Q/DQ (ONNX Runtime static quantization) from calibration data")
+def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelProto, PassReport]:
+    """Quantize ``model`` to explicit INT8 Q/DQ on ``config.calibration``. Does not modify ``model``.
+
+    Returns the quantized model and a report: Q/DQ counts, per-node status (quantized,
+    excluded with the reason, not quantized), zero points (all 0), per-channel weights.
+
+    Raises:
+        ModelError: the model has float16 weights or no float32 weights.
+        CalibrationError: no calibration data, or a batch that does not fit the model
+            (names, dtypes, ranks, static dims), naming the batch and the input.
+        ConfigError: ``exclude_nodes`` names a node the model does not have.
+        BuildError: ONNX Runtime fails to quantize, or the result fails the checker.
+    """
+    elapsed = timer()
+    if config.calibration is None:
+        raise CalibrationError("int8 needs calibration data", hint="pass --calib with .npz batches ('compress calib')")
+    halves = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    if halves:
+        raise ModelError(f"int8: the model already has float16 weights (e.g. '{halves[0]}'); "
+                         "ONNX Runtime quantizes float32 models only",
+                         hint="quantize the FP32 model: use --precision int8 instead of fp16, not after it")
+    if not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
+        raise ModelError("int8: the model has no float32 weights to quantize",
+                         hint="it is already quantized or has no float parameters; drop --precision int8")
+    work = copy_model(model)
+    renamed = name_nodes(work)
+    names = {n.name: n for n in work.graph.node}
+    missing = [n for n in config.exclude_nodes if n not in names]
+    if missing:
+        raise ConfigError(f"int8: exclude list names unknown node(s): {', '.join(missing)}",
+                          hint="use node names as 'compress inspect' or Netron show them")
+    from compress.calib import CalibrationSet, check_calibration
+
+    if isinstance(config.calibration, CalibrationSet):
+        if not len(config.calibration):
+            raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
+        check_calibration(config.calibration, work)
+    reasons: dict[str, str] = {}
+    for name in config.exclude_nodes:
+        reasons[name] = "excluded by name"
+    for name, node in names.items():
+        if node.op_type in config.exclude_ops:
+            reasons.setdefault(name, f"op type {node.op_type} excluded")
+    warnings: list[str] = []
+    if renamed:
+        warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
+    reader = BatchReader(config.calibration, _model_inputs(work), max_batches=config.max_batches)
+    if not len(reader):
+        raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
+    result = _quantize(work, reader, config, sorted(reasons), warnings)
+    warnings += check_model(result, what="int8", source=model)
+
+    op_types = set(config.op_types)
+    status = _quantized(result, op_types)
+    items = []
+    for name, node in names.items():
+        if node.op_type not in op_types and name not in reasons:
+            continue
+        if name in reasons:
+            items.append({"node": name, "op": node.op_type, "status": "excluded", "reason": reasons[name]})
+        elif status.get(name):
+            items.append({"node": name, "op": node.op_type, "status": "quantized"})
+        else:
+            items.append({"node": name, "op": node.op_type, "status": "not quantized",
+                          "reason": "ONNX Runtime left it float (no float input pair it can quantize)"})
+    zp_total, zp_nonzero = _zero_points(result)
+    after = op_counts(result)
+    counts = {s: sum(1 for i in items if i["status"] == s) for s in ("quantized", "excluded", "not quantized")}
+    changes = {
+        "quantize_linear": after.get("QuantizeLinear", 0) - op_counts(model).get("QuantizeLinear", 0),
+        "dequantize_linear": after.get("DequantizeLinear", 0) - op_counts(model).get("DequantizeLinear", 0),
+        "nodes_quantized": counts["quantized"], "nodes_excluded": counts["excluded"],
+        "nodes_not_quantized": counts["not quantized"],
+        "zero_points": zp_total, "nonzero_zero_points": zp_nonzero,
+        "per_channel_weight_scales": _per_channel_weights(result),
+        "calibration_batches": reader.count,
+    }
+    if zp_nonzero:
+        warnings.append(f"{zp_nonzero} zero point(s) are not 0: the model is not symmetric (TensorRT needs 0)")
+    if counts["not quantized"]:
+        warnings.append(f"{counts['not quantized']} node(s) of {', '.join(sorted(op_types))} were not quantized")
+    logger.info("int8: %d nodes quantized, %d excluded, %d Q + %d DQ inserted", counts["quantized"],
+                counts["excluded"], changes["quantize_linear"], changes["dequantize_linear"])
+    report = PassReport(name="int8", nodes_before=op_counts(model), nodes_after=after, changes=changes,
+                        items=tuple(items), config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
+    return result, report
+
+
+__all__ = ["CALIBRATION_METHODS", "BatchReader", "Int8Config", "check_batch", "int8_pass"]

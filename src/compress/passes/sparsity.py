@@ -1,0 +1,265 @@
+"""2:4 structured sparsity of MatMul/Gemm/Conv weights (the ``sparsity-2:4`` pass).
+
+In every group of 4 consecutive weights along the layer's **input** (reduction) dimension
+the 2 smallest magnitudes become 0 (ties: the lower index is zeroed first). That is the
+layout TensorRT's sparse tensor-core tactics use and the one ``polygraphy inspect
+sparsity`` checks:
+
+- ``MatMul(A, B)`` with a constant ``B[..., K, N]``: groups along K (axis -2; axis 0 of 2-D B);
+- ``Gemm(A, B)``: along K = axis 1 of B if ``transB`` else axis 0;
+- ``Conv(X, W[O, I/group, kh, kw])``: along the input channels (axis 1), per (o, kh, kw).
+
+A layer is skipped, with the reason in the report, when its weight is not a constant
+initializer (computed at runtime, or the constant is MatMul's A input), is not float, is
+excluded by name, has an input dim that is not a multiple of 4, has fewer than
+``min_channels`` input or output channels, or is shared with another node that cannot be
+pruned the same way (pruning it would change that node too).
+
+``min_channels`` defaults to 256: NVIDIA engineers answering "no speedup with 2:4" reports
+(TensorRT issues #4065, #1403, #4694) say sparse tactics pay off only for large layers
+(convolutions with >= 256 channels); below that TensorRT picks dense kernels and the
+pruning costs accuracy for nothing. Set it to 0 to prune every eligible layer.
+
+Pruning without fine-tuning changes outputs: measure fidelity (``measure_fidelity``) and
+expect to fine-tune. No speedup shows on ONNX Runtime CPU; only TensorRT on an Ampere or
+newer GPU runs sparse kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.errors import ConfigError
+from compress.graph import GraphIndex
+from compress.passes.base import PassReport, copy_model, op_counts, register_pass, timer
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsityConfig:
+    """Options of the ``sparsity-2:4`` pass.
+
+    Attributes:
+        min_channels: skip layers with fewer input or output channels than this (default
+            256, see the module docstring); 0 prunes every eligible layer.
+        op_types: which of MatMul, Gemm, Conv to prune.
+        exclude_nodes: node names never pruned.
+    """
+
+    min_channels: int = 256
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    exclude_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.min_channels < 0:
+            raise ConfigError(f"sparsity: min_channels must be >= 0, got {self.min_channels}")
+        bad = [t for t in self.op_types if t not in ("MatMul", "Gemm", "Conv")]
+        if bad or not self.op_types:
+            raise ConfigError(f"sparsity: op_types must be some of MatMul, Gemm, Conv, got {', '.join(self.op_types) or 'none'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_channels": self.min_channels, "op_types": list(self.op_types),
+                "exclude_nodes": list(self.exclude_nodes), "pattern": "2:4"}
+
+
+def prune_2_4(weight: np.ndarray, axis: int) -> np.ndarray:
+    """A copy of ``weight`` with the 2 smallest |w| of every 4 consecutive along ``axis`` set to 0.
+
+    ``weight.shape[axis]`` must be a multiple of 4. Ties are broken towards the lower index
+    (that one is zeroed), as Polygraphy's pruner does. Vectorised; does not modify ``weight``.
+    """
+    if weight.shape[axis] % 4:
+        raise ValueError(f"axis {axis} of shape {weight.shape} is not a multiple of 4")
+    moved = np.moveaxis(weight, axis, -1)
+    groups = np.array(moved).reshape(-1, 4)
+    order = np.argsort(np.abs(groups.astype(np.float64)), axis=1, kind="stable")
+    np.put_along_axis(groups, order[:, :2], 0, axis=1)
+    return np.moveaxis(groups.reshape(moved.shape), -1, axis)
+
+
+def is_2_4_sparse(weight: np.ndarray, axis: int) -> bool:
+    """True when every group of 4 consecutive values along ``axis`` has at least 2 zeros."""
+    if weight.shape[axis] % 4:
+        return False
+    groups = np.moveaxis(weight, axis, -1).reshape(-1, 4)
+    return bool(((groups == 0).sum(axis=1) >= 2).all())
+
+
+@dataclass
+class _Layer:
+    key: str
+    op: str
+    weight: str | None
+    axis: int | None = None
+    shape: tuple[int, ...] = ()
+    channels: tuple[int, int] = (0, 0)  # (input, output)
+    code: str | None = None  # None: prunable
+    reason: str | None = None
+
+    def skip(self, code: str, reason: str) -> None:
+        if self.code is None:
+            self.code, self.reason = code, reason
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _describe_source(index: GraphIndex, name: str) -> str:
+    key = index.producer.get(name)
+    if key is not None:
+        return f"computed by {index.node_by_key[key].op_type} node '{key}'"
+    if name in index.graph_inputs:
+        return "a graph input"
+    return "not found"
+
+
+def _layer(key: str, node: onnx.NodeProto, index: GraphIndex, config: SparsityConfig) -> _Layer:
+    a, b = (node.input[0], node.input[1]) if len(node.input) > 1 else (node.input[0], "")
+    inits = index.initializers
+    if b not in inits:
+        layer = _Layer(key, node.op_type, b or None)
+        if node.op_type == "MatMul" and a in inits:
+            layer.skip("not_constant", "the constant is MatMul's A input; only B weights [K, N] are pruned")
+        elif node.op_type == "MatMul" and a not in index.constants and b not in index.constants:
+            layer.skip("not_constant", "no constant weight (both inputs are computed at runtime)")
+        else:
+            layer.skip("not_constant", f"weight '{b}' is not a constant initializer ({_describe_source(index, b)})")
+        return layer
+    t = inits[b]
+    shape = tuple(int(d) for d in t.dims)
+    layer = _Layer(key, node.op_type, b, shape=shape)
+    rank = len(shape)
+    if node.op_type == "MatMul":
+        if rank < 2:
+            layer.skip("rank", f"weight has rank {rank}; 2:4 needs a [K, N] matrix")
+            return layer
+        layer.axis, layer.channels = rank - 2, (shape[-2], shape[-1])
+    elif node.op_type == "Gemm":
+        trans = _attr(node, "transB", 0)
+        layer.axis, layer.channels = (1, (shape[1], shape[0])) if trans else (0, (shape[0], shape[1]))
+    else:  # Conv
+        if rank < 3:
+            layer.skip("rank", f"weight has rank {rank}; expected [O, I/group, k...]")
+            return layer
+        layer.axis, layer.channels = 1, (shape[1], shape[0])
+    if key in config.exclude_nodes:
+        layer.skip("excluded", "excluded by name")
+    if t.data_type not in _FLOAT_TYPES:
+        name = onnx.TensorProto.DataType.Name(t.data_type).lower()
+        layer.skip("dtype", f"weight is {name}, not float (prune before quantizing)")
+    k, n = layer.channels
+    if k % 4:
+        layer.skip("not_multiple_of_4", f"input dim {k} (axis {layer.axis}) is not a multiple of 4")
+    if min(k, n) < config.min_channels:
+        layer.skip("too_small", f"{k} input / {n} output channels < min_channels={config.min_channels} "
+                                "(2:4 kernels pay off only on large layers)")
+    uses = [i for i, x in enumerate(node.input) if x == b]
+    if uses != [1]:
+        layer.skip("shared", f"weight '{b}' is read at inputs {uses} of the same node")
+    return layer
+
+
+def _resolve_shared(layers: list[_Layer], index: GraphIndex) -> None:
+    by_weight: dict[str, list[_Layer]] = {}
+    for layer in layers:
+        if layer.weight is not None and layer.weight in index.initializers:
+            by_weight.setdefault(layer.weight, []).append(layer)
+    for weight, group in by_weight.items():
+        readers = index.consumers.get(weight, [])
+        if len(readers) <= 1:
+            continue
+        ours = {layer.key for layer in group}
+        axes = {layer.axis for layer in group}
+        ok = set(readers) <= ours and len(axes) == 1 and all(layer.code is None for layer in group)
+        if ok:
+            continue
+        others = ", ".join(f"'{r}' ({index.node_by_key[r].op_type})" for r in readers[:4])
+        more = f" and {len(readers) - 4} more" if len(readers) > 4 else ""
+        for layer in group:
+            layer.skip("shared", f"weight '{weight}' is shared by {len(readers)} nodes ({others}{more}) "
+                                 "that cannot all be pruned the same way")
+
+
+def _zeros(arr: np.ndarray) -> float:
+    return float((arr == 0).mean()) if arr.size else 0.0
+
+
+def _summary(layers: list[_Layer], elements: int, weights: int) -> dict[str, Any]:
+    by_code: dict[str, int] = {}
+    for layer in layers:
+        if layer.code is not None:
+            by_code[layer.code] = by_code.get(layer.code, 0) + 1
+    pruned = sum(1 for layer in layers if layer.code is None)
+    return {"layers_considered": len(layers), "layers_pruned": pruned, "layers_skipped": len(layers) - pruned,
+            "skipped_by_reason": by_code, "weights_pruned": weights, "elements_zeroed": elements}
+
+
+@register_pass("sparsity-2:4", config=SparsityConfig, kind="sparsity",
+               summary="2:4 structured sparsity of MatMul/Gemm/Conv weights along their input dim")
+def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.ModelProto, PassReport]:
+    """Prune ``model``'s MatMul/Gemm/Conv weights to 2:4 sparsity. Does not modify ``model``.
+
+    Returns the pruned model (only initializer values change) and a report with one entry
+    per considered layer: ``status`` pruned or skipped, ``reason``/``code`` for skips, the
+    weight, its shape and the group axis, the share of zeros before and after.
+
+    Raises:
+        ConfigError: ``exclude_nodes`` names a node the model does not have.
+    """
+    elapsed = timer()
+    index = GraphIndex(model)
+    missing = [n for n in config.exclude_nodes if n not in index.node_by_key]
+    if missing:
+        raise ConfigError(f"sparsity: exclude list names unknown node(s): {', '.join(missing)}",
+                          hint="use node names as 'compress inspect' or Netron show them")
+    layers = [_layer(k, n, index, config) for k, n in index.node_by_key.items() if n.op_type in config.op_types]
+    _resolve_shared(layers, index)
+
+    out = copy_model(model)
+    position = {t.name: i for i, t in enumerate(out.graph.initializer)}
+    done: dict[str, tuple[float, float]] = {}
+    elements = 0
+    for layer in layers:
+        if layer.code is not None or layer.weight is None or layer.weight in done:
+            continue
+        assert layer.axis is not None
+        tensor = out.graph.initializer[position[layer.weight]]
+        try:
+            before = numpy_helper.to_array(tensor)
+        except Exception:  # external data that is not loaded
+            layer.skip("not_loaded", "weight data is external and not loaded")
+            continue
+        after = prune_2_4(before, layer.axis)
+        elements += int(((after == 0) & (before != 0)).sum())
+        new = numpy_helper.from_array(after.astype(before.dtype, copy=False), name=tensor.name)
+        tensor.CopyFrom(new)
+        done[layer.weight] = (_zeros(before), _zeros(after))
+    items: list[Mapping[str, Any]] = []
+    for layer in layers:
+        item: dict[str, Any] = {"node": layer.key, "op": layer.op, "weight": layer.weight,
+                                "shape": list(layer.shape), "axis": layer.axis}
+        if layer.code is None and layer.weight in done:
+            zb, za = done[layer.weight]
+            item.update(status="pruned", zeros_before=round(zb, 4), zeros_after=round(za, 4))
+        else:
+            item.update(status="skipped", code=layer.code, reason=layer.reason)
+        items.append(item)
+    warnings = []
+    skipped = [layer for layer in layers if layer.code is not None and layer.code != "not_constant"]
+    if skipped:
+        warnings.append(f"{len(skipped)} weight layer(s) skipped (see items for reasons)")
+    report = PassReport(name="sparsity-2:4", nodes_before=op_counts(model), nodes_after=op_counts(out),
+                        changes=_summary(layers, elements, len(done)), items=tuple(items),
+                        config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
+    return out, report
+
+
+__all__ = ["SparsityConfig", "is_2_4_sparse", "prune_2_4", "sparsity_pass"]

@@ -1,0 +1,486 @@
+"""Precision and sparsity passes: fp16, int8 (Q/DQ), 2:4 sparsity; registry, purity, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import models
+from compress.errors import CalibrationError, ConfigError, ModelError
+from compress.passes import (
+    PASSES,
+    Fp16Config,
+    Int8Config,
+    SparsityConfig,
+    fp16_pass,
+    get_pass,
+    int8_pass,
+    measure_fidelity,
+    prune_2_4,
+    sparsity_pass,
+)
+from compress.passes.sparsity import is_2_4_sparse
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    """TinyTransformer (dim 32, depth 4), dynamo export, x: float32 [2, 8, 16]."""
+    d = tmp_path_factory.mktemp("passes")
+    return onnx.load(models.export_onnx(models.tiny_transformer(), models.transformer_input(), d / "t.onnx"))
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    """TinyResNet (8 channels), TorchScript export, x: float32 [batch, 3, 8, 8]."""
+    d = tmp_path_factory.mktemp("passes")
+    return onnx.load(models.export_onnx(models.tiny_resnet(), models.image_input(), d / "r.onnx",
+                                        exporter="torchscript", dynamic_batch=True))
+
+
+def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tt_calib() -> list[dict[str, np.ndarray]]:
+    return _batches((2, 8, 16), 8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tt_held() -> list[dict[str, np.ndarray]]:
+    return _batches((2, 8, 16), 4, seed=1)
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 18) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _f32(name: str, shape: list[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _elem(model: onnx.ModelProto, name: str) -> int:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return t.data_type
+    raise KeyError(name)
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry, report, purity
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_passes_and_rejects_unknown_names() -> None:
+    assert PASSES.names() == ["fp16", "int8", "sparsity-2:4"]
+    assert get_pass("int8").needs_calibration
+    assert not get_pass("fp16").needs_calibration
+    assert [get_pass(n).kind for n in PASSES.names()] == ["precision", "precision", "sparsity"]
+    with pytest.raises(ConfigError) as err:
+        get_pass("int4")
+    assert err.value.message == "unknown pass 'int4'; valid: fp16, int8, sparsity-2:4"
+    assert err.value.hint == "use --precision/--sparsity with one of: fp16, int8, sparsity-2:4"
+    with pytest.raises(ConfigError, match="pass 'fp16' takes a Fp16Config, got SparsityConfig"):
+        get_pass("fp16")(onnx.ModelProto(), SparsityConfig())
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "sparsity-2:4"])
+def test_passes_do_not_modify_their_input(name: str, transformer: onnx.ModelProto, tt_calib) -> None:
+    before = transformer.SerializeToString()
+    config = {"fp16": Fp16Config(calibration=tt_calib[:2]), "int8": Int8Config(calibration=tt_calib[:2]),
+              "sparsity-2:4": SparsityConfig(min_channels=0)}[name]
+    out, report = get_pass(name)(transformer, config)
+    assert transformer.SerializeToString() == before
+    assert out is not transformer
+    assert out.SerializeToString() != before
+    json.dumps(report.to_dict())  # JSON-ready
+    assert report.to_dict()["name"] == name
+
+
+# ---------------------------------------------------------------------------------------------
+# FP16
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp16_transformer_keeps_norms_fp32_and_matches_fp32(transformer, tt_held) -> None:
+    out, report = fp16_pass(transformer, Fp16Config())
+    # the 9 LayerNormalizations stay FP32 (8 in blocks + final norm), nothing else
+    assert [(i["op"], i["reason"]) for i in report.items] == [("LayerNormalization", "normalization")] * 9
+    assert report.changes["nodes_kept_fp32"] == 9
+    # 1 Cast per LayerNorm input and output + 1 for the graph input and 1 for the output
+    assert report.nodes_added == {"Cast": 2 * 9 + 2}
+    assert report.changes["initializers_converted"] == 40
+    assert report.changes["initializers_kept_fp32"] == 18
+    producers = _producers(out)
+    for node in out.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in {t.name for t in out.graph.initializer}:
+            assert _elem(out, node.input[1]) == TensorProto.FLOAT16
+        if node.op_type == "LayerNormalization":
+            assert all(_elem(out, x) == TensorProto.FLOAT for x in node.input[1:])
+            assert producers[node.input[0]].op_type == "Cast"
+    # keep_io_types: input and output stay float32
+    assert out.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert out.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    fid = measure_fidelity(transformer, out, tt_held)
+    assert fid["cosine"] >= 0.99999
+    assert fid["max_abs"] < 1e-2
+    assert fid["top1"] == 1.0
+
+
+def test_fp16_without_keep_io_types_has_fp16_io(transformer, tt_held) -> None:
+    out, report = fp16_pass(transformer, Fp16Config(keep_io_types=False, keep_softmax=True))
+    assert out.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert out.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert sorted({i["op"] for i in report.items}) == ["LayerNormalization", "Softmax"]
+    assert report.changes["kept_fp32_by_rule"] == {"normalization": 9, "softmax": 4}
+    y = _run(out, {"x": tt_held[0]["x"].astype(np.float16)})[0]
+    assert y.dtype == np.float16
+    fid = measure_fidelity(transformer, out, tt_held)  # float32 feeds are cast inside the graph
+    assert fid["cosine"] >= 0.9999
+
+
+def test_fp16_cnn_runs_on_ort_cpu_and_reductions_follow_the_limit(resnet) -> None:
+    batches = _batches((2, 3, 8, 8), 2, seed=3)
+    out, report = fp16_pass(resnet, Fp16Config())
+    assert report.items == ()  # the global average pool sums 64 elements <= 4096
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 9
+    assert all(_elem(out, n.input[1]) == TensorProto.FLOAT16 for n in convs)
+    assert measure_fidelity(resnet, out, batches)["cosine"] >= 0.9999
+    out, report = fp16_pass(resnet, Fp16Config(max_reduce_elements=32))
+    assert [(i["op"], i["reason"]) for i in report.items] == [("ReduceMean", "reduction over 64 elements > 32")]
+
+
+def _range_model() -> onnx.ModelProto:
+    """y = ((x @ W) * 2**20 + 1e-9) * 2**-10: a huge constant, a tiny one, huge activations."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h1"], name="matmul"),
+             helper.make_node("Mul", ["h1", "big"], ["h2"], name="scale_up"),
+             helper.make_node("Add", ["h2", "eps"], ["h3"], name="add_eps"),
+             helper.make_node("Mul", ["h3", "small"], ["y"], name="scale_down")]
+    inits = [_init("W", rng.standard_normal((4, 4)).astype(np.float32)), _init("big", np.float32(2.0**20)),
+             _init("eps", np.float32(1e-9)), _init("small", np.float32(2.0**-10))]
+    return _model(nodes, [_f32("x", [2, 4])], [_f32("y", [2, 4])], inits)
+
+
+def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
+    model = _range_model()
+    batches = _batches((2, 4), 3, seed=2)
+    ref = _run(model, batches[0])[0]
+
+    out, report = fp16_pass(model, Fp16Config())
+    reasons = {i["node"]: i["reason"] for i in report.items}
+    assert reasons == {
+        "scale_up": "reads constant 'big' with |x| up to 1.05e+06 > 65504 (would be inf in FP16)",
+        "add_eps": "reads constant 'eps' with 1 of 1 non-zero values below 5.96e-08 (would be 0 in FP16)",
+    }
+    assert _elem(out, "big") == TensorProto.FLOAT
+    assert _elem(out, "W") == TensorProto.FLOAT16
+    # h3 ~ 1e6 is cast to FP16 for scale_down: inf. ONNX Runtime CPU hides it (it has no FP16 Mul kernel,
+    # runs Mul in FP32 and drops the Cast pair); the ONNX reference evaluator computes in FP16.
+    assert np.isfinite(_run(out, batches[0])[0]).all()
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(ReferenceEvaluator(out).run(None, batches[0])[0]).all()
+
+    out, report = fp16_pass(model, Fp16Config(calibration=batches))
+    reasons = {i["node"]: i["reason"] for i in report.items}
+    assert set(reasons) == {"scale_up", "add_eps", "scale_down"}
+    assert reasons["scale_down"].startswith("input 'h3' reaches |x| = ")
+    assert reasons["scale_down"].endswith("on calibration data (> 16376)")
+    assert report.changes["calibration_batches"] == 3
+    assert report.nodes_added == {"Cast": 2}  # x -> fp16 for the MatMul, h1 -> fp32; y is produced in FP32
+    y = ReferenceEvaluator(out).run(None, batches[0])[0]
+    assert y.dtype == np.float32
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=5e-3, atol=2.0)  # |y| ~ 1e3; FP16 weights: ~1e-3 relative
+
+
+def test_fp16_decomposed_layernorm_and_batchnorm_stay_fp32() -> None:
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], name="mean", keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name="centre"),
+        helper.make_node("Pow", ["d", "two"], ["sq"], name="square"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["var"], name="variance", keepdims=1),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"),
+        helper.make_node("Div", ["d", "std"], ["n"], name="normalize"),
+        helper.make_node("Mul", ["n", "gamma"], ["g"], name="gamma"),
+        helper.make_node("MatMul", ["g", "W"], ["h"], name="matmul"),
+        helper.make_node("Unsqueeze", ["h", "axes23"], ["h4"], name="to_nchw"),
+        helper.make_node("BatchNormalization", ["h4", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    inits = [_init("axes", np.array([-1], np.int64)), _init("two", np.float32(2.0)), _init("eps", np.float32(1e-5)),
+             _init("gamma", rng.standard_normal(8).astype(np.float32)),
+             _init("W", rng.standard_normal((8, 8)).astype(np.float32)), _init("axes23", np.array([3], np.int64)),
+             *[_init(k, (rng.random(2) + 0.5).astype(np.float32)) for k in ("s", "b", "m", "v")]]
+    model = _model(nodes, [_f32("x", [2, 2, 8])], [_f32("y", [2, 2, 8, 1])], inits)
+    out, report = fp16_pass(model, Fp16Config(block_nodes=("gamma",)))
+    reasons = {i["node"]: i["reason"] for i in report.items}
+    written_out = "normalization written out as ReduceMean of squares"
+    assert reasons == {"mean": written_out, "centre": written_out, "square": written_out, "variance": written_out,
+                       "add_eps": written_out, "sqrt": written_out, "normalize": written_out,
+                       "gamma": "user block list (node name)", "bn": "normalization"}
+    feed = _batches((2, 2, 8), 1, seed=4)[0]
+    np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=2e-2, atol=2e-2)
+    _, report = fp16_pass(model, Fp16Config(keep_normalization=False, block_ops=("MatMul",)))
+    assert {i["node"]: i["reason"] for i in report.items} == {"matmul": "user block list (op type MatMul)"}
+
+
+def test_fp16_bad_input() -> None:
+    ints = _model([helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+                  [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+                  [helper.make_tensor_value_info("y", TensorProto.INT64, [2])], [_init("c", np.array([1, 2], np.int64))])
+    with pytest.raises(ModelError) as err:
+        fp16_pass(ints, Fp16Config())
+    assert err.value.message == "fp16: the model has no float32 weights to convert"
+    with pytest.raises(ConfigError, match=r"^fp16: block list names unknown node\(s\): nope"):
+        fp16_pass(_range_model(), Fp16Config(block_nodes=("nope",)))
+    with pytest.raises(ConfigError, match=r"activation_limit must be in \(0, 65504\]"):
+        Fp16Config(activation_limit=1e6)
+    with pytest.raises(CalibrationError, match="calibration batch 0 does not fit the model"):
+        fp16_pass(_range_model(), Fp16Config(calibration=[{"x": np.zeros((2, 5), np.float32)}]))
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8
+# ---------------------------------------------------------------------------------------------
+
+
+def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_int8_transformer_symmetric_qdq_on_every_matmul(transformer, tt_calib, tt_held) -> None:
+    out, report = int8_pass(transformer, Int8Config(calibration=tt_calib))
+    matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 26
+    producers = _producers(out)
+    for n in matmuls:  # both inputs (activations and weights) come from a DequantizeLinear
+        assert [producers[x].op_type for x in n.input] == ["DequantizeLinear", "DequantizeLinear"]
+    # one dedicated Q/DQ pair per MatMul input (outputs are not quantized)
+    assert report.nodes_added == {"DequantizeLinear": 52, "QuantizeLinear": 52}
+    assert report.changes["nodes_quantized"] == 26
+    assert report.changes["nodes_not_quantized"] == 0
+    zps = _zero_points(out)
+    assert len(zps) == 104
+    assert all(z.dtype == np.int8 and not z.any() for z in zps)
+    assert report.changes["nonzero_zero_points"] == 0
+    assert report.changes["per_channel_weight_scales"] == 18  # the 18 Linear weights, per output channel
+    assert report.changes["calibration_batches"] == 8
+    fid = measure_fidelity(transformer, out, tt_held)
+    assert fid["cosine"] >= 0.999  # observed 0.9997 on held-out batches
+
+
+def test_int8_excludes_nodes_and_op_types(resnet) -> None:
+    calib = _batches((2, 3, 8, 8), 3, seed=5) + _batches((3, 3, 8, 8), 1, seed=6)  # shapes vary
+    first_conv = next(n.name for n in resnet.graph.node if n.op_type == "Conv")
+    out, report = int8_pass(resnet, Int8Config(calibration=calib, method="entropy", exclude_nodes=(first_conv,),
+                                               exclude_ops=("Gemm",)))
+    status = {i["node"]: (i["status"], i.get("reason")) for i in report.items}
+    assert status[first_conv] == ("excluded", "excluded by name")
+    gemm = next(n.name for n in resnet.graph.node if n.op_type == "Gemm")
+    assert status[gemm] == ("excluded", "op type Gemm excluded")
+    assert sum(s == ("quantized", None) for s in status.values()) == 8
+    producers = _producers(out)
+    for n in out.graph.node:
+        if n.name in (first_conv, gemm):
+            assert all(producers[x].op_type != "DequantizeLinear" for x in n.input if x in producers)
+        elif n.op_type == "Conv":
+            assert producers[n.input[0]].op_type == "DequantizeLinear"
+    assert report.nodes_added == {"DequantizeLinear": 16, "QuantizeLinear": 16}
+    assert measure_fidelity(resnet, out, calib[:2])["cosine"] >= 0.999
+
+
+def test_int8_bad_models(transformer, tt_calib) -> None:
+    half, _ = fp16_pass(transformer, Fp16Config())
+    with pytest.raises(ModelError, match=r"^int8: the model already has float16 weights \(e.g. 'embed.bias'\)"):
+        int8_pass(half, Int8Config(calibration=tt_calib))
+    quantized, _ = int8_pass(transformer, Int8Config(calibration=tt_calib[:2], qdq_on_weights=False))
+    assert {t.data_type for t in quantized.graph.initializer if t.name.endswith("_quantized")} == {TensorProto.INT8}
+    quantized = onnx.ModelProto.FromString(quantized.SerializeToString())
+    keep = [t for t in quantized.graph.initializer if t.data_type != TensorProto.FLOAT]
+    del quantized.graph.initializer[:]
+    quantized.graph.initializer.extend(keep)
+    with pytest.raises(ModelError, match="^int8: the model has no float32 weights to quantize"):
+        int8_pass(quantized, Int8Config(calibration=tt_calib))
+
+
+def test_sparsity_survives_int8(transformer, tt_calib) -> None:
+    from polygraphy.tools.sparse import SparsityPruner
+
+    sparse, report = sparsity_pass(transformer, SparsityConfig(min_channels=0))
+    quantized, _ = int8_pass(sparse, Int8Config(calibration=tt_calib[:2]))  # symmetric: 0 stays 0
+    checker = SparsityPruner(quantized)  # looks through the weights' Q/DQ pairs
+    with np.errstate(over="ignore"):
+        checker.check()
+    assert len(checker.sparse_tensors) == report.changes["weights_pruned"] == 18
+
+
+def test_int8_bad_calibration(transformer, tt_calib) -> None:
+    with pytest.raises(CalibrationError) as err:
+        int8_pass(transformer, Int8Config())
+    assert err.value.message == "int8 needs calibration data"
+    with pytest.raises(CalibrationError) as err:
+        int8_pass(transformer, Int8Config(calibration=[{"y": tt_calib[0]["x"]}]))
+    assert err.value.message == ("calibration batch 0 does not fit the model: missing input(s) x; "
+                                 "unknown array(s) y (model inputs: x)")
+    bad = [tt_calib[0], {"x": tt_calib[1]["x"].astype(np.float64)}]
+    with pytest.raises(CalibrationError, match=r"^calibration batch 1: input 'x' is float64, the model wants float32"):
+        int8_pass(transformer, Int8Config(calibration=bad))
+    with pytest.raises(CalibrationError, match=r"^calibration batch 0: input 'x' axis 2 is 12, the model wants 16"):
+        int8_pass(transformer, Int8Config(calibration=[{"x": np.zeros((2, 8, 12), np.float32)}]))
+    with pytest.raises(CalibrationError, match="^int8: the calibration data has no batches"):
+        int8_pass(transformer, Int8Config(calibration=[]))
+    with pytest.raises(ConfigError, match=r"^int8: unknown calibration method 'kl'; valid: minmax, entropy, percentile"):
+        Int8Config(method="kl")
+    with pytest.raises(ConfigError, match=r"^int8: exclude list names unknown node\(s\): nope"):
+        int8_pass(transformer, Int8Config(calibration=tt_calib, exclude_nodes=("nope",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2:4 sparsity
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prune_2_4_keeps_the_two_largest_of_every_four() -> None:
+    w = np.array([[1.0, -4.0, 3.0, 2.0, 0.5, 0.5, 0.5, -0.5]], np.float32)
+    np.testing.assert_array_equal(prune_2_4(w, 1), [[0.0, -4.0, 3.0, 0.0, 0.0, 0.0, 0.5, -0.5]])  # ties: lower index zeroed
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 2)).astype(np.float16)
+    p = prune_2_4(w, 0)
+    assert p.dtype == np.float16
+    assert is_2_4_sparse(p, 0)
+    assert not is_2_4_sparse(w, 0)
+    groups, orig = np.moveaxis(p, 0, -1).reshape(-1, 4), np.abs(np.moveaxis(w, 0, -1).reshape(-1, 4))
+    kept = np.sort(np.where(groups != 0, orig, -1), axis=1)[:, 2:]
+    np.testing.assert_array_equal(kept, np.sort(orig, axis=1)[:, 2:])  # the 2 largest |w| survive
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        prune_2_4(w, 1)
+
+
+def test_sparsity_transformer_matches_polygraphy(transformer, tt_held) -> None:
+    from polygraphy.tools.sparse import SparsityPruner
+
+    out, report = sparsity_pass(transformer, SparsityConfig(min_channels=0))
+    pruned = {i["weight"]: i["axis"] for i in report.items if i["status"] == "pruned"}
+    assert len(pruned) == 18
+    assert set(pruned.values()) == {0}
+    skipped = {i["reason"] for i in report.items if i["status"] == "skipped"}
+    assert skipped == {"no constant weight (both inputs are computed at runtime)"}
+    assert report.changes["skipped_by_reason"] == {"not_constant": 8}
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    for name in pruned:
+        assert is_2_4_sparse(inits[name], 0)
+        assert not is_2_4_sparse(inits[name], 1)
+        assert (inits[name] == 0).mean() == 0.5
+    checker = SparsityPruner(out)
+    with np.errstate(over="ignore"):  # Polygraphy compares float32 values with sys.float_info.max
+        checker.check()  # what `polygraphy inspect sparsity` runs
+        theirs = SparsityPruner(transformer).prune()  # `polygraphy surgeon prune`: same weights, bit for bit
+    assert checker.sparse_tensors == set(pruned)
+    theirs_w = {t.name: numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    for name in pruned:
+        assert inits[name].tobytes() == theirs_w[name].tobytes()
+    fid = measure_fidelity(transformer, out, tt_held)  # no fine-tuning: a tiny dim-32 model suffers
+    assert 0.5 < fid["cosine"] < 0.95  # observed 0.72
+
+
+def test_sparsity_default_threshold_skips_small_layers(transformer) -> None:
+    out, report = sparsity_pass(transformer, SparsityConfig())
+    assert report.changes["layers_pruned"] == 0
+    assert report.changes["skipped_by_reason"] == {"too_small": 18, "not_constant": 8}
+    assert out.graph.initializer == transformer.graph.initializer
+
+
+def _layers_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    nodes = [
+        helper.make_node("MatMul", ["a", "W_ok"], ["o1"], name="mm_ok"),
+        helper.make_node("MatMul", ["a6", "W_k6"], ["o2"], name="mm_k6"),
+        helper.make_node("Gemm", ["a12", "W_gemm"], ["o3"], name="gemm_t", transB=1),
+        helper.make_node("Conv", ["img", "W_conv"], ["o4"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["img8", "W_dw"], ["o5"], name="conv_dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["a", "W_shared"], ["o6"], name="mm_shared"),
+        helper.make_node("Add", ["a", "W_shared"], ["o7"], name="add_shared"),
+        helper.make_node("MatMul", ["a", "W_twice"], ["o8"], name="mm_twice_1"),
+        helper.make_node("MatMul", ["a", "W_twice"], ["o9"], name="mm_twice_2"),
+        helper.make_node("MatMul", ["a", "W_narrow"], ["o10"], name="mm_narrow"),
+        helper.make_node("MatMul", ["a", "W_excl"], ["o11"], name="mm_excluded"),
+    ]
+    inits = [_init("W_ok", w(8, 8)), _init("W_k6", w(6, 8)), _init("W_gemm", w(8, 12)), _init("W_conv", w(8, 4, 3, 3)),
+             _init("W_dw", w(8, 1, 3, 3)), _init("W_shared", w(8, 8)), _init("W_twice", w(8, 8)),
+             _init("W_narrow", w(8, 2)), _init("W_excl", w(8, 8))]
+    inputs = [_f32("a", [8, 8]), _f32("a6", [2, 6]), _f32("a12", [2, 12]), _f32("img", [1, 4, 5, 5]),
+              _f32("img8", [1, 8, 5, 5])]
+    shapes = [[8, 8], [2, 8], [2, 8], [1, 8, 5, 5], [1, 8, 5, 5], [8, 8], [8, 8], [8, 8], [8, 8], [8, 2], [8, 8]]
+    outputs = [_f32(f"o{i}", shape) for i, shape in enumerate(shapes, start=1)]
+    return _model(nodes, inputs, outputs, inits)
+
+
+def test_sparsity_skips_layers_with_reasons() -> None:
+    from polygraphy.tools.sparse import SparsityPruner
+
+    model = _layers_model()
+    out, report = sparsity_pass(model, SparsityConfig(min_channels=4, exclude_nodes=("mm_excluded",)))
+    items = {i["node"]: i for i in report.items}
+    assert {k: i["status"] for k, i in items.items() if i["status"] == "pruned"} == dict.fromkeys(
+        ["mm_ok", "gemm_t", "conv", "mm_twice_1", "mm_twice_2"], "pruned")
+    assert {k: (i["code"], i["reason"]) for k, i in items.items() if i["status"] == "skipped"} == {
+        "mm_k6": ("not_multiple_of_4", "input dim 6 (axis 0) is not a multiple of 4"),
+        "conv_dw": ("not_multiple_of_4", "input dim 1 (axis 1) is not a multiple of 4"),
+        "mm_shared": ("shared", "weight 'W_shared' is shared by 2 nodes ('mm_shared' (MatMul), 'add_shared' (Add)) "
+                                "that cannot all be pruned the same way"),
+        "mm_narrow": ("too_small", "8 input / 2 output channels < min_channels=4 (2:4 kernels pay off only on large layers)"),
+        "mm_excluded": ("excluded", "excluded by name"),
+    }
+    assert (items["gemm_t"]["axis"], items["conv"]["axis"]) == (1, 1)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert is_2_4_sparse(inits["W_gemm"], 1)
+    assert is_2_4_sparse(inits["W_conv"], 1)
+    assert is_2_4_sparse(inits["W_ok"], 0)
+    originals = {t.name: t for t in model.graph.initializer}
+    for name in ("W_k6", "W_dw", "W_shared", "W_narrow", "W_excl"):
+        assert numpy_helper.from_array(inits[name], name) == originals[name]
+    assert report.changes["layers_pruned"] == 5
+    assert report.changes["weights_pruned"] == 4
+    checker = SparsityPruner(out)
+    with np.errstate(over="ignore"):
+        checker.check()
+    assert checker.sparse_tensors == {"W_ok", "W_gemm", "W_conv", "W_twice"}
+    with pytest.raises(ConfigError, match=r"^sparsity: exclude list names unknown node\(s\): nope"):
+        sparsity_pass(model, SparsityConfig(exclude_nodes=("nope",)))
