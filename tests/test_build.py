@@ -133,3 +133,19 @@ def test_int8_needs_real_calibration(tiny, tmp_path, capsys) -> None:
     assert main(["build", model, "-o", str(tmp_path / "b"), "--precision", "int8", "--random-calib", "2",
                  "--random-dims", "batch=2"]) == 1
     assert capsys.readouterr().err == "error: --precision int8 needs real calibration data\nhint: pass --calib DIR\n"
+
+
+def test_build_runs_the_passes_in_order_with_fidelity(tiny, tmp_path) -> None:
+    import onnx
+
+    model, _, calib = tiny
+    out = tmp_path / "b"
+    assert main(["build", model, "-o", str(out), "--calib", calib, "--precision", "int8", "--sparsity", "2:4", *FAST]) == 0
+    passes = json.loads((out / "passes.json").read_text())["passes"]
+    assert [p["name"] for p in passes] == ["sparsity-2:4", "int8"]
+    assert all(0 < p["fidelity"]["cosine"] <= 1 for p in passes)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") > 0
+    assert ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
+    report = json.loads((out / "latency.json").read_text())
+    assert (report["candidate"]["precision"], report["candidate"]["sparsity"]) == ("int8", "2:4")
