@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -231,6 +232,8 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
         onnx.save(model, src, save_as_external_data=large)
         source = src
         ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
+        cwd = os.getcwd()
+        os.chdir(tmp)  # ORT's symbolic shape inference writes temporary files into the working directory
         try:
             if config.preprocess:
                 try:
@@ -255,6 +258,7 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
                 raise BuildError(f"int8: ONNX Runtime quantization failed: {type(exc).__name__}: {_first_line(exc)}",
                                  hint="exclude the node it names (exclude_nodes) or use fewer op types") from None
         finally:
+            os.chdir(cwd)
             ort_log.setLevel(level)
         return onnx.load(str(out))
 
