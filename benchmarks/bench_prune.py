@@ -55,6 +55,8 @@ KS = (1, 2, 3)
 RANDOM_SEEDS = (0, 1, 2, 3, 4)
 BUDGETS = (0.02, 0.05, 0.1)
 HOLDOUT = 0.25
+#: Methods re-run on the robustness variants (plus the default).
+ROBUST_METHODS = ("cosine/lowest", "cka/lowest", "ablation/lowest", "last", "random")
 #: ``--max-drop`` for the iterative order: above any loss, so the loop removes every removable block.
 ITERATIVE_BUDGET = 2.0
 
@@ -110,8 +112,8 @@ def _r(x: Any, nd: int = 6) -> Any:
 class Evaluator:
     """Task metrics of ONNX models, cached by model digest (equal pruned models are evaluated once)."""
 
-    def __init__(self, task: Any) -> None:
-        self.task = task
+    def __init__(self, evaluate: Any) -> None:
+        self.evaluate = evaluate
         self.cache: dict[str, dict[str, float]] = {}
         self.seconds = 0.0
         self.evaluations = 0
@@ -122,7 +124,7 @@ class Evaluator:
         key = model_digest(model)
         if key not in self.cache:
             t = time.perf_counter()
-            self.cache[key] = self.task.evaluate(model)
+            self.cache[key] = self.evaluate(model)
             self.seconds += time.perf_counter() - t
             self.evaluations += 1
         return dict(self.cache[key])
@@ -154,11 +156,11 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
     from compress.errors import CompressError
     from compress.prune import PruneConfig, prune_model
 
-    task, model, bm = ctx["task"], ctx["model"], ctx["block_map"]
+    model, bm = ctx["model"], ctx["block_map"]
     config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency)
     t = time.perf_counter()
     try:
-        res = prune_model(model, bm, task.calibration, config, calibration=task.calibration_desc)
+        res = prune_model(model, bm, ctx["calibration"], config, calibration=ctx["calibration_desc"])
     except CompressError as exc:
         return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
                 "error": f"{type(exc).__name__}: {exc}"}
@@ -198,11 +200,11 @@ def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]
     """The budget loop's removal order with an unreachable budget (every removable block, one at a time)."""
     from compress.prune import PruneConfig, prune_model
 
-    task, bm = ctx["task"], ctx["block_map"]
+    bm = ctx["block_map"]
     t = time.perf_counter()
-    res = prune_model(ctx["model"], bm, task.calibration,
+    res = prune_model(ctx["model"], bm, ctx["calibration"],
                       PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None),
-                      calibration=task.calibration_desc)
+                      calibration=ctx["calibration_desc"])
     by_name = {b.name: b.index for b in bm.blocks}
     steps = [_r(dict(s)) for s in res.report["steps"]]
     order = [by_name[s["block"]] for s in steps if s["accepted"]]
@@ -212,15 +214,64 @@ def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]
 def run_budget(budget: float, ctx: dict[str, Any]) -> dict[str, Any]:
     from compress.prune import PruneConfig, prune_model
 
-    task, bm = ctx["task"], ctx["block_map"]
+    bm = ctx["block_map"]
     t = time.perf_counter()
-    res = prune_model(ctx["model"], bm, task.calibration,
+    res = prune_model(ctx["model"], bm, ctx["calibration"],
                       PruneConfig(metric="cosine", max_drop=budget, holdout=HOLDOUT, latency=None),
-                      calibration=task.calibration_desc)
+                      calibration=ctx["calibration_desc"])
     removed = sorted(b["index"] for b in res.report["removed"])
     return {"max_drop": budget, "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
             "steps": [_r(dict(s)) for s in res.report["steps"]], "task": _r(ctx["evaluate"](res.model)),
             "fidelity": _fidelity(res.report["fidelity"]), "seconds": round(time.perf_counter() - t, 3)}
+
+
+def run_methods(methods: Sequence[Method], ks: Sequence[int], ctx: dict[str, Any], args: argparse.Namespace, *,
+                log_prefix: str, latency: Any, default_key: str, order: Sequence[int] | None) -> list[dict[str, Any]]:
+    """Every method for every k: one row per (k, method), one per seed for ``random``."""
+    rows: list[dict[str, Any]] = []
+    bm, metric = ctx["block_map"], ctx["metric"]
+    for k in ks:
+        for m in methods:
+            if m.kind == "prune":
+                row = run_prune(m, k, ctx, latency=latency if m.key == default_key else None)
+            elif m.kind == "iterative":
+                assert order is not None
+                row = run_blocks(m, k, ctx, order[:k]) if len(order) >= k else {
+                    "k": k, "method": m.key, "kind": m.kind, "error": f"the budget loop removed only {len(order)}"}
+            elif m.select == "last":
+                row = run_blocks(m, k, ctx, baseline_choice("last", k, bm))
+            else:
+                for seed in args.seeds:
+                    rows.append(run_blocks(m, k, ctx, baseline_choice("random", k, bm, seed), seed=seed))
+                continue
+            rows.append(row)
+            shown = row.get("task", {}).get(metric)
+            log(f"{log_prefix}: k={k} {m.key:22s} removed {row.get('removed', row.get('error'))} "
+                f"{metric}={shown if shown is None else f'{shown:.4f}'}")
+    return rows
+
+
+def run_variant(variant: Any, ctx: dict[str, Any], ks: Sequence[int], args: argparse.Namespace, *,
+                name: str, default_key: str) -> dict[str, Any]:
+    """:data:`ROBUST_METHODS` on another draw of the calibration (and evaluation) data; no latency."""
+    from compress.prune import split_batches
+
+    t = time.perf_counter()
+    evaluator = Evaluator(variant.evaluate) if variant.evaluate else ctx["evaluate"]  # same data: share the cache
+    prepared = variant.prepare(ctx["model"]) if variant.prepare else {}
+    unpruned = evaluator(ctx["model"])
+    _, held = split_batches(variant.calibration, HOLDOUT)
+    vctx = {**ctx, "calibration": variant.calibration, "calibration_desc": variant.calibration_desc, "held": held,
+            "evaluate": evaluator}
+    keys = dict.fromkeys((default_key, *ROBUST_METHODS))
+    methods = [m for m in METHODS if m.key in keys]
+    rows = run_methods(methods, ks, vctx, args, log_prefix=f"{name}/{variant.name}", latency=None,
+                       default_key=default_key, order=None)
+    return {"name": variant.name, "description": variant.description, "prepared": prepared,
+            "calibration": {"description": variant.calibration_desc, "batches": len(variant.calibration),
+                            "holdout_batches": len(held)},
+            "unpruned": _r(unpruned), "rows": rows, "summary": summarize(rows, ctx["metric"], default_key, ks),
+            "seconds": round(time.perf_counter() - t, 1)}
 
 
 def run_oracle(k: int, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +280,7 @@ def run_oracle(k: int, ctx: dict[str, Any]) -> dict[str, Any]:
 
     from compress.surgery import remove_blocks
 
-    model, bm, metric = ctx["model"], ctx["block_map"], ctx["task"].metric
+    model, bm, metric = ctx["model"], ctx["block_map"], ctx["metric"]
     t = time.perf_counter()
     subsets = []
     for chosen in combinations([b.index for b in bm.blocks if b.removable], k):
@@ -265,12 +316,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model, block_map, export_report = export_model(task.module, task.example_inputs, task.export_config)
     export_s = time.perf_counter() - t
     prepared = task.prepare(model) if task.prepare else {}
-    evaluator = Evaluator(task)
+    evaluator = Evaluator(task.evaluate)
     unpruned = evaluator(model)
     log(f"{name}: unpruned {task.metric} = {unpruned[task.metric]:.4f}; blocks {len(block_map.blocks)}, "
         f"removable {[b.index for b in block_map.blocks if b.removable]}")
     _, held = split_batches(task.calibration, HOLDOUT)
-    ctx = {"task": task, "model": model, "block_map": block_map, "held": held, "evaluate": evaluator}
+    ctx = {"model": model, "block_map": block_map, "calibration": task.calibration,
+           "calibration_desc": task.calibration_desc, "held": held, "evaluate": evaluator, "metric": task.metric}
     default = PruneConfig()
     default_key = f"{default.metric}/{default.select}"
     latency = BenchConfig(warmup_s=args.latency_warmup, iterations=10, duration_s=args.latency_duration)
@@ -278,25 +330,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     order, iter_steps, iter_s = iterative_order(ctx)
     log(f"{name}: iterative order {order} ({iter_s:.1f} s)")
     ks = [k for k in args.ks if k <= len(block_map.removable)]
-    rows: list[dict[str, Any]] = []
-    for k in ks:
-        for m in METHODS:
-            if m.kind == "prune":
-                row = run_prune(m, k, ctx, latency=latency if m.key == default_key else None)
-            elif m.kind == "iterative":
-                row = run_blocks(m, k, ctx, order[:k]) if len(order) >= k else {
-                    "k": k, "method": m.key, "kind": m.kind, "error": f"the budget loop removed only {len(order)}"}
-            elif m.select == "last":
-                row = run_blocks(m, k, ctx, baseline_choice("last", k, block_map))
-            else:
-                for seed in args.seeds:
-                    row = run_blocks(m, k, ctx, baseline_choice("random", k, block_map, seed), seed=seed)
-                    rows.append(row)
-                continue
-            rows.append(row)
-            shown = row.get("task", {}).get(task.metric)
-            log(f"{name}: k={k} {m.key:22s} removed {row.get('removed', row.get('error'))} "
-                f"{task.metric}={shown if shown is None else f'{shown:.4f}'}")
+    rows = run_methods(METHODS, ks, ctx, args, log_prefix=name, latency=latency, default_key=default_key, order=order)
     oracle = {}
     if args.oracle:
         for k in ks:
@@ -304,6 +338,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             o = oracle[str(k)]
             log(f"{name}: k={k} oracle over {o['subsets']} subsets: best {o['best']['removed']} "
                 f"{task.metric}={o['best']['task'][task.metric]:.4f}, median {o['median']:.4f} ({o['seconds']:.1f} s)")
+    variants = []
+    if args.robustness:
+        for v in task.variants:
+            variants.append(run_variant(v, ctx, ks, args, name=name, default_key=default_key))
     budgets = []
     for b in args.budgets:
         budgets.append(run_budget(b, ctx))
@@ -322,7 +360,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "unpruned": _r(unpruned), "default_method": default_key,
         "iterative": {"order": order, "order_names": [block_map.blocks[i].name for i in order], "steps": iter_steps,
                       "seconds": round(iter_s, 3)},
-        "rows": rows, "budgets": budgets, "oracle": oracle,
+        "rows": rows, "budgets": budgets, "oracle": oracle, "variants": variants,
         "summary": summarize(rows, task.metric, default_key, ks, oracle),
         "timing": {"total_s": round(finished, 1), "build_s": round(build_s, 1), "export_s": round(export_s, 1),
                    "evaluation_s": round(evaluator.seconds, 1), "evaluations": evaluator.evaluations,
@@ -418,7 +456,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     d = PruneConfig()
     return {"ks": list(args.ks), "random_seeds": list(args.seeds), "budgets": list(args.budgets),
             "holdout": HOLDOUT, "iterative_budget": ITERATIVE_BUDGET, "seed": args.seed, "quick": args.quick,
-            "oracle": args.oracle,
+            "oracle": args.oracle, "robustness": args.robustness, "robust_methods": list(ROBUST_METHODS),
             "default": {"metric": d.metric, "select": d.select},
             "latency": {"warmup_s": args.latency_warmup, "iterations": 10, "duration_s": args.latency_duration,
                         "what": "default method only; feed = first held-out calibration batch"},
@@ -473,6 +511,28 @@ CAVEATS = """Reading the numbers:
 """
 
 
+def _variants_md(m: Mapping[str, Any], st: Mapping[str, Any]) -> list[str]:
+    variants = m.get("variants") or []
+    if not variants:
+        return []
+    keys = list(dict.fromkeys((m["default_method"], *st.get("robust_methods", ROBUST_METHODS))))
+    keys = [k for k in keys if k != "random"]
+    out = ["", f"Robustness: the same model on other draws of the data ({m['metric']}; the main run's row first):", "",
+           "| data | k | unpruned | " + " | ".join(f"{k} (default)" if k == m["default_method"] else k for k in keys)
+           + " | random mean ± std | default >= best baseline |", "|---|---|---|" + "---|" * len(keys) + "---|---|"]
+    runs = [("main", m["calibration"]["description"], m["unpruned"], m["summary"])]
+    runs += [(v["name"], v["description"], v["unpruned"], v["summary"]) for v in variants]
+    for vname, _, unpruned, summ in runs:
+        for k, x in summ.items():
+            cells = [_f(x["values"].get(key)) for key in keys]
+            ok = "yes" if x["default_at_least_best_baseline"] else "**NO**"
+            out.append(f"| {vname} | {k} | {_f(unpruned[m['metric']])} | " + " | ".join(cells)
+                       + f" | {_f(x['random_mean'])} ± {_f(x['random_std'])} | {ok} |")
+    out += [""] + [f"- {v['name']}: {v['description']} (calibration: {v['calibration']['description']})."
+                   for v in variants]
+    return out
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     env = results["environment"]
     st = results["settings"]
@@ -525,6 +585,11 @@ def markdown(results: Mapping[str, Any]) -> str:
                  "**worse than the best baseline for k = " + ", ".join(bad) + "** (" + "; ".join(
                      f"k={k}: {_f(s[k]['default_value'])} vs {_f(s[k]['best_baseline_value'])}" for k in bad) + ")")
         line += f"; it is the best scored method (or tied) for k = {', '.join(best_k) or 'none'}. "
+        cells = [(v["name"], k, x) for v in m.get("variants", []) for k, x in v["summary"].items()]
+        if cells:
+            fails = [f"{n} k={k}" for n, k, x in cells if x["default_at_least_best_baseline"] is False]
+            line += (f"On the other data draws it holds in {len(cells) - len(fails)} of {len(cells)} cases"
+                     + (f" (fails: {', '.join(fails)}). " if fails else ". "))
         line += ("Measured speedup >= 90 % of ideal for every k." if not lat_bad else
                  f"Measured speedup below 90 % of ideal for k = {', '.join(lat_bad)}.")
         out.append(line)
@@ -585,6 +650,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 cells = [f"worst {worst['removed']}", _f(worst["task"][m["metric"]]), f"{orc['subsets']}"]
                 cells += ([_f(worst["task"][sec])] if sec else []) + [""]
                 out.append(f"| {k} | oracle (worst subset) | " + " | ".join(cells) + " |")
+        out += _variants_md(m, st)
         lat_rows = [(r["k"], r["latency"]) for r in m["rows"] if r.get("latency")]
         if lat_rows:
             out += ["", "Latency of the default method's pruned model (ORT CPU, median ms, first held-out batch):", "",
@@ -634,12 +700,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", type=_ints, default=None, help="numbers of blocks to remove (default 1,2,3; quick: 1)")
     p.add_argument("--seeds", type=_ints, default=None, help="random-baseline seeds (default 0,1,2,3,4; quick: 0,1)")
     p.add_argument("--budgets", type=_floats, default=None, help="--max-drop budgets to run (default 0.02,0.05,0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and data splits (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, data split and calibration sample of digits and fashion (default 0)")
     p.add_argument("--latency-duration", type=float, default=0.5, help="seconds of timing per model (default 0.5)")
     p.add_argument("--latency-warmup", type=float, default=0.1, help="seconds of warm-up per model (default 0.1)")
     p.add_argument("--out-dir", type=Path, default=None, help="where prune.json/prune.md go (default benchmarks/results)")
     p.add_argument("--no-oracle", dest="oracle", action="store_false",
                    help="skip the exhaustive evaluation of every k-subset of removable blocks")
+    p.add_argument("--no-robustness", dest="robustness", action="store_false",
+                   help="skip the re-runs on other calibration samples / photo splits")
     p.add_argument("--fresh", action="store_true", help="do not merge with an existing prune.json")
     p.add_argument("--report-only", action="store_true", help="only rewrite prune.md from prune.json")
     args = p.parse_args(argv)

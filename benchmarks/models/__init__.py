@@ -25,6 +25,22 @@ Batch = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
+class Variant:
+    """Another calibration sample (and, where the data is split by item, another evaluation set).
+
+    Used to check whether a verdict survives a different draw of the data. ``evaluate`` and
+    ``prepare`` default to the task's own when None.
+    """
+
+    name: str
+    description: str
+    calibration: Sequence[Batch]
+    calibration_desc: str
+    evaluate: Callable[[onnx.ModelProto], dict[str, float]] | None = None
+    prepare: Callable[[onnx.ModelProto], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     """One benchmark model and how to judge it.
 
@@ -41,6 +57,7 @@ class Task:
         info: dataset sizes, training details, anything worth recording.
         prepare: called once with the unpruned ONNX model before any evaluation (reference
             predictions); returns extra facts for the report.
+        variants: other draws of the calibration (and evaluation) data, for a robustness check.
     """
 
     name: str
@@ -54,6 +71,7 @@ class Task:
     evaluate: Callable[[onnx.ModelProto], dict[str, float]]
     info: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[onnx.ModelProto], dict[str, Any]] | None = None
+    variants: tuple[Variant, ...] = ()
 
 
 def ort_session(model: onnx.ModelProto, *, threads: int | None = None) -> Any:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks.models import Task, run_batched, set_seed
+from benchmarks.models import Task, Variant, run_batched, set_seed
 
 WIDTH = 128
 DEPTH = 6
@@ -92,7 +92,7 @@ def train(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> Any:
 
 
 def build(*, quick: bool = False, seed: int = 0) -> Task:
-    """Train the MLP and describe the task (calibration: the first 256 shuffled training images)."""
+    """Train the MLP and describe the task (calibration: the first 256 shuffled training images; variant: the next 256)."""
     import torch
 
     from compress.export import DynamicAxis, ExportConfig
@@ -104,8 +104,9 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
     train_s = time.perf_counter() - start
     with torch.no_grad():
         torch_acc = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
-    order = np.random.default_rng(seed).permutation(len(x_tr))[:CALIB_SAMPLES]
-    calib = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(0, len(order), CALIB_BATCH)]
+    order = np.random.default_rng(seed).permutation(len(x_tr))
+    calib = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(0, CALIB_SAMPLES, CALIB_BATCH)]
+    other = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(CALIB_SAMPLES, 2 * CALIB_SAMPLES, CALIB_BATCH)]
 
     def evaluate(onnx_model: Any) -> dict[str, float]:
         logits = run_batched(onnx_model, {"x": x_te})
@@ -121,6 +122,9 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
         calibration_desc=f"load_digits training images: {CALIB_SAMPLES} in batches of {CALIB_BATCH}",
         metric="accuracy",
         evaluate=evaluate,
+        variants=(Variant("calib-b", "the next 256 shuffled training images as calibration", other,
+                          f"load_digits training images {CALIB_SAMPLES}-{2 * CALIB_SAMPLES - 1} (shuffled), "
+                          f"batches of {CALIB_BATCH}"),),
         info={"data": "sklearn.datasets.load_digits (stratified 75/25 split)", "train_samples": len(x_tr),
               "test_samples": len(x_te), "epochs": epochs, "train_s": round(train_s, 2),
               "torch_test_accuracy": torch_acc, "calibration_samples": CALIB_SAMPLES},

