@@ -523,7 +523,7 @@ def test_ablation_logits_kl_top1_cosine_mae():
     rng = np.random.default_rng(30)
     refs = [{"logits": rng.normal(size=(3, 5, 10)), "image": rng.normal(size=(3, 2, 4, 4))} for _ in range(2)]
     abl = [{k: v + 0.7 * rng.normal(size=v.shape) for k, v in r.items()} for r in refs]
-    acc = AblationAccumulator(3)
+    acc = AblationAccumulator(3, logits={"logits"})
     for r, a in zip(refs, abl, strict=True):
         acc.update(1, r, a)
     result = acc.result()
@@ -542,7 +542,20 @@ def test_ablation_logits_kl_top1_cosine_mae():
     assert row["cosine_distance"] == pytest.approx(
         float(np.mean(1 - ref_cos(p.reshape(6, -1), q.reshape(6, -1)))), rel=TOL
     )
-    assert "kl" not in result.details["outputs"]["1"]["image"]  # NCHW is not logits
+    assert "kl" not in result.details["outputs"]["1"]["image"]  # not named as logits
+
+
+def test_ablation_scores_unnamed_rank3_outputs_by_cosine_not_kl():
+    # A [B, T, D] embedding has the shape of [B, T, V] logits; only the caller's names decide.
+    rng = np.random.default_rng(32)
+    ref = {"last_hidden_state": rng.normal(size=(2, 5, 16))}
+    abl = {"last_hidden_state": ref["last_hidden_state"] + 0.5 * rng.normal(size=(2, 5, 16))}
+    acc = AblationAccumulator(2)
+    acc.update(0, ref, abl)
+    row = acc.result().details["outputs"]["0"]["last_hidden_state"]
+    assert "kl" not in row
+    x, y = ref["last_hidden_state"].reshape(2, -1), abl["last_hidden_state"].reshape(2, -1)
+    assert acc.result().scores[0] == pytest.approx(float(np.mean(1 - ref_cos(x, y))), rel=TOL)
 
 
 def test_ablation_non_logits_scores_cosine_and_nonfinite_is_essential():

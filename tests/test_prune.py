@@ -49,6 +49,22 @@ def test_per_segment_takes_one_block_of_each_segment_first() -> None:
     assert pick(_cands(scores, count=3, segments=segments)) == [1, 2, 4]
     with pytest.raises(BlockError, match="per-segment selection needs CKA segments"):
         pick(_cands(scores, count=1))
+    # each segment keeps its most important block while other segments have spare ones
+    assert pick(_cands(scores, count=4, segments=segments)) == [1, 2, 4, 5]
+    assert pick(_cands(scores, count=5, segments=segments)) == [1, 2, 3, 4, 5]  # then representatives
+
+
+def test_per_segment_never_empties_a_one_block_segment_first() -> None:
+    # Regression (digits benchmark): block 0 is a segment of its own; it used to be removed first.
+    pick = SELECTIONS.get("segment")
+    scores = [0.2124, 0.0698, 0.0273, 0.0067, 0.0064, 0.0058]
+    segments = [(0, 1), (1, 6)]
+    assert pick(_cands(scores, count=2, segments=segments)) == [4, 5]
+    assert pick(_cands(scores, count=4, segments=segments)) == [2, 3, 4, 5]
+    assert pick(_cands(scores, count=5, segments=segments)) == [1, 2, 3, 4, 5]
+    assert pick(_cands(scores, count=6, segments=segments)) == [0, 1, 2, 3, 4, 5]
+    # a segment with a block that cannot be removed is represented by it: all its blocks are spare
+    assert pick(_cands(scores, removable={0, 1, 2, 4, 5}, count=2, segments=[(0, 1), (1, 3), (3, 6)])) == [2, 5]
 
 
 def test_auto_cuts_at_the_largest_relative_gap() -> None:

@@ -98,17 +98,30 @@ def select_span(c: Candidates) -> list[int]:
 
 @SELECTIONS.register("segment")
 def select_per_segment(c: Candidates) -> list[int]:
+    """SGLP: blocks of one CKA segment are redundant with each other, so each segment keeps one.
+
+    Round by round, the least important spare block of every segment (segments ordered by
+    that block's score) is taken. A segment's spare blocks are its removable ones, except
+    the most important of them when the segment has no other block to represent it: a
+    one-block segment is a representation of its own and is emptied only when the spare
+    blocks of all segments are not enough (then representatives go, lowest score first).
+    """
     if not c.segments:
         raise BlockError("per-segment selection needs CKA segments", hint="score with --metric cka")
     ranked = _ranked(c)
     _need(c, len(ranked))
     queues = [[i for i in ranked if a <= i < b] for a, b in c.segments]
+    reserve: list[int] = []
+    for (a, b), q in zip(c.segments, queues, strict=True):
+        if q and len(q) == b - a:  # every block of the segment is a candidate: keep its most important
+            reserve.append(q.pop())
     chosen: list[int] = []
-    while len(chosen) < c.count:
+    while len(chosen) < c.count and any(queues):
         heads = sorted((q[0] for q in queues if q), key=lambda i: (c.scores[i], i))
         for i in heads[: c.count - len(chosen)]:
             chosen.append(i)
             next(q for q in queues if q and q[0] == i).pop(0)
+    chosen += sorted(reserve, key=lambda i: (c.scores[i], i))[: c.count - len(chosen)]
     return sorted(chosen)
 
 

@@ -20,6 +20,7 @@ import onnx
 
 from compress.blocks import Block, BlockMap
 from compress.errors import BlockError, CalibrationError, ConfigError
+from compress.fidelity import logit_outputs
 from compress.log import logger, progress
 from compress.onnx_io import model_digest
 from compress.scoring.metrics import BlockActivations, MetricConfig, get_metric
@@ -211,7 +212,7 @@ def score_blocks(
         t0 = time.perf_counter()
         removable = [j for j, b in enumerate(scored) if b.removable]
         for name, metric in ablation.items():
-            acc = metric(len(scored), config.options)
+            acc = metric(len(scored), config.options, logits=logit_outputs(model))
             for j in progress(removable, desc="ablation"):
                 ablated = make_session(remove_blocks(model, [scored[j]], check=False),
                                        providers=config.providers, threads=config.threads)

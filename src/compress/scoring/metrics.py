@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -844,11 +844,6 @@ def _log_softmax(a: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _is_logits(a: np.ndarray) -> bool:
-    """Float, rank 2 ([B, C]) or 3 ([B, T, V]) and at least 2 classes."""
-    return np.issubdtype(a.dtype, np.floating) and a.ndim in (2, 3) and a.shape[-1] >= 2
-
-
 @register_metric("ablation")
 class AblationAccumulator(Accumulator):
     """How far the model's final outputs move when one block is skipped.
@@ -858,9 +853,13 @@ class AblationAccumulator(Accumulator):
     - ``cosine_distance``: mean over samples of ``1 - cos`` of the flattened sample
       (zero-vector rule as the per-token metrics);
     - ``mae``: mean absolute error over all elements;
-    - logits only (float, rank 2 or 3, last dim >= 2): ``kl`` = mean over positions of
+    - outputs named in ``logits`` only: ``kl`` = mean over positions of
       ``KL(softmax(reference) || softmax(ablated))`` along the last axis (nats), and
       ``top1_agreement`` = fraction of positions whose argmax is unchanged.
+
+    Which outputs are logits is the caller's decision (``score_blocks`` passes
+    :func:`compress.fidelity.logit_outputs`, decided from the graph): a shape rule would
+    take a ``[B, T, D]`` embedding for ``[B, T, V]`` logits and score it with a softmax.
 
     Score of a block: the mean ``kl`` over its logits outputs when there is one, else the
     mean ``cosine_distance`` over its float outputs. Non-float outputs are skipped. If an
@@ -870,8 +869,11 @@ class AblationAccumulator(Accumulator):
 
     needs_final: ClassVar[bool] = True
 
-    def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, config: MetricConfig | None = None, *, logits: Collection[str] = ()
+    ) -> None:
         super().__init__(num_blocks, config)
+        self.logits = frozenset(logits)
         self.stats: dict[int, dict[str, dict[str, float]]] = {}
         self.nonfinite: set[int] = set()
 
@@ -910,7 +912,7 @@ class AblationAccumulator(Accumulator):
             s["samples"] += x.shape[0]
             s["abs_sum"] += float(np.abs(x - y).sum())
             s["elements"] += x.size
-            if _is_logits(ref):
+            if name in self.logits and ref.ndim >= 1 and ref.shape[-1] >= 2:
                 lp = _log_softmax(ref.astype(np.float64))
                 lq = _log_softmax(abl.astype(np.float64))
                 kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
