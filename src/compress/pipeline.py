@@ -502,7 +502,7 @@ class PruneSection:
     ``latency_seconds: 0`` skips the ONNX Runtime timing of the pruned model.
     """
 
-    metric: str = "cosine"
+    metric: str = "auto"
     select: str = "lowest"
     remove: int | None = None
     ratio: float | None = None
@@ -513,7 +513,7 @@ class PruneSection:
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context) -> PruneSection:
-        from compress.prune import SELECTIONS
+        from compress.prune import AUTO_METRIC, SELECTIONS
         from compress.scoring import metric_names
 
         r = _Reader(data, section="prune", cls=cls, ctx=ctx)
@@ -537,7 +537,7 @@ class PruneSection:
         keep = [keep] if isinstance(keep, int) else keep
         if not isinstance(keep, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep):
             raise r.error("keep", f"expected a list of block indices, got {r.data.get('keep')!r}", hint="e.g. keep: [0, 5]")
-        return cls(metric=r.text("metric", "cosine", choices=metric_names()), select=select, remove=remove,
+        return cls(metric=r.text("metric", AUTO_METRIC, choices=[*metric_names(), AUTO_METRIC]), select=select, remove=remove,
                    ratio=ratio, max_drop=r.number("max_drop", minimum=0), keep=tuple(keep),
                    latency_seconds=r.number("latency_seconds", 1.0, minimum=0), seed=r.integer("seed", 0))
 

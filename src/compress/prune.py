@@ -18,6 +18,9 @@ returns the blocks to remove, lowest score = least important):
 - ``last`` and ``random``: baselines (drop the last ``count`` removable blocks; a seeded
   random choice), for benchmarks.
 
+The metric defaults to ``auto`` (:func:`choose_metric`): ``ablation`` for convolutional blocks
+(rank-4 NCHW feature maps), ``cosine`` otherwise (token sequences ``[B, T, D]``, vectors).
+
 ``--max-drop X`` is a fidelity budget: remove one block at a time (lowest score), re-score
 the pruned model, verify it on calibration batches held back from scoring, and stop
 before the fidelity loss exceeds ``X`` (iterative, like SLEB). The fidelity loss is
@@ -150,12 +153,44 @@ def select_random(c: Candidates) -> list[int]:
     return sorted(random.Random(c.seed).sample(ranked, c.count))
 
 
+#: ``PruneConfig.metric`` value that picks the metric from the blocks' layout (:func:`choose_metric`).
+AUTO_METRIC = "auto"
+
+
+def choose_metric(model: onnx.ModelProto, block_map: BlockMap) -> tuple[str, str]:
+    """The metric ``auto`` stands for on this model, and why (a sentence for the report).
+
+    ``ablation`` when most removable blocks take rank >= 4 activations (convolutional
+    feature maps, NCHW), else ``cosine`` (Sana 1.5; token sequences and vectors).
+
+    The per-token cosine was designed for transformer residual streams, where it is cheap
+    (one ORT pass) and ranks blocks well. On CNN feature maps it compares uncentred channel
+    vectors per pixel, which per-channel offsets (batch-norm shifts) dominate; there the
+    direct measurement (skip each block, compare the final outputs; one extra ORT session
+    per block) is worth its cost. Measured on the project's benchmark
+    (benchmarks/results/prune.md): on EfficientNet-Lite0, averaged over three photo splits,
+    ``ablation`` keeps the most top-1 agreement for 1, 2 and 3 removed blocks, while ``cosine``
+    and ``cka`` are at the level of a random choice.
+    """
+    index = GraphIndex(model)
+    ranks = []
+    for b in block_map.blocks:
+        t = index.type_of(b.input) if b.removable and b.input is not None else None
+        if t is not None and t.shape is not None:
+            ranks.append(len(t.shape))
+    conv = sum(r >= 4 for r in ranks)
+    if ranks and 2 * conv > len(ranks):
+        return "ablation", f"{conv} of {len(ranks)} removable blocks take rank-4+ feature maps (convolutional): ablation"
+    return "cosine", f"{len(ranks) - conv} of {len(ranks)} removable blocks take token/vector activations: cosine"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
     """How to choose and verify.
 
     Attributes:
-        metric: the score to rank blocks by (``ablation`` is allowed; slow).
+        metric: the score to rank blocks by; ``auto`` = :func:`choose_metric` (``ablation``
+            is allowed; slow).
         select: selection rule name (:data:`SELECTIONS`).
         remove: number of blocks to remove (``lowest``, ``span``, ``segment``, baselines).
         max_drop: fidelity budget; removes one block at a time while the loss stays <= it.
@@ -166,7 +201,7 @@ class PruneConfig:
         seed: seed of the ``random`` baseline.
     """
 
-    metric: str = "cosine"
+    metric: str = AUTO_METRIC
     select: str = "lowest"
     remove: int | None = None
     max_drop: float | None = None
@@ -312,6 +347,11 @@ def prune_model(
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
     if config.remove is not None and config.remove < 0:
         raise ConfigError(f"--remove {config.remove} must be >= 0")
+    requested, why = config.metric, None
+    if config.metric == AUTO_METRIC:
+        metric, why = choose_metric(model, block_map)
+        config = replace(config, metric=metric)
+        logger.debug("metric auto: %s", why)
     score_set, held = split_batches(batches, config.holdout)
     desc = dict(calibration=calibration, random_calibration=random_calibration)
     steps: list[dict[str, Any]] = []
@@ -330,7 +370,8 @@ def prune_model(
         "schema_version": PRUNE_SCHEMA,
         "method": {"metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
                    "remove": config.remove, "max_drop": config.max_drop, "keep": list(config.keep),
-                   "holdout": config.holdout, "interval": config.options.interval},
+                   "holdout": config.holdout, "interval": config.options.interval,
+                   "metric_requested": requested, "metric_choice": why},
         "calibration": {"description": calibration, "random": random_calibration,
                         "scoring_batches": len(score_set), "holdout_batches": len(held),
                         "holdout_is_scoring_data": held is score_set or len(batches) < 2},

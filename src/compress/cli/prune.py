@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from compress.bench import BenchConfig
 from compress.cli import command
@@ -18,7 +19,7 @@ from compress.cli._common import (
 from compress.errors import ConfigError
 from compress.log import logger
 from compress.onnx_io import check_output_path, save_model, write_bytes, write_json, write_text
-from compress.prune import SELECTIONS, PruneConfig, prune_model, sweep
+from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, choose_metric, prune_model, sweep
 from compress.prune_report import plot_sweep, prune_markdown, sweep_markdown
 from compress.scoring import MetricConfig, metric_names, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
@@ -36,6 +37,8 @@ metrics (higher = more important):
   cka            linear CKA between block outputs + Fisher optimal segmentation (SGLP)
   ablation       skip each block and measure how far the final outputs move (1 extra
                  ONNX Runtime session per block; slower, the direct check)
+  auto           (default) ablation when the blocks take convolutional feature maps
+                 (rank 4, NCHW), else cosine; the report says which and why
 
 selection (lowest score = least important; see compress.prune for the exact rules):
   --remove N / --ratio R   the N (or R x blocks) lowest-scoring removable blocks
@@ -58,8 +61,16 @@ examples:
 def _metrics(spec: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
     if not names:
-        raise ConfigError("--metric is empty", hint=f"choose from: {', '.join(metric_names())}")
+        raise ConfigError("--metric is empty", hint=f"choose from: {', '.join(metric_names())}, {AUTO_METRIC}")
     return names
+
+
+def _resolve_auto(names: tuple[str, ...], model: Any, block_map: Any) -> tuple[str, ...]:
+    if AUTO_METRIC not in names:
+        return names
+    metric, why = choose_metric(model, block_map)
+    logger.info("metric auto: %s", why)
+    return tuple(dict.fromkeys(metric if n == AUTO_METRIC else n for n in names))
 
 
 @command("prune", help="score blocks on calibration data and remove the redundant ones, verified",
@@ -71,9 +82,9 @@ class Prune:
         add_blocks_argument(parser)
         add_calib_arguments(parser)
         s = parser.add_argument_group("scoring")
-        s.add_argument("--metric", default="cosine", metavar="NAME[,NAME...]",
-                       help=f"metric(s) to compute, comma-separated; one of: {', '.join(metric_names())} "
-                            "(default: cosine)")
+        s.add_argument("--metric", default=AUTO_METRIC, metavar="NAME[,NAME...]",
+                       help=f"metric(s) to compute, comma-separated; one of: {', '.join(metric_names())}, or "
+                            f"{AUTO_METRIC} (default): ablation for convolutional (rank-4, NCHW) blocks, else cosine")
         s.add_argument("--interval", type=int, default=1, metavar="K",
                        help="compare the input of block i with the output of block i+K-1 (default 1)")
         s.add_argument("--token-ranges", metavar="NAME=A:B,...",
@@ -127,8 +138,9 @@ def _metric_config(args: argparse.Namespace) -> MetricConfig:
 
 def _scores_only(args: argparse.Namespace) -> int:
     report_path = _check_report(args)
-    config = ScoreConfig(metrics=_metrics(args.metric), options=_metric_config(args))
+    metrics, options = _metrics(args.metric), _metric_config(args)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
+    config = ScoreConfig(metrics=_resolve_auto(metrics, model, block_map), options=options)
     calib = load_calib_for(args, model)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
     report = score_blocks(model, block_map, calib, config, calibration=calib.description,
@@ -166,7 +178,7 @@ def _prune(args: argparse.Namespace) -> int:
     metrics = _metrics(args.metric)
     if len(metrics) != 1:
         raise ConfigError(f"--metric {args.metric}: pruning ranks blocks by one metric",
-                          hint="pass a single metric, e.g. --metric cosine")
+                          hint="pass a single metric, e.g. --metric cosine (or leave --metric out: auto)")
     if args.sweep is None and args.remove is None and args.ratio is None and not args.auto and args.max_drop is None:
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
     out = check_output_path(args.output, inputs=[args.model], force=args.force) if args.output else None
