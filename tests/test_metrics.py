@@ -251,6 +251,57 @@ def test_float16_and_float32_inputs_are_upcast():
     assert_scores(run("cosine", half).scores, want, tol=1e-12)
 
 
+def ref_exact_distance(name, x, y):
+    """Per-token distance in float64 from the normalised difference (exact for nearly parallel
+    vectors), with the zero-vector rule; x, y: [N, D]."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    xh = x / np.where(nx == 0, 1, nx)[:, None]
+    yh = y / np.where(ny == 0, 1, ny)[:, None]
+    d2, p2 = np.sum((xh - yh) ** 2, axis=1), np.sum((xh + yh) ** 2, axis=1)
+    value = {"cosine": 0.5 * np.minimum(d2, p2), "cosine-signed": 0.5 * d2,
+             "angular": np.arctan2(np.sqrt(d2), np.sqrt(p2)) * 2 / np.pi}[name]
+    one_zero = 0.5 if name == "angular" else 1.0
+    return np.where((nx == 0) & (ny == 0), 0.0, np.where((nx == 0) | (ny == 0), one_zero, value))
+
+
+@pytest.mark.parametrize("name", ["cosine", "cosine-signed", "angular"])
+def test_float32_activations_match_the_float64_exact_reference(name):
+    """float32 boundaries take the fast path (float32 dot products); tokens it cannot resolve
+    are recomputed exactly: nearly (anti-)parallel, zero, and under/overflowing squared norms."""
+    rng = np.random.default_rng(15)
+    x = rng.normal(size=(4, 64, 16)) + 0.5
+    y = x + 0.5 * rng.normal(size=x.shape)  # ordinary tokens: 1 - |cos| ~ 0.02 .. 0.5
+    special = {  # token -> (x, y) of one sample
+        0: (x[0, 0], x[0, 0] * (1 + 1e-6 * rng.normal(size=16))),  # nearly parallel: 1 - cos ~ 1e-13
+        1: (x[0, 1], x[0, 1] * (1 + 1e-3 * rng.normal(size=16))),  # 1 - cos ~ 1e-7
+        2: (x[0, 2], -x[0, 2] * (1 + 1e-3 * rng.normal(size=16))),  # nearly anti-parallel
+        3: (np.zeros(16), np.zeros(16)),
+        4: (np.zeros(16), y[0, 4]),
+        5: (1e-30 * x[0, 5], 1e-30 * y[0, 5]),  # float32 squares underflow to 0
+        6: (1e20 * x[0, 6], 1e20 * y[0, 6]),  # float32 squares overflow to inf
+    }
+    for t, (a, b) in special.items():
+        x[0, t], y[0, t] = a, b
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    acc = get_metric(name)(2, MetricConfig())
+    acc.update(BlockActivations([x32, y32], [y32, x32]))  # span 1 compares y with x
+    result = acc.result()
+    want = ref_exact_distance(name, x32.reshape(-1, 16), y32.reshape(-1, 16))
+    assert_scores(result.scores, [float(want.mean())] * 2, tol=1e-6)  # measured: < 1e-7
+    assert result.details["exact_tokens"] == [len(special)] * 2  # the ordinary tokens stay on the fast path
+    # the nearly parallel tokens alone: exact to float64 precision
+    tiny = get_metric(name)(1, MetricConfig())
+    tiny.update(BlockActivations([x32[:1, :2]], [y32[:1, :2]]))
+    want2 = ref_exact_distance(name, x32[0, :2], y32[0, :2]).mean()
+    assert 0 < want2 < 1e-3  # 1 - cos < 1e-6; the angle ~ sqrt(1 - cos)
+    assert tiny.result().scores[0] == pytest.approx(want2, rel=1e-9)
+    # a float64 output next to a float32 input
+    mixed = get_metric(name)(1, MetricConfig())
+    mixed.update(BlockActivations([x32], [y32.astype(np.float64)]))
+    assert mixed.result().scores[0] == pytest.approx(want.mean(), rel=1e-6)
+
+
 def test_nan_in_an_activation_names_block_and_side():
     ins, outs = make_batches(np.random.default_rng(12), batches=1)[0]
     outs[2] = outs[2].copy()

@@ -23,7 +23,7 @@ NCDHW: every spatial position is a token) and the last axis otherwise (``[B, T, 
 ``[B, D]`` has one token per sample). A :class:`TokenRange` slices the token axis (the
 flattened spatial axis for NCHW); ``last_token`` keeps token ``T - 1`` of each sample.
 
-Per-token metrics (computed in float64, per token along the hidden axis):
+Per-token metrics (per token along the hidden axis; sums and means in float64):
 
 - ``cosine`` (Sana 1.5 block importance, abs variant): mean over tokens of ``1 - |cos|``.
 - ``cosine-signed`` (ShortGPT Block Influence, ModelOpt Minitron): mean of ``1 - cos``.
@@ -31,8 +31,13 @@ Per-token metrics (computed in float64, per token along the hidden axis):
   with ``last_token=True``.
 
   Zero vectors: ``cos = 1`` when both are zero, ``cos = 0`` when exactly one is zero.
-  Numerics: ``1 - cos`` is evaluated as ``|x/|x| - y/|y||^2 / 2`` and the angle as
-  ``2 atan2(|x^ - y^|, |x^ + y^|)``, accurate for nearly identical vectors.
+  Numerics: per batch, one squared norm per token of every boundary and one dot product
+  per token of every span, read in place in float32 (float32 activations) or float64 (any
+  other float dtype), give ``cos`` in float64. Where that is not accurate to a relative
+  ``r`` = 1e-4 (float32; 1e-10 for float64) -- ``1 - |cos|`` below ``sqrt(D) eps / r``,
+  zero vectors, under/overflowing squared norms -- the token is recomputed in float64 with
+  ``1 - cos = |x/|x| - y/|y||^2 / 2`` and the angle ``2 atan2(|x^ - y^|, |x^ + y^|)``,
+  accurate for nearly identical vectors. ``details["exact_tokens"]`` counts those tokens.
 
 ``cka``: linear CKA between the ``L + 1`` boundary representations (input of block 0,
 output of every block), by the minibatch estimator of Nguyen, Raghu & Kornblith (2021):
@@ -91,6 +96,9 @@ __all__ = [
 
 _CHUNK_ELEMENTS = 1 << 22
 """Elements per float64 temporary (32 MiB): bounds per-batch scratch memory."""
+
+_EXACT_ELEMENTS = 1 << 15
+"""Elements per row chunk of the exact per-token path (float64 temporaries of 256 KiB stay in cache)."""
 
 _MIN_HSIC_ROWS = 4
 """The unbiased HSIC estimator needs at least 4 rows."""
@@ -524,8 +532,58 @@ def _pair_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return np.einsum("ij,ij->i", diff, diff), np.einsum("ij,ij->i", xh, xh), zx, zy
 
 
+_REFINE_REL_ERR = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+"""Target relative error per token of the fast per-token path, by working dtype (see _refine_below)."""
+
+
+def _work_dtype(a: np.ndarray) -> np.dtype:
+    """float32 stays float32 (the fast path); every other float dtype is computed in float64."""
+    return np.dtype(np.float32) if a.dtype == np.float32 else np.dtype(np.float64)
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_d a[..., d] * b[..., d]`` of two ``[B, T, D]`` views as float64 ``[B, T]``.
+
+    Float32 and float64 operands are read in place (float32 products and sums, no copy);
+    other dtypes are upcast to float64 a few samples at a time (<= ``_CHUNK_ELEMENTS``).
+    """
+    if a.dtype in (np.float32, np.float64) and b.dtype in (np.float32, np.float64):
+        return np.einsum("...d,...d->...", a, b).astype(np.float64, copy=False)
+    out = np.empty(a.shape[:2])
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1] * a.shape[2]))
+    for lo in range(0, a.shape[0], step):
+        x = a[lo : lo + step].astype(np.float64)
+        y = x if b is a else b[lo : lo + step].astype(np.float64)
+        out[lo : lo + step] = np.einsum("...d,...d->...", x, y)
+    return out
+
+
+def _refine_below(d: int, *dtypes: np.dtype) -> float:
+    """``1 - |cos|`` below which a token is recomputed exactly (see _TokenPairAccumulator).
+
+    The dot product of two float32 (float64) vectors of length ``d`` has an error of about
+    ``sqrt(d) * eps`` relative to ``|x| |y|`` (measured: at most ``0.7 sqrt(d) eps`` on
+    Gaussian data with outlier features, d = 64..4096), so ``1 - |cos|`` from dot products is
+    within a relative ``_REFINE_REL_ERR`` (1e-4 for float32, 1e-10 for float64) above this.
+    """
+    eps = max(float(np.finfo(t).eps) for t in dtypes)
+    worst = min(_REFINE_REL_ERR[np.dtype(t)] for t in dtypes)
+    return math.sqrt(d) * eps / worst
+
+
 class _TokenPairAccumulator(BoundaryAccumulator):
-    """Shared machinery of cosine, cosine-signed and angular: mean of a per-token distance."""
+    """Shared machinery of cosine, cosine-signed and angular: mean of a per-token distance.
+
+    Fast path, per batch: the squared norm of every token of every boundary (once per
+    boundary: the output of block i is the input of block i + 1) and the dot products of
+    each span's two ends, read in place in the activations' dtype (float32 or float64; other
+    dtypes are upcast to float64 in chunks), then ``cos = x.y / (|x| |y|)`` in float64 per
+    token. Tokens where that is not accurate enough are recomputed exactly in float64 by the
+    normalised-difference form (:func:`_pair_terms`): ``1 - |cos|`` below
+    :func:`_refine_below` (nearly parallel or anti-parallel: relative error of the rest
+    <= 1e-4 for float32, 1e-10 for float64), a zero vector (the zero-vector rule), and a
+    squared norm that may have under- or overflowed in the working dtype.
+    """
 
     one_zero: ClassVar[float] = 1.0
     """The per-token value when exactly one of the two vectors is zero."""
@@ -535,37 +593,68 @@ class _TokenPairAccumulator(BoundaryAccumulator):
         r = len(_ranges(self.config))
         self.sums = np.zeros((r, num_blocks))
         self.counts = np.zeros((r, num_blocks), dtype=np.int64)
+        self.refined = np.zeros((r, num_blocks), dtype=np.int64)
         self.unscored: dict[int, str] = {}
 
     @staticmethod
     def _distance(d2: np.ndarray, p2: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _token_sum(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Sum over the rows of ``[N, D]`` x, y of the per-token distance (chunked, float64)."""
-        step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    def _exact_sum(self, xv: np.ndarray, yv: np.ndarray, tokens: np.ndarray) -> float:
+        """Sum of the per-token distance of the flat token indices ``tokens`` of ``[B, T, D]``
+        views x, y, in float64 (normalised-difference form, zero-vector rule); a few rows at a
+        time (``_EXACT_ELEMENTS``: the temporaries stay in cache)."""
         total = 0.0
-        for lo in range(0, x.shape[0], step):
-            d2, p2, zx, zy = _pair_terms(x[lo : lo + step], y[lo : lo + step])
+        step = max(1, _EXACT_ELEMENTS // max(1, xv.shape[-1]))
+        for lo in range(0, tokens.size, step):
+            b, t = np.divmod(tokens[lo : lo + step], xv.shape[1])
+            d2, p2, zx, zy = _pair_terms(xv[b, t], yv[b, t])
             value = self._distance(d2, p2)
-            value = np.where(zx & zy, 0.0, np.where(zx | zy, self.one_zero, value))
-            total += float(value.sum())
+            total += float(np.where(zx & zy, 0.0, np.where(zx | zy, self.one_zero, value)).sum())
         return total
+
+    def _span_sum(self, xv: np.ndarray, yv: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> tuple[float, int]:
+        """Sum of the per-token distance over ``[B, T, D]`` views x, y with squared norms sx, sy.
+
+        Returns the sum and the number of tokens recomputed exactly.
+        """
+        dot = _rowdot(xv, yv).ravel()
+        sx, sy = sx.ravel(), sy.ravel()
+        wx, wy = _work_dtype(xv), _work_dtype(yv)
+        # squared norms >= tiny / eps^2: what underflowed to 0 (or subnormal) is negligible
+        low = max(float(np.finfo(t).tiny) / float(np.finfo(t).eps) ** 2 for t in (wx, wy))
+        with np.errstate(all="ignore"):
+            c = np.clip(dot / np.sqrt(sx * sy), -1.0, 1.0)
+            d2, p2 = 2.0 - 2.0 * c, 2.0 + 2.0 * c  # |x^ - y^|^2, |x^ + y^|^2
+            fast = (np.minimum(d2, p2) >= 2.0 * _refine_below(xv.shape[-1], wx, wy)) & (sx >= low) & (sy >= low)
+            fast &= (sx < math.inf) & (sy < math.inf)
+            value = self._distance(d2, p2)
+        total = float(value.sum() if fast.all() else value[fast].sum())
+        slow = np.flatnonzero(~fast)
+        if slow.size:
+            total += self._exact_sum(xv, yv, slow)
+        return total, int(slow.size)
 
     def _add(self, acts: BlockActivations) -> None:
         cfg = self.config
         k = cfg.interval
-        for i in self.spans:
-            x, y = acts.inputs[i], acts.outputs[i + k - 1]
-            if x.shape != y.shape:
-                self.unscored.setdefault(i, f"shape {list(x.shape)} -> {list(y.shape)}")
-                continue
-            for r, token_range in enumerate(_ranges(cfg)):
-                kw = {"channel_axis": cfg.channel_axis, "token_range": token_range, "last_token": cfg.last_token}
-                xv, yv = token_view(x, **kw), token_view(y, **kw)
-                d = xv.shape[-1]
-                self.sums[r, i] += self._token_sum(xv.reshape(-1, d), yv.reshape(-1, d))
+        for r, token_range in enumerate(_ranges(cfg)):
+            kw = {"channel_axis": cfg.channel_axis, "token_range": token_range, "last_token": cfg.last_token}
+            seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(boundary) -> (token view, squared norms)
+            for i in self.spans:
+                x, y = acts.inputs[i], acts.outputs[i + k - 1]
+                if x.shape != y.shape:
+                    self.unscored.setdefault(i, f"shape {list(x.shape)} -> {list(y.shape)}")
+                    continue
+                for a in (x, y):
+                    if id(a) not in seen:  # the output of block j is also the input of block j + 1
+                        v = token_view(a, **kw)
+                        seen[id(a)] = (v, _rowdot(v, v))
+                (xv, sx), (yv, sy) = seen[id(x)], seen[id(y)]
+                total, exact = self._span_sum(xv, yv, sx, sy)
+                self.sums[r, i] += total
                 self.counts[r, i] += xv.shape[0] * xv.shape[1]
+                self.refined[r, i] += exact
 
     def result(self) -> MetricResult:
         """Mean distance per span (combined over token ranges, see module docstring)."""
@@ -587,6 +676,7 @@ class _TokenPairAccumulator(BoundaryAccumulator):
             "last_token": self.config.last_token,
             "batches": self.batches,
             "tokens": [int(c) for c in self.counts.sum(axis=0)],
+            "exact_tokens": [int(c) for c in self.refined.sum(axis=0)],
             "token_ranges": [str(t) for t in ranges],
             "unscored": {str(i): why for i, why in sorted(self.unscored.items())},
         }
