@@ -267,8 +267,9 @@ def ref_exact_distance(name, x, y):
 
 @pytest.mark.parametrize("name", ["cosine", "cosine-signed", "angular"])
 def test_float32_activations_match_the_float64_exact_reference(name):
-    """float32 boundaries take the fast path (float32 dot products); tokens it cannot resolve
-    are recomputed exactly: nearly (anti-)parallel, zero, and under/overflowing squared norms."""
+    """float32 boundaries take the fast path (float32 dot products); nearly (anti-)parallel
+    tokens go to a float32 normalised-difference tier, and are recomputed in float64 when
+    even closer, like zero vectors and under/overflowing squared norms."""
     rng = np.random.default_rng(15)
     x = rng.normal(size=(4, 64, 16)) + 0.5
     y = x + 0.5 * rng.normal(size=x.shape)  # ordinary tokens: 1 - |cos| ~ 0.02 .. 0.5
@@ -281,7 +282,11 @@ def test_float32_activations_match_the_float64_exact_reference(name):
         5: (1e-30 * x[0, 5], 1e-30 * y[0, 5]),  # float32 squares underflow to 0
         6: (1e20 * x[0, 6], 1e20 * y[0, 6]),  # float32 squares overflow to inf
     }
-    for t, (a, b) in special.items():
+    second_tier = {  # 1 - |cos| ~ 5e-4: float32 normalised difference
+        7: (x[0, 7], x[0, 7] * (1 + 0.03 * rng.normal(size=16))),
+        8: (x[0, 8], -x[0, 8] * (1 + 0.03 * rng.normal(size=16))),
+    }
+    for t, (a, b) in (special | second_tier).items():
         x[0, t], y[0, t] = a, b
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
     acc = get_metric(name)(2, MetricConfig())
@@ -290,6 +295,7 @@ def test_float32_activations_match_the_float64_exact_reference(name):
     want = ref_exact_distance(name, x32.reshape(-1, 16), y32.reshape(-1, 16))
     assert_scores(result.scores, [float(want.mean())] * 2, tol=1e-6)  # measured: < 1e-7
     assert result.details["exact_tokens"] == [len(special)] * 2  # the ordinary tokens stay on the fast path
+    assert result.details["refined_tokens"] == [len(second_tier)] * 2
     # the nearly parallel tokens alone: exact to float64 precision
     tiny = get_metric(name)(1, MetricConfig())
     tiny.update(BlockActivations([x32[:1, :2]], [y32[:1, :2]]))

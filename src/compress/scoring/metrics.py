@@ -31,13 +31,16 @@ Per-token metrics (per token along the hidden axis; sums and means in float64):
   with ``last_token=True``.
 
   Zero vectors: ``cos = 1`` when both are zero, ``cos = 0`` when exactly one is zero.
-  Numerics: per batch, one squared norm per token of every boundary and one dot product
+  Numerics (relative error per token <= ``r`` = 1e-4 for float32 activations, 1e-10 for
+  float64): per batch, one squared norm per token of every boundary and one dot product
   per token of every span, read in place in float32 (float32 activations) or float64 (any
-  other float dtype), give ``cos`` in float64. Where that is not accurate to a relative
-  ``r`` = 1e-4 (float32; 1e-10 for float64) -- ``1 - |cos|`` below ``sqrt(D) eps / r``,
-  zero vectors, under/overflowing squared norms -- the token is recomputed in float64 with
-  ``1 - cos = |x/|x| - y/|y||^2 / 2`` and the angle ``2 atan2(|x^ - y^|, |x^ + y^|)``,
-  accurate for nearly identical vectors. ``details["exact_tokens"]`` counts those tokens.
+  other float dtype), give ``cos`` in float64. Tokens with ``1 - |cos|`` below
+  ``sqrt(D) eps / r`` (nearly parallel or anti-parallel, where that loses digits) are
+  recomputed from the normalised difference ``|x^ -+ y^|^2`` (``x^ = x/|x|``;
+  ``1 - cos = |x^ - y^|^2 / 2``, angle ``2 atan2(|x^ - y^|, |x^ + y^|)``): in float32
+  where its error bound allows (``details["refined_tokens"]``), else in float64
+  (``details["exact_tokens"]``; also zero vectors and under/overflowing squared norms).
+  Nearly identical vectors keep their precision.
 
 ``cka``: linear CKA between the ``L + 1`` boundary representations (input of block 0,
 output of every block), by the minibatch estimator of Nguyen, Raghu & Kornblith (2021):
@@ -532,6 +535,8 @@ def _pair_terms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return np.einsum("ij,ij->i", diff, diff), np.einsum("ij,ij->i", xh, xh), zx, zy
 
 
+_F32_EPS = float(np.finfo(np.float32).eps)
+
 _REFINE_REL_ERR = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 """Target relative error per token of the fast per-token path, by working dtype (see _refine_below)."""
 
@@ -578,11 +583,12 @@ class _TokenPairAccumulator(BoundaryAccumulator):
     boundary: the output of block i is the input of block i + 1) and the dot products of
     each span's two ends, read in place in the activations' dtype (float32 or float64; other
     dtypes are upcast to float64 in chunks), then ``cos = x.y / (|x| |y|)`` in float64 per
-    token. Tokens where that is not accurate enough are recomputed exactly in float64 by the
-    normalised-difference form (:func:`_pair_terms`): ``1 - |cos|`` below
-    :func:`_refine_below` (nearly parallel or anti-parallel: relative error of the rest
-    <= 1e-4 for float32, 1e-10 for float64), a zero vector (the zero-vector rule), and a
-    squared norm that may have under- or overflowed in the working dtype.
+    token. Tokens with ``1 - |cos|`` below :func:`_refine_below` (nearly parallel or
+    anti-parallel; relative error of the rest <= 1e-4 for float32, 1e-10 for float64) go to
+    a float32 normalised-difference tier (:meth:`_refined_sum`, float32 activations only)
+    and, where that is not accurate enough either, to the exact float64 form
+    (:func:`_pair_terms`), as do zero vectors (the zero-vector rule) and squared norms that
+    may have under- or overflowed in the working dtype.
     """
 
     one_zero: ClassVar[float] = 1.0
@@ -593,7 +599,8 @@ class _TokenPairAccumulator(BoundaryAccumulator):
         r = len(_ranges(self.config))
         self.sums = np.zeros((r, num_blocks))
         self.counts = np.zeros((r, num_blocks), dtype=np.int64)
-        self.refined = np.zeros((r, num_blocks), dtype=np.int64)
+        self.refined = np.zeros((r, num_blocks), dtype=np.int64)  # float32 second tier
+        self.exact = np.zeros((r, num_blocks), dtype=np.int64)  # float64 recomputed
         self.unscored: dict[int, str] = {}
 
     @staticmethod
@@ -613,10 +620,11 @@ class _TokenPairAccumulator(BoundaryAccumulator):
             total += float(np.where(zx & zy, 0.0, np.where(zx | zy, self.one_zero, value)).sum())
         return total
 
-    def _span_sum(self, xv: np.ndarray, yv: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> tuple[float, int]:
+    def _span_sum(self, xv: np.ndarray, yv: np.ndarray, sx: np.ndarray, sy: np.ndarray) -> tuple[float, int, int]:
         """Sum of the per-token distance over ``[B, T, D]`` views x, y with squared norms sx, sy.
 
-        Returns the sum and the number of tokens recomputed exactly.
+        Returns the sum, the number of tokens of the float32 second tier
+        (:meth:`_refined_sum`) and the number recomputed exactly in float64.
         """
         dot = _rowdot(xv, yv).ravel()
         sx, sy = sx.ravel(), sy.ravel()
@@ -631,9 +639,53 @@ class _TokenPairAccumulator(BoundaryAccumulator):
             value = self._distance(d2, p2)
         total = float(value.sum() if fast.all() else value[fast].sum())
         slow = np.flatnonzero(~fast)
+        refined = 0
+        d = xv.shape[-1]
+        if slow.size and wx == wy == np.float32 and math.sqrt(d) * _F32_EPS <= _REFINE_REL_ERR[wx] / 4:
+            sane = ((sx >= low) & (sy >= low) & (sx < math.inf) & (sy < math.inf))[slow]
+            part, left = self._refined_sum(xv, yv, slow[sane], c, sx, sy)
+            total += part
+            refined = int(np.count_nonzero(sane)) - left.size
+            slow = np.concatenate([slow[~sane], left])
         if slow.size:
             total += self._exact_sum(xv, yv, slow)
-        return total, int(slow.size)
+        return total, refined, int(slow.size)
+
+    def _refined_sum(
+        self, xv: np.ndarray, yv: np.ndarray, tokens: np.ndarray, c: np.ndarray, sx: np.ndarray, sy: np.ndarray
+    ) -> tuple[float, np.ndarray]:
+        """Float32 tokens the fast path cannot resolve (``1 - |cos|`` small), second tier.
+
+        ``q = |x/|x| - s y/|y||^2`` (``s`` = sign of the fast ``cos``) in float32 with the
+        fast path's norms: ``q`` is ``|x^ - y^|^2`` (``s = 1``) or ``|x^ + y^|^2`` (``s = -1``;
+        the other one is ``4 - q``), with a relative error of at most ``2 delta + 4 delta^2 / q
+        + 2 eps / sqrt(q)`` (``delta`` = relative error of a float32 norm, about
+        ``sqrt(D) eps``; the last term is the rounding of the scaled elements). It is kept
+        where that is <= 1e-4, i.e. ``q >= max(16 delta^2, (8 eps)^2 / 1e-4) / 1e-4``
+        (``1 - |cos| >= 4.6e-5`` for D <= 40,000).
+
+        Returns the sum over the kept tokens and the flat indices of the others.
+        """
+        r = _REFINE_REL_ERR[np.dtype(np.float32)]
+        delta = math.sqrt(xv.shape[-1]) * _F32_EPS
+        q_min = max(16 * delta**2, (8 * _F32_EPS) ** 2 / r) / r
+        total = 0.0
+        left = []
+        step = max(1, 2 * _EXACT_ELEMENTS // max(1, xv.shape[-1]))
+        for lo in range(0, tokens.size, step):
+            j = tokens[lo : lo + step]
+            b, t = np.divmod(j, xv.shape[1])
+            flip = c[j] < 0
+            x, y = xv[b, t], yv[b, t]  # float32 copies, scaled in place
+            x *= (1.0 / np.sqrt(sx[j])).astype(np.float32)[:, None]
+            y *= (np.where(flip, -1.0, 1.0) / np.sqrt(sy[j])).astype(np.float32)[:, None]
+            x -= y
+            q = np.einsum("ij,ij->i", x, x).astype(np.float64)
+            ok = q >= q_min
+            d2, p2 = np.where(flip, 4.0 - q, q), np.where(flip, q, 4.0 - q)
+            total += float(self._distance(d2[ok], p2[ok]).sum())
+            left.append(j[~ok])
+        return total, np.concatenate(left) if left else tokens[:0]
 
     def _add(self, acts: BlockActivations) -> None:
         cfg = self.config
@@ -651,10 +703,11 @@ class _TokenPairAccumulator(BoundaryAccumulator):
                         v = token_view(a, **kw)
                         seen[id(a)] = (v, _rowdot(v, v))
                 (xv, sx), (yv, sy) = seen[id(x)], seen[id(y)]
-                total, exact = self._span_sum(xv, yv, sx, sy)
+                total, refined, exact = self._span_sum(xv, yv, sx, sy)
                 self.sums[r, i] += total
                 self.counts[r, i] += xv.shape[0] * xv.shape[1]
-                self.refined[r, i] += exact
+                self.refined[r, i] += refined
+                self.exact[r, i] += exact
 
     def result(self) -> MetricResult:
         """Mean distance per span (combined over token ranges, see module docstring)."""
@@ -676,7 +729,8 @@ class _TokenPairAccumulator(BoundaryAccumulator):
             "last_token": self.config.last_token,
             "batches": self.batches,
             "tokens": [int(c) for c in self.counts.sum(axis=0)],
-            "exact_tokens": [int(c) for c in self.refined.sum(axis=0)],
+            "refined_tokens": [int(c) for c in self.refined.sum(axis=0)],
+            "exact_tokens": [int(c) for c in self.exact.sum(axis=0)],
             "token_ranges": [str(t) for t in ranges],
             "unscored": {str(i): why for i, why in sorted(self.unscored.items())},
         }
