@@ -143,9 +143,27 @@ def test_build_runs_the_passes_in_order_with_fidelity(tiny, tmp_path) -> None:
     assert main(["build", model, "-o", str(out), "--calib", calib, "--precision", "int8", "--sparsity", "2:4", *FAST]) == 0
     passes = json.loads((out / "passes.json").read_text())["passes"]
     assert [p["name"] for p in passes] == ["sparsity-2:4", "int8"]
+    assert passes[1]["config"]["activation_type"] == "uint8"  # --int8-activations auto, --backend ort
     assert all(0 < p["fidelity"]["cosine"] <= 1 for p in passes)
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert ops.count("QuantizeLinear") > 0
     assert ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
     report = json.loads((out / "latency.json").read_text())
     assert (report["candidate"]["precision"], report["candidate"]["sparsity"]) == ("int8", "2:4")
+
+
+def test_build_int8_activations_option(tiny, tmp_path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model, _, calib = tiny
+    out = tmp_path / "b"
+    assert main(["build", model, "-o", str(out), "--calib", calib, "--precision", "int8",
+                 "--int8-activations", "int8", *FAST]) == 0
+    passes = json.loads((out / "passes.json").read_text())["passes"]
+    assert (passes[0]["config"]["activation_type"], passes[0]["config"]["symmetric"]) == ("int8", True)
+    built = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    zps = [inits[n.input[2]] for n in built.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps
+    assert all(z.dtype == np.int8 and not z.any() for z in zps)

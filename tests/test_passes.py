@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import onnx
@@ -366,6 +367,156 @@ def test_int8_bad_calibration(transformer, tt_calib) -> None:
         Int8Config(method="kl")
     with pytest.raises(ConfigError, match=r"^int8: exclude list names unknown node\(s\): nope"):
         int8_pass(transformer, Int8Config(calibration=tt_calib, exclude_nodes=("nope",)))
+    with pytest.raises(ConfigError) as err:
+        Int8Config(activation_type="fp8")
+    assert err.value.message == "int8: unknown activation type 'fp8'; valid: int8, uint8"
+    assert err.value.hint == "int8 (symmetric, TensorRT) or uint8 (asymmetric, ONNX Runtime CPU)"
+
+
+def _qkv_model() -> onnx.ModelProto:
+    """x [4, 8, 16] -> LayerNorm -> 3 MatMuls reading it (q, k, v) + residual Add -> Relu -> MatMul + residual Add.
+
+    The Relu output ``a`` is read by one MatMul (``mm_2``) and by the residual Add ``res2``.
+    """
+    rng = np.random.default_rng(3)
+    weights = [_init(n, (rng.standard_normal((16, 16)) / 4).astype(np.float32)) for n in ("wq", "wk", "wv", "w2")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], name="ln", axis=-1),
+             *[helper.make_node("MatMul", ["ln", f"w{c}"], [c], name=f"mm_{c}") for c in "qkv"],
+             helper.make_node("Add", ["q", "k"], ["qk"], name="add_qk"),
+             helper.make_node("Add", ["qk", "v"], ["s"], name="add_s"),
+             helper.make_node("Add", ["ln", "s"], ["h"], name="res1"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("MatMul", ["a", "w2"], ["m"], name="mm_2"),
+             helper.make_node("Add", ["a", "m"], ["y"], name="res2")]
+    inits = [*weights, _init("g", np.ones(16, np.float32)), _init("b", np.zeros(16, np.float32))]
+    return _model(nodes, [_f32("x", [4, 8, 16])], [_f32("y", [4, 8, 16])], inits)
+
+
+def _qdq_params(model: onnx.ModelProto, node: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(scale, zero point) of the DequantizeLinear in front of each input of ``node``."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = _producers(model)
+    target = next(n for n in model.graph.node if n.name == node)
+    return [(inits[producers[x].input[1]], inits[producers[x].input[2]]) for x in target.input]
+
+
+def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear in numpy (round half to even, saturate to the zero point's type)."""
+    info = np.iinfo(zp.dtype)
+    q = np.clip(np.rint(x / scale) + zp.astype(np.int32), info.min, info.max)
+    return ((q - zp.astype(np.int32)) * scale).astype(np.float32)
+
+
+def _qkv_reference(model: onnx.ModelProto, out: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The quantized model's output in numpy: Q/DQ on MatMul inputs only, residual Adds in float."""
+    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def mm(name: str, a: np.ndarray, weight: str) -> np.ndarray:
+        (sa, za), (sw, zw) = _qdq_params(out, name)
+        return _fake_quant(a, sa, za) @ _fake_quant(w[weight], sw, zw)  # weight scales per output column
+
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    ln = (x - mu) / np.sqrt(var + 1e-5)
+    a = np.maximum(ln + mm("mm_q", ln, "wq") + mm("mm_k", ln, "wk") + mm("mm_v", ln, "wv"), 0)
+    return a + mm("mm_2", a, "w2")
+
+
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime CPU executes (ORT_ENABLE_EXTENDED: QDQ fusions, no layout changes)."""
+    from collections import Counter
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node))
+
+
+@pytest.mark.parametrize("activation_type", ["int8", "uint8"])
+def test_int8_quantizes_matmul_inputs_only_and_matches_numpy(activation_type: str) -> None:
+    model = _qkv_model()
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
+    out, report = int8_pass(model, Int8Config(calibration=calib, activation_type=activation_type))
+    producers = _producers(out)
+    res2 = next(n for n in out.graph.node if n.name == "res2")
+    # ORT's quantizer fed res2 the Q/DQ copy of 'a' (mm_2 is its only quantized reader); the pass restores it
+    assert [producers[x].op_type for x in res2.input] == ["Relu", "MatMul"]
+    assert report.changes["float_inputs_restored"] == 1
+    assert report.nodes_added == {"DequantizeLinear": 8, "QuantizeLinear": 8}  # 3 dedicated pairs on ln, 1 on a, 4 weights
+    assert report.config["activation_type"] == activation_type
+    for node in ("mm_q", "mm_k", "mm_v", "mm_2"):
+        (sa, za), (sw, zw) = _qdq_params(out, node)
+        assert za.dtype == (np.int8 if activation_type == "int8" else np.uint8)
+        assert za.shape == ()
+        assert sa.shape == ()
+        assert zw.dtype == np.int8
+        assert not zw.any()
+        assert sw.shape == (16,)
+    zp_ln = _qdq_params(out, "mm_q")[0][1]
+    if activation_type == "int8":
+        assert report.changes["nonzero_zero_points"] == 0
+        assert not report.warnings
+    else:  # asymmetric: the LayerNorm output's range is not centred on 0 (Relu's output has zero point 0)
+        assert zp_ln != 128
+        assert report.changes["nonzero_zero_points"] == 1
+        assert not report.warnings  # no "not symmetric" warning: uint8 is asymmetric by request
+    held = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    got = _run(out, {"x": held})[0]
+    np.testing.assert_allclose(got, _qkv_reference(model, out, held), rtol=1e-5, atol=1e-4)
+    ref = _run(model, {"x": held})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02  # observed 0.012 (int8), 0.010 (uint8)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="ORT's QDQ MatMul fusions differ on ARM (int8 activations allowed there)")
+def test_int8_uint8_activations_run_as_integer_matmuls_on_ort_cpu(tmp_path) -> None:
+    model = _qkv_model()
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
+    assert _ort_optimized_ops(model, tmp_path)["MatMul"] == 4
+    int8, _ = int8_pass(model, Int8Config(calibration=calib))
+    uint8, _ = int8_pass(model, Int8Config(calibration=calib, activation_type="uint8"))
+    # int8: ORT turns an int8 Q->DQ pair into uint8 only when the Q feeds one DQ; the q/k/v pairs on 'ln'
+    # are merged into one Q feeding 3 DQs, so those 3 MatMuls stay float
+    ops = _ort_optimized_ops(int8, tmp_path)
+    assert (ops.get("MatMul"), ops.get("MatMulIntegerToFloat")) == (3, 1)
+    ops = _ort_optimized_ops(uint8, tmp_path)
+    assert (ops.get("MatMul"), ops.get("MatMulIntegerToFloat"), ops.get("DequantizeLinear")) == (None, 4, None)
+
+
+def test_int8_restore_float_inputs_drops_unused_qdq_pairs() -> None:
+    from compress.passes.int8 import _restore_float_inputs
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"], name="q"),
+             helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["rd"], name="dq"),
+             helper.make_node("Add", ["rd", "x"], ["y"], name="add")]
+    model = _model(nodes, [_f32("x", [2, 4])], [_f32("y", [2, 4])],
+                   [_init("s", np.float32(0.1)), _init("z", np.int8(0))])
+    assert _restore_float_inputs(model, {"mm_not_here"}) == 1
+    assert [(n.name, list(n.input)) for n in model.graph.node] == [("relu", ["x"]), ("add", ["r", "x"])]
+    assert not model.graph.initializer
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(_run(model, {"x": x})[0], np.maximum(x, 0) + x)
+
+
+def test_int8_matmul_weights_only_keeps_activation_products_float(transformer, tt_calib, tt_held) -> None:
+    out, report = int8_pass(transformer, Int8Config(calibration=tt_calib, matmul_weights_only=True))
+    excluded = {i["node"]: i["reason"] for i in report.items if i["status"] == "excluded"}
+    assert len(excluded) == 8  # 2 attention products (scores, context) in each of the 4 blocks
+    assert set(excluded.values()) == {"MatMul of two activations (matmul_weights_only)"}
+    inits = {t.name for t in transformer.graph.initializer}
+    by_name = {n.name: n for n in transformer.graph.node}
+    assert all(not set(by_name[n].input) & inits for n in excluded)
+    assert report.changes["nodes_quantized"] == 18
+    assert report.nodes_added == {"DequantizeLinear": 36, "QuantizeLinear": 36}
+    producers = _producers(out)
+    for n in out.graph.node:
+        if n.name in excluded:
+            assert all(producers[x].op_type != "DequantizeLinear" for x in n.input if x in producers)
+    assert measure_fidelity(transformer, out, tt_held)["cosine"] >= 0.999
+    assert report.config["matmul_weights_only"] is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,12 +35,18 @@ from compress.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_
 
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    """What ``compress build`` does (see ``compress build --help``)."""
+    """What ``compress build`` does (see ``compress build --help``).
+
+    ``int8_activations``: activation type of the int8 pass: ``"int8"`` (symmetric, the form
+    TensorRT needs), ``"uint8"`` (asymmetric, ONNX Runtime CPU's fast U8S8 kernels) or
+    ``"auto"``: int8 for ``backend="trt"``, uint8 for ``backend="ort"``.
+    """
 
     precision: str = "fp32"
     sparsity: str | None = None
     backend: str = "ort"
     calibration_method: str = "minmax"
+    int8_activations: str = "auto"
     exclude: tuple[str, ...] = ()
     profiles: tuple[ShapeProfile, ...] = ()
     legacy_precision: bool = False
@@ -113,8 +119,11 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
     if config.precision == "fp16":
         steps.append(("fp16", Fp16Config(block_ops=ops, block_nodes=nodes, calibration=calib)))
     elif config.precision == "int8":
+        act = config.int8_activations
+        if act == "auto":
+            act = "int8" if config.backend == "trt" else "uint8"
         steps.append(("int8", Int8Config(calibration=calib, method=config.calibration_method,
-                                         exclude_nodes=nodes, exclude_ops=ops)))
+                                         exclude_nodes=nodes, exclude_ops=ops, activation_type=act)))
     reports = []
     current = model
     for name, cfg in steps:

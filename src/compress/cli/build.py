@@ -62,6 +62,9 @@ class Build:
         p.add_argument("--sparsity", choices=("2:4",), help="2:4 structured sparsity of MatMul/Gemm/Conv weights")
         p.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                        help="INT8 activation calibration (default minmax)")
+        p.add_argument("--int8-activations", choices=("auto", "int8", "uint8"), default="auto",
+                       help="INT8 activation type: int8 = symmetric (TensorRT), uint8 = asymmetric (ONNX Runtime "
+                            "CPU's fast U8S8 kernels); auto (default): int8 for --backend trt, uint8 for ort")
         p.add_argument("--exclude", metavar="NAME|OP,...",
                        help="node names or op types to keep out of the precision pass (e.g. Softmax,/head/Gemm)")
         add_calib_arguments(parser)
@@ -107,7 +110,7 @@ class Build:
 
         config = BuildConfig(
             precision=args.precision, sparsity=args.sparsity, backend=args.backend,
-            calibration_method=args.calibration_method,
+            calibration_method=args.calibration_method, int8_activations=args.int8_activations,
             exclude=tuple(x.strip() for x in (args.exclude or "").split(",") if x.strip()),
             profiles=tuple(ShapeProfile.parse(s) for s in args.shapes),
             legacy_precision=args.legacy_precision,

@@ -2,8 +2,8 @@
 
 TensorRT 10.1+ deprecated and TensorRT 11 removed implicit INT8 calibration: INT8 must be
 explicit QuantizeLinear/DequantizeLinear pairs in the ONNX. This pass produces them with
-ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``) in the form
-TensorRT consumes:
+ONNX Runtime's static quantizer (``onnxruntime.quantization.quantize_static``). By default
+in the form TensorRT consumes:
 
 - QDQ format, INT8 activations and weights, both **symmetric** (every zero point is 0);
 - per-channel weight scales (``per_channel``), per-tensor activation scales;
@@ -14,7 +14,28 @@ TensorRT consumes:
   allowed as input to this layer", ORT issues #14229 / #17738);
 - only ``op_types`` are quantized (MatMul, Gemm, Conv by default). ``quant_pre_process``
   runs with ``skip_optimization=True``: its optimizer would fuse MatMul+Add into Gemm and
-  a MatMul-only list would then miss them.
+  a MatMul-only list would then miss them;
+- only the *inputs of quantized nodes* go through Q/DQ (``quantize_outputs=False``): ORT's
+  quantizer replaces a tensor by its Q/DQ copy for every consumer when just one of them is
+  quantized (e.g. a LayerNorm output read by an FFN MatMul *and* the residual Add, which
+  then adds INT8 noise to the residual stream); the pass rewires such non-quantized
+  consumers back to the float tensor (``changes["float_inputs_restored"]``).
+
+``activation_type="uint8"`` is the form ONNX Runtime's **CPU** kernels are fastest with
+(U8S8: asymmetric uint8 activations, symmetric int8 weights, as ORT's own default). ORT
+CPU fuses DequantizeLinear -> MatMul into ``MatMulIntegerToFloat`` only for uint8
+activations on x86 (``session.qdqisint8allowed`` is off there); it converts an int8
+Q -> DQ pair to uint8 itself only when the Q feeds a single DQ, which fails wherever
+several MatMuls read one tensor (attention Q/K/V: ORT's common-subexpression elimination
+merges their dedicated Q nodes), so those MatMuls stay FP32. Asymmetric activations also
+keep one-sided tensors (GELU outputs feeding the FFN down-projection) at full resolution.
+It is not TensorRT's form (non-zero activation zero points); TensorRT needs the default.
+On x86 CPUs without VNNI, ORT's U8S8 kernels can saturate (ORT's ``reduce_range`` advice);
+this pass never reduces the range.
+
+``matmul_weights_only`` leaves MatMuls without a constant (initializer) input float:
+attention score/context products of two activations (ORT's ``MatMulConstBOnly`` option
+applies to the QOperator format only, so the pass excludes them by name).
 
 Calibration methods: ``minmax`` (range of observed values), ``entropy`` (KL-optimal
 threshold of a histogram) and ``percentile`` (``percentile`` of |x|).
@@ -59,6 +80,8 @@ if TYPE_CHECKING:
 
 #: Calibration methods by name (values: ``onnxruntime.quantization.CalibrationMethod`` members).
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+#: Activation types: name -> (ORT QuantType member, symmetric activations).
+ACTIVATION_TYPES = {"int8": ("QInt8", True), "uint8": ("QUInt8", False)}
 _LARGE = 1_500_000_000  # bytes; above this the model goes through external data
 
 
@@ -73,6 +96,11 @@ class Int8Config:
         op_types: op types to quantize.
         exclude_nodes: node names never quantized.
         exclude_ops: op types never quantized (their nodes are listed as excluded).
+        activation_type: ``"int8"``: symmetric INT8 activations, zero points 0 (TensorRT);
+            ``"uint8"``: asymmetric UINT8 activations (ONNX Runtime CPU's fast U8S8 form;
+            not for TensorRT). Weights are symmetric INT8 either way.
+        matmul_weights_only: quantize only MatMuls with an initializer input (their
+            weights); MatMuls of two activations (attention) stay float.
         per_channel: per-output-channel weight scales (else per tensor).
         preprocess: run ``quant_pre_process`` (shape inference only, ``skip_optimization``).
         qdq_on_weights: keep float weights with a Q/DQ pair (TensorRT style); False stores
@@ -81,7 +109,8 @@ class Int8Config:
         quantize_bias: quantize Gemm/Conv biases to int32 (off for TensorRT).
         quantize_outputs: also put Q/DQ on the outputs of the quantized nodes (ORT's
             default); off: only their inputs are quantized, as TensorRT wants (an output
-            Q/DQ before a float bias Add or residual only adds error).
+            Q/DQ before a float bias Add or residual only adds error), and other consumers
+            of a quantized input read the float tensor.
         max_batches: calibrate on at most this many batches (None: all).
     """
 
@@ -91,6 +120,8 @@ class Int8Config:
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
+    activation_type: str = "int8"
+    matmul_weights_only: bool = False
     per_channel: bool = True
     preprocess: bool = True
     qdq_on_weights: bool = True
@@ -103,6 +134,9 @@ class Int8Config:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"int8: unknown calibration method {self.method!r}; valid: {', '.join(CALIBRATION_METHODS)}",
                               hint=f"use one of: {', '.join(CALIBRATION_METHODS)}")
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise ConfigError(f"int8: unknown activation type {self.activation_type!r}; valid: {', '.join(ACTIVATION_TYPES)}",
+                              hint="int8 (symmetric, TensorRT) or uint8 (asymmetric, ONNX Runtime CPU)")
         if not 0 < self.percentile <= 100:
             raise ConfigError(f"int8: percentile must be in (0, 100], got {self.percentile}")
         if not self.op_types:
@@ -117,8 +151,9 @@ class Int8Config:
                 "per_channel": self.per_channel, "preprocess": self.preprocess,
                 "qdq_on_weights": self.qdq_on_weights, "dedicated_qdq": self.dedicated_qdq,
                 "quantize_bias": self.quantize_bias, "quantize_outputs": self.quantize_outputs,
-                "max_batches": self.max_batches,
-                "activation_type": "int8", "weight_type": "int8", "symmetric": True, "format": "QDQ"}
+                "max_batches": self.max_batches, "matmul_weights_only": self.matmul_weights_only,
+                "activation_type": self.activation_type, "weight_type": "int8",
+                "symmetric": ACTIVATION_TYPES[self.activation_type][1], "format": "QDQ"}
 
 
 class BatchReader:
@@ -218,7 +253,8 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     large = model.ByteSize() > _LARGE
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": config.qdq_on_weights,
+    act_type, act_symmetric = ACTIVATION_TYPES[config.activation_type]
+    extra = {"ActivationSymmetric": act_symmetric, "WeightSymmetric": True, "AddQDQPairToWeight": config.qdq_on_weights,
              "DedicatedQDQPair": config.dedicated_qdq, "QuantizeBias": config.quantize_bias,
              "CalibStridedMinMax": 1}
     if not config.quantize_outputs:
@@ -245,7 +281,7 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
                 with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress per batch
                     quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
-                                    reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                    reduce_range=False, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
                                     nodes_to_exclude=excluded, use_external_data_format=large,
                                     calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.method]),
                                     calibration_providers=["CPUExecutionProvider"], extra_options=extra)
@@ -261,6 +297,56 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
             os.chdir(cwd)
             ort_log.setLevel(level)
         return onnx.load(str(out))
+
+
+def _restore_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
+    """Point non-quantized consumers of an activation Q -> DQ pair back at the float tensor.
+
+    ``quantized``: names of the nodes meant to read quantized inputs. Every other node (not a
+    Q/DQ) that reads the output of a DequantizeLinear fed by a QuantizeLinear reads the Q's
+    float input instead; Q/DQ nodes left without consumers and their unused initializers are
+    removed. Edits ``model`` in place; returns the number of inputs rewired.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    rewired = 0
+    for node in graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                rewired += 1
+    if rewired:
+        outputs = {o.name for o in graph.output}
+        freed: set[str] = set()  # scales and zero points of the removed Q/DQ nodes
+        while True:
+            used = {x for n in graph.node for x in n.input} | outputs
+            dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    and not any(o in used for o in n.output)]
+            if not dead:
+                break
+            freed.update(x for n in dead for x in n.input[1:])
+            keep = [n for n in graph.node if n not in dead]
+            del graph.node[:]
+            graph.node.extend(keep)
+        used = {x for n in graph.node for x in n.input} | outputs
+        keep_inits = [t for t in graph.initializer if t.name not in freed or t.name in used]
+        if len(keep_inits) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep_inits)
+    return rewired
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes with no initializer (or Constant) input: products of two activations."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in consts for x in n.input)]
 
 
 def _zero_points(model: onnx.ModelProto) -> tuple[int, int]:
@@ -296,12 +382,15 @@ def _quantized(model: onnx.ModelProto, op_types: set[str]) -> dict[str, bool]:
 
 
 @register_pass("int8", config=Int8Config, kind="precision", needs_calibration=True,
-               summary="explicit symmetric INT8 Q/DQ (ONNX Runtime static quantization) from calibration data")
+               summary="explicit INT8 Q/DQ (ONNX Runtime static quantization) from calibration data: symmetric "
+                       "int8 (TensorRT) or uint8 activations (ONNX Runtime CPU)")
 def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelProto, PassReport]:
     """Quantize ``model`` to explicit INT8 Q/DQ on ``config.calibration``. Does not modify ``model``.
 
     Returns the quantized model and a report: Q/DQ counts, per-node status (quantized,
-    excluded with the reason, not quantized), zero points (all 0), per-channel weights.
+    excluded with the reason, not quantized), zero points (all 0 for ``activation_type``
+    int8; uint8 activations have non-zero ones), per-channel weights, and the number of
+    non-quantized consumers given back their float input (``float_inputs_restored``).
 
     Raises:
         ModelError: the model has float16 weights or no float32 weights.
@@ -340,6 +429,9 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     for name, node in names.items():
         if node.op_type in config.exclude_ops:
             reasons.setdefault(name, f"op type {node.op_type} excluded")
+    if config.matmul_weights_only and "MatMul" in config.op_types:
+        for name in _activation_matmuls(work):
+            reasons.setdefault(name, "MatMul of two activations (matmul_weights_only)")
     warnings: list[str] = []
     if renamed:
         warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
@@ -347,6 +439,10 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     if not len(reader):
         raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
     result = _quantize(work, reader, config, sorted(reasons), warnings)
+    restored = 0
+    if not config.quantize_outputs:
+        meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
+        restored = _restore_float_inputs(result, meant)
     warnings += check_model(result, what="int8", source=model)
 
     op_types = set(config.op_types)
@@ -373,8 +469,9 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         "zero_points": zp_total, "nonzero_zero_points": zp_nonzero,
         "per_channel_weight_scales": _per_channel_weights(result),
         "calibration_batches": reader.count,
+        "float_inputs_restored": restored,
     }
-    if zp_nonzero:
+    if zp_nonzero and config.activation_type == "int8":
         warnings.append(f"{zp_nonzero} zero point(s) are not 0: the model is not symmetric (TensorRT needs 0)")
     if counts["not quantized"]:
         warnings.append(f"{counts['not quantized']} node(s) of {', '.join(sorted(op_types))} were not quantized")
@@ -385,4 +482,4 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     return result, report
 
 
-__all__ = ["CALIBRATION_METHODS", "BatchReader", "Int8Config", "check_batch", "int8_pass"]
+__all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "BatchReader", "Int8Config", "check_batch", "int8_pass"]
