@@ -16,6 +16,7 @@ from compress.blocks import find_blocks
 from compress.cli import main
 from compress.errors import BlockError, ConfigError
 from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune_model, split_batches
+from compress.prune_report import prune_markdown
 
 NO_LATENCY = {"latency": None}
 
@@ -156,6 +157,7 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
     r = result.report
     assert (r["method"]["metric"], r["method"]["metric_requested"]) == ("ablation", "auto")
     assert r["method"]["metric_choice"].endswith(": ablation")
+    assert "Method: metric `ablation` (4 of 4 removable blocks take rank-4+ feature maps" in prune_markdown(r)
     scores = r["scores"]["ablation"]["scores"]
     removed = [b["index"] for b in r["removed"]]
     assert removed == [min(range(4), key=lambda i: scores[i])]
