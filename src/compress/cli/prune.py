@@ -140,8 +140,8 @@ def _scores_only(args: argparse.Namespace) -> int:
     report_path = _check_report(args)
     metrics, options = _metrics(args.metric), _metric_config(args)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
-    config = ScoreConfig(metrics=_resolve_auto(metrics, model, block_map), options=options)
     calib = load_calib_for(args, model)
+    config = ScoreConfig(metrics=_resolve_auto(metrics, model, block_map), options=options)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
     report = score_blocks(model, block_map, calib, config, calibration=calib.description,
                           random_calibration=calib.random).to_dict()

@@ -5,8 +5,10 @@ modifies its input and touches no files. Registered passes (:data:`PASSES`):
 
 - ``fp16`` (:func:`fp16_pass`, :class:`Fp16Config`): FP32 -> FP16 by Cast insertion,
   FP32 kept where FP16 is unsafe;
-- ``int8`` (:func:`int8_pass`, :class:`Int8Config`): explicit symmetric INT8 Q/DQ from
-  calibration data with ONNX Runtime's static quantizer (what TensorRT 10+/11 needs);
+- ``int8`` (:func:`int8_pass`, :class:`Int8Config`): explicit INT8 Q/DQ from calibration
+  data with ONNX Runtime's static quantizer: symmetric int8 activations by default (what
+  TensorRT 10+/11 needs), or uint8 activations (``activation_type="uint8"``: the form ONNX
+  Runtime's x86 CPU kernels fuse into integer MatMuls);
 - ``sparsity-2:4`` (:func:`sparsity_pass`, :class:`SparsityConfig`): 2:4 structured
   sparsity of MatMul/Gemm/Conv weights along their input dimension.
 
