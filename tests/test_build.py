@@ -167,3 +167,14 @@ def test_build_int8_activations_option(tiny, tmp_path) -> None:
     zps = [inits[n.input[2]] for n in built.graph.node if n.op_type == "QuantizeLinear"]
     assert zps
     assert all(z.dtype == np.int8 and not z.any() for z in zps)
+
+
+def test_uint8_activations_cannot_go_to_tensorrt(tiny, tmp_path, capsys) -> None:
+    model, _, calib = tiny
+    out = tmp_path / "b"
+    assert main(["build", model, "-o", str(out), "--calib", calib, "--precision", "int8", "--backend", "trt",
+                 "--int8-activations", "uint8", *FAST]) == 1
+    assert capsys.readouterr().err == (
+        "error: --int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric int8 "
+        "(zero point 0)\nhint: leave --int8-activations at auto (int8 for --backend trt), or use --backend ort\n")
+    assert not out.exists()

@@ -142,6 +142,10 @@ def build(
     previous: Mapping[str, Any] | None = None, names: Mapping[str, str | None], timing_cache: bytes | None = None,
 ) -> BuildResult:
     """Run the passes, build/time the candidate (and baseline), evaluate the gates. Does not modify inputs."""
+    if config.precision == "int8" and config.backend == "trt" and config.int8_activations == "uint8":
+        raise ConfigError("--int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric "
+                          "int8 (zero point 0)",
+                          hint="leave --int8-activations at auto (int8 for --backend trt), or use --backend ort")
     final, pass_reports = _apply_passes(model, config, calib) if (config.precision != "fp32" or config.sparsity) else (model, [])
     feed, random_inputs = benchmark_feed(final, calib, config.profiles)
     engine_cfg = EngineConfig(profiles=config.profiles, sparse_weights=config.sparsity == "2:4",

@@ -556,6 +556,7 @@ class BuildSection:
     shapes: tuple[str, ...] = ()
     baseline: str = "original"
     calibration_method: str = "minmax"
+    int8_activations: str = "auto"
     exclude: tuple[str, ...] = ()
     legacy_precision: bool = False
     warmup_ms: float = 200.0
@@ -573,6 +574,7 @@ class BuildSection:
             backend=r.text("backend", "ort", choices=("ort", "trt")),
             shapes=r.texts("shapes"), baseline=r.text("baseline", "original", choices=("original", "none")),
             calibration_method=r.text("calibration_method", "minmax", choices=("minmax", "entropy", "percentile")),
+            int8_activations=r.text("int8_activations", "auto", choices=("auto", "int8", "uint8")),
             exclude=r.texts("exclude", split=True), legacy_precision=r.flag("legacy_precision", False),
             warmup_ms=r.number("warmup_ms", 200.0, minimum=0), iterations=r.integer("iterations", 10, minimum=1),
             duration=r.number("duration", 3.0, minimum=0),
@@ -1130,7 +1132,8 @@ def _build_work(run: _Run, models: tuple[_Artifact, _Artifact | None], calib: An
 
     s = run.config.build
     config = BuildConfig(precision=s.precision, sparsity=s.sparsity, backend=s.backend,
-                         calibration_method=s.calibration_method, exclude=s.exclude,
+                         calibration_method=s.calibration_method, int8_activations=s.int8_activations,
+                         exclude=s.exclude,
                          profiles=tuple(ShapeProfile.parse(p) for p in s.shapes), legacy_precision=s.legacy_precision,
                          bench=BenchConfig(warmup_s=s.warmup_ms / 1000.0, iterations=s.iterations, duration_s=s.duration),
                          gates=Gates())  # gates are evaluated by the report stage
