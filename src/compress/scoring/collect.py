@@ -183,6 +183,8 @@ def score_blocks(
     stream = {n: m for n, m in metrics.items() if not m.needs_final}
     ablation = {n: m for n, m in metrics.items() if m.needs_final}
 
+    # Hashed before the session exists: the serialized copy then does not add to the peak memory.
+    digest = model_digest(model)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     session = make_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
@@ -230,7 +232,7 @@ def score_blocks(
     blocks = tuple({"index": b.index, "name": b.name, "input": b.input, "output": b.output, "params": b.params,
                     "removable": b.removable, "reason": b.reason} for b in block_map.blocks)
     return ScoreReport(
-        model_sha256=model_digest(model), calibration=calibration, random_calibration=random_calibration,
+        model_sha256=digest, calibration=calibration, random_calibration=random_calibration,
         batches=n, samples=samples, blocks=blocks, metrics=results,
         config={"metrics": list(config.metrics), **_options(config.options)},
         timings_s={k: round(v, 4) for k, v in timings.items()}, providers=tuple(session.get_providers()),
