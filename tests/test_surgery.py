@@ -92,3 +92,37 @@ def test_add_outputs_exposes_boundaries_once() -> None:
     assert [o.name for o in model.graph.output] == ["y"]
     with pytest.raises(BlockError, match="tensor 'nope' is not produced in the graph"):
         add_outputs(model, ["nope"])
+
+
+def test_ir3_model_keeps_its_initializers_listed_as_inputs() -> None:
+    # A model no one here exported: onnx's own ResNet-50 test model (IR 3, opset 9), where every
+    # initializer must also be a graph input. gs exports initializers only; remove_blocks re-lists them.
+    from pathlib import Path
+
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    if not path.exists():
+        pytest.skip("this onnx wheel ships no light_resnet50.onnx")
+    model = onnx.load(str(path))
+    assert model.ir_version == 3
+    blocks = find_blocks(model)
+    assert blocks.source == "graph"
+    removable = [b for b in blocks.blocks if b.removable]
+    assert len(removable) == 12
+    before = model.SerializeToString()
+    pruned = remove_blocks(model, removable[:2])  # runs the full checker
+    assert model.SerializeToString() == before
+    assert pruned.ir_version == 3
+    inputs = {i.name for i in pruned.graph.input}
+    assert {t.name for t in pruned.graph.initializer} <= inputs
+    gone = {n for b in removable[:2] for n in b.nodes}
+    names = [n.name for n in pruned.graph.node]
+    assert gone
+    assert not gone & set(names)
+    # besides the 20 block nodes only their weights' ConstantOfShape producers (unnamed, hoisted) are dropped
+    kept = {n.output[0] for n in pruned.graph.node}
+    dropped = [n.op_type for n in model.graph.node if n.name not in gone and n.output[0] not in kept]
+    assert dropped == ["ConstantOfShape"] * 14
+    feed = {"gpu_0/data_0": np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)}
+    out = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert out.shape == (1, 1000)
+    assert np.isfinite(out).all()

@@ -83,9 +83,27 @@ def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block], *, check: boo
         if node.name in meta and not node.metadata_props:
             node.metadata_props.extend(meta[node.name])
     out.metadata_props.extend(model.metadata_props)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(out, model)
     if check:
         check_model(out)
     return out
+
+
+def _list_initializers_as_inputs(out: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too (gs exports them as initializers only).
+
+    The inputs keep the original model's order; initializers it did not list are appended.
+    """
+    present = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name in present]
+    listed = {i.name for i in inputs}
+    for t in out.graph.initializer:
+        if t.name not in listed:
+            inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inputs += [i for i in out.graph.input if i.name not in listed and i.name not in {x.name for x in inputs}]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
 
 
 def check_model(model: onnx.ModelProto) -> None:
