@@ -144,13 +144,13 @@ def test_prune_model_matches_torch_and_reports(tiny) -> None:
 
 def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, tmp_path) -> None:
     _, model, _, batches = tiny
-    assert choose_metric(model, find_blocks(model)) == (
+    assert choose_metric(find_blocks(model)) == (
         "cosine", "4 of 4 removable blocks take token/vector activations: cosine")
     module = models.tiny_resnet(depth=4)
     path = models.export_onnx(module, models.image_input(2, 8), tmp_path / "r.onnx", dynamic_batch=True)
     cnn = onnx.load(path)
     bm = find_blocks(cnn)
-    assert choose_metric(cnn, bm) == (
+    assert choose_metric(bm) == (
         "ablation", "4 of 4 removable blocks take rank-4+ feature maps (convolutional): ablation")
     images = [{"x": models.image_input(4, 8, seed=30 + i).numpy()} for i in range(8)]
     result = prune_model(cnn, bm, images, PruneConfig(remove=1, **NO_LATENCY), calibration="t")

@@ -157,7 +157,7 @@ def select_random(c: Candidates) -> list[int]:
 AUTO_METRIC = "auto"
 
 
-def choose_metric(model: onnx.ModelProto, block_map: BlockMap) -> tuple[str, str]:
+def choose_metric(block_map: BlockMap) -> tuple[str, str]:
     """The metric ``auto`` stands for on this model, and why (a sentence for the report).
 
     ``ablation`` when most removable blocks take rank >= 4 activations (convolutional
@@ -172,12 +172,8 @@ def choose_metric(model: onnx.ModelProto, block_map: BlockMap) -> tuple[str, str
     ``ablation`` keeps the most top-1 agreement for 1, 2 and 3 removed blocks, while ``cosine``
     and ``cka`` are at the level of a random choice.
     """
-    index = GraphIndex(model)
-    ranks = []
-    for b in block_map.blocks:
-        t = index.type_of(b.input) if b.removable and b.input is not None else None
-        if t is not None and t.shape is not None:
-            ranks.append(len(t.shape))
+    # A removable block's input has its output's type, which the block map records.
+    ranks = [len(b.shape) for b in block_map.blocks if b.removable and b.shape is not None]
     conv = sum(r >= 4 for r in ranks)
     if ranks and 2 * conv > len(ranks):
         return "ablation", f"{conv} of {len(ranks)} removable blocks take rank-4+ feature maps (convolutional): ablation"
@@ -349,7 +345,7 @@ def prune_model(
         raise ConfigError(f"--remove {config.remove} must be >= 0")
     requested, why = config.metric, None
     if config.metric == AUTO_METRIC:
-        metric, why = choose_metric(model, block_map)
+        metric, why = choose_metric(block_map)
         config = replace(config, metric=metric)
         logger.debug("metric auto: %s", why)
     score_set, held = split_batches(batches, config.holdout)
@@ -443,7 +439,8 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, block_map: BlockMa
 
 
 def _params(model: onnx.ModelProto) -> int:
-    return GraphIndex(model).params_of(GraphIndex(model).keys)
+    index = GraphIndex(model)
+    return index.params_of(index.keys)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -98,10 +98,8 @@ def _list_initializers_as_inputs(out: onnx.ModelProto, model: onnx.ModelProto) -
     present = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
     inputs = [i for i in model.graph.input if i.name in present]
     listed = {i.name for i in inputs}
-    for t in out.graph.initializer:
-        if t.name not in listed:
-            inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    inputs += [i for i in out.graph.input if i.name not in listed and i.name not in {x.name for x in inputs}]
+    inputs += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+               for t in out.graph.initializer if t.name not in listed]
     del out.graph.input[:]
     out.graph.input.extend(inputs)
 

@@ -65,10 +65,10 @@ def _metrics(spec: str) -> tuple[str, ...]:
     return names
 
 
-def _resolve_auto(names: tuple[str, ...], model: Any, block_map: Any) -> tuple[str, ...]:
+def _resolve_auto(names: tuple[str, ...], block_map: Any) -> tuple[str, ...]:
     if AUTO_METRIC not in names:
         return names
-    metric, why = choose_metric(model, block_map)
+    metric, why = choose_metric(block_map)
     logger.info("metric auto: %s", why)
     return tuple(dict.fromkeys(metric if n == AUTO_METRIC else n for n in names))
 
@@ -141,7 +141,7 @@ def _scores_only(args: argparse.Namespace) -> int:
     metrics, options = _metrics(args.metric), _metric_config(args)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
     calib = load_calib_for(args, model)
-    config = ScoreConfig(metrics=_resolve_auto(metrics, model, block_map), options=options)
+    config = ScoreConfig(metrics=_resolve_auto(metrics, block_map), options=options)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
     report = score_blocks(model, block_map, calib, config, calibration=calib.description,
                           random_calibration=calib.random).to_dict()
