@@ -96,6 +96,27 @@ def run_batched(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, out
     return np.concatenate(parts)
 
 
+def image_classifier_data(x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, dataset: str, seed: int,
+                          samples: int, batch: int, eval_batch: int = 256) -> dict[str, Any]:
+    """Calibration draws and the accuracy evaluation shared by the trained classifiers (input ``x``).
+
+    ``calibration``: the first ``samples`` shuffled training images in batches of ``batch``;
+    ``variant``: the next ``samples`` ones (robustness draw ``calib-b``); ``evaluate``: test accuracy.
+    """
+    order = np.random.default_rng(seed).permutation(len(x_train))
+    draws = [[{"x": x_train[order[i:i + batch]]} for i in range(start, start + samples, batch)]
+             for start in (0, samples)]
+
+    def evaluate(onnx_model: onnx.ModelProto) -> dict[str, float]:
+        logits = run_batched(onnx_model, {"x": x_test}, batch_size=eval_batch)
+        return {"accuracy": float((logits.argmax(1) == y_test).mean())}
+
+    return {"calibration": draws[0], "calibration_desc": f"{dataset} training images: {samples} in batches of {batch}",
+            "evaluate": evaluate,
+            "variant": Variant("calib-b", f"the next {samples} shuffled training images as calibration", draws[1],
+                               f"{dataset} training images {samples}-{2 * samples - 1} (shuffled), batches of {batch}")}
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU) for reproducible training."""
     import random

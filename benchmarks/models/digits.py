@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks.models import Task, Variant, run_batched, set_seed
+from benchmarks.models import Task, image_classifier_data, set_seed
 
 WIDTH = 128
 DEPTH = 6
@@ -104,13 +104,8 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
     train_s = time.perf_counter() - start
     with torch.no_grad():
         torch_acc = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
-    order = np.random.default_rng(seed).permutation(len(x_tr))
-    calib = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(0, CALIB_SAMPLES, CALIB_BATCH)]
-    other = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(CALIB_SAMPLES, 2 * CALIB_SAMPLES, CALIB_BATCH)]
-
-    def evaluate(onnx_model: Any) -> dict[str, float]:
-        logits = run_batched(onnx_model, {"x": x_te})
-        return {"accuracy": float((logits.argmax(1) == y_te).mean())}
+    data = image_classifier_data(x_tr, x_te, y_te, dataset="load_digits", seed=seed, samples=CALIB_SAMPLES,
+                                 batch=CALIB_BATCH)
 
     return Task(
         name="digits",
@@ -118,13 +113,11 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
         module=model,
         example_inputs=(torch.from_numpy(x_te[:CALIB_BATCH]),),
         export_config=ExportConfig(exporter="dynamo", opset=18, dynamic=(DynamicAxis("x", 0, "batch"),)),
-        calibration=calib,
-        calibration_desc=f"load_digits training images: {CALIB_SAMPLES} in batches of {CALIB_BATCH}",
+        calibration=data["calibration"],
+        calibration_desc=data["calibration_desc"],
         metric="accuracy",
-        evaluate=evaluate,
-        variants=(Variant("calib-b", "the next 256 shuffled training images as calibration", other,
-                          f"load_digits training images {CALIB_SAMPLES}-{2 * CALIB_SAMPLES - 1} (shuffled), "
-                          f"batches of {CALIB_BATCH}"),),
+        evaluate=data["evaluate"],
+        variants=(data["variant"],),
         info={"data": "sklearn.datasets.load_digits (stratified 75/25 split)", "train_samples": len(x_tr),
               "test_samples": len(x_te), "epochs": epochs, "train_s": round(train_s, 2),
               "torch_test_accuracy": torch_acc, "calibration_samples": CALIB_SAMPLES},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchmarks.models import Task, Variant, run_batched, set_seed
+from benchmarks.models import Task, image_classifier_data, set_seed
 
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CHANNELS = 16
@@ -124,13 +124,8 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
     with torch.no_grad():
         torch_acc = float(np.mean([(model(torch.from_numpy(x_te[i:i + 1000])).argmax(1).numpy() == y_te[i:i + 1000]).mean()
                                    for i in range(0, len(x_te), 1000)]))
-    order = np.random.default_rng(seed).permutation(len(x_tr))
-    calib = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(0, CALIB_SAMPLES, CALIB_BATCH)]
-    other = [{"x": x_tr[order[i:i + CALIB_BATCH]]} for i in range(CALIB_SAMPLES, 2 * CALIB_SAMPLES, CALIB_BATCH)]
-
-    def evaluate(onnx_model: Any) -> dict[str, float]:
-        logits = run_batched(onnx_model, {"x": x_te}, batch_size=500)
-        return {"accuracy": float((logits.argmax(1) == y_te).mean())}
+    data = image_classifier_data(x_tr, x_te, y_te, dataset="Fashion-MNIST", seed=seed, samples=CALIB_SAMPLES,
+                                 batch=CALIB_BATCH, eval_batch=500)
 
     return Task(
         name="fashion",
@@ -138,13 +133,11 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
         module=model,
         example_inputs=(torch.from_numpy(x_te[:CALIB_BATCH]),),
         export_config=ExportConfig(exporter="dynamo", opset=18, dynamic=(DynamicAxis("x", 0, "batch"),)),
-        calibration=calib,
-        calibration_desc=f"Fashion-MNIST training images: {CALIB_SAMPLES} in batches of {CALIB_BATCH}",
+        calibration=data["calibration"],
+        calibration_desc=data["calibration_desc"],
         metric="accuracy",
-        evaluate=evaluate,
-        variants=(Variant("calib-b", "the next 256 shuffled training images as calibration", other,
-                          f"Fashion-MNIST training images {CALIB_SAMPLES}-{2 * CALIB_SAMPLES - 1} (shuffled), "
-                          f"batches of {CALIB_BATCH}"),),
+        evaluate=data["evaluate"],
+        variants=(data["variant"],),
         info={"data": f"Debian dataset-fashion-mnist ({DATA_DIR})", "train_samples": len(x_tr),
               "test_samples": len(x_te), "epochs": epochs, "train_s": round(train_s, 2),
               "torch_test_accuracy": torch_acc, "calibration_samples": CALIB_SAMPLES},
