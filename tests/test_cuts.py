@@ -123,19 +123,6 @@ def _masked_model(*, mask_from_ids: bool, depth: int = 4) -> onnx.ModelProto:
 # --------------------------------------------------------------------------- exported models
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], onnx.ModelProto]:
-    d = tmp_path_factory.mktemp("exports")
-    out = {}
-    for kind, make, x in [("transformer", models.tiny_transformer, models.transformer_input()),
-                          ("resnet", models.tiny_resnet, models.image_input())]:
-        for exporter in ("dynamo", "torchscript"):
-            out[kind, exporter] = onnx.load(models.export_onnx(make(), x, d / f"{kind}_{exporter}.onnx", exporter=exporter))
-    out["transformer6", "dynamo"] = onnx.load(models.export_onnx(
-        models.tiny_transformer(depth=6), models.transformer_input(), d / "transformer6.onnx", exporter="dynamo"))
-    return out
-
-
 @pytest.mark.parametrize("anonymise", [_stripped, _renamed], ids=["stripped", "renamed"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("kind", ["transformer", "resnet"])
