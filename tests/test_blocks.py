@@ -141,12 +141,16 @@ def test_two_outputs_are_not_removable() -> None:
     model = helper.make_model(helper.make_graph(nodes, "g", vi[:1], vi[1:]), opset_imports=[helper.make_opsetid("", 18)])
     b0 = find_blocks(model).blocks[0]
     assert not b0.removable
-    assert b0.reason == "2 outputs leave the block (a, b); a removable block has one"
+    # one input per output: x carries into both a and b, so one of them (a) is no stream
+    assert b0.reason == ("2 outputs leave the block (a, b); a replaces no input of the same type "
+                         "(a removable block has one output per stream)")
 
 
-def test_gpt2_dynamo_blocks_are_repaired_with_the_graph() -> None:
+def test_gpt2_dynamo_blocks_are_repaired_with_scope_repair() -> None:
     """The dynamo export of GPT-2 has an optimizer-made Split without a name scope, which
-    breaks the metadata boundaries of some layers; the residual cuts repair them."""
+    broke the metadata boundaries of some layers (issue 10: a K/V slice taken for the residual
+    input). The Split now takes its neighbours' module path, so the metadata blocks are right
+    as found (source ``metadata``, no graph repair needed)."""
     import contextlib
     import io
 
@@ -161,7 +165,7 @@ def test_gpt2_dynamo_blocks_are_repaired_with_the_graph() -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         model = torch.onnx.export(module, (ids,), dynamo=True, opset_version=18, external_data=False).model_proto
     bm = find_blocks(model)
-    assert bm.source == "metadata+graph"
+    assert bm.source == "metadata"
     assert [b.name for b in bm.blocks] == ["h.0", "h.1", "h.2", "h.3"]
     assert all(b.removable for b in bm.blocks)
     hooks = models.block_hooks(module, module.h, ids)
@@ -169,3 +173,70 @@ def test_gpt2_dynamo_blocks_are_repaired_with_the_graph() -> None:
                                 providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: ids.numpy()}
     np.testing.assert_allclose(sess.run([bm.blocks[2].output], feed)[0], hooks[2][1].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _two_stream_model(*, join: bool) -> onnx.ModelProto:
+    """Two streams (image x [2,3,4], text t [2,2,4]) through two blocks; with ``join`` block 1
+    concatenates them into one [2,5,4] tensor (Flux before its single-stream blocks)::
+
+        /blocks.0: x1 = x + relu(x + t_mean), t1 = t + relu(t)     (a joint block: 2 streams)
+        /blocks.1: join: c = concat(t1, x1) + 1   |   else: x2 = x1 + relu(x1), t2 = t1 * 2
+    """
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("ReduceMean", ["t", "axes"], ["tm"], name="/blocks.0/ReduceMean"),
+        helper.make_node("Add", ["x", "tm"], ["xa"], name="/blocks.0/Add"),
+        helper.make_node("Relu", ["xa"], ["xr"], name="/blocks.0/Relu"),
+        helper.make_node("Add", ["x", "xr"], ["x1"], name="/blocks.0/Add_1"),
+        helper.make_node("Relu", ["t"], ["tr"], name="/blocks.0/Relu_1"),
+        helper.make_node("Add", ["t", "tr"], ["t1"], name="/blocks.0/Add_2"),
+    ]
+    if join:
+        nodes += [helper.make_node("Concat", ["t1", "x1"], ["c"], name="/blocks.1/Concat", axis=1),
+                  helper.make_node("Add", ["c", "one"], ["y"], name="/blocks.1/Add")]
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 4])]
+    else:
+        nodes += [helper.make_node("Relu", ["x1"], ["xr2"], name="/blocks.1/Relu"),
+                  helper.make_node("Add", ["x1", "xr2"], ["y"], name="/blocks.1/Add"),
+                  helper.make_node("Mul", ["t1", "two"], ["z"], name="/blocks.1/Mul")]
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4]),
+                helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2, 4])]
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
+           helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 2, 4])]
+    graph = helper.make_graph(nodes, "streams", ins, outs, initializer=[one, two, axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_two_stream_blocks_are_removed_on_both_streams() -> None:
+    from compress.surgery import remove_blocks
+
+    model = _two_stream_model(join=False)
+    bm = find_blocks(model)
+    b0, b1 = bm.blocks
+    assert [(s.name, s.input, s.output) for s in b0.streams] == [("x", "x", "x1"), ("t", "t", "t1")]
+    assert [(s.name, s.input, s.output) for s in b1.streams] == [("x", "x1", "y"), ("t", "t1", "z")]
+    assert b0.removable
+    assert b1.removable
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    t = np.random.default_rng(1).normal(size=(2, 2, 4)).astype(np.float32)
+    sess = ort.InferenceSession(remove_blocks(model, [b0]).SerializeToString(), providers=["CPUExecutionProvider"])
+    y, z = sess.run(["y", "z"], {"x": x, "t": t})
+    np.testing.assert_allclose(y, x + np.maximum(x, 0), rtol=1e-6)  # block 1 on the untouched streams
+    np.testing.assert_allclose(z, t * 2, rtol=1e-6)
+    # a schema-1 block map (one stream per block, no "streams" list) still loads
+    old = bm.to_dict()
+    old["schema_version"] = 1
+    for b in old["blocks"]:
+        del b["streams"]
+    assert [len(b.streams) for b in BlockMap.from_dict(old).blocks] == [1, 1]
+    assert BlockMap.from_dict(bm.to_dict()) == bm
+
+
+def test_a_block_that_joins_streams_is_reported_not_removed() -> None:
+    bm = find_blocks(_two_stream_model(join=True))
+    b1 = bm.blocks[1]
+    assert not b1.removable
+    assert b1.reason == ("the block joins streams: t1, x1 are combined into y float32[2x5x4] "
+                         "(no output replaces each input)")

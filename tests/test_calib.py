@@ -479,12 +479,18 @@ def test_cli_images_atomic_and_force_safety(tmp_path: Path, images: tuple[Path, 
     assert not out2.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    # --force never replaces a folder holding other files
+    # --force never replaces a folder holding other files, nor the input folder
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.png").write_bytes(b"keep")
+    assert main(["calib", "images", str(d), "-o", str(other), "--size", "4", "--force"]) == 1
+    assert capsys.readouterr().err == (f"error: output folder {other} holds files other than .npz files (a.png); "
+                                       "refusing to replace it\nhint: choose another -o, or empty the folder yourself\n")
+    assert (other / "a.png").read_bytes() == b"keep"
     assert main(["calib", "images", str(d), "-o", str(d), "--size", "4", "--force"]) == 1
-    assert capsys.readouterr().err == (f"error: output folder {d} holds files other than .npz (a.png); refusing to replace it\n"
-                                       "hint: choose another -o, or empty the folder yourself\n")
+    assert capsys.readouterr().err == f"error: output {d} is the input folder\nhint: choose another -o; inputs are never overwritten\n"
     assert main(["calib", "images", str(d), "-o", str(tmp_path / "x"), "--mean", "1,a"]) == 1
-    assert capsys.readouterr().err == "error: --mean takes comma-separated numbers, got '1,a'\n"
+    assert capsys.readouterr().err.startswith("error: --mean takes comma-separated numbers, got '1,a'\nhint: ")
 
 
 def test_cli_check(tmp_path: Path, folder: Path, capsys) -> None:

@@ -325,6 +325,46 @@ def test_no_repetition_gives_no_blocks() -> None:
     assert err.value.hint == "export with 'compress export' (it writes a block map) or pass --blocks CONTAINER"
 
 
+def _foreign_stack(*, residual: bool, dim: str | int = "?") -> onnx.ModelProto:
+    """A foreign-exporter stack (weights as Constant nodes, batch dim ``?`` or -1)::
+
+        x -> [MatMul(W_i) -> Relu (-> Add x_i if residual)] x 4 -> Identity -> y
+    """
+    rng = np.random.default_rng(3)
+    nodes, h = [], "x"
+    for i in range(4):
+        w = helper.make_tensor(f"w{i}", TensorProto.FLOAT, [16, 16], rng.normal(0, 0.3, (16, 16)).astype(np.float32))
+        nodes += [helper.make_node("Constant", [], [f"W{i}"], value=w),
+                  helper.make_node("MatMul", [h, f"W{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        out = f"r{i}"
+        if residual:
+            nodes.append(helper.make_node("Add", [h, f"r{i}"], [f"h{i}"]))
+            out = f"h{i}"
+        h = out
+    nodes.append(helper.make_node("Identity", [h], ["y"]))
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [dim, 16]) for n in ("x", "y")]
+    if dim == -1:  # helper refuses a negative dim_value; foreign exporters write one
+        for v in vi:
+            v.type.tensor_type.shape.dim[0].dim_value = -1
+    graph = helper.make_graph(nodes, "g", vi[:1], vi[1:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("dim", ["?", -1])
+def test_foreign_graph_residual_blocks_only_with_constant_node_weights(dim: str | int) -> None:
+    """Issue 10: graph-only detection proposes residual blocks only; Constant-node weights are
+    weights (heavy nodes, parameters); ``?`` and ``-1`` dims are unknown sizes."""
+    from compress.graph import GraphIndex
+
+    plain = _foreign_stack(residual=False, dim=dim)
+    assert GraphIndex(plain).type_of("x").shape == (None, 16)
+    assert blocks_from_graph(plain).blocks == ()  # VGG-like plain layers: repeated, but no skip connection
+    res = blocks_from_graph(_foreign_stack(residual=True, dim=dim))
+    assert len(res.blocks) >= 3
+    assert all(b.removable for b in res.blocks)
+    assert all(b.params == 256 for b in res.blocks)  # the 16x16 Constant node weight of each block
+
+
 def test_repeated_ops_without_weights_are_not_blocks() -> None:
     """x -> Relu -> Relu -> Relu -> y repeats, but applies no weight: not blocks."""
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),

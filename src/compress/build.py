@@ -40,6 +40,17 @@ class BuildConfig:
     ``int8_activations``: activation type of the int8 pass: ``"int8"`` (symmetric, the form
     TensorRT needs), ``"uint8"`` (asymmetric, ONNX Runtime CPU's fast U8S8 kernels) or
     ``"auto"``: int8 for ``backend="trt"``, uint8 for ``backend="ort"``.
+
+    ``target_fidelity``: every precision/sparsity pass must keep ``1 - loss`` (output cosine,
+    or top-1 agreement for logits) against its input at or above this on held-out calibration
+    batches (default 0.99); int8 and 2:4 repair themselves (nodes kept float / layers kept
+    dense, at most ``max_fallback`` of them), fp16 is only checked. A miss raises
+    :class:`~compress.passes.accuracy.FidelityTargetError` (exit code :data:`TARGET_EXIT_CODE`).
+    None turns the target off. Without real calibration data nothing can be measured: the
+    2:4 magnitude pass then runs unchecked, with a warning in its report.
+
+    ``exclude``: op types (``Softmax``), node names (``/head/Gemm``) or module paths and
+    patterns (``encoder.layer.*.output.dense``; see :func:`resolve_exclude`).
     """
 
     precision: str = "fp32"
@@ -52,6 +63,66 @@ class BuildConfig:
     legacy_precision: bool = False
     bench: BenchConfig = field(default_factory=BenchConfig)
     gates: Gates = field(default_factory=Gates)
+    target_fidelity: float | None = 0.99
+    max_fallback: float = 0.5
+    sparsity_method: str = "magnitude"
+    smoothquant: float | None = None
+
+    def __post_init__(self) -> None:
+        """Names are checked here; numbers by :class:`BenchConfig` and :class:`Gates`; inputs by :func:`build`."""
+        from compress.validate import FieldError, check_choice, check_number
+
+        check_number("BuildConfig", "target_fidelity", self.target_fidelity, low=0, high=1, low_open=True,
+                     example="0.99", optional=True)
+        check_number("BuildConfig", "max_fallback", self.max_fallback, low=0, high=1, example="0.5")
+        check_number("BuildConfig", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
+        check_choice("BuildConfig", "sparsity_method", self.sparsity_method, SPARSITY_METHODS)
+
+        check_choice("BuildConfig", "precision", self.precision, PRECISIONS)
+        check_choice("BuildConfig", "sparsity", self.sparsity, SPARSITIES, optional=True)
+        check_choice("BuildConfig", "backend", self.backend, BACKENDS)
+        check_choice("BuildConfig", "calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        check_choice("BuildConfig", "int8_activations", self.int8_activations, INT8_ACTIVATIONS)
+        names = [p.name for p in self.profiles]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise FieldError("BuildConfig", "profiles", dup, "names this input twice; give one MIN/OPT/MAX per input",
+                             example=f"{dup}:1x16/8x128/16x128")
+
+
+#: Valid values of the :class:`BuildConfig` fields with a fixed set of names.
+PRECISIONS = ("fp32", "fp16", "int8")
+SPARSITIES = ("2:4",)
+BACKENDS = ("ort", "trt")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT8_ACTIVATIONS = ("auto", "int8", "uint8")
+SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
+#: Exit code of ``compress build`` when a pass cannot reach its fidelity target (the gates use 3-6).
+TARGET_EXIT_CODE = 7
+
+
+def check_profiles(model: onnx.ModelProto, profiles: tuple[ShapeProfile, ...]) -> None:
+    """Every profile names a graph input of ``model`` with its rank; FieldError (field ``profiles``) otherwise."""
+    from compress.calib import model_input_types
+    from compress.validate import FieldError
+
+    types = model_input_types(model)
+    for p in profiles:
+        spec = f"{p.name}:{'/'.join('x'.join(map(str, s)) for s in (p.min, p.opt, p.max))}"
+        if p.name not in types:
+            raise FieldError("BuildConfig", "profiles", spec,
+                             f"the model has no input {p.name!r}; its inputs: {', '.join(types) or 'none'}",
+                             example=f"{next(iter(types), 'x')}:1x16/8x128/16x128")
+        t = types[p.name]
+        if t is not None and t.shape is not None and len(t.shape) != len(p.opt):
+            raise FieldError("BuildConfig", "profiles", spec,
+                             f"input {p.name!r} has rank {len(t.shape)} ({t.shape_str()}), the profile rank {len(p.opt)}",
+                             example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in t.shape)}")
+        for axis, d in enumerate(() if t is None or t.shape is None else t.shape):
+            if isinstance(d, int) and not p.min[axis] <= d <= p.max[axis]:
+                raise FieldError("BuildConfig", "profiles", spec,
+                                 f"input {p.name!r} has a static size {d} on axis {axis} ({t.shape_str()})",
+                                 example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in t.shape)}")
 
 
 @dataclass(frozen=True)
@@ -61,7 +132,7 @@ class BuildResult:
     engine: Engine | None
     latency: dict[str, Any]
     markdown: str
-    plot: bytes
+    plot: bytes | None  # None: matplotlib (the [plot] extra) is not installed
     benchmark: list[dict[str, Any]]
     trtexec: str
     gates: list[GateResult]
@@ -82,6 +153,8 @@ def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProf
             continue
         shape = opt.get(name)
         for axis, d in enumerate(t.shape):
+            if axis == 0 and isinstance(d, int) and d > 0:
+                batch = d  # a static batch size is the one random data must have
             if isinstance(d, str):
                 if shape is None:
                     raise ConfigError(f"input {name!r} has a dynamic dim {d!r}: no shape to benchmark",
@@ -103,19 +176,84 @@ def _time_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], bench: Ben
     return measure(lambda: sess.run(names, dict(feed)), bench), sess.get_providers()[0]
 
 
+def resolve_exclude(model: onnx.ModelProto, entries: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, int]]:
+    """``(op types, node names, nodes matched per entry)`` of ``--exclude`` entries.
+
+    An entry is, in this order: an op type of the model (``Softmax``); a node name
+    (``/head/Gemm``); a module path or pattern matched against each node's module path (the
+    block map's source: dynamo ``name_scopes`` metadata or TorchScript names), component by
+    component: ``*`` matches one component, ``**`` any number, other ``fnmatch`` wildcards
+    work inside a component, and a module excludes its submodules
+    (``encoder.layer.*.output.dense``, ``encoder.layer.5``, ``**.attention.**``); else a
+    ``fnmatch`` pattern of node names (``/encoder/*/MatMul``).
+
+    Raises:
+        ConfigError: an entry matches nothing, naming it and a few module paths of the model.
+    """
+    import fnmatch
+
+    from compress.blocks import node_module_paths
+    from compress.graph import node_keys
+
+    keys = node_keys(model.graph)
+    names = {n.name for n in model.graph.node if n.name}
+    optypes = {n.op_type for n in model.graph.node}
+    paths, _, _ = node_module_paths(model)
+    ops: list[str] = []
+    nodes: dict[str, None] = {}
+    matched: dict[str, int] = {}
+
+    def match(pattern: list[str], path: list[str]) -> bool:
+        if not pattern:
+            return True  # a module excludes its submodules
+        if pattern[0] == "**":
+            return any(match(pattern[1:], path[i:]) for i in range(len(path) + 1))
+        return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) and match(pattern[1:], path[1:])
+
+    for entry in entries:
+        looks_like_op = "/" not in entry and "." not in entry and "_" not in entry and entry[:1].isupper()
+        if (entry in optypes or looks_like_op) and entry not in names:
+            ops.append(entry)
+            matched[entry] = sum(1 for n in model.graph.node if n.op_type == entry)
+            continue
+        if entry in names:
+            nodes[entry] = None
+            matched[entry] = 1
+            continue
+        pattern = entry.split(".")
+        hits = [k for k in keys if paths.get(k) and match(pattern, paths[k].split("."))]
+        if not hits:
+            hits = [k for k in keys if fnmatch.fnmatchcase(k, entry)]
+        if not hits:
+            known = sorted({p for p in paths.values() if p})
+            sample = ", ".join(known[:4]) + (", ..." if len(known) > 4 else "")
+            raise ConfigError(f"--exclude {entry}: matches no op type, node name or module path of the model",
+                              hint=(f"module paths look like: {sample} ('compress inspect' lists the blocks)" if known
+                                    else "use node names or op types as 'compress inspect' or Netron show them"))
+        for k in hits:
+            nodes[k] = None
+        matched[entry] = len(hits)
+    return tuple(ops), tuple(nodes), matched
+
+
 def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Sparsity first (it edits FP32 weights), then the precision pass; each checked against its input.
 
-    Exclusions (``--exclude``) that look like op types (no '/' and capitalised) exclude op
-    types, the others node names.
+    Exclusions (``--exclude``) are resolved by :func:`resolve_exclude`. With a fidelity
+    target and real calibration data, each pass meets it or raises FidelityTargetError, whose
+    report then lists the passes already run and what the failing one tried.
     """
     from compress.passes import Fp16Config, Int8Config, SparsityConfig, get_pass, measure_fidelity
+    from compress.passes.accuracy import FidelityTargetError, TargetConfig, fidelity_of
 
-    ops = tuple(x for x in config.exclude if "/" not in x and x[:1].isupper() and "_" not in x)
-    nodes = tuple(x for x in config.exclude if x not in ops)
+    ops, nodes, matched = resolve_exclude(model, config.exclude)
+    measurable = calib is not None and not getattr(calib, "random", False)
+    target = (TargetConfig(fidelity=config.target_fidelity, max_fallback=config.max_fallback)
+              if config.target_fidelity is not None and measurable else None)
     steps: list[tuple[str, Any]] = []
     if config.sparsity == "2:4":
-        steps.append(("sparsity-2:4", SparsityConfig(exclude_nodes=nodes)))
+        steps.append(("sparsity-2:4", SparsityConfig(exclude_nodes=nodes, method=config.sparsity_method,
+                                                     calibration=calib if measurable else None, target=target)))
     if config.precision == "fp16":
         steps.append(("fp16", Fp16Config(block_ops=ops, block_nodes=nodes, calibration=calib)))
     elif config.precision == "int8":
@@ -123,15 +261,31 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
         if act == "auto":
             act = "int8" if config.backend == "trt" else "uint8"
         steps.append(("int8", Int8Config(calibration=calib, method=config.calibration_method,
-                                         exclude_nodes=nodes, exclude_ops=ops, activation_type=act)))
-    reports = []
+                                         exclude_nodes=nodes, exclude_ops=ops, activation_type=act,
+                                         target=target, smoothquant=config.smoothquant)))
+    reports: list[dict[str, Any]] = []
     current = model
     for name, cfg in steps:
         logger.info("pass %s", name)
-        out, report = get_pass(name).run(current, cfg)
+        try:
+            out, report = get_pass(name).run(current, cfg)
+        except FidelityTargetError as exc:
+            failed = {"name": name, "config": cfg.to_dict(), "target": exc.report, "error": exc.message}
+            raise FidelityTargetError(exc.message, hint=exc.hint,
+                                      report={"passes": reports, "failed": failed, "exclude": matched}) from None
         entry = report.to_dict()
+        if config.exclude:
+            entry["exclude"] = matched
         if calib is not None:
             entry["fidelity"] = measure_fidelity(current, out, calib)
+        if target is None and config.target_fidelity is not None:
+            entry.setdefault("warnings", []).append(
+                "fidelity target not checked: no real calibration data (pass --calib DIR)")
+        elif name == "fp16" and target is not None and fidelity_of(entry["fidelity"]) < target.fidelity:
+            raise FidelityTargetError(
+                f"fp16: fidelity {fidelity_of(entry['fidelity']):.5f} is below the target {target.fidelity}",
+                hint="keep the ops it breaks in FP32 (--exclude OP,...) or lower --target-fidelity",
+                report={"passes": reports, "failed": entry})
         reports.append(entry)
         current = out
     return current, reports
@@ -141,7 +295,12 @@ def build(
     model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
     previous: Mapping[str, Any] | None = None, names: Mapping[str, str | None], timing_cache: bytes | None = None,
 ) -> BuildResult:
-    """Run the passes, build/time the candidate (and baseline), evaluate the gates. Does not modify inputs."""
+    """Run the passes, build/time the candidate (and baseline), evaluate the gates. Does not modify inputs.
+
+    Raises:
+        FieldError: a shape profile that does not fit ``model``'s inputs (before any work).
+    """
+    check_profiles(model, config.profiles)
     if config.precision == "int8" and config.backend == "trt" and config.int8_activations == "uint8":
         raise ConfigError("--int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric "
                           "int8 (zero point 0)",
@@ -202,8 +361,19 @@ def build(
                        for g in gates]
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
     passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
-    return BuildResult(final, passes, engine, report, latency_markdown(report), plot_latency(report),
+    return BuildResult(final, passes, engine, report, latency_markdown(report), _plot(report),
                        benchmark_action_json(report), cmd, gates)
+
+
+def _plot(report: Mapping[str, Any]) -> bytes | None:
+    """latency.png, or None with a logged note when matplotlib is missing (the plot is optional)."""
+    from compress.errors import MissingDependencyError
+
+    try:
+        return plot_latency(report)
+    except MissingDependencyError as exc:
+        logger.warning("note: latency.png not written: %s (%s)", exc.message, exc.hint)
+        return None
 
 
 def write_build_files(folder: Path, result: BuildResult) -> None:
@@ -220,5 +390,6 @@ def write_build_files(folder: Path, result: BuildResult) -> None:
         write_json(folder / "engine.json", result.engine.info)
     write_json(folder / "latency.json", result.latency)
     write_text(folder / "latency.md", result.markdown)
-    write_bytes(folder / "latency.png", result.plot)
+    if result.plot is not None:
+        write_bytes(folder / "latency.png", result.plot)
     write_json(folder / "benchmark.json", result.benchmark)

@@ -3,7 +3,10 @@
 Format (see ``calib/README.md``): a folder of ``.npz`` files, or one ``.npz`` file. Each
 file holds one array per model input, named exactly like the input, with the batch
 (sample) axis first; all arrays of a file hold the same number of samples. A file is one
-batch, or is split into batches of ``batch_size`` samples along axis 0.
+batch, or is split into batches of ``batch_size`` samples along axis 0. An input the model
+gives no batch axis (Flux's 2-D ``img_ids``/``txt_ids``: a leading dim that is not the batch
+dim of the other inputs, see :func:`shared_inputs`) is *shared*: saved with its own shape,
+passed whole to every batch, never split.
 
 * :func:`load_calibration` reads only the array headers (names, dtypes, shapes), never
   the data; :func:`iter_batches` streams the data one file at a time.
@@ -18,6 +21,7 @@ batch, or is split into batches of ``batch_size`` samples along axis 0.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -31,6 +35,14 @@ import onnx
 
 from compress.errors import CalibrationError, ConfigError, MissingDependencyError
 from compress.graph import GraphIndex, TensorType, value_type
+
+#: Largest ``ImageOptions.size`` (pixels) and ``TextOptions.max_length`` (tokens): bounds on what one batch allocates.
+MAX_IMAGE_SIDE = 4096
+MAX_TEXT_LENGTH = 1 << 16
+
+#: Most batches, and values per batch (all inputs together; 1 GiB of float32), of random calibration data.
+MAX_RANDOM_BATCHES = 100_000
+MAX_RANDOM_ELEMENTS = 1 << 28
 
 #: File suffixes :func:`find_images` picks up (case-insensitive).
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -61,17 +73,19 @@ class CalibrationFile:
     """One ``.npz`` file (or one generated random batch): where it is and what it holds.
 
     ``path`` is the file as the user named it (None for random batches); ``name`` is its
-    short display name (relative to the calibration folder), used in reports.
+    short display name (relative to the calibration folder), used in reports. ``shared``
+    names the arrays without a batch axis (passed whole to every batch).
     """
 
     path: Path | None
     name: str
     arrays: tuple[ArraySpec, ...]
+    shared: frozenset[str] = frozenset()
 
     @property
     def samples(self) -> int:
-        """Samples in the file (the common leading dim of its arrays)."""
-        return self.arrays[0].shape[0]
+        """Samples in the file (the common leading dim of its batched arrays)."""
+        return next(a.shape[0] for a in self.arrays if a.name not in self.shared)
 
     def label(self) -> str:
         """How errors name the file: its path as given, or its display name."""
@@ -151,6 +165,40 @@ def _unreadable(path: Path, reason: str) -> CalibrationError:
                             hint="re-save it with np.savez(path, **{input_name: array}); " + _README)
 
 
+#: Largest size ratio of a deflated .npz member to its compressed bytes (deflate's limit is ~1032:1);
+#: a member claiming more is refused before anything is allocated.
+MAX_DEFLATE_RATIO = 1100
+#: Most arrays one calibration file may hold, and most bytes of data (a file is read whole).
+MAX_ARRAYS = 10_000
+MAX_FILE_BYTES = 4 << 30
+
+
+def _check_member(path: Path, info: zipfile.ZipInfo, archive_size: int) -> None:
+    """A zip member's declared sizes are possible for this archive (checked before reading it)."""
+    name = info.filename
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _unreadable(path, f"member {name!r} uses zip compression method {info.compress_type}; "
+                                "only stored and deflated members (np.savez, np.savez_compressed) are read")
+    if info.compress_size > archive_size:
+        raise _unreadable(path, f"member {name!r} claims {info.compress_size} bytes, more than the whole file "
+                                f"({archive_size} bytes)")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise _unreadable(path, f"member {name!r} is stored uncompressed but claims {info.file_size} bytes "
+                                f"in {info.compress_size}")
+    if info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 4096:
+        raise _unreadable(path, f"member {name!r} claims {info.file_size} bytes from {info.compress_size} compressed "
+                                f"bytes, more than deflate can produce (a zip bomb?)")
+
+
+def _check_data_size(path: Path, info: zipfile.ZipInfo, header_end: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The header's shape x itemsize is exactly the member's data: no allocation from a lying header."""
+    expected = math.prod(shape) * dtype.itemsize
+    have = info.file_size - header_end
+    if expected != have:
+        raise _unreadable(path, f"array {info.filename[:-4]!r}: its header claims shape {_shape_str(shape)} of "
+                                f"{dtype.name} ({expected} bytes), but the file holds {max(have, 0)} bytes of data")
+
+
 def _read_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -162,8 +210,13 @@ def _read_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(d) for d in shape), np.dtype(dtype)
 
 
-def read_npz_header(path: Path, *, name: str) -> CalibrationFile:
+def read_npz_header(path: Path, *, name: str, shared: frozenset[str] | None = None) -> CalibrationFile:
     """Names, dtypes and shapes of the arrays in ``path``, without reading their data.
+
+    ``shared`` names arrays without a batch axis (from the model, :func:`shared_inputs`);
+    when it is None and the leading sizes differ, the arrays whose leading size is not the
+    one most arrays share (a strict majority of at least two arrays) are taken as shared;
+    :func:`check_calibration` then checks that against the model.
 
     Raises:
         CalibrationError: the file is not a readable .npz, holds no arrays, a non-numeric or
@@ -171,12 +224,28 @@ def read_npz_header(path: Path, *, name: str) -> CalibrationFile:
     """
     specs: list[ArraySpec] = []
     try:
+        archive_size, total = path.stat().st_size, 0
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
+            members = zf.infolist()
+            if len(members) > MAX_ARRAYS:
+                raise _unreadable(path, f"it holds {len(members)} members (at most {MAX_ARRAYS} arrays are read)")
+            for info in members:
                 if not info.filename.endswith(".npy"):
                     raise _unreadable(path, f"member {info.filename!r} is not a .npy array")
+                _check_member(path, info, archive_size)
                 with zf.open(info) as f:
                     shape, dtype = _read_header(f)
+                    header_end = f.tell()
+                if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+                    raise CalibrationError(
+                        f"{path}: array '{info.filename[:-4]}' has dtype {dtype.descr if dtype.fields else dtype}; "
+                        "calibration arrays must be numeric or bool",
+                        hint="save plain numeric arrays (no objects, strings or structured dtypes)")
+                _check_data_size(path, info, header_end, shape, dtype)
+                total += math.prod(shape) * dtype.itemsize
+                if total > MAX_FILE_BYTES:
+                    raise CalibrationError(f"{path}: its arrays hold more than {MAX_FILE_BYTES >> 30} GiB; a calibration "
+                                           "file is read whole", hint="split the data into several .npz files")
                 specs.append(ArraySpec(info.filename[: -len(".npy")], dtype.name, shape))
     except CalibrationError:
         raise
@@ -193,15 +262,25 @@ def read_npz_header(path: Path, *, name: str) -> CalibrationFile:
         if not s.shape:
             raise CalibrationError(f"{path}: array '{s.name}' is a scalar; calibration arrays need a leading batch axis",
                                    hint="save it with shape [N, ...], e.g. x[None] for a single sample")
-    sizes = {s.shape[0] for s in specs}
-    if len(sizes) > 1:
+    given = shared is not None
+    shared = frozenset(n for n in (shared or ()) if n in {s.name for s in specs})
+    counts: dict[int, int] = {}
+    for s in specs:
+        if s.name not in shared:
+            counts[s.shape[0]] = counts.get(s.shape[0], 0) + 1
+    ranked = sorted(counts.values(), reverse=True)
+    if len(counts) > 1 and not given and ranked[0] >= 2 and ranked[0] > ranked[1]:
+        batch = max(counts, key=lambda k: counts[k])
+        shared = frozenset(s.name for s in specs if s.shape[0] != batch)
+    elif len(counts) > 1 or not counts:
         listed = ", ".join(f"{s.name}={s.shape[0]}" for s in specs)
         raise CalibrationError(f"{path}: arrays have different batch sizes (axis 0): {listed}",
                                hint="all arrays of one file must hold the same samples along axis 0")
-    if 0 in sizes:
-        raise CalibrationError(f"{path}: array '{specs[0].name}' has 0 samples (shape {_shape_str(specs[0].shape)})",
+    first = next(s for s in specs if s.name not in shared)
+    if 0 in counts:
+        raise CalibrationError(f"{path}: array '{first.name}' has 0 samples (shape {_shape_str(first.shape)})",
                                hint="remove the file or save at least one sample in it")
-    return CalibrationFile(path, name, tuple(specs))
+    return CalibrationFile(path, name, tuple(specs), shared)
 
 
 def _shape_str(shape: Sequence[object]) -> str:
@@ -223,7 +302,8 @@ def _describe(name: str, files: int, samples: int, batches: int, batch_size: int
     return text + ")"
 
 
-def load_calibration(path: str | os.PathLike[str], *, batch_size: int | None = None) -> CalibrationSet:
+def load_calibration(path: str | os.PathLike[str], *, batch_size: int | None = None,
+                     shared: frozenset[str] | None = None) -> CalibrationSet:
     """Open calibration data: a folder of ``.npz`` files (sorted by name) or one ``.npz`` file.
 
     Reads only the array headers; the data is read by :func:`iter_batches`. Other files in
@@ -233,6 +313,8 @@ def load_calibration(path: str | os.PathLike[str], *, batch_size: int | None = N
         path: the folder or file.
         batch_size: split each file into batches of this many samples along axis 0 (the
             last batch of a file may be smaller); None keeps one batch per file.
+        shared: inputs without a batch axis (:func:`shared_inputs` of the model); None
+            infers them per file (see :func:`read_npz_header`).
 
     Raises:
         ConfigError: ``batch_size`` is not positive.
@@ -240,7 +322,8 @@ def load_calibration(path: str | os.PathLike[str], *, batch_size: int | None = N
             file is malformed (see :func:`read_npz_header`).
     """
     if batch_size is not None and batch_size <= 0:
-        raise ConfigError(f"--batch-size must be a positive number of samples, got {batch_size}")
+        raise ConfigError(f"--batch-size must be a positive number of samples, got {batch_size}",
+                          hint="e.g. --batch-size 8, or leave it out for one batch per file")
     p = Path(path)
     hint = "pass a folder of .npz files or one .npz file; " + _README
     if p.is_dir():
@@ -249,11 +332,11 @@ def load_calibration(path: str | os.PathLike[str], *, batch_size: int | None = N
             raise CalibrationError(f"no .npz files in {p}",
                                    hint="save one batch per file with np.savez(path, **{input_name: array}); " + _README)
         display = (p.name or p.resolve().name) + "/"
-        files = tuple(read_npz_header(q, name=display + q.name) for q in paths)
+        files = tuple(read_npz_header(q, name=display + q.name, shared=shared) for q in paths)
     elif p.is_file():
         if p.suffix != ".npz":
             raise CalibrationError(f"{p} is not a .npz file", hint=hint)
-        files = (read_npz_header(p, name=p.name),)
+        files = (read_npz_header(p, name=p.name, shared=shared),)
         display = p.name
     else:
         raise CalibrationError(f"calibration data not found: {p}", hint=hint)
@@ -288,7 +371,33 @@ def _check_names(f: CalibrationFile, expected: Sequence[str]) -> None:
                                    hint=f"model inputs: {', '.join(expected)}; remove the array or rename it to the input it feeds")
 
 
-def _check_array(f: CalibrationFile, a: ArraySpec, t: TensorType, batch_sizes: set[int]) -> None:
+def shared_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Inputs of ``model`` without a batch axis (Flux's 2-D ``img_ids``/``txt_ids``).
+
+    The batch dim is the symbolic leading dim most inputs share, when some input has one
+    (then an input with a static or other leading dim is shared); for a model with static
+    leading dims only, it is the size that a strict majority of at least two inputs share.
+    An input whose leading dim is another one is shared. Empty when the inputs agree or no
+    batch dim can be told. Does not modify ``model``.
+    """
+    leading = {n: t.shape[0] for n, t in model_input_types(model).items() if t is not None and t.shape}
+    leading = {n: d for n, d in leading.items() if d is not None}
+    symbols = [d for d in leading.values() if isinstance(d, str)]
+    if symbols:
+        batch: Any = max(dict.fromkeys(symbols), key=symbols.count)  # ties: the first
+    else:
+        counts: dict[Any, int] = {}
+        for d in leading.values():
+            counts[d] = counts.get(d, 0) + 1
+        ranked = sorted(counts.values(), reverse=True)
+        if len(counts) < 2 or ranked[0] < 2 or ranked[0] == ranked[1]:
+            return frozenset()
+        batch = max(counts, key=lambda k: counts[k])
+    return frozenset(n for n, d in leading.items() if d != batch)
+
+
+def _check_array(f: CalibrationFile, a: ArraySpec, t: TensorType, batch_sizes: set[int], *,
+                 batched: bool = True) -> None:
     if a.dtype != t.dtype:
         raise CalibrationError(
             f"{f.label()}: input '{a.name}' has dtype {a.dtype} but the model expects {t.dtype}",
@@ -301,7 +410,7 @@ def _check_array(f: CalibrationFile, a: ArraySpec, t: TensorType, batch_sizes: s
             f"{f.label()}: input '{a.name}' has rank {len(a.shape)} (shape {_shape_str(a.shape)}) "
             f"but the model expects rank {len(t.shape)} ({model_shape})",
             hint="save arrays with the model input's shape, batch axis first")
-    if isinstance(t.shape[0], int):
+    if batched and isinstance(t.shape[0], int):
         bad = sorted(b for b in batch_sizes if b != t.shape[0])
         if bad:
             raise CalibrationError(
@@ -310,7 +419,7 @@ def _check_array(f: CalibrationFile, a: ArraySpec, t: TensorType, batch_sizes: s
                 hint=f"pass --batch-size {t.shape[0]}" if t.shape[0] == 1 else
                      f"pass --batch-size {t.shape[0]} and save a multiple of {t.shape[0]} samples in every file")
     for axis, (got, want) in enumerate(zip(a.shape, t.shape, strict=True)):
-        if axis > 0 and isinstance(want, int) and got != want:
+        if (axis > 0 or not batched) and isinstance(want, int) and got != want:
             raise CalibrationError(
                 f"{f.label()}: input '{a.name}' axis {axis} has size {got} but the model expects {want} ({model_shape})",
                 hint="save arrays with the model input's shape, batch axis first")
@@ -321,14 +430,17 @@ def check_calibration(calib: CalibrationSet, model: onnx.ModelProto) -> None:
 
     Checks, per file: one array per model input and no other, equal dtypes (data is never
     cast), equal ranks, static dims (axis 0 against the batch sizes after splitting), and
-    that arrays sharing a symbolic dim agree on its size. NaN/Inf are found while streaming
-    (:func:`iter_batches`). Does not modify ``model``.
+    that arrays sharing a symbolic dim agree on its size. Arrays a file holds as shared
+    (no batch axis) must be inputs the model gives no batch axis (:func:`shared_inputs`),
+    checked on axis 0 like any static dim; such an input held with a batch axis may not be
+    split. NaN/Inf are found while streaming (:func:`iter_batches`). Does not modify ``model``.
 
     Raises:
         CalibrationError: naming the file, the input and the fix.
     """
     types = model_input_types(model)
     expected = list(types)
+    unbatched = shared_inputs(model)
     used = sorted({b.file for b in calib.batches})
     sizes: dict[int, set[int]] = {}
     for b in calib.batches:
@@ -343,15 +455,34 @@ def check_calibration(calib: CalibrationSet, model: onnx.ModelProto) -> None:
             if t is None:
                 continue
             a = by_name[name]
-            _check_array(f, a, t, sizes[i])
+            batched = _check_shared(f, a, t, name in unbatched, calib)
+            _check_array(f, a, t, sizes[i], batched=batched)
             for axis, d in enumerate(t.shape or ()):
-                if axis == 0 or not isinstance(d, str):
+                if (axis == 0 and batched) or not isinstance(d, str):
                     continue  # the batch axis is checked by batch size; splitting makes it vary
                 first = symbols.setdefault(d, (name, a.shape[axis]))
                 if first[1] != a.shape[axis]:
                     raise CalibrationError(
                         f"{f.label()}: inputs '{first[0]}' and '{name}' disagree on dim '{d}' ({first[1]} vs {a.shape[axis]})",
                         hint="arrays that share a model dim must have the same size along it")
+
+
+def _check_shared(f: CalibrationFile, a: ArraySpec, t: TensorType, unbatched: bool, calib: CalibrationSet) -> bool:
+    """Whether array ``a`` is split along axis 0; errors when the file and the model disagree."""
+    shape = _shape_str(t.shape) if t.shape is not None else "?"
+    if a.name in f.shared and not unbatched:
+        raise CalibrationError(
+            f"{f.label()}: array '{a.name}' has {a.shape[0]} along axis 0 but the file's other arrays hold "
+            f"{f.samples} samples, and model input '{a.name}' has a batch axis ({shape})",
+            hint="all arrays of one file must hold the same samples along axis 0")
+    if unbatched and a.name not in f.shared:
+        whole = all(b.start == 0 and b.stop == f.samples for b in calib.batches if calib.files[b.file] is f)
+        if not whole:
+            raise CalibrationError(
+                f"{f.label()}: model input '{a.name}' has no batch axis ({shape}) but the file is split into "
+                f"batches along axis 0", hint="drop --batch-size (one batch per file); a shared input is passed whole")
+        return True  # passed whole: the file is one batch
+    return a.name not in f.shared
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +545,8 @@ def iter_batches(calib: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
         if b.start == 0 and b.stop == calib.files[b.file].samples:
             yield dict(arrays)
         else:
-            yield {k: v[b.start : b.stop] for k, v in arrays.items()}
+            shared = calib.files[b.file].shared
+            yield {k: v if k in shared else v[b.start : b.stop] for k, v in arrays.items()}
 
 
 class CalibrationReader:
@@ -535,7 +667,8 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         CalibrationError: an input has a dim without a value, no shape, or a non-numeric dtype.
     """
     if batches <= 0 or batch_size <= 0:
-        raise ConfigError(f"random calibration needs at least one batch of one sample, got {batches} batches of {batch_size}")
+        raise ConfigError(f"random calibration needs at least one batch of one sample, got {batches} batches of {batch_size}",
+                          hint="e.g. --random-calib 4 --random-dims batch=2")
     dims = dict(dims or {})
     types = model_input_types(model)
     known = sorted({d for t in types.values() if t and t.shape for d in t.shape[1:] if isinstance(d, str)})
@@ -543,8 +676,17 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         if name not in known:
             raise ConfigError(f"random calibration: the model has no symbolic dim '{name}'",
                               hint=f"symbolic dims of its inputs (besides the batch axis): {', '.join(known) or 'none'}")
+    if batches > MAX_RANDOM_BATCHES:
+        raise ConfigError(f"random calibration: {batches} batches; at most {MAX_RANDOM_BATCHES} are made",
+                          hint="random inputs are for smoke tests: e.g. --random-calib 4")
     index = GraphIndex(model)
     specs = tuple(_random_spec(n, t, index, batch_size=batch_size, dims=dims) for n, t in types.items())
+    elements = sum(math.prod(s.shape) for s in specs)
+    if elements > MAX_RANDOM_ELEMENTS:
+        shapes = ", ".join(f"{s.name} {_shape_str(s.shape)}" for s in specs)
+        raise ConfigError(f"random calibration: one batch would hold {elements} values ({shapes}); "
+                          f"at most {MAX_RANDOM_ELEMENTS} are made",
+                          hint="use a smaller batch size or smaller dims (e.g. --random-dims batch=2,seq=128)")
     arrays = tuple(ArraySpec(s.name, s.dtype, s.shape) for s in specs)
     files = tuple(CalibrationFile(None, f"random batch {i}", arrays) for i in range(batches))
     extra = "".join(f", {k}={v}" for k, v in sorted(dims.items()))
@@ -563,7 +705,8 @@ def split_calibration(calib: CalibrationSet, *, holdout: float) -> tuple[Calibra
         CalibrationError: fewer than two batches, or nothing would be left to calibrate on.
     """
     if not 0.0 < holdout < 1.0:
-        raise ConfigError(f"holdout must be a fraction between 0 and 1 (exclusive), got {holdout}")
+        raise ConfigError(f"holdout must be a fraction between 0 and 1 (exclusive), got {holdout}",
+                          hint="e.g. --holdout 0.25 (a quarter of the batches for verification)")
     n = len(calib.batches)
     h = max(1, round(holdout * n))
     if h >= n:
@@ -601,10 +744,12 @@ class TextOptions:
     token_type_ids: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if not 2 <= self.max_length <= MAX_TEXT_LENGTH:
+            raise ConfigError(f"--max-length must be between 2 and {MAX_TEXT_LENGTH} tokens, got {self.max_length}",
+                              hint="e.g. --max-length 128 (special tokens included)")
         if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be a positive number of samples, got {self.batch_size}")
+            raise ConfigError(f"--batch-size must be a positive number of samples, got {self.batch_size}",
+                              hint="e.g. --batch-size 8")
 
 
 def split_texts(text: str) -> list[str]:
@@ -716,19 +861,28 @@ class ImageOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise ConfigError(f"--size must be a positive number of pixels, got {self.size}")
+        if not 0 < self.size <= MAX_IMAGE_SIDE:
+            raise ConfigError(f"--size must be between 1 and {MAX_IMAGE_SIDE} pixels, got {self.size}",
+                              hint="e.g. --size 224")
         if self.crop is not None and not 0 < self.crop <= self.size:
-            raise ConfigError(f"--crop must be between 1 and --size ({self.size}) pixels, got {self.crop}")
+            raise ConfigError(f"--crop must be between 1 and --size ({self.size}) pixels, got {self.crop}",
+                              hint="e.g. --size 256 --crop 224, or leave --crop out to keep the whole --size")
         for flag, values in (("--mean", self.mean), ("--std", self.std)):
             if len(values) not in (1, 3):
-                raise ConfigError(f"{flag} takes 1 or 3 comma-separated values (R,G,B), got {len(values)}")
+                raise ConfigError(f"{flag} takes 1 or 3 comma-separated values (R,G,B), got {len(values)}",
+                                  hint=f"e.g. {flag} 0.5 or {flag} 0.485,0.456,0.406")
+        for flag, values in (("--mean", self.mean), ("--std", self.std), ("--scale", (self.scale,))):
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                raise ConfigError(f"{flag} {','.join(map(str, values))}: must be finite numbers (not nan or inf)",
+                                  hint=f"e.g. {flag} {'255' if flag == '--scale' else '0.5'}")
         if any(s == 0 for s in self.std) or self.scale == 0:
-            raise ConfigError("--std and --scale must be non-zero")
+            raise ConfigError("--std and --scale must be non-zero",
+                              hint="e.g. --scale 255 --std 0.229,0.224,0.225 (ImageNet), or --scale 1 --std 128")
         if self.layout not in ("NCHW", "NHWC"):
-            raise ConfigError(f"--layout must be NCHW or NHWC, got {self.layout!r}")
+            raise ConfigError(f"--layout must be NCHW or NHWC, got {self.layout!r}", hint="e.g. --layout NCHW")
         if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be a positive number of samples, got {self.batch_size}")
+            raise ConfigError(f"--batch-size must be a positive number of samples, got {self.batch_size}",
+                              hint="e.g. --batch-size 8")
 
     @property
     def crop_size(self) -> int:
@@ -776,15 +930,33 @@ def preprocess_image(image: Any, options: ImageOptions) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1) if options.layout == "NCHW" else arr)
 
 
+#: Largest image decoded, in pixels (64 megapixels: 192 MB as RGB); checked from the header, before decoding.
+MAX_IMAGE_PIXELS = 1 << 26
+#: Largest ratio of an image's longer side to its shorter side: resizing the shorter side to
+#: ``size`` multiplies the longer one, so a 1 x 20000 strip would become 224 x 4,480,000.
+MAX_IMAGE_ASPECT = 20
+
+
 def _open_image(path: Path, options: ImageOptions) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    hint = "remove or replace the file"
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only: the size is known before any pixel is decoded
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+                raise CalibrationError(f"{path}: a {w} x {h} image; at most {MAX_IMAGE_PIXELS} pixels are decoded",
+                                       hint="downscale it first, or remove it")
+            if max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
+                raise CalibrationError(f"{path}: a {w} x {h} image is more than {MAX_IMAGE_ASPECT} times longer "
+                                       "than wide; resizing its shorter side would make it huge",
+                                       hint="crop it to the part that matters, or remove it")
             img.load()
             return preprocess_image(img, options)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise CalibrationError(f"{path} is not a readable image: {exc}", hint="remove or replace the file") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (frames, chunk sizes)
+        raise CalibrationError(f"{path} is too large to decode safely: {str(exc)[:200]}", hint=hint) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # SyntaxError: some PIL plugins
+        raise CalibrationError(f"{path} is not a readable image: {str(exc)[:200]}", hint=hint) from None
 
 
 def image_batches(paths: Sequence[str | os.PathLike[str]], *,
@@ -820,7 +992,7 @@ def parse_floats(text: str, *, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}", hint=f"e.g. {flag} 0.5,0.5,0.5") from None
 
 
 def summarize_batches(shapes: Sequence[Mapping[str, tuple[str, tuple[int, ...]]]]) -> str:

@@ -48,7 +48,10 @@ Method
    *hoisted* side nodes (nodes producing no stream tensor whose results are read outside
    the group, e.g. mask building placed in the first layer, and their side ancestors),
    described by :func:`compress.blocks.make_block` and named ``graph.0``, ``graph.1``, ...
-   in graph order.
+   in graph order. A run is kept only when one of its blocks is *residual*: a stream output
+   carries the block's input on a residual path (:func:`compress.blocks.residual_sources`:
+   a skip connection); runs of plain layers (VGG's conv-ReLU stages, Inception branches)
+   are repeated structure but no removable block, and are not proposed.
 
 Limitations: blocks read by a tensor that stays live across them (an encoder output read
 by every decoder layer, DenseNet-style concatenations, U-Net skips) have no cuts and are
@@ -64,7 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compress.blocks import Block, BlockMap, hoisted_nodes, make_block
+from compress.blocks import Block, BlockMap, hoisted_nodes, make_block, residual_sources
 from compress.graph import GraphIndex, node_inputs
 
 #: Longest repeating group of segments considered (a BERT layer has 4: attn, LN, ffn, LN).
@@ -160,7 +163,7 @@ def _is_noop(index: GraphIndex, node: onnx.NodeProto) -> bool:
 
 
 def _numel(index: GraphIndex, name: str) -> int:
-    init = index.initializers.get(name)
+    init = index.weight_tensor(name)  # an initializer or a Constant node's value
     if init is not None:
         return int(np.prod(init.dims)) if len(init.dims) else 1
     t = index.type_of(name)
@@ -380,11 +383,23 @@ def blocks_from_graph(model: onnx.ModelProto, *, index: GraphIndex | None = None
     blocks: list[Block] = []
     prev: str | None = None
     for run in sorted(taken, key=lambda r: r.start):
+        group: list[Block] = []
         for g in range(run.reps):
             lo = bounds[run.start + g * run.period]
             hi = bounds[run.start + (g + 1) * run.period]
             keys = _without_hoisted(index, stream, order[lo + 1 : hi + 1])
-            block = make_block(index, len(blocks), f"graph.{len(blocks)}", keys, previous_output=prev)
-            blocks.append(block)
+            block = make_block(index, len(blocks) + len(group), f"graph.{len(blocks) + len(group)}", keys,
+                               previous_output=prev)
+            group.append(block)
             prev = block.output
+        if any(_is_residual(index, b) for b in group):
+            blocks.extend(group)
+        else:  # plain layers (VGG, Inception branches): no residual path, not proposed
+            prev = blocks[-1].output if blocks else None
     return BlockMap(("graph",), "graph", tuple(blocks))
+
+
+def _is_residual(index: GraphIndex, block: Block) -> bool:
+    """Whether some stream output of ``block`` carries its input on a residual path (a skip connection)."""
+    keys = set(block.nodes)
+    return any(st.input in residual_sources(index, st.output, keys) for st in block.streams)

@@ -2,23 +2,32 @@
 
 Anything a user can fix (a bad path, flag, model or calibration file) raises a
 :class:`CompressError` subclass. The CLI catches exactly this type, prints
-``error: <message>`` and, when present, ``hint: <hint>`` on stderr and exits 1.
-Everything else is a bug and keeps its traceback.
+``error: <message>`` and ``hint: <hint>`` on stderr and exits 1. Every error carries a
+hint: ``hint`` is a required, non-empty argument (``tests/test_hostile_outputs.py`` also
+scans ``src/`` for raises without one). Anything else reaching the CLI is a bug in
+compress: it is reported as ``error: internal error (a bug in compress): ...`` with exit
+code 2, and its traceback is printed only with ``-v``.
 """
 
 from __future__ import annotations
 
 
 class CompressError(Exception):
-    """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it."""
+    """A user-facing error: ``message`` says what is wrong, ``hint`` how to fix it.
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    Both are required and non-empty; a message names the file, tensor, node or flag at
+    fault, and a hint says what to do (an example value, a flag to pass, a file to fix).
+    """
+
+    def __init__(self, message: str, *, hint: str) -> None:
+        if not isinstance(hint, str) or not hint.strip():
+            raise TypeError(f"{type(self).__name__}({message!r}) needs a non-empty hint")
         super().__init__(message)
         self.message = message
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+        return f"{self.message} (hint: {self.hint})"
 
 
 class ModelError(CompressError):
@@ -42,7 +51,11 @@ class ConfigError(CompressError):
 
 
 class OutputError(CompressError):
-    """An output path cannot be written (exists, missing folder, equals an input)."""
+    """An output path cannot be written (exists, missing folder, equals an input, not a regular file)."""
+
+
+class TrustError(ModelError):
+    """An input would run code (a pickled payload) and ``--trust-code`` was not given."""
 
 
 class BuildError(CompressError):

@@ -35,7 +35,7 @@ import onnx
 
 from compress import onnx_io
 from compress.blocks import BlockMap, find_blocks, node_module_paths
-from compress.errors import BlockError, ConfigError, ExportError, MissingDependencyError, ModelError
+from compress.errors import BlockError, ConfigError, ExportError, MissingDependencyError, ModelError, TrustError
 from compress.log import logger
 from compress.registry import Registry
 
@@ -145,10 +145,15 @@ class ExportConfig:
                 hint=f"use --opset {MIN_DYNAMO_OPSET} or higher (a down-converted model loses its module "
                      "metadata), or --exporter torchscript",
             )
+        for flag, value in (("--atol", self.atol), ("--rtol", self.rtol), ("--min-cosine", self.min_cosine)):
+            if not math.isfinite(value):  # nan passes every comparison: the parity check would always pass
+                raise ConfigError(f"{flag} {value}: must be a finite number (not nan or inf)",
+                                  hint="e.g. --atol 1e-4 --rtol 1e-3 --min-cosine 0.9999 (the defaults)")
         if self.atol < 0 or self.rtol < 0:
-            raise ConfigError(f"tolerances must be >= 0 (--atol {self.atol}, --rtol {self.rtol})")
+            raise ConfigError(f"tolerances must be >= 0 (--atol {self.atol}, --rtol {self.rtol})",
+                              hint="e.g. --atol 1e-4 --rtol 1e-3 (the defaults)")
         if not -1.0 <= self.min_cosine <= 1.0:
-            raise ConfigError(f"--min-cosine {self.min_cosine} is not in [-1, 1]")
+            raise ConfigError(f"--min-cosine {self.min_cosine} is not in [-1, 1]", hint="e.g. --min-cosine 0.9999 (the default)")
 
 
 @dataclass(frozen=True)
@@ -300,12 +305,14 @@ def _fd_silenced() -> Iterator[None]:
 def _model_kind(spec: str) -> str:
     if spec.startswith("hf:"):
         return "hf"
+    if spec.startswith("diffusers:"):
+        return "diffusers"
     if spec.endswith(".pt2"):
         return "pt2"
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ModelError(
-            f"MODEL {spec!r} is not package.module:callable, path/to/file.py:callable, hf:PATH or a .pt2 file",
+            f"MODEL {spec!r} is not package.module:callable, path/to/file.py:callable, hf:PATH, diffusers:PATH or a .pt2 file",
             hint="e.g. 'torchvision.models:resnet18', 'net.py:build', 'hf:./all-MiniLM-L6-v2' or 'model.pt2'",
         )
     return "file" if target.endswith(".py") or "/" in target or os.sep in target else "module"
@@ -316,6 +323,8 @@ def model_files(spec: str) -> tuple[Path, ...]:
     kind = _model_kind(spec)
     if kind == "hf":
         return (Path(spec[3:]),)
+    if kind == "diffusers":
+        return (Path(spec.removeprefix("diffusers:")),)
     if kind == "pt2":
         return (Path(spec),)
     if kind == "file":
@@ -323,23 +332,37 @@ def model_files(spec: str) -> tuple[Path, ...]:
     return ()
 
 
-def load_torch_model(spec: str, *, weights: str | os.PathLike[str] | None = None, verbose: bool = False) -> TorchModel:
-    """Load MODEL: ``package.module:callable``, ``path/to/file.py:callable``, ``hf:PATH`` or ``FILE.pt2``.
+def load_torch_model(spec: str, *, weights: str | os.PathLike[str] | None = None, verbose: bool = False,
+                     trust_code: bool = False) -> TorchModel:
+    """Load MODEL: ``package.module:callable``, ``path/to/file.py:callable``, ``hf:PATH``, ``diffusers:PATH`` or ``FILE.pt2``.
 
     A callable returns an ``nn.Module`` or ``(module, example_inputs)`` with example inputs a
     tuple of tensors or a dict name -> tensor. ``hf:PATH`` loads a local Hugging Face folder
-    with ``transformers.AutoModel`` offline (``HF_HUB_OFFLINE=1``) and provides ``input_ids``,
-    ``attention_mask`` (and ``token_type_ids`` where ``forward`` takes them), batch 2 x sequence
-    16, dynamic on both axes. ``.pt2`` is a saved ``torch.export`` program.
+    offline (``HF_HUB_OFFLINE=1`` while loading, restored afterwards) with
+    ``transformers.AutoModelForCausalLM`` for causal LMs (output ``logits``) or
+    ``transformers.AutoModel`` otherwise, ``use_cache`` off, and provides ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids`` where ``forward`` takes them and the config has
+    a token-type embedding, ``type_vocab_size``), batch 2 x sequence 16, dynamic on both axes.
+    ``diffusers:PATH`` loads a saved diffusers model folder offline, with a plain forward
+    (:func:`diffusers_for_export`) and example inputs from its config
+    (:func:`diffusers_example_inputs`). ``.pt2`` is a saved ``torch.export`` program; nothing in it
+    is unpickled unless ``trust_code`` (see :func:`check_pt2_archive`).
+
+    Exceptions raised by the user's code (importing the module or file, calling the
+    callable) are reported as ModelError naming the callable, ``SystemExit`` included
+    (so a callable that exits cannot make the command report success); only
+    KeyboardInterrupt (Ctrl-C, SIGTERM) passes through.
 
     Args:
         spec: the MODEL string.
         weights: a state dict file (``torch.save(model.state_dict())``), loaded strictly.
         verbose: let torch/transformers print their own logs.
+        trust_code: allow a ``.pt2`` archive with pickled payloads (unpickling runs code).
 
     Raises:
         ModelError: MODEL cannot be found, imported or called, returns no module, or the
             weights are not a checkpoint or do not fit.
+        TrustError: a ``.pt2`` archive holds pickled payloads and ``trust_code`` is false.
     """
     kind = _model_kind(spec)
     _import_torch()
@@ -347,9 +370,11 @@ def load_torch_model(spec: str, *, weights: str | os.PathLike[str] | None = None
         if weights is not None:
             raise ConfigError("--weights cannot be loaded into a saved torch.export program (.pt2)",
                               hint="the program holds its weights; export it again from the module with the weights loaded")
-        return _load_pt2(spec)
+        return _load_pt2(spec, trust_code=trust_code)
     if kind == "hf":
         loaded = _load_hf(spec, verbose=verbose)
+    elif kind == "diffusers":
+        loaded = _load_diffusers(spec, verbose=verbose)
     else:
         loaded = _load_callable(spec, kind)
     if weights is not None:
@@ -357,14 +382,118 @@ def load_torch_model(spec: str, *, weights: str | os.PathLike[str] | None = None
     return loaded
 
 
-def _load_pt2(spec: str) -> TorchModel:
+#: Longest payload config (JSON) or sample-input member of a .pt2 archive that is read for the check.
+_PT2_MAX_MEMBER = 64 << 20
+
+_TRUST_HINT = ("unpickling runs code: pass --trust-code only for an archive you made or trust "
+               "(or save the program again with plain tensors: torch.export.save)")
+
+
+def check_pt2_archive(path: Path) -> None:
+    """Refuse a ``.pt2`` archive that ``torch.export.load`` would unpickle, without unpickling anything.
+
+    ``torch.export.load`` (``torch/export/pt2_archive/_package.py``,
+    ``torch/_export/serde/serialize.py``) calls ``torch.load(weights_only=False)``,
+    ``pickle.loads`` or ``torch._C._pickle_load_obj`` on: weights and constants whose
+    payload config says ``use_pickle``; custom and opaque objects among the constants;
+    legacy ``data/weights/<model>.pt`` / ``data/constants/<model>.pt`` files; and the
+    example inputs (``data/sample_inputs/<model>.pt``) when ``weights_only=True`` fails
+    on them. Compiled AOTInductor code is native code. This function reads the zip's
+    directory and payload configs (JSON) and loads the example inputs with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        ModelError: not a zip archive; TrustError: a payload would run code.
+    """
+    import io
+    import json
+    import zipfile
+
+    import torch
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelError(f"{path} is not a saved torch.export program (torch.export.load fails with {type(exc).__name__})",
+                         hint="write it with torch.export.save(torch.export.export(module, args), 'model.pt2')") from None
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            parts = info.filename.split("/", 1)
+            rel = parts[1] if len(parts) == 2 else parts[0]
+            name = rel.rsplit("/", 1)[-1]
+            why = None
+            if rel.startswith("data/aotinductor/"):
+                why = "compiled AOTInductor code"
+            elif rel.startswith(("data/weights/", "data/constants/")) and name.endswith(".pt"):
+                why = "a pickled (legacy format) weights or constants file"
+            elif rel.startswith("data/constants/") and name.startswith(("custom_obj", "opaque_obj")):
+                why = "a pickled custom object"
+            elif rel.startswith(("data/weights/", "data/constants/")) and name.endswith("_config.json"):
+                if info.file_size > _PT2_MAX_MEMBER:
+                    why = f"a payload config of {info.file_size} bytes"
+                else:
+                    try:
+                        config = json.loads(zf.read(info).decode("utf-8")).get("config", {})
+                        pickled = sorted(k for k, v in config.items() if isinstance(v, dict) and v.get("use_pickle"))
+                    except (ValueError, AttributeError, UnicodeDecodeError):
+                        raise ModelError(f"{path}: {info.filename} is not a valid payload config",
+                                         hint="save the program again with torch.export.save") from None
+                    if pickled:
+                        why = f"pickled tensors ({', '.join(pickled[:3])})"
+            elif rel.startswith("data/sample_inputs/") and info.file_size:
+                if info.file_size > _PT2_MAX_MEMBER:
+                    why = f"example inputs of {info.file_size} bytes"
+                else:
+                    try:
+                        torch.load(io.BytesIO(zf.read(info)), weights_only=True)
+                    except Exception:
+                        why = "example inputs that torch.load(weights_only=True) refuses (a pickle of other objects)"
+            if why is not None:
+                raise TrustError(f"{path}: {info.filename} holds {why}; refusing to load it", hint=_TRUST_HINT)
+
+
+@contextlib.contextmanager
+def _no_unpickling() -> Iterator[None]:
+    """While active, ``torch.load`` runs only with ``weights_only=True`` and plain unpickling raises.
+
+    A second line of defence behind :func:`check_pt2_archive` for ``torch.export.load``
+    (which falls back to ``weights_only=False``); restored on exit.
+    """
+    import pickle
+    from unittest import mock
+
+    import torch
+
+    real_load = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("weights_only") is False:
+            raise TrustError("torch.export.load asked to unpickle a payload", hint=_TRUST_HINT)
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise TrustError("torch.export.load asked to unpickle an object", hint=_TRUST_HINT)
+
+    with mock.patch.object(torch, "load", safe_load), mock.patch.object(pickle, "loads", refuse), \
+            mock.patch.object(torch._C, "_pickle_load_obj", refuse, create=True):
+        yield
+
+
+def _load_pt2(spec: str, *, trust_code: bool = False) -> TorchModel:
     import torch
 
     path = Path(spec)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}", hint="check the path of the .pt2 file")
+    if not trust_code:
+        check_pt2_archive(path)
     try:
-        program = torch.export.load(str(path))
+        with contextlib.nullcontext() if trust_code else _no_unpickling():
+            program = torch.export.load(str(path))
+    except TrustError as exc:
+        raise TrustError(f"{path}: {exc.message}; refusing to load it", hint=exc.hint) from None
     except Exception as exc:
         raise ModelError(f"{path} is not a saved torch.export program (torch.export.load fails with {type(exc).__name__})",
                          hint="write it with torch.export.save(torch.export.export(module, args), 'model.pt2')") from None
@@ -375,7 +504,40 @@ def _load_pt2(spec: str) -> TorchModel:
     return TorchModel(program, example, "pt2", path.name, (), (path,))
 
 
+#: ``architectures`` suffixes in a Hugging Face config.json that mark a causal (decoder) LM.
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` while active; restore both on exit."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a transformers config describes a causal LM (``architectures`` ends in ``ForCausalLM``/``LMHeadModel``)."""
+    return any(str(a).endswith(_CAUSAL_LM_SUFFIXES) for a in (getattr(config, "architectures", None) or ()))
+
+
 def _load_hf(spec: str, *, verbose: bool) -> TorchModel:
+    """``hf:FOLDER``: a local transformers folder, loaded offline, exported as a plain forward.
+
+    Causal LMs (config ``architectures`` ``*ForCausalLM`` / ``*LMHeadModel``) load with
+    ``AutoModelForCausalLM`` and get a plain ``forward(input_ids, attention_mask)`` returning
+    ``{"logits": ...}`` (:func:`plain_forward`: no cache or int arguments for the exporters
+    to trace); other models load with ``AutoModel``.
+    ``use_cache`` is switched off (no ``DynamicCache`` in the outputs, which the dynamo
+    exporter cannot return). The offline environment variables are restored afterwards.
+    """
     import torch
 
     path = Path(spec[3:])
@@ -383,21 +545,31 @@ def _load_hf(spec: str, *, verbose: bool) -> TorchModel:
         what = "Hugging Face model folder not found:" if not path.is_dir() else "no config.json in Hugging Face model folder"
         raise ModelError(f"{what} {path}",
                          hint="hf: takes a local Hugging Face model folder (with config.json); nothing is downloaded")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError:
-        raise MissingDependencyError("transformers", purpose="hf: models", extra="hf") from None
-    try:
-        with quiet(not verbose):
-            module = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ModelError(f"cannot load the Hugging Face model in {path}: {_first_line(exc)}",
-                         hint="the folder needs config.json and the weights (model.safetensors or pytorch_model.bin)") from None
+    with _hub_offline():  # huggingface_hub reads HF_HUB_OFFLINE when first imported
+        try:
+            import transformers
+        except ImportError:
+            raise MissingDependencyError("transformers", purpose="hf: models", extra="hf") from None
+        try:
+            with quiet(not verbose):
+                config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+                causal = is_causal_lm(config)
+                auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+                module = auto.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"cannot load the Hugging Face model in {path}: {_first_line(exc)}",
+                             hint="the folder needs config.json and the weights (model.safetensors or pytorch_model.bin)") from None
+    if hasattr(module.config, "use_cache"):
+        module.config.use_cache = False  # a plain forward: no key/value cache among the outputs
     module.eval()
     params = inspect.signature(module.forward).parameters
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in params else [])
+    # GPT-2's forward takes token_type_ids too, but adds their *word* embeddings: only models
+    # with a token-type embedding (type_vocab_size, BERT-like) get them.
+    typed = "token_type_ids" in params and int(getattr(module.config, "type_vocab_size", 0) or 0) > 0
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if typed else [])
+    if causal:  # forward(input_ids, attention_mask[, token_type_ids]) -> {"logits"}: no int/cache arguments traced
+        module = plain_forward(module, names, {"use_cache": False, "return_dict": True},
+                              lambda out: {"logits": out.logits})
     vocab = int(getattr(module.config, "vocab_size", 1000) or 1000)
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -408,6 +580,162 @@ def _load_hf(spec: str, *, verbose: bool) -> TorchModel:
     example = {n: inputs[n] for n in names}
     dynamic = tuple(DynamicAxis(n, a, label) for n in names for a, label in ((0, "batch"), (1, "sequence")))
     return TorchModel(module, example, "hf", f"hf:{path.resolve().name}", dynamic, (path,))
+
+
+#: Non-tensor arguments passed to every diffusers model (besides ``return_dict=False``).
+_DIFFUSERS_FIXED = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+#: Largest latent side of the derived example inputs (a real model's ``sample_size`` is 64-128).
+_DIFFUSERS_MAX_SIDE = 32
+
+
+def _tensor_params(forward: Any) -> list[str]:
+    """Parameters of a diffusers ``forward`` annotated as a (optional) tensor, in order."""
+    names = []
+    for p in inspect.signature(forward).parameters.values():
+        text = str(p.annotation)
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _DIFFUSERS_FIXED or p.name == "return_dict":
+            continue
+        if "Tensor" in text and not any(w in text for w in ("list", "tuple", "dict", "List", "Tuple", "Dict")):
+            names.append(p.name)
+    return names
+
+
+def diffusers_example_inputs(module: Any, *, batch: int = 2, text_tokens: int = 8) -> dict[str, Any]:
+    """Example inputs of a diffusers transformer, derived from its config and ``forward``.
+
+    For each tensor parameter of ``forward`` that the config can size (others are left out):
+
+    - ``hidden_states``: ``(batch, in_channels, S, S)`` with ``S = min(sample_size, 32)``
+      rounded down to a multiple of ``patch_size``; a model without ``sample_size`` whose
+      forward takes ``img_ids`` (Flux) gets packed tokens ``(batch, 16, in_channels)``.
+    - ``encoder_hidden_states``: ``(batch, 8, D)``, D = ``joint_attention_dim``,
+      ``caption_channels`` or ``cross_attention_dim`` (the first the config has).
+    - ``pooled_projections``: ``(batch, pooled_projection_dim)``; ``timestep``: ``(batch,)``
+      floats in [0, 1000) ([0, 1) for Flux, which scales by 1000 itself; int64 when the model
+      embeds classes); ``class_labels``:
+      ``(batch,)`` in [0, num_embeds_ada_norm); ``guidance``: ``(batch,)`` when
+      ``guidance_embeds``; ``img_ids``/``txt_ids``: 2-D ``(tokens, 3)`` position ids (no
+      batch axis, diffusers' current Flux API).
+
+    Floats come from a generator seeded with 0. Raises ModelError when ``hidden_states``
+    cannot be sized (pass ``--input`` then).
+    """
+    import torch
+
+    cfg = dict(module.config)
+    params = getattr(type(module), "export_inputs", None) or _tensor_params(type(module).forward)
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {}
+    channels = cfg.get("in_channels")
+    if channels is None or "hidden_states" not in params:
+        raise ModelError(f"cannot derive example inputs for {type(module).__name__}: its config has no in_channels "
+                         "or its forward no hidden_states", hint="pass every input with --input NAME:SHAPE[:DTYPE]")
+    tokens = 16
+    if cfg.get("sample_size") is None and "img_ids" in params:
+        out["hidden_states"] = torch.randn(batch, tokens, channels, generator=g)
+    else:
+        sample = cfg.get("sample_size") or _DIFFUSERS_MAX_SIDE
+        sample = sample[0] if isinstance(sample, list | tuple) else sample
+        patch = int(cfg.get("patch_size") or 1)
+        side = max(patch, min(int(sample), _DIFFUSERS_MAX_SIDE) // patch * patch)
+        out["hidden_states"] = torch.randn(batch, channels, side, side, generator=g)
+    text_dim = next((cfg[k] for k in ("joint_attention_dim", "caption_channels", "cross_attention_dim") if cfg.get(k)), None)
+    if "encoder_hidden_states" in params and text_dim:
+        out["encoder_hidden_states"] = torch.randn(batch, text_tokens, int(text_dim), generator=g)
+    if "pooled_projections" in params and cfg.get("pooled_projection_dim"):
+        out["pooled_projections"] = torch.randn(batch, int(cfg["pooled_projection_dim"]), generator=g)
+    classes = cfg.get("num_embeds_ada_norm") if "class_labels" in params else None
+    if "timestep" in params:
+        scale = 1.0 if "img_ids" in params else 1000.0  # Flux multiplies its timestep by 1000 itself
+        out["timestep"] = (torch.randint(0, 1000, (batch,), generator=g) if classes
+                           else torch.rand(batch, generator=g) * scale)
+    if classes:
+        out["class_labels"] = torch.randint(0, int(classes), (batch,), generator=g)
+    if "guidance" in params and cfg.get("guidance_embeds"):
+        out["guidance"] = torch.full((batch,), 3.5)
+    if "img_ids" in params and out["hidden_states"].dim() == 3:
+        side = int(math.isqrt(tokens))
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        out["img_ids"] = torch.stack([torch.zeros(tokens), rows.flatten().float(), cols.flatten().float()], dim=1)
+    if "txt_ids" in params:
+        out["txt_ids"] = torch.zeros(text_tokens, 3)
+    return out
+
+
+def plain_forward(module: Any, names: Sequence[str], fixed: Mapping[str, Any], pick: Callable[[Any], Any]) -> Any:
+    """Replace ``module``'s class (in place) by a subclass with a plain ``forward(*names)``.
+
+    The new ``forward`` takes ``names`` (all optional, by name or position), calls the
+    original with the given ones plus ``fixed`` (non-tensor arguments such as
+    ``return_dict=False``) and returns ``pick(output)``. The class keeps its name and module
+    paths are unchanged (``transformer_blocks.0``); it lists ``names`` in ``export_inputs``.
+    """
+    base = type(module)
+    original = base.forward
+    names = tuple(names)
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = dict(zip(names, args, strict=False))  # fewer positional args than names is fine
+        bound.update(kwargs)
+        return pick(original(self, **{k: v for k, v in bound.items() if v is not None}, **fixed))
+
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names])
+    forward.__doc__ = f"{base.__name__}.forward({', '.join(names)}) with {', '.join(f'{k}=...' for k in fixed)}."
+    module.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
+                                                     "export_inputs": names})
+    return module
+
+
+def diffusers_for_export(module: Any) -> Any:
+    """Give a diffusers model a plain ``forward``: tensors in by name, the sample tensor out.
+
+    :func:`plain_forward` over the tensor parameters of the original (:func:`_tensor_params`),
+    called with ``return_dict=False`` (and ``added_cond_kwargs`` of no extra conditions
+    where the model takes it), returning the first element.
+    """
+    original = type(module).forward
+    takes = set(inspect.signature(original).parameters)
+    fixed = {**{k: v for k, v in _DIFFUSERS_FIXED.items() if k in takes}, "return_dict": False}
+    return plain_forward(module, _tensor_params(original), fixed, lambda out: out[0] if isinstance(out, tuple) else out)
+
+
+def _load_diffusers(spec: str, *, verbose: bool) -> TorchModel:
+    """``diffusers:FOLDER``: a model saved with diffusers' ``save_pretrained`` (config.json with ``_class_name``)."""
+    import json
+
+    path = Path(spec.removeprefix("diffusers:"))
+    hint = "diffusers: takes a folder written by a diffusers model's save_pretrained (config.json with _class_name)"
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        what = "diffusers model folder not found:" if not path.is_dir() else "no config.json in diffusers model folder"
+        raise ModelError(f"{what} {path}", hint=hint)
+    try:
+        class_name = json.loads(config_path.read_text(encoding="utf-8")).get("_class_name")
+    except (ValueError, OSError, AttributeError) as exc:
+        raise ModelError(f"{config_path.name} in {path.name} is not a JSON object: {_first_line(exc)}", hint=hint) from None
+    if not isinstance(class_name, str) or not class_name:
+        raise ModelError(f"{config_path.name} in {path.name} has no _class_name", hint=hint)
+    with _hub_offline():  # huggingface_hub reads HF_HUB_OFFLINE when first imported
+        try:
+            import diffusers
+        except ImportError:
+            raise MissingDependencyError("diffusers", purpose="diffusers: models", extra="diffusers") from None
+        cls = getattr(diffusers, class_name, None)
+        if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin):
+            raise ModelError(f"{path.name}: _class_name {class_name!r} is not a diffusers model class "
+                             f"(diffusers {diffusers.__version__})", hint=hint)
+        try:
+            with quiet(not verbose):
+                module = cls.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"cannot load the diffusers model in {path.name}: {_first_line(exc)}",
+                             hint="the folder needs config.json and the weights "
+                                  "(diffusion_pytorch_model.safetensors)") from None
+    module = diffusers_for_export(module.eval())
+    example = diffusers_example_inputs(module)
+    return TorchModel(module, example, "diffusers", f"diffusers:{path.resolve().name}", (), (path,))
 
 
 def _load_callable(spec: str, kind: str) -> TorchModel:
@@ -426,8 +754,10 @@ def _load_callable(spec: str, kind: str) -> TorchModel:
         except ImportError as exc:
             raise ModelError(f"cannot import module {target!r} (MODEL {spec}): {_first_line(exc)}",
                              hint="install it or put its folder on PYTHONPATH, or pass path/to/file.py:callable") from None
-        except Exception as exc:
-            raise ModelError(f"importing {target!r} failed: {type(exc).__name__}: {_first_line(exc)}",
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # user code: SystemExit too
+            raise ModelError(f"importing {target!r} failed: {_user_exception(exc)}",
                              hint="fix the error in the module") from None
         name, files = spec, ()
     obj: Any = mod
@@ -442,8 +772,10 @@ def _load_callable(spec: str, kind: str) -> TorchModel:
     elif callable(obj):
         try:
             result = obj()
-        except Exception as exc:
-            raise ModelError(f"calling {attr}() failed: {type(exc).__name__}: {_first_line(exc)}",
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # user code: SystemExit too
+            raise ModelError(f"calling {attr}() failed: {_user_exception(exc)}",
                              hint="the callable must build the model without arguments") from None
     else:
         raise ModelError(f"{attr} in {name.rpartition(':')[0]} is a {type(obj).__name__}, not a callable",
@@ -469,9 +801,12 @@ def _import_file(path: Path) -> Any:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except KeyboardInterrupt:
         sys.modules.pop(mod_name, None)
-        raise ModelError(f"importing {path.name} failed: {type(exc).__name__}: {_first_line(exc)}",
+        raise
+    except BaseException as exc:  # user code: SystemExit too
+        sys.modules.pop(mod_name, None)
+        raise ModelError(f"importing {path.name} failed: {_user_exception(exc)}",
                          hint="fix the error in the file") from None
     finally:
         with contextlib.suppress(ValueError):
@@ -533,6 +868,13 @@ def _load_weights(module: Any, path: Path) -> None:
                          hint="the checkpoint must be this model's state_dict (loaded strictly)") from None
 
 
+def _user_exception(exc: BaseException) -> str:
+    """``TYPE: first line`` of an exception raised by user code (``SystemExit(0)`` says it exited)."""
+    if isinstance(exc, SystemExit):
+        return f"it raised SystemExit({exc.code!r}) (called sys.exit or exit) instead of returning"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
 def _first_line(exc: BaseException) -> str:
     text = _ANSI.sub("", str(exc)).strip()
     return onnx_io.strip_host_paths(text.splitlines()[0]) if text else type(exc).__name__
@@ -572,9 +914,11 @@ def find_block_containers(module: Any) -> list[str]:
     """Block containers of a torch module, found from its module tree.
 
     The longest ``nn.ModuleList``/``nn.Sequential`` (ties: the first) whose >= 2 children
-    all have the same type, plus every other such container with that child type that is
-    not nested in (or around) one already chosen (``layer1``..``layer4`` of a ResNet).
-    Returns module paths (``encoder.layer``); empty when there is none.
+    all have the same type, plus every other such container with that child type, or with a
+    child type the model declares as a repeated block (``_repeated_blocks`` or
+    ``_no_split_modules`` of diffusers/transformers models: Flux's double- and single-stream
+    blocks), that is not nested in (or around) one already chosen (``layer1``..``layer4`` of
+    a ResNet). Returns module paths (``encoder.layer``); empty when there is none.
     """
     torch = _import_torch()
     found: list[tuple[str, type, int]] = []
@@ -587,10 +931,11 @@ def find_block_containers(module: Any) -> list[str]:
     if not found:
         return []
     best = max(found, key=lambda f: f[2])  # max keeps the first of equals
+    declared = {str(n) for attr in ("_repeated_blocks", "_no_split_modules") for n in (getattr(module, attr, None) or ())}
     chosen = [best[0]]
     for name, cls, _ in found:
         nested = any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in chosen)
-        if cls is best[1] and not nested:
+        if (cls is best[1] or (best[1].__name__ in declared and cls.__name__ in declared)) and not nested:
             chosen.append(name)
     return chosen
 
@@ -729,22 +1074,29 @@ def _export_torchscript(module: Any, call: _Call, config: ExportConfig, output_n
 
 
 def export_error(exc: BaseException, config: ExportConfig) -> ExportError:
-    """An ExportError for an exception raised by ``torch.onnx.export``, naming the op when it can."""
+    """An ExportError for an exception raised by ``torch.onnx.export``, naming the op when it can.
+
+    Only a dynamo failure suggests the other exporter (TorchScript): the two exporters' hints
+    never send the user back and forth. A key/value cache among the outputs (``DynamicCache``)
+    gets its own hint (``use_cache=False``).
+    """
     text = _ANSI.sub("", str(exc))
     op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
-    other = "torchscript" if config.exporter == "dynamo" else "dynamo"
+    fallback = "try --exporter torchscript or a newer --opset" if config.exporter == "dynamo" else "try a newer --opset"
     if op is not None:
         return ExportError(
             f"the {config.exporter} exporter cannot convert operator {op} to ONNX (opset {config.opset})",
-            hint=f"try --exporter {other} or a newer --opset, or replace {op} in the model",
+            hint=f"{fallback}, or replace {op} in the model",
         )
     summary = text.split("## Exception summary", 1)[-1]
     first = next((ln.strip() for ln in summary.splitlines() if ln.strip()), type(exc).__name__)
     first = re.sub(r"^<class '[\w.]+'>: ", "", first)
-    return ExportError(
-        f"torch.onnx.export ({config.exporter}) failed: {onnx_io.strip_host_paths(first)[:400]}",
-        hint=f"try --exporter {other} or a newer --opset; -v shows the exporter's own log",
-    )
+    if "DynamicCache" in text or "past_key_values" in text:
+        hint = ("the model returns a key/value cache: call it with use_cache=False and return_dict=False "
+                "(hf:FOLDER does this for you); -v shows the exporter's own log")
+    else:
+        hint = f"{fallback}; -v shows the exporter's own log"
+    return ExportError(f"torch.onnx.export ({config.exporter}) failed: {onnx_io.strip_host_paths(first)[:400]}", hint=hint)
 
 
 @contextlib.contextmanager
@@ -938,8 +1290,14 @@ def export_model(
     try:
         if not is_program:
             module.eval()
-        with torch.no_grad():
-            reference = _leaves(runner(*call.args, **call.kwargs))
+        try:
+            with torch.no_grad():
+                reference = _leaves(runner(*call.args, **call.kwargs))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the user's forward: SystemExit too
+            raise ModelError(f"running the model on the example inputs failed: {_user_exception(exc)}",
+                             hint="check the example inputs (--input NAME:SHAPE[:DTYPE]) against forward's arguments") from None
         if not reference:
             raise ExportError("the model returns no tensors", hint="forward must return a tensor, or a tuple/dict of tensors")
         output_names = [n for n, _ in reference]
@@ -948,9 +1306,9 @@ def export_model(
         try:
             with quiet(not config.verbose), torch.no_grad():
                 raw = EXPORTERS.get(config.exporter)(module, call, config, output_names)
-        except (ConfigError, MissingDependencyError):
+        except (ConfigError, MissingDependencyError, KeyboardInterrupt):
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # SystemExit: the user's forward exited while being traced
             raise export_error(exc, config) from None
         export_s = time.perf_counter() - start
     finally:

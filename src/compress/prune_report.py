@@ -45,9 +45,12 @@ def prune_markdown(report: dict[str, Any]) -> str:
            ["mean abs error", f["mean_abs"]]]
     if f.get("top1") is not None:
         fid += [["top-1 agreement", f["top1"]], ["KL(original || pruned)", f["kl"]]]
+    if f.get("agreement") is not None:
+        fid.append(["exact agreement (integer outputs)", f["agreement"]])
     fid.append([f"fidelity loss ({f['loss_metric']})", f["loss"]])
     lines += ["", "Fidelity against the original on held-out calibration data:", "",
               markdown_table(["measure", "value"], fid)]
+    lines += _mask_lines(report) + _heal_lines(report)
     if lat:
         unstable = [f"{k} (CoV {lat[k]['cov_pct']:.1f}%)" for k in ("original", "pruned") if lat[k]["cov_pct"] > UNSTABLE_COV_PCT]
         if unstable:
@@ -57,6 +60,41 @@ def prune_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Measured / ideal speedup: {fmt(lat['efficiency_ratio'])} "
                       "(ideal from the removed blocks' share of time, each block timed alone)."]
     return "\n".join(lines) + "\n"
+
+
+def _mask_lines(report: dict[str, Any]) -> list[str]:
+    """Which padding mask the scores used and how many tokens were real."""
+    metrics = report.get("scores") or {}
+    first = next(iter(metrics.values()), None)
+    details = (first or {}).get("details") or {}
+    if not details.get("masked"):
+        return []
+    tokens, positions = details.get("tokens"), details.get("positions")
+    t = tokens[0] if isinstance(tokens, list) and tokens else tokens
+    p = positions[0] if isinstance(positions, list) and positions else positions
+    return ["", f"Scores use real tokens only (padding mask): {t} of {p} positions per block boundary."]
+
+
+def _heal_lines(report: dict[str, Any]) -> list[str]:
+    """The healing table: per span, the fit's residual and the held-out loss with and without the map."""
+    heal = report.get("heal")
+    if not heal or not heal.get("spans"):
+        return []
+    rows = []
+    for s in heal["spans"]:
+        st = [x for x in s["streams"] if "residual" in x]
+        rows.append([", ".join(s["blocks"]), ", ".join(x["stream"] for x in st) or "-",
+                     max((x["residual"] for x in st), default=None),
+                     max((x["skip_residual"] for x in st if x["skip_residual"] is not None), default=None),
+                     s.get("loss_without"), s.get("loss_with"), "yes" if s["accepted"] else "no"])
+    w, wo = heal["fidelity_with"], heal["fidelity_without"]
+    notes = [f"- {', '.join(s['blocks'])}: {s['note']}" for s in heal["spans"] if s.get("note")]
+    return ["", f"Healing (ridge {heal['ridge']:g}, fitted on {heal['fit_batches']} scoring batches"
+            + (f", real tokens of `{heal['token_mask']}`" if heal.get("token_mask") else "") + "):", "",
+            markdown_table(["span", "streams", "fit residual", "residual without map", "held-out loss without",
+                            "with", "healed"], rows), "",
+            f"Held-out fidelity: loss {fmt(wo['loss'])} -> {fmt(w['loss'])}, cosine {fmt(wo['cosine'])} -> "
+            f"{fmt(w['cosine'])} ({heal['healed_spans']} of {len(heal['spans'])} spans healed).", *notes]
 
 
 def sweep_markdown(report: dict[str, Any]) -> str:

@@ -52,8 +52,12 @@ class ShapeProfile:
             raise ConfigError(f"--shapes {spec!r}: dims must be integers joined by 'x'",
                               hint="e.g. --shapes x:1x3x224x224/8x3x224x224/16x3x224x224") from None
         lo, opt, hi = (dims * 3)[:3] if len(dims) == 1 else dims
+        if any(d < 1 for d in (*lo, *opt, *hi)):
+            raise ConfigError(f"--shapes {spec!r}: every dim must be at least 1",
+                              hint="e.g. --shapes x:1x3x224x224/8x3x224x224/16x3x224x224")
         if not (len(lo) == len(opt) == len(hi)) or any(a > b or b > c for a, b, c in zip(lo, opt, hi, strict=True)):
-            raise ConfigError(f"--shapes {spec!r}: need equal ranks and MIN <= OPT <= MAX in every dim")
+            raise ConfigError(f"--shapes {spec!r}: need equal ranks and MIN <= OPT <= MAX in every dim",
+                              hint="e.g. --shapes x:1x3x224x224/8x3x224x224/16x3x224x224")
         return cls(name, lo, opt, hi)
 
     def trtexec(self) -> tuple[str, str, str]:

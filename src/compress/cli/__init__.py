@@ -1,18 +1,36 @@
 """The ``compress`` command line: a thin layer over the public API.
 
 Each subcommand lives in ``compress/cli/<name>.py`` and registers itself with
-:data:`COMMANDS` through :func:`command`. :func:`main` is the one place that catches
-:class:`~compress.errors.CompressError`: it prints ``error: ...`` / ``hint: ...`` on
-stderr and returns 1. Failed quality gates return their own codes (see ``build``).
+:data:`COMMANDS` through :func:`command`. :func:`main` is the one place that turns
+exceptions into exit codes, each with one ``error:`` and one ``hint:`` line on stderr:
+
+==========  =================================================================
+exit code   meaning
+==========  =================================================================
+0           success
+1           a user error (:class:`~compress.errors.CompressError`)
+2           a usage error (argparse), or an internal error: anything else that
+            reaches :func:`main` is a bug in compress; its traceback is printed
+            only with ``-v``
+3-6         a failed gate (``compress build`` / ``compress run``; see
+            :data:`compress.latency.GATE_EXIT_CODES`)
+130         interrupted (SIGINT, Ctrl-C)
+143         terminated (SIGTERM); handled like SIGINT: temporary files are removed
+==========  =================================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 from compress import __version__
 from compress.errors import CompressError
@@ -81,21 +99,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit codes of :func:`main` besides 0 and the gates' (see the module docstring).
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
+
+#: Longest exception text an internal-error line shows.
+_MAX_INTERNAL_MESSAGE = 300
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives, so that cleanup runs as for Ctrl-C.
+
+    A subclass of KeyboardInterrupt: code that removes temporary files in ``finally``
+    blocks or ``except BaseException`` handlers treats both signals alike, and ``except
+    Exception`` (library code wrapping errors) never swallows it.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises :class:`Terminated`; the old handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _internal_error(exc: BaseException, *, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > _MAX_INTERNAL_MESSAGE:
+        text = text[: _MAX_INTERNAL_MESSAGE - 3] + "..."
+    print(f"error: internal error (a bug in compress): {type(exc).__name__}: {text}", file=sys.stderr)
+    print("hint: re-run with -v for the traceback and report it" if not verbose
+          else "hint: the traceback is above; please report it", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``compress`` console script; returns the exit code."""
+    """Entry point of the ``compress`` console script; returns the exit code.
+
+    0 success; 1 user error (one ``error:`` and one ``hint:`` line); 2 usage error or
+    internal error (a bug: ``error: internal error (a bug in compress): TYPE: MESSAGE``,
+    the traceback only with ``-v``); 3-6 failed gates; 130 SIGINT; 143 SIGTERM.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
-    configure_logging(args.verbose - args.quiet)
+    verbose = getattr(args, "verbose", 0) > 0
+    configure_logging(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_raises():
+            return int(args._run(args) or 0)
     except CompressError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        print(f"hint: {exc.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        print("hint: temporary files were removed; outputs not yet complete were not written", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        print("hint: temporary files were removed; outputs not yet complete were not written", file=sys.stderr)
+        return EXIT_SIGINT
+    except BaseException as exc:  # noqa: BLE001 - anything else is a bug (SystemExit from a command included)
+        return _internal_error(exc, verbose=verbose)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,27 @@ def load_model_and_blocks(path: str, *, spec: str | None) -> tuple[onnx.ModelPro
     model = load_model(path)
     sidecar = block_map_path(path)
     saved = read_json(sidecar, what="block map") if sidecar.is_file() and not spec else None
+    if saved is not None:
+        from compress.validate import check_block_map
+
+        check_block_map(saved, source=str(sidecar))
     return model, find_blocks(model, spec=spec, block_map=saved)
+
+
+@contextlib.contextmanager
+def flag_errors(flags: Mapping[str, str | tuple[str, Any]]) -> Iterator[None]:
+    """Report a config :class:`~compress.validate.FieldError` by its flag instead of its field.
+
+    ``flags`` maps a field name (or ``Owner.field``) to its flag, or to ``(flag, value as
+    typed)`` where the CLI converts the value (``--warmup-ms`` -> ``warmup_s``).
+    """
+    from compress.validate import FieldError, as_flags
+
+    try:
+        yield
+    except FieldError as exc:
+        key = f"{exc.owner}.{exc.field}"
+        raise as_flags(exc, {exc.field: flags[key]} if key in flags else flags) from None
 
 
 def print_json(obj: Any) -> None:
@@ -68,7 +90,7 @@ def _parse_dims(spec: str | None) -> dict[str, int]:
 
 def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
     """The CalibrationSet chosen by ``--calib`` / ``--random-calib``, checked against ``model``."""
-    from compress.calib import check_calibration, load_calibration, random_calibration
+    from compress.calib import check_calibration, load_calibration, random_calibration, shared_inputs
     from compress.errors import ConfigError
 
     if args.calib and args.random_calib:
@@ -78,7 +100,7 @@ def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
         batch = dims.pop("batch", args.batch_size or 1)  # axis 0 is the batch axis whatever its name
         calib = random_calibration(model, batches=args.random_calib, batch_size=batch, dims=dims, seed=0)
     elif args.calib:
-        calib = load_calibration(args.calib, batch_size=args.batch_size)
+        calib = load_calibration(args.calib, batch_size=args.batch_size, shared=shared_inputs(model) or None)
     else:
         raise ConfigError("calibration data is required", hint="pass --calib DIR (or --random-calib N for a smoke test)")
     check_calibration(calib, model)

@@ -18,26 +18,35 @@ from compress.calib import (
     iter_batches,
     load_calibration,
     parse_floats,
+    shared_inputs,
     split_texts,
     summarize_batches,
     text_batches,
 )
 from compress.cli import command
 from compress.errors import CalibrationError
-from compress.onnx_io import atomic_folder, load_model
-from compress.onnx_io import check_output_folder as _check_folder
+from compress.onnx_io import load_model
+from compress.outputs import Outputs
 
 
-def check_output_folder(path: str | os.PathLike[str], *, force: bool) -> Path:
-    """An output folder for calibration batches: with ``force`` only a folder of .npz files is replaced."""
-    return _check_folder(path, force=force, replaceable=lambda e: e.is_file() and e.suffix == ".npz", what=".npz")
+def plan_output_folder(path: str | os.PathLike[str], *, force: bool,
+                       inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Outputs:
+    """The output guard of a batch folder, checked: with ``force`` only a folder of .npz files is replaced."""
+    outs = Outputs(force=force)
+    for p in inputs:
+        outs.add_input(p)
+    outs.folder(path, replaceable=lambda e: e.is_file() and e.suffix == ".npz", what=".npz files")
+    outs.check()
+    return outs
 
 
-def write_batches(batches: Iterable[dict[str, np.ndarray]], out: Path) -> tuple[int, int, str]:
-    """Write ``batch_0000.npz``, ... into ``out`` atomically; return (files, samples, summary)."""
+def write_batches(batches: Iterable[dict[str, np.ndarray]], outs: Outputs) -> tuple[int, int, str]:
+    """Write ``batch_0000.npz``, ... into the planned folder of ``outs``, all at once; return (files, samples, summary)."""
     shapes: list[dict[str, tuple[str, tuple[int, ...]]]] = []
     samples = 0
-    with atomic_folder(out) as tmp:
+    (out,) = outs.paths
+    with outs.writing() as stage:
+        tmp = stage.path(out)
         for i, batch in enumerate(batches):
             np.savez(tmp / f"batch_{i:04d}.npz", **batch)
             shapes.append({k: (v.dtype.name, tuple(v.shape)) for k, v in batch.items()})
@@ -64,7 +73,8 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 
 
 def _run_text(args: argparse.Namespace) -> int:
-    out = check_output_folder(args.output, force=args.force)
+    outs = plan_output_folder(args.output, force=args.force, inputs=[args.textfile, args.tokenizer])
+    out = outs.paths[0]
     src = Path(args.textfile)
     if not src.is_file():
         raise CalibrationError(f"text file not found: {src}", hint="pass a UTF-8 text file with one text per line")
@@ -76,23 +86,24 @@ def _run_text(args: argparse.Namespace) -> int:
         raise CalibrationError(f"{src} holds no texts (all lines are empty)", hint="write one text per line")
     opts = TextOptions(max_length=args.max_length, batch_size=args.batch_size, pad_to_max=args.pad_to_max,
                        token_type_ids=not args.no_token_type_ids)
-    _print_summary(out, write_batches(text_batches(texts, tokenizer=args.tokenizer, options=opts), out))
+    _print_summary(out, write_batches(text_batches(texts, tokenizer=args.tokenizer, options=opts), outs))
     return 0
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    out = check_output_folder(args.output, force=args.force)
+    outs = plan_output_folder(args.output, force=args.force, inputs=[args.imgdir])
+    out = outs.paths[0]
     opts = ImageOptions(size=args.size, crop=args.crop, mean=parse_floats(args.mean, flag="--mean"),
                         std=parse_floats(args.std, flag="--std"), scale=args.scale, layout=args.layout,
                         input_name=args.input_name, batch_size=args.batch_size)
     batches = image_batches(find_images(args.imgdir), options=opts)
-    _print_summary(out, write_batches(batches, out))
+    _print_summary(out, write_batches(batches, outs))
     return 0
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    calib = load_calibration(args.data, batch_size=args.batch_size)
     model = load_model(args.model)
+    calib = load_calibration(args.data, batch_size=args.batch_size, shared=shared_inputs(model) or None)
     check_calibration(calib, model)
     shapes = [{k: (v.dtype.name, tuple(v.shape)) for k, v in b.items()} for b in iter_batches(calib)]
     print(f"ok: {calib.description}, {len(calib)} batches fit {Path(args.model).name}: {summarize_batches(shapes)}")

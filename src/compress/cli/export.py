@@ -13,7 +13,8 @@ from compress.cli import command
 from compress.cli._common import block_map_path, print_json
 from compress.errors import ConfigError
 from compress.log import logger
-from compress.onnx_io import check_output_path, save_model, write_json
+from compress.onnx_io import save_model, write_json
+from compress.outputs import Outputs
 from compress.report import fmt, text_table
 
 
@@ -38,14 +39,22 @@ def export_report_path(out: str | Path) -> Path:
         "  package.module:callable   a callable returning an nn.Module, or (module, example_inputs)\n"
         "                            with example_inputs a tuple of tensors or a dict name -> tensor\n"
         "  path/to/file.py:callable  the same, from a Python file\n"
-        "  hf:PATH                   a local Hugging Face folder (transformers.AutoModel, offline);\n"
-        "                            inputs input_ids, attention_mask[, token_type_ids], dynamic\n"
-        "                            batch and sequence\n"
-        "  FILE.pt2                  a program saved with torch.export.save\n\n"
+        "  hf:PATH                   a local Hugging Face folder, loaded offline: causal LMs\n"
+        "                            (*ForCausalLM) export logits without a cache, others\n"
+        "                            transformers.AutoModel; inputs input_ids, attention_mask\n"
+        "                            [, token_type_ids], dynamic batch and sequence\n"
+        "  diffusers:PATH            a folder saved by a diffusers model (config.json with\n"
+        "                            _class_name), called with return_dict=False; example inputs\n"
+        "                            from its config (hidden_states with in_channels x sample_size\n"
+        "                            <= 32, 8 text tokens of the text dim, timestep, ...), static\n"
+        "                            shapes; --input replaces them\n"
+        "  FILE.pt2                  a program saved with torch.export.save; archives with pickled\n"
+        "                            payloads need --trust-code (unpickling runs code)\n\n"
         "examples:\n"
         "  compress export net.py:build -o net.onnx --input x:1x3x224x224 --dynamic x:0=batch\n"
         "  compress export torchvision.models:resnet18 -o r18.onnx --input x:1x3x224x224 --blocks layer1,layer2,layer3,layer4\n"
         "  compress export hf:./all-MiniLM-L6-v2 -o minilm.onnx\n"
+        "  compress export diffusers:./sd3-transformer -o sd3.onnx\n"
         "  compress export model.pt2 -o model.onnx --opset 20"
     ),
 )
@@ -53,7 +62,8 @@ class Export:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", metavar="MODEL",
-                            help="package.module:callable, path/to/file.py:callable, hf:PATH or FILE.pt2 (see above)")
+                            help="package.module:callable, path/to/file.py:callable, hf:PATH, diffusers:PATH or FILE.pt2 "
+                                 "(see above)")
         parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True,
                             help="the ONNX file to write; OUT.blocks.json and OUT.export.json go beside it "
                                  "(e.g. -o out/net.onnx; the folder must exist)")
@@ -88,6 +98,12 @@ class Export:
                                  "e.g. --min-cosine 0.999)")
         parser.add_argument("--force", action="store_true",
                             help="overwrite OUT.onnx and its .blocks.json/.export.json if they exist")
+        parser.add_argument("--trust-code", action="store_true",
+                            help="allow a FILE.pt2 whose payloads are pickles (custom objects, pickled weights or "
+                                 "example inputs that torch.load(weights_only=True) refuses): unpickling runs code, "
+                                 "so pass it only for archives you made or trust. Without it such an archive is "
+                                 "refused and nothing in it is unpickled. (file.py:callable and module:callable are "
+                                 "code by nature and always run.)")
         parser.add_argument("--json", action="store_true",
                             help="print a machine-readable summary (JSON) instead of the block table")
 
@@ -108,14 +124,15 @@ class Export:
         dynamic = tuple(DynamicAxis.parse(s) for s in args.dynamic or ())
         config = ExportConfig(exporter=args.exporter, opset=args.opset, dynamic=dynamic, blocks=args.blocks,
                               atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, verbose=args.verbose > 0)
-        sources = [*model_files(args.model), *([args.weights] if args.weights else [])]
-        out = check_output_path(args.output, inputs=sources, force=args.force)
-        blocks_path = check_output_path(block_map_path(out), inputs=sources, force=args.force)
-        report_path = check_output_path(export_report_path(out), inputs=sources, force=args.force)
+        outs = Outputs(inputs=[*model_files(args.model), *([args.weights] if args.weights else [])], force=args.force)
+        out = outs.file(args.output, model=True)
+        blocks_path = outs.file(block_map_path(out))
+        report_path = outs.file(export_report_path(out))
+        outs.check()
 
         logger.info("loading %s...", args.model)
         start = time.perf_counter()
-        loaded = load_torch_model(args.model, weights=args.weights, verbose=config.verbose)
+        loaded = load_torch_model(args.model, weights=args.weights, verbose=config.verbose, trust_code=args.trust_code)
         load_s = time.perf_counter() - start
         if specs:
             example: Any = make_example_inputs(specs)
@@ -131,20 +148,21 @@ class Export:
 
         model, block_map, report = export_model(loaded.module, example, config)
 
-        files = save_model(model, out)
         context = {"model": loaded.name, "onnx": out.name, "exporter": report.exporter, "opset": report.opset,
                    "inputs": [i.to_dict() for i in report.inputs],
                    "dynamic_axes": [d.to_dict() for d in report.dynamic]}
-        write_json(blocks_path, {**block_map.to_dict(), "export": context})
-        summary = {
-            **report.to_dict(), "model": loaded.name, "model_kind": loaded.kind,
-            "weights": Path(args.weights).name if args.weights else None,
-            "files": [f.name for f in (*files, blocks_path, report_path)],
-            "blocks": {"containers": list(block_map.containers), "source": block_map.source,
-                       "count": len(block_map.blocks), "removable": len(block_map.removable)},
-        }
-        summary["timings"]["load_s"] = round(load_s, 3)
-        write_json(report_path, summary)
+        with outs.writing() as stage:
+            files = save_model(model, stage.path(out))
+            write_json(stage.path(blocks_path), {**block_map.to_dict(), "export": context})
+            summary = {
+                **report.to_dict(), "model": loaded.name, "model_kind": loaded.kind,
+                "weights": Path(args.weights).name if args.weights else None,
+                "files": [f.name for f in (*files, blocks_path, report_path)],
+                "blocks": {"containers": list(block_map.containers), "source": block_map.source,
+                           "count": len(block_map.blocks), "removable": len(block_map.removable)},
+            }
+            summary["timings"]["load_s"] = round(load_s, 3)
+            write_json(stage.path(report_path), summary)
 
         if args.json:
             print_json(summary)

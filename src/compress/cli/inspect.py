@@ -7,7 +7,8 @@ import argparse
 from compress.blocks import block_rows
 from compress.cli import command
 from compress.cli._common import add_blocks_argument, load_model_and_blocks, print_json
-from compress.onnx_io import check_output_path, write_json
+from compress.onnx_io import write_json
+from compress.outputs import Outputs
 from compress.report import text_table
 
 
@@ -16,8 +17,10 @@ from compress.report import text_table
     help="list the repeated blocks of an ONNX model and whether each can be removed",
     description=(
         "List the blocks of an ONNX model: index, module path, node count, parameters, the\n"
-        "residual-stream boundary tensors with their shapes, and whether the block can be removed\n"
-        "(one stream input and one output of the same shape and dtype).\n\n"
+        "residual-stream boundary tensors with their shapes (one stream per transformer layer; two,\n"
+        "image and text, for MMDiT / Flux joint blocks), and whether the block can be removed (every\n"
+        "tensor leaving it replaces a stream input of the same shape and dtype, and it passes the\n"
+        "structural check on the graph), or why not.\n\n"
         "example:\n  compress inspect model.onnx\n  compress inspect model.onnx --blocks encoder.layer --json"
     ),
 )
@@ -32,11 +35,14 @@ class Inspect:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        out = check_output_path(args.write_blocks, inputs=[args.model], force=args.force,
-                                flag="--write-blocks") if args.write_blocks else None
+        outs = Outputs(force=args.force)
+        outs.add_model_input(args.model)
+        out = outs.file(args.write_blocks, flag="--write-blocks") if args.write_blocks else None
+        outs.check()
         model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
         if out is not None:
-            write_json(out, block_map.to_dict())
+            with outs.writing() as stage:
+                write_json(stage.path(out), block_map.to_dict())
         if args.json:
             print_json(block_map.to_dict())
             return 0

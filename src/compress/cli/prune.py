@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,20 @@ from compress.cli._common import (
     add_blocks_argument,
     add_calib_arguments,
     block_map_path,
+    flag_errors,
     load_calib_for,
     load_model_and_blocks,
     print_json,
 )
 from compress.errors import ConfigError
 from compress.log import logger
-from compress.onnx_io import check_output_path, save_model, write_bytes, write_json, write_text
-from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, choose_metric, prune_model, sweep
+from compress.onnx_io import save_model, write_bytes, write_json, write_text
+from compress.outputs import Outputs
+from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, check_blocks, choose_metric, prune_model, sweep
 from compress.prune_report import plot_sweep, prune_markdown, sweep_markdown
-from compress.scoring import MetricConfig, metric_names, parse_token_ranges
+from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
+from compress.scoring.heal import DEFAULT_RIDGE
 from compress.scoring.report import plot_scores, scores_markdown, scores_text
 
 _DESCRIPTION = """\
@@ -51,10 +55,24 @@ selection (lowest score = least important; see compress.prune for the exact rule
 examples:
   compress prune model.onnx --calib calib/ -o pruned.onnx --remove 2 --report prune.json
   compress prune model.onnx --calib calib/ -o pruned.onnx --max-drop 0.02
+  compress prune model.onnx --calib calib/ -o pruned.onnx --remove 4 --span --heal
   compress prune model.onnx --calib calib/ -o pruned.onnx --sweep 0:4 --report sweep.json
   compress prune model.onnx --calib calib/ --scores-only --report scores.json
   compress prune model.onnx --calib calib/ --scores-only --metric cosine,cka,ablation
-  compress prune mmdit.onnx --calib calib/ --scores-only --token-ranges text=0:77,image=77:
+  compress prune sd3.onnx --calib calib/ --scores-only --stream-fusion mean --stream-weights hidden_states=3
+  compress prune flux-old.onnx --calib calib/ --scores-only --token-ranges text=0:512,image=512:
+
+padding: with a mask input ([batch, tokens], e.g. attention_mask; --token-mask), every token-level
+metric uses only the real tokens (details.tokens counts them, details.positions all positions).
+
+healing (--heal): each removed contiguous span is replaced by T = argmin ||[X 1] T - Y||^2 +
+lambda ||W - I||^2 (X, Y: the span's input and output stream on the scoring batches, real tokens
+only), inserted as MatMul + Add; a span keeps it only when the held-out fidelity improves.
+
+multi-stream blocks (MMDiT: image and text hidden states on separate tensors) are scored per
+stream; a block's score is the max of its per-stream scores (it is only as redundant as its
+least redundant stream), or their (weighted) mean with --stream-fusion mean. --token-ranges is
+for one tensor that concatenates modalities, and every range must fit it.
 """
 
 
@@ -89,10 +107,19 @@ class Prune:
                        help="compare the input of block i with the output of block i+K-1 (default 1)")
         s.add_argument("--token-ranges", metavar="NAME=A:B,...",
                        help="score token ranges separately (per modality), e.g. text=0:77,image=77:")
+        s.add_argument("--stream-fusion", choices=STREAM_FUSIONS, default="max",
+                       help="how per-stream scores of a multi-stream block combine: max (default: the least "
+                            "redundant stream decides) or mean")
+        s.add_argument("--stream-weights", metavar="NAME=W,...",
+                       help="with --stream-fusion mean: stream weights, e.g. hidden_states=3,encoder_hidden_states=1")
         s.add_argument("--last-token", action="store_true", help="score only the last token of each sample")
         s.add_argument("--segments", type=int, metavar="K", help="number of CKA segments (default: automatic)")
         s.add_argument("--channel-axis", type=int, metavar="AXIS",
                        help="hidden axis of the activations (default: 1 for NCHW, else the last)")
+        s.add_argument("--token-mask", default="auto", metavar="INPUT",
+                       help="the padding-mask input ([batch, tokens], nonzero = real token): scores and healing "
+                            "use real tokens only; auto (default) finds an integer input named like "
+                            "attention_mask, none uses every position")
         sel = parser.add_argument_group("selection (with -o)")
         how = sel.add_mutually_exclusive_group()
         how.add_argument("--remove", type=int, metavar="N", help="remove N blocks")
@@ -109,6 +136,11 @@ class Prune:
                          help="share of calibration batches held back for verification (default 0.25)")
         sel.add_argument("--sweep", metavar="0:K", help="prune 0..K blocks and tabulate fidelity and latency")
         sel.add_argument("--seed", type=int, default=0, help="seed of the 'random' baseline")
+        sel.add_argument("--heal", action="store_true",
+                         help="replace each removed span by a closed-form linear map per stream (fitted on the "
+                              "scoring batches), kept only where it improves the held-out fidelity")
+        sel.add_argument("--heal-ridge", type=float, default=DEFAULT_RIDGE, metavar="R",
+                         help=f"relative ridge strength of the healing fit (x trace(X^T X)/d; default {DEFAULT_RIDGE:g})")
         sel.add_argument("--no-latency", action="store_true", help="do not time ONNX Runtime latency")
         sel.add_argument("--latency-seconds", type=float, default=1.0, metavar="S",
                          help="time each model for at least S seconds (default 1)")
@@ -133,11 +165,16 @@ def _metric_config(args: argparse.Namespace) -> MetricConfig:
         interval=args.interval,
         token_ranges=parse_token_ranges(args.token_ranges) if args.token_ranges else (),
         last_token=args.last_token, segments=args.segments, channel_axis=args.channel_axis,
+        stream_fusion=args.stream_fusion,
+        stream_weights=parse_stream_weights(args.stream_weights) if args.stream_weights else (),
+        token_mask=args.token_mask,
     )
 
 
 def _scores_only(args: argparse.Namespace) -> int:
-    report_path = _check_report(args)
+    outs = _outputs(args)
+    report_path = _plan_report(args, outs)
+    outs.check()
     metrics, options = _metrics(args.metric), _metric_config(args)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
     calib = load_calib_for(args, model)
@@ -147,10 +184,11 @@ def _scores_only(args: argparse.Namespace) -> int:
                           random_calibration=calib.random).to_dict()
     report["model"] = Path(args.model).name
     if report_path is not None:
-        write_json(report_path, report)
-        write_text(report_path.with_suffix(".md"), scores_markdown(report))
-        write_bytes(report_path.with_suffix(".png"), plot_scores(report))
-        logger.info("wrote %s (+ .md, .png)", report_path)
+        with outs.writing() as stage:
+            write_json(stage.path(report_path), report)
+            write_text(stage.path(report_path.with_suffix(".md")), scores_markdown(report))
+            write_plot(stage.path(report_path.with_suffix(".png")), plot_scores, report)
+        logger.info("wrote %s (+ .md)", report_path)
     if args.json:
         print_json(report)
     else:
@@ -181,44 +219,57 @@ def _prune(args: argparse.Namespace) -> int:
                           hint="pass a single metric, e.g. --metric cosine (or leave --metric out: auto)")
     if args.sweep is None and args.remove is None and args.ratio is None and not args.auto and args.max_drop is None:
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
-    out = check_output_path(args.output, inputs=[args.model], force=args.force) if args.output else None
-    if out is not None and out.suffix != ".onnx":
+    if args.output and not args.output.endswith(".onnx"):
         raise ConfigError(f"-o {args.output}: the pruned model's name must end in .onnx", hint="e.g. -o pruned.onnx")
-    report_path = _check_report(args)
-    model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
-    calib = load_calib_for(args, model)
+    outs = _outputs(args)
+    out = outs.file(args.output, model=True) if args.output and args.sweep is None else None
+    blocks_out = outs.file(block_map_path(out)) if out is not None else None
+    report_path = _plan_report(args, outs)
+    outs.check()
     select = args.select or ("span" if args.span else "segment" if args.per_segment else "auto" if args.auto else "lowest")
-    remove = args.remove
+    if args.ratio is not None and not 0 < args.ratio < 1:  # also refuses nan and inf
+        raise ConfigError(f"--ratio {args.ratio} must be between 0 and 1", hint="e.g. --ratio 0.25")
+    flags = _prune_flags(args)
+    counts = _sweep_range(args.sweep) if args.sweep is not None else []
+    with flag_errors(flags):  # every number is checked before the model is read
+        config = PruneConfig(
+            metric=metrics[0], select=select, remove=args.remove, max_drop=args.max_drop,
+            keep=_int_list(args.keep, "--keep"), holdout=args.holdout, options=_metric_config(args), seed=args.seed,
+            latency=None if args.no_latency else BenchConfig(duration_s=args.latency_seconds),
+            heal=args.heal, heal_ridge=args.heal_ridge,
+        )
+    model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
     if args.ratio is not None:
-        if not 0 < args.ratio < 1:
-            raise ConfigError(f"--ratio {args.ratio} must be between 0 and 1", hint="e.g. --ratio 0.25")
-        remove = round(args.ratio * len(block_map.blocks))
-    config = PruneConfig(
-        metric=metrics[0], select=select, remove=remove, max_drop=args.max_drop,
-        keep=_int_list(args.keep, "--keep"), holdout=args.holdout, options=_metric_config(args), seed=args.seed,
-        latency=None if args.no_latency else BenchConfig(duration_s=args.latency_seconds),
-    )
+        config = replace(config, remove=round(args.ratio * len(block_map.blocks)))
+    with flag_errors(flags):
+        check_blocks(config, block_map, counts=counts)
+    calib = load_calib_for(args, model)
     if args.sweep is not None:
-        rows = sweep(model, block_map, calib, config, _sweep_range(args.sweep), calibration=calib.description,
-                     random_calibration=calib.random)
+        with flag_errors(flags):
+            rows = sweep(model, block_map, calib, config, counts, calibration=calib.description,
+                         random_calibration=calib.random)
         report = {"schema_version": 1, "model": Path(args.model).name, "sweep": rows,
                   "calibration": {"description": calib.description, "random": calib.random},
                   "method": {"metric": config.metric, "select": select}}
         if report_path is not None:
-            write_json(report_path, report)
-            write_text(report_path.with_suffix(".md"), sweep_markdown(report))
-            write_bytes(report_path.with_suffix(".png"), plot_sweep(report))
+            with outs.writing() as stage:
+                write_json(stage.path(report_path), report)
+                write_text(stage.path(report_path.with_suffix(".md")), sweep_markdown(report))
+                write_plot(stage.path(report_path.with_suffix(".png")), plot_sweep, report)
         print_json(report) if args.json else print(sweep_markdown(report))
         return 0
-    result = prune_model(model, block_map, calib, config, calibration=calib.description,
-                         random_calibration=calib.random)
+    with flag_errors(flags):
+        result = prune_model(model, block_map, calib, config, calibration=calib.description,
+                             random_calibration=calib.random)
     report = {"model": Path(args.model).name, "output": out.name if out else None, **result.report}
     assert out is not None
-    save_model(result.model, out)
-    write_json(block_map_path(out), result.block_map.to_dict())
-    if report_path is not None:
-        write_json(report_path, report)
-        write_text(report_path.with_suffix(".md"), prune_markdown(report))
+    assert blocks_out is not None
+    with outs.writing() as stage:
+        save_model(result.model, stage.path(out))
+        write_json(stage.path(blocks_out), result.block_map.to_dict())
+        if report_path is not None:
+            write_json(stage.path(report_path), report)
+            write_text(stage.path(report_path.with_suffix(".md")), prune_markdown(report))
     if args.json:
         print_json(report)
     else:
@@ -226,13 +277,43 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_report(args: argparse.Namespace) -> Path | None:
+def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flag of each PruneConfig / BenchConfig field, for error messages."""
+    return {"metric": "--metric", "select": "--select", "max_drop": "--max-drop", "keep": "--keep",
+            "remove": ("--sweep", args.sweep) if args.sweep is not None else
+                      ("--ratio", args.ratio) if args.ratio is not None else "--remove",
+            "holdout": "--holdout", "seed": "--seed", "duration_s": "--latency-seconds", "heal_ridge": "--heal-ridge"}
+
+
+def write_plot(path: Path, plot: Any, report: Any) -> None:
+    """Write ``plot(report)`` as PNG; without matplotlib (the ``[plot]`` extra) log a note and write nothing."""
+    from compress.errors import MissingDependencyError
+
+    try:
+        data = plot(report)
+    except MissingDependencyError as exc:
+        logger.warning("note: %s not written: %s (%s)", path.name, exc.message, exc.hint)
+        return
+    write_bytes(path, data)
+
+
+def _outputs(args: argparse.Namespace) -> Outputs:
+    """The output guard of this run: the model (its block map, external data) and --calib are inputs."""
+    outs = Outputs(force=args.force)
+    outs.add_model_input(args.model)
+    outs.add_input(args.calib)
+    return outs
+
+
+def _plan_report(args: argparse.Namespace, outs: Outputs) -> Path | None:
+    """Plan --report PATH.json with PATH.md (and PATH.png for scores and sweeps) beside it."""
     if not args.report:
         return None
     path = Path(args.report)
     if path.suffix != ".json":
         raise ConfigError(f"--report {args.report}: the report path must end in .json", hint="e.g. --report scores.json")
-    outputs = (path, path.with_suffix(".md")) + ((path.with_suffix(".png"),) if args.scores_only or args.sweep else ())
-    for p in outputs:
-        check_output_path(p, inputs=[args.model], force=args.force, flag="--report")
+    outs.file(path, flag="--report")
+    outs.file(path.with_suffix(".md"), flag="--report")
+    if args.scores_only or args.sweep is not None:
+        outs.file(path.with_suffix(".png"), flag="--report")
     return path

@@ -9,10 +9,15 @@ modifies its input and touches no files. Registered passes (:data:`PASSES`):
   data with ONNX Runtime's static quantizer: symmetric int8 activations by default (what
   TensorRT 10+/11 needs), or uint8 activations (``activation_type="uint8"``: the form ONNX
   Runtime's x86 CPU kernels fuse into integer MatMuls);
+- ``smoothquant`` (:func:`smoothquant_pass`, :class:`SmoothQuantConfig`): SmoothQuant's
+  exact migration of activation outliers into the weights, before int8;
 - ``sparsity-2:4`` (:func:`sparsity_pass`, :class:`SparsityConfig`): 2:4 structured
   sparsity of MatMul/Gemm/Conv weights along their input dimension.
 
 :func:`measure_fidelity` compares a pass's output with its input on calibration batches.
+:mod:`compress.passes.accuracy` gives int8 and 2:4 a fidelity target (``target``): local
+error per node in one ORT pass, then the fewest nodes kept float / dense that meet it, or
+``FidelityTargetError`` with the report of what was tried.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from compress.passes.base import (
 )
 from compress.passes.fp16 import Fp16Config, activation_ranges, fp16_pass
 from compress.passes.int8 import CALIBRATION_METHODS, Int8Config, int8_pass
+from compress.passes.smoothquant import SmoothQuantConfig, smoothquant_pass
 from compress.passes.sparsity import SparsityConfig, prune_2_4, sparsity_pass
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "Int8Config",
     "Pass",
     "PassReport",
+    "SmoothQuantConfig",
     "SparsityConfig",
     "activation_ranges",
     "fp16_pass",
@@ -46,5 +53,6 @@ __all__ = [
     "pass_names",
     "prune_2_4",
     "register_pass",
+    "smoothquant_pass",
     "sparsity_pass",
 ]

@@ -109,7 +109,8 @@ class Pass:
         if config is None:
             config = self.config_type()
         if not isinstance(config, self.config_type):
-            raise ConfigError(f"pass {self.name!r} takes a {self.config_type.__name__}, got {type(config).__name__}")
+            raise ConfigError(f"pass {self.name!r} takes a {self.config_type.__name__}, got {type(config).__name__}",
+                              hint=f"pass a {self.config_type.__name__} (or None for its defaults)")
         return self.run(model, config)
 
 
@@ -171,7 +172,8 @@ def _retype_inputs(candidate: onnx.ModelProto, reference: onnx.ModelProto) -> on
                     node.input[k] = inner
         for o in out.graph.output:
             if o.name == inp.name:
-                raise BuildError(f"input {inp.name!r} is also an output; cannot compare it with a retyped input")
+                raise BuildError(f"input {inp.name!r} is also an output; cannot compare it with a retyped input",
+                                 hint="keep the model's input types (keep_io_types), or add an Identity node before that output")
         casts.append(onnx.helper.make_node("Cast", [inp.name], [inner], to=inp.type.tensor_type.elem_type,
                                            name=f"{inner}_cast"))
         inp.type.tensor_type.elem_type = ref_types[inp.name]

@@ -118,13 +118,17 @@ class Fp16Config:
 
     def __post_init__(self) -> None:
         if not 0 < self.activation_limit <= FP16_MAX:
-            raise ConfigError(f"fp16: activation_limit must be in (0, {FP16_MAX:g}], got {self.activation_limit}")
+            raise ConfigError(f"fp16: activation_limit must be in (0, {FP16_MAX:g}], got {self.activation_limit}",
+                              hint="leave it at the default, or lower it to keep more nodes in FP32")
         if not 0 <= self.underflow_share <= 1:
-            raise ConfigError(f"fp16: underflow_share must be in [0, 1], got {self.underflow_share}")
+            raise ConfigError(f"fp16: underflow_share must be in [0, 1], got {self.underflow_share}",
+                              hint="a share of the weights, e.g. 0.5")
         if self.max_reduce_elements is not None and self.max_reduce_elements < 1:
-            raise ConfigError(f"fp16: max_reduce_elements must be >= 1 or None, got {self.max_reduce_elements}")
+            raise ConfigError(f"fp16: max_reduce_elements must be >= 1 or None, got {self.max_reduce_elements}",
+                              hint="leave it out (None) for no limit")
         if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"fp16: max_batches must be >= 1 or None, got {self.max_batches}")
+            raise ConfigError(f"fp16: max_batches must be >= 1 or None, got {self.max_batches}",
+                              hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
         return {"keep_io_types": self.keep_io_types, "keep_normalization": self.keep_normalization,

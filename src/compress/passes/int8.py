@@ -47,9 +47,9 @@ pass returns; nothing else touches the file system and the input model is not mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ from onnx import numpy_helper
 from compress.errors import BuildError, CalibrationError, CompressError, ConfigError, ModelError
 from compress.graph import GraphIndex, TensorType
 from compress.log import logger
+from compress.passes.accuracy import TargetConfig
 from compress.passes.base import (
     Batch,
     PassReport,
@@ -112,6 +113,17 @@ class Int8Config:
             Q/DQ before a float bias Add or residual only adds error), and other consumers
             of a quantized input read the float tensor.
         max_batches: calibrate on at most this many batches (None: all).
+        target: a fidelity target (:class:`~compress.passes.accuracy.TargetConfig`): the
+            pass calibrates on the first batches, measures on the held-out rest, and keeps
+            the nodes with the largest local error float until the target holds
+            (:func:`~compress.passes.accuracy.repair_int8`); FidelityTargetError otherwise.
+            None: no target (the pass only reports).
+        smoothquant: SmoothQuant migration strength alpha applied before quantizing
+            (:mod:`compress.passes.smoothquant`), or None.
+        per_tensor_method: with a target that is missed with every node quantized, also
+            calibrate with the other method(s) (minmax / percentile) and give each
+            activation tensor the one with the least local error, when that helps
+            (:func:`~compress.passes.accuracy.choose_methods`).
     """
 
     calibration: CalibrationSet | Sequence[Batch] | None = None
@@ -129,8 +141,14 @@ class Int8Config:
     quantize_bias: bool = False
     quantize_outputs: bool = False
     max_batches: int | None = None
+    target: TargetConfig | None = None
+    smoothquant: float | None = None
+    per_tensor_method: bool = True
 
     def __post_init__(self) -> None:
+        from compress.validate import check_number
+
+        check_number("Int8Config", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"int8: unknown calibration method {self.method!r}; valid: {', '.join(CALIBRATION_METHODS)}",
                               hint=f"use one of: {', '.join(CALIBRATION_METHODS)}")
@@ -138,11 +156,12 @@ class Int8Config:
             raise ConfigError(f"int8: unknown activation type {self.activation_type!r}; valid: {', '.join(ACTIVATION_TYPES)}",
                               hint="int8 (symmetric, TensorRT) or uint8 (asymmetric, ONNX Runtime CPU)")
         if not 0 < self.percentile <= 100:
-            raise ConfigError(f"int8: percentile must be in (0, 100], got {self.percentile}")
+            raise ConfigError(f"int8: percentile must be in (0, 100], got {self.percentile}", hint="e.g. 99.999")
         if not self.op_types:
             raise ConfigError("int8: op_types is empty; nothing would be quantized", hint="e.g. MatMul,Gemm,Conv")
         if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"int8: max_batches must be >= 1 or None, got {self.max_batches}")
+            raise ConfigError(f"int8: max_batches must be >= 1 or None, got {self.max_batches}",
+                              hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
         return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
@@ -153,7 +172,9 @@ class Int8Config:
                 "quantize_bias": self.quantize_bias, "quantize_outputs": self.quantize_outputs,
                 "max_batches": self.max_batches, "matmul_weights_only": self.matmul_weights_only,
                 "activation_type": self.activation_type, "weight_type": "int8",
-                "symmetric": ACTIVATION_TYPES[self.activation_type][1], "format": "QDQ"}
+                "symmetric": ACTIVATION_TYPES[self.activation_type][1], "format": "QDQ",
+                "target": None if self.target is None else dataclasses.asdict(self.target),
+                "smoothquant": self.smoothquant, "per_tensor_method": self.per_tensor_method}
 
 
 class BatchReader:
@@ -187,7 +208,8 @@ class BatchReader:
 
     def set_range(self, start_index: int, end_index: int) -> None:
         if start_index != self.count:
-            raise BuildError(f"int8: calibration batches were asked for out of order ({start_index} after {self.count})")
+            raise BuildError(f"int8: calibration batches were asked for out of order ({start_index} after {self.count})",
+                             hint="the installed onnxruntime reads calibration data in an unexpected order; report it")
         self._stop = min(end_index, self._len)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -247,6 +269,30 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's symbolic shape inference (what ``quant_pre_process`` runs first), in memory.
+
+    ``SymbolicShapeInference.infer_shapes`` saves ``sym_shape_infer_temp.onnx`` into the
+    process's working directory when inference is incomplete, which would write into (and
+    replace a file of) the user's folder; the same steps are run here without that save.
+    The library never changes the working directory.
+
+    Raises:
+        RuntimeError: inference is incomplete (the caller quantizes without it).
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    ssi = SymbolicShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    ssi._preprocess(model)
+    done = False
+    while ssi.run_:
+        done = ssi._infer_impl()
+    ssi._update_output_from_vi()
+    if not done:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return ssi.out_mp_
+
+
 def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
               excluded: list[str], warnings: list[str]) -> onnx.ModelProto:
     """Run quant_pre_process + quantize_static in a temporary folder; return the loaded result."""
@@ -264,18 +310,23 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
     ort_log = logging.getLogger()
     level = ort_log.level
     with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
-        src, pre, out = Path(tmp, "model.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        src, sym, pre, out = (Path(tmp, n) for n in ("model.onnx", "sym.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(model, src, save_as_external_data=large)
         source = src
         ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
-        cwd = os.getcwd()
-        os.chdir(tmp)  # ORT's symbolic shape inference writes temporary files into the working directory
-        try:
+        try:  # the working directory is never changed: every path here is inside tmp
             if config.preprocess:
+                shaped = src
                 try:
-                    quant_pre_process(str(src), str(pre), skip_optimization=True, save_as_external_data=large)
+                    onnx.save(_symbolic_shapes(model), sym, save_as_external_data=large)
+                    shaped = sym
+                except Exception as exc:  # fails on some graphs (and without sympy): ONNX shape inference only
+                    warnings.append(f"symbolic shape inference failed ({_first_line(exc)}); ONNX shape inference only")
+                try:
+                    quant_pre_process(str(shaped), str(pre), skip_optimization=True, skip_symbolic_shape=True,
+                                      save_as_external_data=large)
                     source = pre
-                except Exception as exc:  # symbolic shape inference fails on some graphs: go on without it
+                except Exception as exc:  # go on without it
                     warnings.append(f"quant_pre_process failed ({_first_line(exc)}); quantized without it")
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress per batch
@@ -294,7 +345,6 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
                 raise BuildError(f"int8: ONNX Runtime quantization failed: {type(exc).__name__}: {_first_line(exc)}",
                                  hint="exclude the node it names (exclude_nodes) or use fewer op types") from None
         finally:
-            os.chdir(cwd)
             ort_log.setLevel(level)
         return onnx.load(str(out))
 
@@ -435,12 +485,42 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     warnings: list[str] = []
     if renamed:
         warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
-    reader = BatchReader(config.calibration, _model_inputs(work), max_batches=config.max_batches)
+    fit, held = config.calibration, None
+    if config.target is not None:
+        from compress.passes.accuracy import split_holdout
+
+        fit, held, shared = split_holdout(config.calibration, config.target.holdout)
+        if shared:
+            warnings.append("one calibration batch: the fidelity target is measured on the batch it was calibrated on")
+    smooth = None
+    if config.smoothquant is not None:
+        from compress.passes.smoothquant import SmoothQuantConfig, smoothquant_pass
+
+        work, smooth = smoothquant_pass(work, SmoothQuantConfig(calibration=fit, alpha=config.smoothquant))
+        names = {n.name: n for n in work.graph.node}
+    reader = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
     if not len(reader):
         raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
     result = _quantize(work, reader, config, sorted(reasons), warnings)
     restored = 0
-    if not config.quantize_outputs:
+    target_report = None
+    kept_float: dict[str, str] = {}
+    if config.target is not None:
+        from compress.passes.accuracy import repair_int8
+
+        meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
+        restored = _restore_float_inputs(copy_model(result), meant)
+        others = {"minmax": ("percentile",), "percentile": ("minmax",)}.get(config.method, ("minmax", "percentile"))
+
+        def requantize(method: str) -> onnx.ModelProto:
+            again = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
+            return _quantize(work, again, dataclasses.replace(config, method=method, target=None), sorted(reasons), [])
+
+        alternatives = {m: (lambda m=m: requantize(m)) for m in others} if config.per_tensor_method else None
+        result, kept_float, target_report = repair_int8(
+            model, work, result, meant & {n for n, q in _quantized(result, set(config.op_types)).items() if q},
+            held, config.target, method=config.method, alternatives=alternatives)
+    if not config.quantize_outputs and target_report is None:
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
         restored = _restore_float_inputs(result, meant)
     warnings += check_model(result, what="int8", source=model)
@@ -453,6 +533,8 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
             continue
         if name in reasons:
             items.append({"node": name, "op": node.op_type, "status": "excluded", "reason": reasons[name]})
+        elif name in kept_float:
+            items.append({"node": name, "op": node.op_type, "status": "kept float", "reason": kept_float[name]})
         elif status.get(name):
             items.append({"node": name, "op": node.op_type, "status": "quantized"})
         else:
@@ -460,7 +542,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
                           "reason": "ONNX Runtime left it float (no float input pair it can quantize)"})
     zp_total, zp_nonzero = _zero_points(result)
     after = op_counts(result)
-    counts = {s: sum(1 for i in items if i["status"] == s) for s in ("quantized", "excluded", "not quantized")}
+    counts = {s: sum(1 for i in items if i["status"] == s) for s in ("quantized", "excluded", "not quantized", "kept float")}
     changes = {
         "quantize_linear": after.get("QuantizeLinear", 0) - op_counts(model).get("QuantizeLinear", 0),
         "dequantize_linear": after.get("DequantizeLinear", 0) - op_counts(model).get("DequantizeLinear", 0),
@@ -470,7 +552,13 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         "per_channel_weight_scales": _per_channel_weights(result),
         "calibration_batches": reader.count,
         "float_inputs_restored": restored,
+        "nodes_kept_float": counts["kept float"],
     }
+    if target_report is not None:
+        changes["target"] = target_report
+    if smooth is not None:
+        changes["smoothquant"] = dict(smooth.changes)
+        warnings += list(smooth.warnings)
     if zp_nonzero and config.activation_type == "int8":
         warnings.append(f"{zp_nonzero} zero point(s) are not 0: the model is not symmetric (TensorRT needs 0)")
     if counts["not quantized"]:

@@ -1,7 +1,9 @@
 """2:4 structured sparsity of MatMul/Gemm/Conv weights (the ``sparsity-2:4`` pass).
 
 In every group of 4 consecutive weights along the layer's **input** (reduction) dimension
-the 2 smallest magnitudes become 0 (ties: the lower index is zeroed first). That is the
+2 become 0: by default (``method="magnitude"``) the 2 smallest magnitudes (ties: the lower
+index is zeroed first); ``wanda`` and ``sparsegpt`` choose them from calibration data
+(:mod:`compress.passes.sparse_calib`; SparseGPT also updates the kept weights). That is the
 layout TensorRT's sparse tensor-core tactics use and the one ``polygraphy inspect
 sparsity`` checks:
 
@@ -20,13 +22,17 @@ pruned the same way (pruning it would change that node too).
 (convolutions with >= 256 channels); below that TensorRT picks dense kernels and the
 pruning costs accuracy for nothing. Set it to 0 to prune every eligible layer.
 
-Pruning without fine-tuning changes outputs: measure fidelity (``measure_fidelity``) and
-expect to fine-tune. No speedup shows on ONNX Runtime CPU; only TensorRT on an Ampere or
+Pruning without fine-tuning changes outputs. With a fidelity ``target`` the pass measures
+every pruned layer's local error (its output with only its weight pruned, one ORT pass over
+held-out calibration batches) and keeps the costliest layers dense until the model's
+fidelity holds (:func:`compress.passes.accuracy.search_fallback`); the report gives
+``sparse_fraction``, the share of the considered layers' weights made zero. No speedup shows on ONNX Runtime CPU; only TensorRT on an Ampere or
 newer GPU runs sparse kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +41,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.errors import ConfigError
+from compress.errors import CalibrationError, ConfigError
 from compress.graph import GraphIndex
-from compress.passes.base import PassReport, copy_model, op_counts, register_pass, timer
+from compress.passes.accuracy import TargetConfig
+from compress.passes.base import PassReport, copy_model, describe_batches, name_nodes, op_counts, register_pass, timer
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -51,22 +58,49 @@ class SparsityConfig:
             256, see the module docstring); 0 prunes every eligible layer.
         op_types: which of MatMul, Gemm, Conv to prune.
         exclude_nodes: node names never pruned.
+        method: how the 2 of every 4 weights are chosen: ``magnitude`` (the smallest |w|,
+            no data), ``wanda`` (|w| times the input channel's activation norm) or
+            ``sparsegpt`` (one-shot OBS with compensation of the kept weights); the last two
+            need ``calibration`` (:mod:`compress.passes.sparse_calib`).
+        calibration: batches or a CalibrationSet (for ``wanda``/``sparsegpt`` and ``target``).
+        target: a fidelity target (:class:`~compress.passes.accuracy.TargetConfig`): the
+            layers whose 2:4 costs the most (local error on held-out batches) stay dense
+            until it holds; FidelityTargetError otherwise. None: no target.
+        damp: SparseGPT's dampening of ``H`` (share of its mean diagonal).
+        block_size: SparseGPT's lazy-update block (input channels, a multiple of 4).
     """
 
     min_channels: int = 256
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     exclude_nodes: tuple[str, ...] = ()
+    method: str = "magnitude"
+    calibration: Any = None
+    target: TargetConfig | None = None
+    damp: float = 0.01
+    block_size: int = 128
 
     def __post_init__(self) -> None:
+        from compress.passes.sparse_calib import METHODS
+        from compress.validate import check_choice, check_int, check_number
+
+        check_choice("SparsityConfig", "method", self.method, METHODS)
+        check_number("SparsityConfig", "damp", self.damp, low=0, high=1, low_open=True, example="0.01")
+        check_int("SparsityConfig", "block_size", self.block_size, low=4, high=1 << 16, example="128")
+        if self.block_size % 4:
+            raise ConfigError(f"sparsity: block_size must be a multiple of 4, got {self.block_size}", hint="e.g. 128")
         if self.min_channels < 0:
-            raise ConfigError(f"sparsity: min_channels must be >= 0, got {self.min_channels}")
+            raise ConfigError(f"sparsity: min_channels must be >= 0, got {self.min_channels}", hint="e.g. 0 to sparsify every layer")
         bad = [t for t in self.op_types if t not in ("MatMul", "Gemm", "Conv")]
         if bad or not self.op_types:
-            raise ConfigError(f"sparsity: op_types must be some of MatMul, Gemm, Conv, got {', '.join(self.op_types) or 'none'}")
+            raise ConfigError(f"sparsity: op_types must be some of MatMul, Gemm, Conv, got {', '.join(self.op_types) or 'none'}",
+                              hint="e.g. op_types=('MatMul', 'Gemm', 'Conv')")
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_channels": self.min_channels, "op_types": list(self.op_types),
-                "exclude_nodes": list(self.exclude_nodes), "pattern": "2:4"}
+                "exclude_nodes": list(self.exclude_nodes), "pattern": "2:4", "method": self.method,
+                "calibration": None if self.calibration is None else describe_batches(self.calibration),
+                "target": None if self.target is None else dataclasses.asdict(self.target),
+                "damp": self.damp, "block_size": self.block_size}
 
 
 def prune_2_4(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -192,14 +226,97 @@ def _zeros(arr: np.ndarray) -> float:
     return float((arr == 0).mean()) if arr.size else 0.0
 
 
-def _summary(layers: list[_Layer], elements: int, weights: int) -> dict[str, Any]:
+def _summary(layers: list[_Layer], elements: int, weights: int, index: GraphIndex, dense: Mapping[str, str],
+             target: Mapping[str, Any] | None) -> dict[str, Any]:
     by_code: dict[str, int] = {}
     for layer in layers:
         if layer.code is not None:
             by_code[layer.code] = by_code.get(layer.code, 0) + 1
-    pruned = sum(1 for layer in layers if layer.code is None)
-    return {"layers_considered": len(layers), "layers_pruned": pruned, "layers_skipped": len(layers) - pruned,
-            "skipped_by_reason": by_code, "weights_pruned": weights, "elements_zeroed": elements}
+    pruned = sum(1 for layer in layers if layer.code is None and layer.weight not in dense)
+    total = 0
+    for w in {layer.weight for layer in layers if layer.weight in index.initializers}:
+        total += int(np.prod(index.initializers[w].dims))
+    out = {"layers_considered": len(layers), "layers_pruned": pruned,
+           "layers_skipped": sum(1 for layer in layers if layer.code is not None),
+           "layers_kept_dense": sum(1 for layer in layers if layer.code is None and layer.weight in dense),
+           "skipped_by_reason": by_code, "weights_pruned": weights, "elements_zeroed": elements,
+           "sparse_fraction": elements / total if total else 0.0}
+    if target is not None:
+        out["target"] = dict(target)
+    return out
+
+
+def _input_stats(model: onnx.ModelProto, index: GraphIndex, layers: list[_Layer], config: SparsityConfig,
+                 batches: Any) -> dict[str, Any]:
+    """Activation statistics of the prunable layers' inputs (wanda/sparsegpt), else {}."""
+    if config.method == "magnitude":
+        return {}
+    if config.calibration is None:
+        raise CalibrationError(f"sparsity: method {config.method} needs calibration data",
+                               hint="pass --calib DIR, or use --sparsity-method magnitude")
+    from compress.passes.sparse_calib import collect_input_stats, needs
+
+    wanted: dict[str, tuple[str, bool]] = {}
+    for layer in layers:
+        if layer.code is not None:
+            continue
+        node = index.node_by_key[layer.key]
+        if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+            continue  # grouped: input channels of a weight row are a slice of the activation; magnitude
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            continue
+        x = node.input[0]
+        layout = "nchw" if node.op_type == "Conv" else "last"
+        prev = wanted.get(x, (layout, False))
+        wanted[x] = (layout, prev[1] or needs(config.method, node.op_type, layer.shape))
+    return collect_input_stats(model, wanted, batches) if wanted else {}
+
+
+def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Layer], index: GraphIndex,
+                 done: Mapping[str, Any], originals: Mapping[str, onnx.TensorProto], held: Any,
+                 target: TargetConfig) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
+    """Restore the pruned weights with the largest local error until the target holds."""
+    from compress.passes.accuracy import FidelityTargetError, Variant, local_errors, search_fallback
+
+    ref = copy_model(model)
+    name_nodes(ref)
+    names = [n.name for n in ref.graph.node]
+    pruned = {t.name: t for t in out.graph.initializer if t.name in done}
+    variants: dict[str, Variant] = {}
+    node_of: dict[str, str] = {}
+    for layer in layers:
+        if layer.weight not in done or layer.weight in node_of.values():
+            continue
+        name = names[index.position[layer.key]]
+        node = ref.graph.node[index.position[layer.key]]
+        sparse = onnx.TensorProto()
+        sparse.CopyFrom(pruned[layer.weight])
+        sparse.name = f"{layer.weight}__2_4"
+        inputs = tuple(sparse.name if x == layer.weight else x for x in node.input)
+        variants[name] = Variant(inputs, (), (sparse,))
+        node_of[name] = layer.weight
+    held_list = held if hasattr(held, "__len__") else list(held)
+    errors = local_errors(ref, variants, held_list)
+    ranking = sorted(errors, key=lambda n: (-errors[n]["rel_error"], n))
+
+    def make(kept: Any) -> onnx.ModelProto:
+        restored = copy_model(out)
+        back = {node_of[n] for n in kept}
+        for t in restored.graph.initializer:
+            if t.name in back:
+                t.CopyFrom(originals[t.name])
+        return restored
+
+    report: dict[str, Any] = {"local_error": [{"node": n, "weight": node_of[n], **errors[n]} for n in ranking]}
+    try:
+        final, kept, search = search_fallback(model, ranking, make, held_list, target, what="sparsity-2:4",
+                                              unit="kept dense", feed=next(iter(held_list)))
+    except FidelityTargetError as exc:
+        raise FidelityTargetError(exc.message, hint=exc.hint, report={**report, **exc.report}) from None
+    report.update(search)
+    dense = {node_of[n]: f"kept dense for the fidelity target (local error {errors[n]['rel_error']:.3g}, "
+                         f"rank {i + 1} of {len(ranking)})" for i, n in enumerate(kept)}
+    return final, dense, report
 
 
 @register_pass("sparsity-2:4", config=SparsityConfig, kind="sparsity",
@@ -223,9 +340,25 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     layers = [_layer(k, n, index, config) for k, n in index.node_by_key.items() if n.op_type in config.op_types]
     _resolve_shared(layers, index)
 
+    fit, held = config.calibration, None
+    warnings: list[str] = []
+    if config.target is not None:
+        if config.calibration is None:
+            raise CalibrationError("sparsity: a fidelity target needs calibration data",
+                                   hint="pass --calib DIR, or turn the target off (--target-fidelity none)")
+        from compress.passes.accuracy import split_holdout
+
+        fit, held, shared = split_holdout(config.calibration, config.target.holdout)
+        if shared:
+            warnings.append("one calibration batch: the fidelity target is measured on the batch the masks came from")
+    stats = _input_stats(model, index, layers, config, fit)
+
     out = copy_model(model)
     position = {t.name: i for i, t in enumerate(out.graph.initializer)}
     done: dict[str, tuple[float, float]] = {}
+    used: dict[str, str] = {}
+    originals: dict[str, onnx.TensorProto] = {}
+    zeroed: dict[str, int] = {}
     elements = 0
     for layer in layers:
         if layer.code is not None or layer.weight is None or layer.weight in done:
@@ -237,27 +370,43 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
         except Exception:  # external data that is not loaded
             layer.skip("not_loaded", "weight data is external and not loaded")
             continue
-        after = prune_2_4(before, layer.axis)
-        elements += int(((after == 0) & (before != 0)).sum())
+        from compress.passes.sparse_calib import sparsify
+
+        x = index.node_by_key[layer.key].input[0]
+        after, used[layer.weight] = sparsify(before, layer.op, layer.axis, config.method, stats.get(x),
+                                             damp=config.damp, block_size=config.block_size)
+        zeroed[layer.weight] = int(((after == 0) & (before != 0)).sum())
+        elements += zeroed[layer.weight]
+        originals[layer.weight] = onnx.TensorProto()
+        originals[layer.weight].CopyFrom(tensor)
         new = numpy_helper.from_array(after.astype(before.dtype, copy=False), name=tensor.name)
         tensor.CopyFrom(new)
         done[layer.weight] = (_zeros(before), _zeros(after))
+    target_report = None
+    dense: dict[str, str] = {}
+    if config.target is not None and done:
+        out, dense, target_report = _meet_target(model, out, layers, index, done, originals, held, config.target)
+        for w in dense:
+            elements -= zeroed[w]
     items: list[Mapping[str, Any]] = []
     for layer in layers:
         item: dict[str, Any] = {"node": layer.key, "op": layer.op, "weight": layer.weight,
                                 "shape": list(layer.shape), "axis": layer.axis}
-        if layer.code is None and layer.weight in done:
+        if layer.code is None and layer.weight in dense:
+            item.update(status="kept dense", reason=dense[layer.weight])
+        elif layer.code is None and layer.weight in done:
             zb, za = done[layer.weight]
-            item.update(status="pruned", zeros_before=round(zb, 4), zeros_after=round(za, 4))
+            item.update(status="pruned", zeros_before=round(zb, 4), zeros_after=round(za, 4),
+                        method=used[layer.weight])
         else:
             item.update(status="skipped", code=layer.code, reason=layer.reason)
         items.append(item)
-    warnings = []
     skipped = [layer for layer in layers if layer.code is not None and layer.code != "not_constant"]
     if skipped:
         warnings.append(f"{len(skipped)} weight layer(s) skipped (see items for reasons)")
     report = PassReport(name="sparsity-2:4", nodes_before=op_counts(model), nodes_after=op_counts(out),
-                        changes=_summary(layers, elements, len(done)), items=tuple(items),
+                        changes=_summary(layers, elements, len(done) - len(dense), index, dense, target_report),
+                        items=tuple(items),
                         config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
     return out, report
 

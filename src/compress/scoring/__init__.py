@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from compress.scoring.metrics import (
     METRICS,
+    STREAM_FUSIONS,
     AblationAccumulator,
     Accumulator,
     BlockActivations,
@@ -15,9 +16,11 @@ from compress.scoring.metrics import (
     MetricConfig,
     MetricResult,
     TokenRange,
+    fuse_streams,
     get_metric,
     metric_names,
     minibatch_hsic,
+    parse_stream_weights,
     parse_token_ranges,
     register_metric,
     token_view,
@@ -26,6 +29,7 @@ from compress.scoring.segment import auto_segment_count, fisher_segments, segmen
 
 __all__ = [
     "METRICS",
+    "STREAM_FUSIONS",
     "AblationAccumulator",
     "Accumulator",
     "BlockActivations",
@@ -34,10 +38,12 @@ __all__ = [
     "MetricResult",
     "TokenRange",
     "auto_segment_count",
+    "fuse_streams",
     "fisher_segments",
     "get_metric",
     "metric_names",
     "minibatch_hsic",
+    "parse_stream_weights",
     "parse_token_ranges",
     "register_metric",
     "segment_costs",

@@ -3,9 +3,24 @@
 Every block boundary (stream input and output of each block) is added as an extra graph
 output; one session runs each calibration batch once and the metric accumulators
 consume the boundary activations as the batches stream by. Nothing is kept across
-batches except the accumulators' running sums. The ``ablation`` metric is different:
+batches except the accumulators' running sums.
+
+Multi-stream blocks (an MMDiT's image and text streams, :class:`compress.blocks.Stream`):
+each boundary metric also runs once per stream name over the blocks that carry that
+stream (``per_stream`` in the result, interval 1 only), and a block's ``scores`` entry is
+the fusion of its per-stream scores (:func:`compress.scoring.metrics.fuse_streams`;
+default ``max``: a block is as important as its most changed stream). Single-stream
+blocks keep their one score. ``--token-ranges`` is refused on such models: it slices one
+tensor, while the modalities live on separate streams. The ``ablation`` metric is different:
 it runs one extra session per removable block (the model without that block) and
 compares final outputs; it is timed and reported separately.
+
+Padding (:func:`find_token_mask`): when the model has an attention/padding mask input
+(``[batch, tokens]``, integer or bool), every token-level metric (cosine, cosine-signed,
+angular, CKA, per range, per stream) uses only the real tokens of each activation whose
+``[B, T, D]`` token view has the mask's batch and token axes; ``details["tokens"]`` counts
+the real tokens, ``details["positions"]`` all of them, and ``config["token_mask_used"]``
+says which input was used and how it was chosen.
 """
 
 from __future__ import annotations
@@ -21,12 +36,84 @@ import onnx
 from compress.blocks import Block, BlockMap
 from compress.errors import BlockError, CalibrationError, ConfigError
 from compress.fidelity import logit_outputs
+from compress.graph import GraphIndex
 from compress.log import logger, progress
 from compress.onnx_io import model_digest
-from compress.scoring.metrics import BlockActivations, MetricConfig, get_metric
+from compress.scoring.metrics import BlockActivations, MetricConfig, fuse_streams, get_metric
 from compress.surgery import add_outputs, remove_blocks
 
 SCORES_SCHEMA = 1
+
+_INT_TYPES = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+              onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+              onnx.TensorProto.UINT64}
+
+
+def _mask_like(vi: onnx.ValueInfoProto) -> bool:
+    """An integer/bool graph input of rank 2 (or unknown rank)."""
+    t = vi.type.tensor_type
+    if t.elem_type not in _INT_TYPES:
+        return False
+    return not t.HasField("shape") or len(t.shape.dim) == 2
+
+
+def find_token_mask(model: onnx.ModelProto, option: str = "auto") -> tuple[str | None, str]:
+    """The model input that holds the padding mask, and how it was chosen (a sentence).
+
+    ``option``: ``none`` -> no mask; a name -> that graph input (it must be an integer or
+    bool input of rank 2); ``auto`` -> among the integer/bool rank-2 inputs, one named
+    ``attention_mask``, else the first whose name contains ``attention_mask``, else the first
+    whose name contains ``mask`` (case-insensitive); None when there is none. Whether its
+    dims fit the block tensors is checked on the first batch (:func:`score_blocks`).
+
+    Raises:
+        ConfigError: a named input that does not exist or is not an integer/bool ``[batch, tokens]``.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if option == "none":
+        return None, "off (--token-mask none)"
+    if option != "auto":
+        vi = next((i for i in inputs if i.name == option), None)
+        if vi is None:
+            raise ConfigError(f"--token-mask {option!r} is not an input of the model (inputs: "
+                              f"{', '.join(i.name for i in inputs) or 'none'})",
+                              hint="pass one of the model's inputs, auto, or none")
+        if not _mask_like(vi):
+            raise ConfigError(f"--token-mask {option!r}: the input is not an integer/bool [batch, tokens] tensor",
+                              hint="name the attention/padding mask input, or pass --token-mask none")
+        return option, f"{option} (--token-mask)"
+    cands = [i.name for i in inputs if _mask_like(i) and "mask" in i.name.lower()]
+    for rule in (lambda n: n.lower() == "attention_mask", lambda n: "attention_mask" in n.lower(), lambda n: True):
+        hit = next((n for n in cands if rule(n)), None)
+        if hit is not None:
+            return hit, f"{hit} (auto: integer [batch, tokens] input named like a mask)"
+    return None, "none (auto: no integer [batch, tokens] input named like a mask)"
+
+
+def batch_mask(feed: Mapping[str, np.ndarray], name: str | None, *, batch: int) -> np.ndarray | None:
+    """The mask of one calibration batch as bool ``[B, T]`` (None without a mask).
+
+    Raises:
+        CalibrationError: the batch lacks the mask input or it is not 2-D.
+    """
+    if name is None:
+        return None
+    if name not in feed:
+        raise CalibrationError(f"calibration batch {batch} has no {name!r} (the token mask)",
+                               hint="add it to the calibration data, or pass --token-mask none")
+    m = np.asarray(feed[name])
+    if m.ndim != 2:
+        raise CalibrationError(f"calibration batch {batch}: token mask {name!r} has shape {list(m.shape)}, "
+                               "not [batch, tokens]", hint="pass --token-mask none, or the right input")
+    return m != 0
+
+
+def mask_fits(mask: np.ndarray, arrays: Iterable[np.ndarray], channel_axis: int | None) -> bool:
+    """Whether ``mask`` ``[B, T]`` matches the batch and token axes of any of ``arrays``."""
+    from compress.scoring.metrics import token_view
+
+    return any(tuple(token_view(a, channel_axis=channel_axis).shape[:2]) == tuple(mask.shape) for a in arrays)
 
 
 @dataclass(frozen=True)
@@ -64,7 +151,8 @@ class ScoreReport:
     def scores(self, metric: str, *, key: str = "scores") -> list[float | None]:
         """Per-block scores of ``metric`` (higher = more important)."""
         if metric not in self.metrics:
-            raise ConfigError(f"metric {metric!r} was not computed; computed: {', '.join(self.metrics)}")
+            raise ConfigError(f"metric {metric!r} was not computed; computed: {', '.join(self.metrics)}",
+                              hint=f"add it to the metrics, e.g. --metric {metric}")
         return list(self.metrics[metric][key])
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,29 +266,47 @@ def score_blocks(
         raise BlockError(f"no block can be scored: none is removable ({reasons})",
                          hint="pass --blocks to name the block container, or check 'compress inspect'")
     names = [b.name for b in scored]
-    boundary = list(dict.fromkeys(t for b in scored for t in (b.input, b.output)))
+    boundary = list(dict.fromkeys(t for b in scored for t in (b.input, b.output, *b.stream_inputs, *b.stream_outputs)))
+    streams = _stream_plan(scored, config.options)
     final_names = [o.name for o in model.graph.output]
     stream = {n: m for n, m in metrics.items() if not m.needs_final}
     ablation = {n: m for n, m in metrics.items() if m.needs_final}
 
     # Hashed before the session exists: the serialized copy then does not add to the peak memory.
     digest = model_digest(model)
+    mask_name, mask_how = find_token_mask(model, config.options.token_mask)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     session = make_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
     timings["session_s"] = time.perf_counter() - t0
     accs = {n: m(len(scored), config.options) for n, m in stream.items()}
+    stream_accs = {(n, s): m(len(idx), config.options) for n, m in stream.items() for s, idx in streams.items()}
     fetch = final_names + [n for n in boundary if n not in final_names]
     references: list[dict[str, np.ndarray]] = []
     counts: list[int] = []
     t0 = time.perf_counter()
+    real = positions = 0
     for i, feed in enumerate(progress(batches, desc="scoring", total=_len(batches))):
         values = run_batch(session, feed, fetch, batch=i)
+        mask = batch_mask(feed, mask_name, batch=i)
+        if i == 0 and mask is not None and not mask_fits(mask, (values[t] for t in boundary), config.options.channel_axis):
+            if config.options.token_mask != "auto":
+                raise ConfigError(f"--token-mask {mask_name!r} has shape {list(mask.shape)}, which fits no block "
+                                  "tensor's [batch, tokens] axes", hint="pass --token-mask none, or the right input")
+            mask_how += f"; not applied: its shape {list(mask.shape)} fits no block tensor"
+            mask_name, mask = None, None
+        if mask is not None:
+            real, positions = real + int(mask.sum()), positions + mask.size
         if accs:
             acts = BlockActivations(inputs=[values[b.input] for b in scored],
-                                    outputs=[values[b.output] for b in scored], names=names)
+                                    outputs=[values[b.output] for b in scored], names=names, mask=mask)
             for acc in accs.values():
                 acc.update(acts)
+            for (_, s), acc in stream_accs.items():
+                pick = [_stream_of(scored[j], s) for j in streams[s]]
+                acc.update(BlockActivations(inputs=[values[st.input] for st in pick],
+                                            outputs=[values[st.output] for st in pick],
+                                            names=[scored[j].name for j in streams[s]], mask=mask))
         if ablation:
             references.append({n: values[n] for n in final_names})
         counts.append(_batch_size(feed))
@@ -209,37 +315,107 @@ def score_blocks(
         raise CalibrationError("the calibration data has no batches", hint="pass --calib with at least one .npz batch")
     timings["scoring_s"] = time.perf_counter() - t0
     results = {n: _expand(acc.result().to_dict(), scored, len(block_map.blocks)) for n, acc in accs.items()}
+    for n in list(results) if streams else ():
+        per = {s: _expand(stream_accs[n, s].result().to_dict(), [scored[j] for j in idx],
+                          len(block_map.blocks))["scores"] for s, idx in streams.items()}
+        results[n] = _fuse(results[n], per, scored, config.options)
 
     if ablation:
         t0 = time.perf_counter()
         removable = [j for j, b in enumerate(scored) if b.removable]
+        graph_index = GraphIndex(model)  # one shape inference for every removal
         for name, metric in ablation.items():
             acc = metric(len(scored), config.options, logits=logit_outputs(model))
             for j in progress(removable, desc="ablation"):
-                ablated = make_session(remove_blocks(model, [scored[j]], check=False),
+                ablated = make_session(remove_blocks(model, [scored[j]], check=False, index=graph_index),
                                        providers=config.providers, threads=config.threads)
                 seen = 0
                 for i, feed in enumerate(batches):
-                    acc.update(j, references[i], run_batch(ablated, feed, final_names, batch=i))
+                    acc.update(j, references[i], _run_ablated(ablated, feed, final_names, scored[j], batch=i))
                     seen += 1
                 if seen != len(references):
-                    raise ConfigError("ablation needs re-iterable calibration batches (a list or a CalibrationSet)")
+                    raise ConfigError("ablation needs re-iterable calibration batches (a list or a CalibrationSet)",
+                                      hint="pass a list of batches or load_calibration(...), not a generator")
             results[name] = _expand(acc.result().to_dict(), scored, len(block_map.blocks))
         timings["ablation_s"] = time.perf_counter() - t0
         logger.info("ablation: %d extra sessions in %.1f s", len(removable), timings["ablation_s"])
 
     n, samples = _summary(len(counts), counts)
     blocks = tuple({"index": b.index, "name": b.name, "input": b.input, "output": b.output, "params": b.params,
-                    "removable": b.removable, "reason": b.reason} for b in block_map.blocks)
+                    "removable": b.removable, "reason": b.reason, "streams": [st.name for st in b.streams]}
+                   for b in block_map.blocks)
     return ScoreReport(
         model_sha256=digest, calibration=calibration, random_calibration=random_calibration,
         batches=n, samples=samples, blocks=blocks, metrics=results,
-        config={"metrics": list(config.metrics), **_options(config.options)},
+        config={"metrics": list(config.metrics), **_options(config.options),
+                "token_mask_used": {"input": mask_name, "how": mask_how, "real_tokens": real if mask_name else None,
+                                    "positions": positions if mask_name else None}},
         timings_s={k: round(v, 4) for k, v in timings.items()}, providers=tuple(session.get_providers()),
     )
+
+
+def _run_ablated(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str], block: Block, *,
+                 batch: int) -> dict[str, np.ndarray]:
+    """Run the model without ``block`` on a batch the full model already ran: a failure is the
+    ablated model's (BlockError naming the block), never "the calibration batch does not fit"."""
+    try:
+        values = session.run(list(names), dict(feed))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BlockError(f"ablation: ONNX Runtime fails on the model without block {block.index} ({block.name}) "
+                         f"on calibration batch {batch} (the full model runs it): {msg}",
+                         hint="the block cannot be skipped in this graph; score without ablation (--metric cosine) "
+                              "and report the model") from None
+    return dict(zip(names, values, strict=True))
+
+
+def _stream_of(block: Block, name: str) -> Any:
+    return next(st for st in block.streams if st.name == name)
+
+
+def _stream_plan(scored: Sequence[Block], options: MetricConfig) -> dict[str, list[int]]:
+    """Stream name -> positions (in ``scored``) of the blocks carrying it; {} when no block has two streams.
+
+    Raises:
+        ConfigError: token ranges on a model with multi-stream blocks.
+    """
+    multi = [b for b in scored if len(b.streams) > 1]
+    if not multi:
+        return {}
+    if options.token_ranges:
+        b = multi[0]
+        raise ConfigError(
+            f"--token-ranges slices one tensor, but block {b.index} ({b.name}) has {len(b.streams)} separate streams "
+            f"({', '.join(st.name for st in b.streams)})",
+            hint="leave --token-ranges out: each stream is scored on its own (per_stream in the report)",
+        )
+    if options.interval != 1:
+        logger.info("per-stream scores need --interval 1; scoring the primary stream only")
+        return {}
+    plan: dict[str, list[int]] = {}
+    for j, b in enumerate(scored):
+        for st in b.streams:
+            plan.setdefault(st.name, []).append(j)
+    return plan
+
+
+def _fuse(result: dict[str, Any], per_stream: dict[str, list[Any]], scored: Sequence[Block],
+          options: MetricConfig) -> dict[str, Any]:
+    """``result`` with ``per_stream`` scores and, for multi-stream blocks, the fused score in ``scores``."""
+    out = dict(result)
+    scores = list(result["scores"])
+    for b in scored:
+        if len(b.streams) > 1:
+            scores[b.index] = fuse_streams({st.name: per_stream[st.name][b.index] for st in b.streams}, options)
+    out["scores"] = scores
+    out["per_stream"] = per_stream
+    out["stream_fusion"] = options.stream_fusion + (
+        " (" + ", ".join(f"{k}={w:g}" for k, w in options.stream_weights) + ")" if options.stream_weights else "")
+    return out
 
 
 def _options(options: MetricConfig) -> dict[str, Any]:
     d = {k: getattr(options, k) for k in options.__dataclass_fields__}
     d["token_ranges"] = [str(r) for r in options.token_ranges]
+    d["stream_weights"] = dict(options.stream_weights)
     return d

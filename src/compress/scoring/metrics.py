@@ -60,7 +60,18 @@ forward pass; lower ``max_tokens`` when D is small.
 Token ranges (per modality): with ``token_ranges``, every metric is computed separately
 on each range (``per_range``) and ``scores`` is the *combined* score: the unweighted
 mean of the per-range scores, so a short text range counts as much as a long image
-range. For CKA the per-range matrices are averaged the same way.
+range. For CKA the per-range matrices are averaged the same way. Token ranges are for a
+*single* stream that concatenates modalities (Flux's single-stream blocks in older
+diffusers); a range must fit the token axis (start and stop within ``-T .. T``), else it
+is a ConfigError: a range past the end used to slice a stream silently.
+
+Streams (per modality on separate tensors, e.g. an MMDiT's image and text hidden
+states): the collector (:mod:`compress.scoring.collect`) scores each stream with its own
+accumulator and fuses the per-stream scores of a block (:func:`fuse_streams`). The
+default fusion is ``max``: a block is only as redundant as its *least* redundant stream
+(for the per-token metrics: the largest per-stream ``1 - |cos|``), so a block that leaves
+the image unchanged but rewrites the text is kept. ``mean`` averages the streams
+(optionally weighted by ``stream_weights``, e.g. ``image=3,text=1``).
 
 NaN/Inf in any activation raises :class:`~compress.errors.BlockError` naming the block
 and whether its input or output is affected.
@@ -88,10 +99,14 @@ __all__ = [
     "BoundaryAccumulator",
     "MetricConfig",
     "MetricResult",
+    "STREAM_FUSIONS",
     "TokenRange",
+    "fuse_streams",
     "get_metric",
+    "masked_view",
     "metric_names",
     "minibatch_hsic",
+    "parse_stream_weights",
     "parse_token_ranges",
     "register_metric",
     "token_view",
@@ -176,6 +191,13 @@ class MetricConfig:
         max_tokens: CKA: at most this many token rows per batch (fixed-seed random subset).
         min_rows: CKA: pool batches until a minibatch has at least this many rows (>= 4).
         seed: seed of the CKA row-subsampling generator.
+        stream_fusion: how the per-stream scores of a multi-stream block combine
+            (:data:`STREAM_FUSIONS`; default ``max``, see :func:`fuse_streams`).
+        stream_weights: ``(stream name, weight)`` pairs for ``stream_fusion="mean"``
+            (streams not named weigh 1).
+        token_mask: the padding mask: ``auto`` (default: the model input that looks like an
+            attention mask, see :func:`compress.scoring.collect.find_token_mask`), ``none``
+            (every position is a token), or the name of a model input (``--token-mask``).
     """
 
     interval: int = 1
@@ -186,6 +208,9 @@ class MetricConfig:
     max_tokens: int = 1024
     min_rows: int = 8
     seed: int = 0
+    stream_fusion: str = "max"
+    stream_weights: tuple[tuple[str, float], ...] = ()
+    token_mask: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(flag: str, value: Any, need: str) -> ConfigError:
@@ -213,6 +238,18 @@ class MetricConfig:
         names = [r.name for r in self.token_ranges]
         if len(set(names)) != len(names) or "combined" in names:
             raise ConfigError(f"token range names must be unique and not 'combined': {names}", hint=_RANGE_EXAMPLE)
+        if not isinstance(self.token_mask, str) or not self.token_mask.strip():
+            raise bad("--token-mask", self.token_mask, "auto, none or the name of a model input")
+        if self.stream_fusion not in STREAM_FUSIONS:
+            raise bad("--stream-fusion", self.stream_fusion, f"one of {', '.join(STREAM_FUSIONS)}")
+        if self.stream_weights and self.stream_fusion != "mean":
+            raise ConfigError("--stream-weights needs --stream-fusion mean",
+                              hint="pass --stream-fusion mean --stream-weights image=3,text=1")
+        if not isinstance(self.stream_weights, tuple) or not all(
+            isinstance(w, tuple) and len(w) == 2 and isinstance(w[0], str) and isinstance(w[1], (int, float))
+            and not isinstance(w[1], bool) and math.isfinite(w[1]) and w[1] >= 0 for w in self.stream_weights
+        ) or (self.stream_weights and sum(w for _, w in self.stream_weights) <= 0):
+            raise bad("--stream-weights", self.stream_weights, "NAME=WEIGHT pairs with weights >= 0 (not all 0)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options (token ranges as ``NAME=START:STOP`` strings)."""
@@ -225,7 +262,55 @@ class MetricConfig:
             "max_tokens": self.max_tokens,
             "min_rows": self.min_rows,
             "seed": self.seed,
+            "stream_fusion": self.stream_fusion,
+            "stream_weights": {k: w for k, w in self.stream_weights},
+            "token_mask": self.token_mask,
         }
+
+
+#: Ways to fuse the per-stream scores of a multi-stream block (see :func:`fuse_streams`).
+STREAM_FUSIONS = ("max", "mean")
+
+
+def parse_stream_weights(spec: str) -> tuple[tuple[str, float], ...]:
+    """Parse ``"image=3,text=1"`` into ``(("image", 3.0), ("text", 1.0))`` (empty -> ()).
+
+    Raises:
+        ConfigError: bad syntax or a repeated name (naming the --stream-weights flag).
+    """
+    out: list[tuple[str, float]] = []
+    for item in (p.strip() for p in spec.split(",") if p.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name.strip() or not math.isfinite(weight) or weight < 0 or any(n == name.strip() for n, _ in out):
+            raise ConfigError(f"bad stream weight {item!r} in --stream-weights {spec!r}: expected NAME=WEIGHT "
+                              "(a weight >= 0, each stream once)",
+                              hint="e.g. --stream-fusion mean --stream-weights hidden_states=3,encoder_hidden_states=1")
+        out.append((name.strip(), weight))
+    return tuple(out)
+
+
+def fuse_streams(per_stream: Mapping[str, float | None], config: MetricConfig) -> float | None:
+    """One score for a block from its per-stream scores (None where a stream is not scored).
+
+    ``max`` (default): the block is only as redundant as its least redundant stream (the
+    most important stream decides). ``mean``: the mean, weighted by ``config.stream_weights``
+    (a stream not named weighs 1). None when no stream has a score.
+    """
+    values = {k: v for k, v in per_stream.items() if v is not None}
+    if not values:
+        return None
+    if config.stream_fusion == "max":
+        return max(values.values())
+    weights = dict(config.stream_weights)
+    w = {k: float(weights.get(k, 1.0)) for k in values}
+    total = sum(w.values())
+    if total <= 0:
+        return None
+    return sum(w[k] * v for k, v in values.items()) / total
 
 
 # --------------------------------------------------------------------------- activations
@@ -245,6 +330,9 @@ class BlockActivations:
         outputs: ``outputs[i]`` = output of block ``i`` (usually the shape of ``inputs[i]``).
         final: the model's final outputs for this batch (optional; unused by boundary metrics).
         names: block names, used only in error messages (optional).
+        mask: the padding mask of the batch, ``[B, T]`` (nonzero = real token), or None.
+            Token-level metrics use only the real tokens of every activation whose token
+            view is ``[B, T, D]`` with the mask's ``B`` and ``T`` (others: every position).
 
     Raises:
         BlockError: unequal lengths, a non-float or rank-0 array, NaN or Inf (naming the
@@ -255,8 +343,15 @@ class BlockActivations:
     outputs: Sequence[np.ndarray]
     final: Mapping[str, np.ndarray] | None = None
     names: Sequence[str] | None = None
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.mask is not None:
+            m = np.asarray(self.mask)
+            if m.ndim != 2:
+                raise BlockError(f"the token mask must be [batch, tokens], got shape {list(m.shape)}",
+                                 hint="pass the attention/padding mask input (--token-mask NAME) or --token-mask none")
+            object.__setattr__(self, "mask", m != 0)
         ins = tuple(np.asarray(a) for a in self.inputs)
         outs = tuple(np.asarray(a) for a in self.outputs)
         if len(ins) != len(outs) or not ins:
@@ -344,11 +439,47 @@ def token_view(
                 f"token range {token_range} selects no token of an activation of shape {a.shape} ({t} tokens)",
                 hint=f"fix --token-ranges ({_RANGE_EXAMPLE})",
             )
+        past = [e for e in (token_range.start, token_range.stop) if e is not None and not -t <= e <= t]
+        if past:
+            raise ConfigError(
+                f"token range {token_range} does not fit an activation of shape {a.shape} ({t} tokens): "
+                f"token {past[0]} is past its end",
+                hint=f"fix --token-ranges so every range lies within 0..{t} (separate streams are scored per "
+                     "stream without --token-ranges)",
+            )
     if last_token:
         sel = slice(*sel.indices(t))
         sel = slice(range(t)[sel][-1], range(t)[sel][-1] + 1)
     v = v[:, :, sel] if token_axis == 2 else v[:, sel, :]
     return v.transpose(0, 2, 1) if token_axis == 2 else v
+
+
+def masked_view(
+    array: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    channel_axis: int | None = None,
+    token_range: TokenRange | None = None,
+    last_token: bool = False,
+) -> tuple[np.ndarray, bool]:
+    """:func:`token_view` without the padding: ``([1, N, D] real tokens, True)`` when ``mask``
+    (bool ``[B, T]``) fits the activation's ``[B, T, D]`` token view, else ``(token_view(...), False)``.
+
+    The token range slices the mask like the tokens; with ``last_token`` each sample keeps
+    its last *real* token (samples without one are left out). The real tokens are copied.
+    """
+    if mask is None:
+        return token_view(array, channel_axis=channel_axis, token_range=token_range, last_token=last_token), False
+    full = token_view(array, channel_axis=channel_axis)
+    if tuple(mask.shape) != tuple(full.shape[:2]):
+        return token_view(array, channel_axis=channel_axis, token_range=token_range, last_token=last_token), False
+    v = token_view(array, channel_axis=channel_axis, token_range=token_range)  # validates the range
+    m = mask if token_range is None else mask[:, slice(token_range.start, token_range.stop)]
+    if last_token:
+        rows = np.flatnonzero(m.any(axis=1))
+        last = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+        return v[rows, last[rows]][None], True
+    return v[m][None], True
 
 
 # --------------------------------------------------------------------------- results
@@ -599,6 +730,8 @@ class _TokenPairAccumulator(BoundaryAccumulator):
         r = len(_ranges(self.config))
         self.sums = np.zeros((r, num_blocks))
         self.counts = np.zeros((r, num_blocks), dtype=np.int64)
+        self.positions = np.zeros((r, num_blocks), dtype=np.int64)  # all positions, padding included
+        self.masked = False
         self.refined = np.zeros((r, num_blocks), dtype=np.int64)  # float32 second tier
         self.exact = np.zeros((r, num_blocks), dtype=np.int64)  # float64 recomputed
         self.unscored: dict[int, str] = {}
@@ -692,7 +825,7 @@ class _TokenPairAccumulator(BoundaryAccumulator):
         k = cfg.interval
         for r, token_range in enumerate(_ranges(cfg)):
             kw = {"channel_axis": cfg.channel_axis, "token_range": token_range, "last_token": cfg.last_token}
-            seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(boundary) -> (token view, squared norms)
+            seen: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # id -> (token view, squared norms, positions)
             for i in self.spans:
                 x, y = acts.inputs[i], acts.outputs[i + k - 1]
                 if x.shape != y.shape:
@@ -700,11 +833,14 @@ class _TokenPairAccumulator(BoundaryAccumulator):
                     continue
                 for a in (x, y):
                     if id(a) not in seen:  # the output of block j is also the input of block j + 1
-                        v = token_view(a, **kw)
-                        seen[id(a)] = (v, _rowdot(v, v))
-                (xv, sx), (yv, sy) = seen[id(x)], seen[id(y)]
+                        v, used = masked_view(a, acts.mask, **kw)
+                        self.masked |= used
+                        p = token_view(a, **kw).shape if used else v.shape
+                        seen[id(a)] = (v, _rowdot(v, v), p[0] * p[1])
+                (xv, sx, pos), (yv, sy, _) = seen[id(x)], seen[id(y)]
                 total, refined, exact = self._span_sum(xv, yv, sx, sy)
                 self.sums[r, i] += total
+                self.positions[r, i] += pos
                 self.counts[r, i] += xv.shape[0] * xv.shape[1]
                 self.refined[r, i] += refined
                 self.exact[r, i] += exact
@@ -729,6 +865,8 @@ class _TokenPairAccumulator(BoundaryAccumulator):
             "last_token": self.config.last_token,
             "batches": self.batches,
             "tokens": [int(c) for c in self.counts.sum(axis=0)],
+            "positions": [int(c) for c in self.positions.sum(axis=0)],
+            "masked": self.masked,
             "refined_tokens": [int(c) for c in self.refined.sum(axis=0)],
             "exact_tokens": [int(c) for c in self.exact.sum(axis=0)],
             "token_ranges": [str(t) for t in ranges],
@@ -878,6 +1016,9 @@ class CkaAccumulator(BoundaryAccumulator):
             if a is not b and not (a.shape == b.shape and np.array_equal(a, b)):
                 self.extra[i] = n + 1 + len(self.extra)
         self.states = [_CkaRange(n + 1 + len(self.extra)) for _ in _ranges(self.config)]
+        self.masked = False
+        self.tokens = 0  # token rows offered (real tokens when masked), before subsampling
+        self.positions = 0
         self.rng = np.random.default_rng(self.config.seed)
 
     def _reps(self, acts: BlockActivations) -> list[np.ndarray]:
@@ -906,6 +1047,14 @@ class CkaAccumulator(BoundaryAccumulator):
                         "unlike the first batch",
                         hint="feed calibration batches of one layout",
                     )
+                self.positions += views[0].shape[0] * views[0].shape[1]
+                if acts.mask is not None:
+                    masked = [masked_view(r, acts.mask, channel_axis=cfg.channel_axis, token_range=token_range)
+                              for r in reps]
+                    if all(used for _, used in masked):  # padding rows leave every representation
+                        self.masked = True
+                        views = [v for v, _ in masked]
+                self.tokens += views[0].shape[0] * views[0].shape[1]
                 rows = [v.reshape(-1, v.shape[-1]) for v in views]
                 if rows[0].shape[0] > cfg.max_tokens:
                     idx = np.sort(self.rng.choice(rows[0].shape[0], cfg.max_tokens, replace=False))
@@ -960,6 +1109,9 @@ class CkaAccumulator(BoundaryAccumulator):
             "segment_losses": losses.tolist(),
             "segment_count": "fixed" if self.config.segments is not None else "auto",
             "token_ranges": [str(t) for t in ranges],
+            "tokens": self.tokens,
+            "positions": self.positions,
+            "masked": self.masked,
         }
         if ranges:
             details["per_range_matrix"] = {

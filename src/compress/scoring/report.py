@@ -39,7 +39,7 @@ def scores_text(report: dict[str, Any]) -> str:
 
 
 def scores_markdown(report: dict[str, Any]) -> str:
-    """The per-block score table, CKA segments and per-range scores as Markdown."""
+    """The per-block score table, CKA segments, per-range and per-stream scores as Markdown."""
     headers, rows = _rows(report)
     parts = ["## Block scores", "", _caption(report), "", markdown_table(headers, rows)]
     for name, m in report["metrics"].items():
@@ -48,6 +48,15 @@ def scores_markdown(report: dict[str, Any]) -> str:
             prow = [[b["index"], b["name"]] + [m["per_range"][r][b["index"]] for r in ranges] + [m["scores"][b["index"]]]
                     for b in report["blocks"]]
             parts += ["", f"### {name} per token range", "", markdown_table(["#", "block", *ranges, "combined"], prow)]
+        if m.get("per_stream"):
+            names = list(m["per_stream"])
+            srow = [[b["index"], b["name"]] + [m["per_stream"][s][b["index"]] for s in names] + [m["scores"][b["index"]]]
+                    for b in report["blocks"]]
+            fusion = m.get("stream_fusion", "max")
+            how = ("max: a block is only as redundant as its least redundant stream" if fusion == "max"
+                   else f"{fusion}: weighted mean of the streams")
+            parts += ["", f"### {name} per stream", "", f"Fused score = {how}; `-` = the block does not carry "
+                      "that stream.", "", markdown_table(["#", "block", *names, "fused"], srow)]
         if m.get("segments"):
             idx = m["scored_blocks"]
             segs = ", ".join(f"[{idx[a]}..{idx[b - 1]}]" for a, b in m["segments"])
@@ -56,7 +65,8 @@ def scores_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_scores(report: dict[str, Any]) -> bytes:
-    """A PNG: one panel of per-block scores per metric, plus the CKA heatmap with segment borders."""
+    """A PNG: one panel of per-block scores per metric (bars: the fused score; lines: per token
+    range and per stream), plus the CKA heatmap with segment borders."""
     plt = pyplot("the score plot")
     metrics = report["metrics"]
     per_block = [m for m in metrics if any(v is not None for v in metrics[m]["scores"])]
@@ -73,9 +83,10 @@ def plot_scores(report: dict[str, Any]) -> bytes:
         scores = metrics[name]["scores"]
         xs = [i for i, v in enumerate(scores) if v is not None]
         ax.bar(xs, [scores[i] for i in xs], color="#4c72b0")
-        for rng, vals in (metrics[name].get("per_range") or {}).items():
-            ax.plot([i for i, v in enumerate(vals) if v is not None], [v for v in vals if v is not None], "o-", label=rng)
-        if metrics[name].get("per_range"):
+        lines = {**(metrics[name].get("per_range") or {}), **(metrics[name].get("per_stream") or {})}
+        for label, vals in lines.items():
+            ax.plot([i for i, v in enumerate(vals) if v is not None], [v for v in vals if v is not None], "o-", label=label)
+        if lines:
             ax.legend(fontsize=7)
         ax.set_title(name)
         ax.set_xlabel("block")

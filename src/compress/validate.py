@@ -1,0 +1,299 @@
+"""Validation of config values, shared by every stage's frozen config.
+
+A config dataclass checks its fields once, in ``__post_init__``, with the helpers here;
+a bad value raises :class:`FieldError` (a :class:`~compress.errors.ConfigError`) that
+names the config and the field (``PruneConfig.max_drop = -0.1: must be >= 0``). Front
+ends rename the field: the CLI reports the flag (:meth:`FieldError.as_flag`, ``--max-drop
+-0.1: must be >= 0``) and ``compress run`` the config key, so both share one rule.
+
+Numbers must be finite (nan and inf are refused everywhere: ``nan < x`` is always False,
+so a nan slips past every range check, and an infinite duration never ends). Every value
+that drives a loop or an allocation has an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from compress.errors import ConfigError
+
+#: Longest a timed phase (warm-up, measurement) may be asked to run, in seconds.
+MAX_SECONDS = 3600.0
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) and (not value or any(c.isspace() for c in value)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class FieldError(ConfigError):
+    """A config field holds an invalid value.
+
+    Attributes:
+        owner: the config class (``PruneConfig``).
+        field: the field name (``max_drop``).
+        value: the value given.
+        problem: what is wrong, without the field's name (``must be >= 0``).
+        example: a valid value, for the hint (``0.02``); None = no example.
+        advice: a hint that fits every front end, used instead of the example.
+    """
+
+    def __init__(self, owner: str, field: str, value: Any, problem: str, *, example: str | None = None,
+                 advice: str | None = None) -> None:
+        self.owner, self.field, self.value, self.problem = owner, field, value, problem
+        self.example, self.advice = example, advice
+        hint = advice or (f"e.g. {field}={example}" if example is not None else f"see the documentation of {owner}")
+        super().__init__(f"{owner}.{field} = {_show(value)}: {problem}", hint=hint)
+
+    def as_flag(self, flag: str, value: Any = None, example: str | None = None) -> ConfigError:
+        """The same error named by a command-line flag (``value``, ``example``: in the flag's units, when they differ)."""
+        shown = _show(self.value if value is None else value)
+        example = example if example is not None else self.example
+        hint = self.advice or (f"e.g. {flag} {example}" if example is not None else f"see 'compress COMMAND --help' for {flag}")
+        return ConfigError(f"{flag} {shown}: {self.problem}", hint=hint)
+
+    def as_key(self, where: str, value: Any = None, example: str | None = None) -> ConfigError:
+        """The same error named by a config key (``where``: ``pipeline.yaml: build.warmup_ms``)."""
+        example = example if example is not None else self.example
+        key = where.rsplit(" ", 1)[-1].rsplit(".", 1)[-1]
+        hint = self.advice or (f"e.g. {key}: {example}" if example is not None else "see deploy/README.md")
+        return ConfigError(f"{where} = {_show(self.value if value is None else value)}: {self.problem}", hint=hint)
+
+
+def check_number(owner: str, field: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, example: str | None = None,
+                 optional: bool = False) -> None:
+    """``value`` is a finite real number (bool refused) within ``[low, high]`` (open ends as asked).
+
+    ``optional``: None is accepted (the option is off).
+    """
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldError(owner, field, value, "must be a number", example=example)
+    if not math.isfinite(value):
+        raise FieldError(owner, field, value, "must be a finite number (not nan or inf)", example=example)
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        raise FieldError(owner, field, value, _range(low, high, low_open, high_open), example=example)
+
+
+def _range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """``must be >= 0 and <= 1`` (the bounds that exist, the lower one first)."""
+    parts = ([f"{'>' if low_open else '>='} {_num(low)}"] if low is not None else []) + \
+            ([f"{'<' if high_open else '<='} {_num(high)}"] if high is not None else [])
+    return "must be " + " and ".join(parts)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def check_int(owner: str, field: str, value: Any, *, low: int | None = None, high: int | None = None,
+              example: str | None = None, optional: bool = False) -> None:
+    """``value`` is an integer (bool refused) within ``[low, high]``; None accepted when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(owner, field, value, "must be an integer", example=example)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise FieldError(owner, field, value, _range(low, high), example=example)
+
+
+def check_choice(owner: str, field: str, value: Any, choices: Collection[str], *, optional: bool = False) -> None:
+    """``value`` is one of ``choices`` (the error lists them)."""
+    if value is None and optional:
+        return
+    if value not in choices:
+        listed = ", ".join(str(c) for c in choices)
+        raise FieldError(owner, field, value, f"is not one of: {listed}", example=next(iter(choices), None))
+
+
+def as_flags(exc: FieldError, flags: Mapping[str, str | tuple[Any, ...]]) -> ConfigError:
+    """``exc`` named by its flag when ``flags`` maps its field.
+
+    An entry is ``flag``, or ``(flag, value as typed[, example])`` where the front end
+    converts the value (``--warmup-ms 200`` -> ``warmup_s=0.2``).
+    """
+    entry = flags.get(exc.field)
+    if entry is None:
+        return exc
+    flag, *rest = entry if isinstance(entry, tuple) else (entry,)
+    return exc.as_flag(flag, *rest)
+
+
+# --------------------------------------------------------------------------- parsed documents
+
+#: Deepest nesting a parsed config or report may have (the formats compress reads need < 10).
+MAX_DEPTH = 64
+#: Most values (scalars, lists, mappings; shared YAML nodes counted at every use) in one document.
+MAX_NODES = 200_000
+#: Longest a value may be when quoted in an error message.
+MAX_SHOWN = 120
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters (with "..." and the full length) for error messages."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` for an error message, never longer than ``limit`` (nor costlier to build)."""
+    if isinstance(value, list | tuple | dict) and _too_big(value, limit):
+        kind = {list: "a list", tuple: "a list", dict: "a mapping"}[type(value)]
+        return f"{kind} of {len(value)} items"
+    return clip(repr(value), limit)
+
+
+def _too_big(value: Any, limit: int) -> bool:
+    """Whether ``value`` has more than ``limit`` nested items (counted without building its repr)."""
+    stack, count = [value], 0
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return False
+
+
+def check_document(data: Any, *, source: str, error: type[ConfigError] = ConfigError, max_depth: int = MAX_DEPTH,
+                   max_nodes: int = MAX_NODES) -> None:
+    """A parsed JSON/YAML document is plain data of bounded size: depth, item count, string keys.
+
+    Walks iteratively (no recursion), counting shared objects at every use, so nested YAML
+    anchors ("billion laughs") are refused before anything expands them.
+
+    Raises:
+        ``error`` (a ConfigError subclass) naming ``source`` and the path to the offending value.
+    """
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    count = 0
+    while stack:
+        value, depth, where = stack.pop()
+        count += 1
+        if count > max_nodes:
+            raise error(f"{source}: more than {max_nodes} values (nested aliases expand to too many)",
+                        hint="write the config out plainly; anchors and aliases may not multiply it")
+        if depth > max_depth:
+            raise error(f"{source}: nested deeper than {max_depth} levels at {clip(where or 'the top', 200)}",
+                        hint="a compress config or report is a few levels deep; check the file")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise error(f"{source}: key {shown(k)} at {clip(where or 'the top', 200)} is not a string",
+                                hint="keys are names: write them as plain words")
+                stack.append((v, depth + 1, f"{where}.{k}" if where else k))
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+# --------------------------------------------------------------------------- block maps
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_shape(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and all(d is None or isinstance(d, str) or (_is_int(d) and d >= 0) for d in v))
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+_BLOCK_FIELDS: dict[str, tuple[Any, str, bool]] = {  # field: (check, expected, required)
+    "index": (_is_int, "an integer", True),
+    "name": (_is_str, "a string", True),
+    "nodes": (_is_str_list, "a list of node names", True),
+    "removable": (lambda v: isinstance(v, bool), "true or false", True),
+    "input": (_is_opt_str, "a tensor name or null", False),
+    "output": (_is_opt_str, "a tensor name or null", False),
+    "side_inputs": (_is_str_list, "a list of tensor names", False),
+    "params": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", False),
+    "shape": (_is_shape, "a list of dims (integers, names or null) or null", False),
+    "dtype": (_is_opt_str, "a type name or null", False),
+    "reason": (_is_opt_str, "a string or null", False),
+    "streams": (lambda v: v is None or isinstance(v, list), "a list of streams", False),
+}
+_STREAM_FIELDS: dict[str, tuple[Any, str, bool]] = {
+    "name": (_is_str, "a string", True),
+    "input": (_is_str, "a tensor name", True),
+    "output": (_is_str, "a tensor name", True),
+    "shape": (_is_shape, "a list of dims (integers, names or null) or null", False),
+    "dtype": (_is_opt_str, "a type name or null", False),
+}
+
+
+def check_block_map(data: Any, *, source: str) -> None:
+    """A block map read from JSON (``MODEL.blocks.json``) has the documented layout and types.
+
+    Checks the shape of the data only (the caller checks it against the model): a mapping
+    with ``blocks``, a list of mappings with the fields of :class:`compress.blocks.Block`
+    of the right types, block ``i`` having ``index`` i.
+
+    Raises:
+        ModelError: naming ``source`` (the file) and the field, e.g. ``blocks[2].index``.
+    """
+    from compress.errors import ModelError
+
+    hint = "re-create it with 'compress export' or 'compress inspect --write-blocks', or delete it"
+
+    def bad(where: str, problem: str) -> ModelError:
+        return ModelError(f"{source} is not a valid block map: {where}: {problem}", hint=hint)
+
+    if not isinstance(data, Mapping):
+        raise bad("the top level", f"must be a mapping with 'schema_version' and 'blocks', got {_kind(data)}")
+    from compress.blocks import READABLE_BLOCK_MAP_SCHEMAS
+
+    if data.get("schema_version") not in READABLE_BLOCK_MAP_SCHEMAS:
+        raise bad("schema_version", f"is {shown(data.get('schema_version'), 40)}, expected "
+                                    f"{' or '.join(map(str, READABLE_BLOCK_MAP_SCHEMAS))} (not a compress block map?)")
+    blocks = data.get("blocks")
+    if not isinstance(blocks, list):
+        raise bad("blocks", f"must be a list of blocks, got {_kind(blocks)}")
+    containers = data.get("containers", [])
+    if not _is_str_list(containers):
+        raise bad("containers", f"must be a list of module paths, got {_kind(containers)}")
+    if not _is_opt_str(data.get("source")):
+        raise bad("source", f"must be a string, got {_kind(data.get('source'))}")
+    for i, b in enumerate(blocks):
+        _check_fields(b, _BLOCK_FIELDS, f"blocks[{i}]", bad)
+        if b["index"] != i:
+            raise bad(f"blocks[{i}].index", f"is {b['index']}; block {i} of {len(blocks)} must have index {i} "
+                                            f"(blocks are listed in order, indices 0..{len(blocks) - 1})")
+        for j, s in enumerate(b.get("streams") or []):
+            _check_fields(s, _STREAM_FIELDS, f"blocks[{i}].streams[{j}]", bad)
+
+
+def _check_fields(d: Any, spec: Mapping[str, tuple[Any, str, bool]], where: str, bad: Any) -> None:
+    if not isinstance(d, Mapping):
+        raise bad(where, f"must be a mapping, got {_kind(d)}")
+    for key, (ok, expected, required) in spec.items():
+        if key not in d:
+            if required:
+                raise bad(f"{where}.{key}", "is missing")
+            continue
+        if not ok(d[key]):
+            raise bad(f"{where}.{key}", f"must be {expected}, got {shown(d[key], 60)}")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {list: "a list", dict: "a mapping", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)

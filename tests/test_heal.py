@@ -1,0 +1,198 @@
+"""Training-free healing (--heal): a closed-form linear map per removed span, kept only where it helps."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import models
+from compress.blocks import find_blocks
+from compress.prune import PruneConfig, prune_model, removed_spans
+from compress.scoring.heal import LinearFit, LinearMap
+from compress.validate import FieldError
+
+NO_LATENCY = {"latency": None}
+
+
+class MaybeLinear(nn.Module):
+    """A residual block; ``linear=True`` makes it exactly affine: ``x + fc2(fc1(x))``."""
+
+    def __init__(self, dim: int, linear: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return x + self.fc2(self.fc1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, linear: tuple[int, ...], depth: int = 4, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, dim)
+        self.blocks = nn.ModuleList(MaybeLinear(dim, i in linear) for i in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.norm(h))
+
+
+def _batches(n: int = 8, seed: int = 30) -> list[dict[str, np.ndarray]]:
+    return [{"x": models.transformer_input(3, 8, seed=seed + i).numpy()} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def linear_span(tmp_path_factory):
+    torch.manual_seed(0)
+    module = models._randomise(Net(linear=(1, 2)), 3)
+    path = models.export_onnx(module, models.transformer_input(), tmp_path_factory.mktemp("heal") / "l.onnx",
+                              dynamic_batch=True)
+    return module, onnx.load(path)
+
+
+def _heal_nodes(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node if n.name.startswith("compress_heal_")]
+
+
+def test_linear_fit_recovers_an_affine_map_and_reports_residuals() -> None:
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(6, 6)), rng.normal(size=6)
+    fit = LinearFit(6, 6)
+    for _ in range(3):
+        x = rng.normal(size=(50, 6)).astype(np.float32)
+        fit.update(x, x.astype(np.float64) @ w + b)
+    m = fit.solve(1e-9)
+    np.testing.assert_allclose(m.weight, w, atol=1e-6)
+    np.testing.assert_allclose(m.bias, b, atol=1e-6)
+    assert m.rows == 150
+    assert m.residual < 1e-10
+    assert m.skip_residual > 0.5
+    # a huge ridge pulls the map to the identity: plain removal
+    big = fit.solve(1e9)
+    np.testing.assert_allclose(big.weight, np.eye(6), atol=1e-5)
+
+
+def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> None:
+    module, model = linear_span
+    bm = find_blocks(model)
+    assert len(bm.blocks) == 4
+    config = PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True, **NO_LATENCY)
+    result = prune_model(model, bm, _batches(), config, calibration="t")
+    heal = result.report["heal"]
+    assert [b["index"] for b in result.report["removed"]] == [1, 2]
+    (span,) = heal["spans"]
+    assert span["accepted"]
+    assert span["blocks"] == ["blocks.1", "blocks.2"]
+    (stream,) = span["streams"]
+    assert stream["residual"] < 1e-6 < 0.01 < stream["skip_residual"]
+    assert stream["tokens"] == 6 * 3 * 8  # 6 scoring batches of 3 x 8 tokens
+    assert heal["fidelity_without"]["cosine"] < 0.99  # removal alone hurts ...
+    assert heal["fidelity_with"]["cosine"] >= 0.9999  # ... the map repairs it
+    assert result.report["fidelity"] == heal["fidelity_with"]
+    assert _heal_nodes(result.model) == ["MatMul", "Add"]
+    onnx.checker.check_model(result.model, full_check=True)
+    # against torch, on data neither the fit nor the held-out check saw
+    x = models.transformer_input(4, 8, seed=99)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    cos = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
+    assert cos.min() >= 0.9999
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_a_map_that_hurts_is_not_written(linear_span, monkeypatch) -> None:
+    _, model = linear_span
+    bm = find_blocks(model)
+    base = PruneConfig(metric="cosine", remove=2, keep=(0, 3), **NO_LATENCY)
+    plain = prune_model(model, bm, _batches(), base, calibration="t")
+
+    def bad(self, ridge=0.0):  # a map far from anything the span does
+        return LinearMap(weight=np.zeros((self.d_in, self.d_out)), bias=np.full(self.d_out, 50.0), rows=self.rows,
+                         residual=1.0, skip_residual=None, ridge=ridge, lam=0.0)
+
+    monkeypatch.setattr(LinearFit, "solve", bad)
+    healed = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True,
+                                                            **NO_LATENCY), calibration="t")
+    (span,) = healed.report["heal"]["spans"]
+    assert not span["accepted"]
+    assert "does not improve" in span["note"]
+    assert span["loss_with"] > span["loss_without"]
+    assert healed.report["heal"]["healed_spans"] == 0
+    assert _heal_nodes(healed.model) == []
+    assert healed.model.SerializeToString() == plain.model.SerializeToString()
+    assert healed.report["fidelity"] == plain.report["fidelity"]
+
+
+def test_healing_is_never_worse_on_the_held_out_batches(tmp_path) -> None:
+    module = models.tiny_transformer(depth=6, seed=4)
+    path = models.export_onnx(module, models.transformer_input(), tmp_path / "t.onnx", dynamic_batch=True)
+    model = onnx.load(path)
+    bm = find_blocks(model)
+    for remove in (2, 4):
+        r = prune_model(model, bm, _batches(8, seed=50), PruneConfig(metric="cosine", remove=remove, heal=True,
+                                                                     **NO_LATENCY), calibration="t").report
+        heal = r["heal"]
+        assert len(heal["spans"]) == len(removed_spans([bm.blocks[b["index"]] for b in r["removed"]]))
+        assert heal["fidelity_with"]["loss"] <= heal["fidelity_without"]["loss"]
+        for span in heal["spans"]:
+            if span["accepted"]:
+                assert span["loss_with"] <= span["loss_without"]
+                assert 0 <= span["streams"][0]["residual"] <= 1
+
+
+def test_heal_config_is_validated() -> None:
+    with pytest.raises(FieldError, match="heal_ridge"):
+        PruneConfig(remove=1, heal=True, heal_ridge=-1.0)
+    with pytest.raises(FieldError, match="heal"):
+        PruneConfig(remove=1, heal="yes")  # type: ignore[arg-type]
+
+
+def test_cli_heal_writes_the_healed_model_and_the_heal_table(linear_span, tmp_path) -> None:
+    from compress.cli import main
+
+    _, model = linear_span
+    path = tmp_path / "l.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, b in enumerate(_batches()):
+        np.savez(calib / f"b{i:02d}.npz", **b)
+    out = tmp_path / "healed.onnx"
+    assert main(["prune", str(path), "--calib", str(calib), "-o", str(out), "--remove", "2", "--keep", "0,3",
+                 "--metric", "cosine", "--heal", "--heal-ridge", "1e-5", "--no-latency",
+                 "--report", str(tmp_path / "prune.json")]) == 0
+    assert _heal_nodes(onnx.load(out)) == ["MatMul", "Add"]
+    md = (tmp_path / "prune.md").read_text()
+    assert "Healing (ridge 1e-05, fitted on 6 scoring batches):" in md
+    assert "| blocks.1, blocks.2 | x |" in md
+    assert main(["prune", str(path), "--calib", str(calib), "-o", str(tmp_path / "x.onnx"), "--remove", "2",
+                 "--heal", "--heal-ridge", "-1", "--no-latency"]) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pipeline_prune_section_carries_heal_and_token_mask(tmp_path) -> None:
+    from compress.pipeline import load_config
+
+    (tmp_path / "m.onnx").write_bytes(b"")  # only its existence is checked when the config is read
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model:\n  source: m.onnx\ncalibration:\n  random: {batches: 2}\n"
+                   "prune:\n  remove: 2\n  heal: true\n  heal_ridge: 0.01\n  token_mask: none\n")
+    config = load_config(cfg).prune_config(remove=2)
+    assert (config.heal, config.heal_ridge, config.options.token_mask) == (True, 0.01, "none")
+    cfg.write_text("model:\n  source: m.onnx\ncalibration:\n  random: {batches: 2}\nprune:\n  remove: 2\n  heal: yes please\n")
+    with pytest.raises(Exception, match="prune.heal: expected true or false"):
+        load_config(cfg)
