@@ -336,3 +336,18 @@ def test_cli_build_meets_the_target_and_lists_the_float_node(tmp_path) -> None:
     int8 = json.loads((out2 / "passes.json").read_text())["passes"][0]
     assert int8["changes"]["nodes_kept_float"] == 0
     assert "target" not in int8["changes"]
+
+
+def test_top1_target_on_few_held_out_samples_warns() -> None:
+    """Logits outputs: top-1 agreement on 8 held-out samples cannot resolve a 0.99 target; the report says so."""
+    model = outlier_model()
+    tanh = model.graph.node[-1]
+    model.graph.node.remove(tanh)
+    model.graph.node[-1].output[0] = "y"  # fc3's MatMul now makes the graph output: logits
+    _, report = int8_pass(model, Int8Config(calibration=batches(), per_tensor_method=False,
+                                            target=TargetConfig(fidelity=0.99, max_fallback=1.0, time_steps=False)))
+    target = report.changes["target"]
+    assert target["loss_metric"] == "1 - top1"
+    assert target["held_out_samples"] == 8  # 2 held-out batches x 4 samples
+    assert target["warning"].startswith("top-1 agreement on 8 held-out samples moves in steps of 0.125: the target 0.99")
+    assert any(w.startswith("fidelity target: top-1 agreement on 8 ") for w in report.warnings)

@@ -12,7 +12,7 @@ from torch import nn
 import models
 from compress.blocks import find_blocks
 from compress.prune import PruneConfig, prune_model, removed_spans
-from compress.scoring.heal import LinearFit, LinearMap
+from compress.scoring.heal import RIDGE_GRID, LinearFit, LinearMap
 from compress.validate import FieldError
 
 NO_LATENCY = {"latency": None}
@@ -98,6 +98,11 @@ def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> Non
     (stream,) = span["streams"]
     assert stream["residual"] < 1e-6 < 0.01 < stream["skip_residual"]
     assert stream["tokens"] == 6 * 3 * 8  # 6 scoring batches of 3 x 8 tokens
+    # no ridge given: each of the grid's strengths is measured on the held-out batches, the best is kept
+    assert [r["ridge"] for r in span["ridges"]] == list(RIDGE_GRID)
+    best = max(span["ridges"], key=lambda r: r["cosine"])
+    assert span["ridge"] == best["ridge"] == stream["ridge"]
+    assert span["cosine_with"] == best["cosine"]
     assert heal["fidelity_without"]["cosine"] < 0.99  # removal alone hurts ...
     assert heal["fidelity_with"]["cosine"] >= 0.9999  # ... the map repairs it
     assert result.report["fidelity"] == heal["fidelity_with"]
@@ -196,3 +201,39 @@ def test_pipeline_prune_section_carries_heal_and_token_mask(tmp_path) -> None:
     cfg.write_text("model:\n  source: m.onnx\ncalibration:\n  random: {batches: 2}\nprune:\n  remove: 2\n  heal: yes please\n")
     with pytest.raises(Exception, match="prune.heal: expected true or false"):
         load_config(cfg)
+
+
+def test_multi_stream_span_gets_a_map_per_stream() -> None:
+    pytest.importorskip("diffusers")
+    import families
+    from compress.prune import fit_spans
+    from compress.surgery import remove_blocks
+
+    fam = families.build("sd3", layers=3)
+    model, _, _ = families.export(fam)
+    bm = find_blocks(model)
+    span = bm.blocks[:2]  # two joint blocks: image and text streams
+    assert all(len(b.streams) == 2 for b in span)
+    batches = [{k: v.numpy() for k, v in fam.make_inputs(s).items()} for s in range(4)]
+    (fits,), mask = fit_spans(model, [span], batches)
+    assert mask is None
+    maps = [f.solve(1e-4) for f in fits]
+    for st, m in zip(span[0].streams, maps, strict=True):
+        assert m.residual < m.skip_residual, st.name
+    # identity maps give exactly the plain removal; the fitted maps run and pass the checker
+    d = {k: maps[k].weight.shape[0] for k in range(2)}
+    identity = {(1, k): (span[0].streams[k].input, np.eye(d[k]), np.zeros(d[k])) for k in range(2)}
+    fitted = {(1, k): (span[0].streams[k].input, maps[k].weight, maps[k].bias) for k in range(2)}
+    plain = remove_blocks(model, span)
+    same = remove_blocks(model, span, heal=identity)
+    healed = remove_blocks(model, span, heal=fitted)
+    assert sorted(_heal_nodes(healed)) == ["Add", "Add", "MatMul", "MatMul"]
+    onnx.checker.check_model(healed, full_check=True)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batches[0])[0]
+
+    np.testing.assert_allclose(run(same), run(plain), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(run(healed), run(plain), atol=1e-3)
+    with pytest.raises(Exception, match="not removed"):
+        remove_blocks(model, span[:1], heal=fitted)

@@ -751,11 +751,10 @@ class PipelineConfig:
         s = self.prune
         assert s is not None
         from compress.scoring import MetricConfig
-        from compress.scoring.heal import DEFAULT_RIDGE
 
         return PruneConfig(metric=s.metric, select=s.select, remove=remove, max_drop=s.max_drop, keep=s.keep,
                            holdout=self.calibration.holdout, seed=s.seed, heal=s.heal,
-                           heal_ridge=DEFAULT_RIDGE if s.heal_ridge is None else s.heal_ridge,
+                           heal_ridge=s.heal_ridge,
                            options=MetricConfig(token_mask=s.token_mask),
                            latency=BenchConfig(duration_s=s.latency_seconds) if s.latency_seconds > 0 else None)
 

@@ -70,7 +70,7 @@ from compress.scoring.collect import (
     run_batch,
     score_blocks,
 )
-from compress.scoring.heal import DEFAULT_RIDGE, LinearFit, LinearMap
+from compress.scoring.heal import RIDGE_GRID, LinearFit, LinearMap
 from compress.scoring.metrics import masked_view
 from compress.surgery import HealMap, add_outputs, check_model, remove_blocks, verify_removal
 
@@ -219,7 +219,8 @@ class PruneConfig:
         seed: seed of the ``random`` baseline.
         heal: replace each removed span by a fitted linear map where that improves the
             held-out fidelity (:func:`heal_spans`).
-        heal_ridge: relative ridge strength of the healing fit (>= 0; ``--heal-ridge``).
+        heal_ridge: relative ridge strength of the healing fit (>= 0; ``--heal-ridge``); None
+            (default) = per span, the best held-out fidelity over :data:`RIDGE_GRID`.
     """
 
     metric: str = AUTO_METRIC
@@ -232,7 +233,7 @@ class PruneConfig:
     latency: BenchConfig | None = field(default_factory=BenchConfig)
     seed: int = 0
     heal: bool = False
-    heal_ridge: float = DEFAULT_RIDGE
+    heal_ridge: float | None = None
 
     def __post_init__(self) -> None:
         """Checks every field once (the CLI and ``compress run`` share it); blocks are checked by :func:`check_blocks`."""
@@ -247,7 +248,7 @@ class PruneConfig:
         check_int("PruneConfig", "seed", self.seed, example="0")
         if not isinstance(self.heal, bool):
             raise FieldError("PruneConfig", "heal", self.heal, "must be true or false", example="true")
-        check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-4")
+        check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-2", optional=True)
         if not isinstance(self.keep, tuple) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
                                                        for k in self.keep):
             raise FieldError("PruneConfig", "keep", self.keep, "must be block indices (integers >= 0)", example="0,5")
@@ -538,8 +539,10 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
     """Heal the removed spans of ``pruned`` where that improves the held-out fidelity.
 
     Fits the maps on ``score_set`` (:func:`fit_spans`), then tries the spans in order: a
-    span keeps its maps when the model with them (and the maps kept so far) has a better
-    held-out fidelity than without (:func:`_better`); each trial passes the surgery guard,
+    span's maps are solved for each ridge strength (``config.heal_ridge``, or every value of
+    :data:`RIDGE_GRID`), the one with the best held-out fidelity is taken, and the span keeps
+    it when the model with it (and the maps kept so far) has a better held-out fidelity than
+    without (:func:`_better`); each trial passes the surgery guard,
     ``onnx.checker`` and :func:`verify_removal`. Returns the model to write (``pruned``
     itself when no span helps), its fidelity, and the ``heal`` report section.
     """
@@ -549,40 +552,51 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
     current, current_fid = pruned, dict(fidelity)
     rows: list[dict[str, Any]] = []
     index = GraphIndex(model)
+    ridges = (config.heal_ridge,) if config.heal_ridge is not None else RIDGE_GRID
     for span, span_fits in zip(spans, fits, strict=True):
         last = span[-1]
-        streams: list[dict[str, Any]] = []
-        trial_maps = dict(maps)
-        for k, fit in enumerate(span_fits):
-            st = span[0].streams[k]
-            entry: dict[str, Any] = {"stream": st.name, "input": st.input, "output": last.streams[k].output}
-            if isinstance(fit, LinearFit) and fit.rows:
-                m: LinearMap = fit.solve(config.heal_ridge)
-                entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
-                out_k = next(j for j, o in enumerate(last.streams) if o.name == st.name)
-                trial_maps[last.index, out_k] = (st.input, m.weight, m.bias)
-            else:
-                entry["skipped"] = fit or "no token to fit on"
-            streams.append(entry)
         row: dict[str, Any] = {"blocks": [b.name for b in span], "first": span[0].index, "last": last.index,
-                               "streams": streams, "accepted": False}
-        if len(trial_maps) > len(maps):
+                               "accepted": False, "loss_without": current_fid["loss"],
+                               "cosine_without": current_fid["cosine"], "ridges": []}
+        best: tuple[dict[str, Any], Any, dict[tuple[int, int], HealMap], list[dict[str, Any]]] | None = None
+        for ridge in ridges:
+            streams: list[dict[str, Any]] = []
+            trial_maps = dict(maps)
+            for k, fit in enumerate(span_fits):
+                st = span[0].streams[k]
+                entry: dict[str, Any] = {"stream": st.name, "input": st.input, "output": last.streams[k].output}
+                if isinstance(fit, LinearFit) and fit.rows:
+                    m: LinearMap = fit.solve(ridge)
+                    entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
+                    out_k = next(j for j, o in enumerate(last.streams) if o.name == st.name)
+                    trial_maps[last.index, out_k] = (st.input, m.weight, m.bias)
+                else:
+                    entry["skipped"] = fit or "no token to fit on"
+                streams.append(entry)
+            if len(trial_maps) == len(maps):
+                row["streams"] = streams
+                break
             trial = remove_blocks(model, removed, check=False, index=index, heal=trial_maps)
             check_model(trial)
             verify_removal(model, trial, next(iter(held)), blocks=removed)
             fid = compare_models(model, trial, held)
-            row.update(loss_with=fid["loss"], cosine_with=fid["cosine"],
-                       loss_without=current_fid["loss"], cosine_without=current_fid["cosine"])
+            row["ridges"].append({"ridge": ridge, "loss": fid["loss"], "cosine": fid["cosine"]})
+            if best is None or _better(fid, best[0]):
+                best = (fid, trial, trial_maps, streams)
+        if best is None:
+            row["note"] = "no stream of this span can be healed"
+        else:
+            fid, trial, trial_maps, streams = best
+            row.update(streams=streams, ridge=streams[0].get("ridge"), loss_with=fid["loss"], cosine_with=fid["cosine"])
             if _better(fid, current_fid):
                 row["accepted"] = True
                 maps, current, current_fid = trial_maps, trial, fid
             else:
                 row["note"] = "healing does not improve the held-out fidelity here: this span stays plainly removed"
-        else:
-            row["note"] = "no stream of this span can be healed"
         rows.append(row)
         logger.info("heal %s: %s", row["blocks"], "kept" if row["accepted"] else row.get("note"))
-    report = {"ridge": config.heal_ridge, "token_mask": mask_used, "fit_batches": len(score_set),
+    report = {"ridge": config.heal_ridge if config.heal_ridge is not None else "auto", "ridge_grid": list(ridges),
+              "token_mask": mask_used, "fit_batches": len(score_set),
               "fit_pass": "one ORT pass of the original model over the scoring batches, after the selection",
               "spans": rows, "healed_spans": sum(r["accepted"] for r in rows),
               "fidelity_without": dict(fidelity), "fidelity_with": current_fid}

@@ -26,7 +26,7 @@ from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, check_blocks, c
 from compress.prune_report import plot_sweep, prune_markdown, sweep_markdown
 from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
-from compress.scoring.heal import DEFAULT_RIDGE
+from compress.scoring.heal import RIDGE_GRID
 from compress.scoring.report import plot_scores, scores_markdown, scores_text
 
 _DESCRIPTION = """\
@@ -139,8 +139,9 @@ class Prune:
         sel.add_argument("--heal", action="store_true",
                          help="replace each removed span by a closed-form linear map per stream (fitted on the "
                               "scoring batches), kept only where it improves the held-out fidelity")
-        sel.add_argument("--heal-ridge", type=float, default=DEFAULT_RIDGE, metavar="R",
-                         help=f"relative ridge strength of the healing fit (x trace(X^T X)/d; default {DEFAULT_RIDGE:g})")
+        sel.add_argument("--heal-ridge", type=float, metavar="R",
+                         help="relative ridge strength of the healing fit (x trace(X^T X)/d); default: per span, the "
+                              f"best on the held-out batches of {', '.join(f'{r:g}' for r in RIDGE_GRID)}")
         sel.add_argument("--no-latency", action="store_true", help="do not time ONNX Runtime latency")
         sel.add_argument("--latency-seconds", type=float, default=1.0, metavar="S",
                          help="time each model for at least S seconds (default 1)")

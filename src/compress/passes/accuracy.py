@@ -285,6 +285,8 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
         model = make(ranking[:k])
         fid = measure_fidelity(reference, model, held)
         value = fidelity_of(fid)
+        samples = min((o.get("samples", 0) for o in fid.get("outputs", {}).values()), default=0)
+        report["held_out_samples"] = samples
         step = {"kept": k, "nodes": list(ranking[:k]), "fidelity": value, "loss": fid["loss"],
                 "loss_metric": fid["loss_metric"], "cosine": fid["cosine"], "met": value >= config.fidelity}
         if fid.get("top1") is not None:
@@ -321,6 +323,12 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
     for s in ordered:
         if base and s.get("latency_ms"):
             s["latency_vs_no_fallback"] = s["latency_ms"] / base
+    n = report.get("held_out_samples", 0)
+    if steps[0]["loss_metric"] == "1 - top1" and n and 1.0 / n > 1.0 - config.fidelity:
+        report["warning"] = (f"top-1 agreement on {n} held-out samples moves in steps of {1.0 / n:.3g}: the target "
+                             f"{config.fidelity} only asks that all of them agree; pass more calibration data "
+                             f"(> {math.ceil(1.0 / max(1.0 - config.fidelity, 1e-9))} held-out samples) for a "
+                             "meaningful check")
     report.update(loss_metric=steps[0]["loss_metric"], steps=ordered, met=found is not None,
                   kept=found, fidelity=steps[found]["fidelity"] if found is not None else max(s["fidelity"] for s in ordered))
     if found is None:

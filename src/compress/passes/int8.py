@@ -556,6 +556,8 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     }
     if target_report is not None:
         changes["target"] = target_report
+        if target_report.get("warning"):
+            warnings.append(f"fidelity target: {target_report['warning']}")
     if smooth is not None:
         changes["smoothquant"] = dict(smooth.changes)
         warnings += list(smooth.warnings)

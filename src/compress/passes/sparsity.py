@@ -401,6 +401,8 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
         else:
             item.update(status="skipped", code=layer.code, reason=layer.reason)
         items.append(item)
+    if target_report is not None and target_report.get("warning"):
+        warnings.append(f"fidelity target: {target_report['warning']}")
     skipped = [layer for layer in layers if layer.code is not None and layer.code != "not_constant"]
     if skipped:
         warnings.append(f"{len(skipped)} weight layer(s) skipped (see items for reasons)")

@@ -27,8 +27,13 @@ from compress.errors import BlockError
 _ROWS_PER_CHUNK = 1 << 14
 """Token rows upcast to float64 at a time."""
 
-#: Default relative ridge strength (``--heal-ridge``).
+#: Default relative ridge strength of :meth:`LinearFit.solve`.
 DEFAULT_RIDGE = 1e-4
+
+#: Ridge strengths tried per span when none is given (``--heal-ridge`` left out): measured on
+#: all-MiniLM-L6-v2 (3 of 6 layers removed, 40 news documents), the held-out cosine rose from
+#: 0.817 (1e-4) to 0.836 (1e-1) and fell again at 1; no single value is right for every model.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ def _caption(report: dict[str, Any]) -> str:
         extras.append("token ranges " + ", ".join(cfg["token_ranges"]))
     if cfg.get("last_token"):
         extras.append("last token only")
+    used = cfg.get("token_mask_used") or {}
+    if used.get("input"):
+        extras.append(f"padding mask `{used['input']}`: {used['real_tokens']} real tokens of {used['positions']} "
+                      "positions")
+    elif used:
+        extras.append(f"padding mask: {used.get('how')}")
     return (f"Calibration: {cal['description']}, {cal['batches']} batches, {cal['samples']} samples{label}; "
             f"{'; '.join(extras)}. Higher score = more important (prune the lowest).")
 
