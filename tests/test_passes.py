@@ -303,6 +303,25 @@ def test_int8_transformer_symmetric_qdq_on_every_matmul(transformer, tt_calib, t
     assert fid["cosine"] >= 0.999  # observed 0.9997 on held-out batches
 
 
+def test_int8_quantizes_weights_stored_as_constant_nodes(transformer, tt_calib, tt_held) -> None:
+    # Paddle-style graph: every weight is a Constant node, the graph has no initializer
+    foreign = onnx.ModelProto()
+    foreign.CopyFrom(transformer)
+    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+                 for t in foreign.graph.initializer]
+    nodes = list(foreign.graph.node)
+    del foreign.graph.initializer[:]
+    del foreign.graph.node[:]
+    foreign.graph.node.extend(constants + nodes)
+    onnx.checker.check_model(foreign, full_check=True)
+    out, report = int8_pass(foreign, Int8Config(calibration=tt_calib))
+    assert report.changes["nodes_quantized"] == 26  # as many as with initializers
+    floats = sum(t.data_type == TensorProto.FLOAT and len(t.dims) > 0 for t in transformer.graph.initializer)
+    assert any(w.startswith(f"{floats} float Constant node(s) made initializers") for w in report.warnings), report.warnings
+    assert sum(n.op_type == "Constant" for n in foreign.graph.node) == len(constants)  # input unchanged
+    assert measure_fidelity(foreign, out, tt_held)["cosine"] >= 0.999
+
+
 def test_int8_excludes_nodes_and_op_types(resnet) -> None:
     calib = _batches((2, 3, 8, 8), 3, seed=5) + _batches((3, 3, 8, 8), 1, seed=6)  # shapes vary
     first_conv = next(n.name for n in resnet.graph.node if n.op_type == "Conv")

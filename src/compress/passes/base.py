@@ -319,6 +319,36 @@ def check_model(model: onnx.ModelProto, *, what: str, source: onnx.ModelProto | 
     return warnings
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> list[str]:
+    """Turn the main graph's float ``Constant`` nodes (a ``value`` tensor) into initializers, in place.
+
+    Only for a copy a pass owns. Exporters such as Paddle's store weights as ``Constant``
+    nodes; ONNX Runtime's quantizer and the weight passes only treat initializers as
+    weights. The values and the graph's outputs are unchanged (the initializer takes the
+    Constant's output name). IR < 4 models also list the new initializers as graph inputs,
+    as that IR requires. Returns the names of the tensors moved.
+    """
+    moved: list[str] = []
+    keep: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and value.data_type == onnx.TensorProto.FLOAT and len(node.output) == 1 and value.dims):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            if model.ir_version < 4:
+                model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            moved.append(tensor.name)
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
 def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers of the main graph with element type float32."""
     return [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]

@@ -68,6 +68,7 @@ from compress.passes.base import (
     Batch,
     PassReport,
     check_model,
+    constants_to_initializers,
     copy_model,
     describe_batches,
     name_nodes,
@@ -457,10 +458,11 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         raise ModelError(f"int8: the model already has float16 weights (e.g. '{halves[0]}'); "
                          "ONNX Runtime quantizes float32 models only",
                          hint="quantize the FP32 model: use --precision int8 instead of fp16, not after it")
-    if not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
+    work = copy_model(model)
+    moved = constants_to_initializers(work)  # weights stored as Constant nodes (Paddle, caffe2 exports)
+    if not any(t.data_type == onnx.TensorProto.FLOAT for t in work.graph.initializer):
         raise ModelError("int8: the model has no float32 weights to quantize",
                          hint="it is already quantized or has no float parameters; drop --precision int8")
-    work = copy_model(model)
     renamed = name_nodes(work)
     names = {n.name: n for n in work.graph.node}
     missing = [n for n in config.exclude_nodes if n not in names]
@@ -485,6 +487,9 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     warnings: list[str] = []
     if renamed:
         warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
+    if moved:
+        warnings.append(f"{len(moved)} float Constant node(s) made initializers so they quantize as weights "
+                        f"(e.g. '{moved[0]}')")
     fit, held = config.calibration, None
     if config.target is not None:
         from compress.passes.accuracy import split_holdout
