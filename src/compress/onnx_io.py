@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from compress.errors import ModelError, OutputError
+from compress.errors import ModelError
 
 #: Models above this many bytes of tensor data are saved with an external data file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -324,25 +323,14 @@ def check_output_folder(
     return out
 
 
-def _fresh_dir(parent: Path, prefix: str, suffix: str) -> Path:
-    """A new folder with the user's default permissions (mkdtemp would make it private)."""
-    for _ in range(100):
-        p = parent / f"{prefix}{uuid.uuid4().hex[:8]}{suffix}"
-        try:
-            p.mkdir()
-            return p
-        except FileExistsError:
-            continue
-    raise OutputError(f"cannot create a temporary folder in {parent}",
-                      hint="remove the leftover .*.tmp folders there, or choose another output folder")
-
-
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` (which may exist).
 
     On an error the temporary folder is removed and ``out`` is left as it was.
     """
+    from compress.outputs import _fresh_dir
+
     parent = out.parent if str(out.parent) else Path(".")
     tmp = _fresh_dir(parent, f".{out.name}.", ".tmp")
     try:
