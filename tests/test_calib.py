@@ -292,6 +292,21 @@ def test_random_calibration_errors() -> None:
     assert e.message == "random calibration: model input 'x' has a static batch size of 1, not 2"
 
 
+def test_random_calib_flag_takes_a_models_fixed_batch() -> None:
+    import argparse
+
+    from compress.cli._common import load_calib_for
+
+    args = argparse.Namespace(calib=None, random_calib=2, random_dims=None, batch_size=None)
+    fixed = load_calib_for(args, float_model((3, 4)))  # exported with batch 3: no --batch-size needed
+    assert [b["x"].shape for b in fixed] == [(3, 4), (3, 4)]
+    symbolic = load_calib_for(args, float_model())  # symbolic batch: 1 unless --batch-size
+    assert [b["x"].shape for b in symbolic] == [(1, 4), (1, 4)]
+    args.batch_size = 2
+    e = raises(CalibrationError, load_calib_for, args, float_model((3, 4)))  # an explicit size still wins
+    assert e.message == "random calibration: model input 'x' has a static batch size of 3, not 2"
+
+
 def test_split_is_deterministic_and_evenly_spaced(folder: Path) -> None:
     calib = cb.load_calibration(folder, batch_size=2)  # 5 batches
     keep, held = cb.split_calibration(calib, holdout=0.4)

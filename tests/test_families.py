@@ -209,3 +209,96 @@ def test_per_stream_scores_on_sd3() -> None:
             token_ranges=parse_token_ranges("text=0:8,image=8:"))), calibration="fresh")
     assert err.value.message == (f"--token-ranges slices one tensor, but block 0 ({bm.blocks[0].name}) has 2 separate "
                                  "streams (hidden_states, encoder_hidden_states)")
+
+
+def _stream(block, name):
+    return next((st for st in block.streams if st.name == name), None)
+
+
+def test_per_stream_span_scores_on_sd3() -> None:
+    """--interval 2 (the span scores --span selects on): every stream of a span is scored from the
+    first block's stream input to the last block's stream output; the text stream, which ends in
+    the last block, is not scored for the span that reaches it; fused = max of the streams."""
+    import onnxruntime as ort
+
+    fam, model, bm = exported("sd3")
+    batches = [_feeds(fam, s) for s in (21, 22)]
+    cfg = ScoreConfig(metrics=("cosine",), options=MetricConfig(interval=2))
+    report = score_blocks(model, bm, batches, cfg, calibration="fresh").to_dict()
+    m = report["metrics"]["cosine"]
+    assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
+    blocks = bm.blocks
+    names = list(dict.fromkeys(t for b in blocks for st in b.streams for t in (st.input, st.output)))
+    sess = ort.InferenceSession(add_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    values = [dict(zip(names, sess.run(names, feed), strict=True)) for feed in batches]
+    checked = 0
+    for i in range(len(blocks) - 1):
+        first, last = blocks[i], blocks[i + 1]
+        want = {}
+        for s in m["per_stream"]:
+            a, b = _stream(first, s), _stream(last, s)
+            if a is None or b is None:
+                assert m["per_stream"][s][first.index] is None
+                continue
+            vals = []
+            for v in values:
+                x, y = v[a.input].astype(np.float64), v[b.output].astype(np.float64)
+                cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+                vals.append(1 - np.abs(cos).ravel())
+            want[s] = float(np.concatenate(vals).mean())
+            assert abs(m["per_stream"][s][first.index] - want[s]) <= 1e-6, (i, s)
+            checked += 1
+        assert abs(m["scores"][first.index] - max(want.values())) <= 1e-6
+    assert checked == 2 * (len(blocks) - 1) - 1  # the text stream ends in the last block
+    last_span = blocks[-2].index
+    assert m["per_stream"]["encoder_hidden_states"][last_span] is None
+    assert m["scores"][last_span] == m["per_stream"]["hidden_states"][last_span]
+    assert m["scores"][blocks[-1].index] is None  # no span of 2 starts at the last block
+    # the two streams really differ: the fusion picks one of them, not a primary-only score
+    first = blocks[0].index
+    assert m["per_stream"]["hidden_states"][first] != m["per_stream"]["encoder_hidden_states"][first]
+    md = scores_markdown(report)
+    assert "### cosine per stream" in md
+    assert "`-` = the stream does not run through the whole span; row i = the span of blocks i..i+1." in md
+    # weighted fusion on spans, and the first span's mean uses both streams
+    weights = (("hidden_states", 3.0), ("encoder_hidden_states", 1.0))
+    mean = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
+        interval=2, stream_fusion="mean", stream_weights=weights)), calibration="fresh").to_dict()["metrics"]["cosine"]
+    ps = m["per_stream"]
+    assert abs(mean["scores"][first] - (3 * ps["hidden_states"][first] + ps["encoder_hidden_states"][first]) / 4) <= 1e-9
+    assert mean["scores"][last_span] == ps["hidden_states"][last_span]
+
+
+def test_random_calibration_drives_flux_2d_ids(tmp_path, run_cli) -> None:
+    """--random-calib gives inputs without a batch axis (Flux's 2-D img_ids/txt_ids) the model's
+    own shape, passed whole; `compress prune --random-calib 2 --scores-only` scores every block."""
+    import json
+
+    import onnx
+
+    from compress.calib import check_calibration, model_input_types, random_calibration
+
+    _, model, bm = exported("flux")
+    types = model_input_types(model)
+    calib = random_calibration(model, batches=2, batch_size=2)
+    check_calibration(calib, model)
+    feeds = list(calib)
+    assert len(feeds) == 2
+    for feed in feeds:
+        assert feed["img_ids"].shape == types["img_ids"].shape == (16, 3)
+        assert feed["txt_ids"].shape == types["txt_ids"].shape == (8, 3)
+        assert feed["hidden_states"].shape == (2, 16, 16)
+    assert not np.array_equal(feeds[0]["img_ids"], feeds[1]["img_ids"])  # drawn per batch, seeded
+    assert np.array_equal(list(random_calibration(model, batches=2, batch_size=2))[1]["img_ids"], feeds[1]["img_ids"])
+    path = tmp_path / "flux.onnx"
+    onnx.save(model, path)
+    res = run_cli(["prune", path, "--random-calib", "2", "--batch-size", "2", "--scores-only",
+                   "--report", tmp_path / "scores.json"])
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["calibration"]["random"] is True
+    assert report["calibration"]["batches"] == 2
+    scores = report["metrics"]["cosine"]["scores"]
+    assert len(scores) == len(bm.blocks)
+    assert all(isinstance(s, float) and s > 0 for s in scores)
+    assert set(report["metrics"]["cosine"]["per_stream"]) == {"hidden_states", "encoder_hidden_states"}

@@ -92,7 +92,7 @@ def test_too_many_blocks_is_an_error() -> None:
 def test_unknown_rule_lists_the_valid_ones() -> None:
     with pytest.raises(ConfigError) as err:
         SELECTIONS.get("best")
-    assert err.value.message == "unknown selection rule 'best'; valid: auto, last, lowest, random, segment, span"
+    assert err.value.message == "unknown selection rule 'best'; valid: auto, last, lowest, measured, random, segment, span"
 
 
 def test_split_batches_is_deterministic_and_disjoint() -> None:

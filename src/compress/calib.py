@@ -603,7 +603,9 @@ def _gather_table_rows(index: GraphIndex, name: str) -> int | None:
 
 
 def _random_spec(name: str, t: TensorType | None, index: GraphIndex, *, batch_size: int,
-                 dims: Mapping[str, int]) -> _RandomSpec:
+                 dims: Mapping[str, int], batched: bool = True) -> _RandomSpec:
+    """How to fill input ``name``; ``batched=False`` (no batch axis, :func:`shared_inputs`):
+    the model's own shape, axis 0 included (a symbolic axis 0 takes its size from ``dims``)."""
     if t is None or t.shape is None:
         raise CalibrationError(f"random calibration: model input '{name}' has no known shape",
                                hint="give calibration data as .npz files instead; " + _README)
@@ -612,7 +614,7 @@ def _random_spec(name: str, t: TensorType | None, index: GraphIndex, *, batch_si
                                hint="give calibration data as .npz files instead; " + _README)
     shape: list[int] = []
     for axis, d in enumerate(t.shape):
-        if axis == 0:
+        if axis == 0 and batched:
             if isinstance(d, int) and d != batch_size:
                 raise CalibrationError(
                     f"random calibration: model input '{name}' has a static batch size of {d}, not {batch_size}",
@@ -650,7 +652,10 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
 
     The set has ``random=True`` and its description starts with "random", so every report
     says so. Batch ``i`` is drawn from ``numpy.random.default_rng([seed, i])`` when it is
-    iterated (nothing is held in memory): float inputs are standard normal; inputs whose name
+    iterated (nothing is held in memory). An input whose model shape has no batch axis
+    (:func:`shared_inputs`, the rule real calibration data follows: Flux's 2-D
+    ``img_ids``/``txt_ids``) gets the model's own shape, drawn once per batch and passed whole
+    (``CalibrationFile.shared``). Float inputs are standard normal; inputs whose name
     contains "mask" are ones; integer inputs are uniform in ``[0, high)``, ``high`` being the
     row count of the embedding table they index (a Gather on an initializer), else
     :data:`DEFAULT_RANDOM_INT_HIGH`; bool inputs are fair coin flips. Does not modify ``model``.
@@ -659,7 +664,8 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         model: the model whose inputs to fill.
         batches: number of batches (>= 1).
         batch_size: samples per batch (>= 1); a static batch dim in the model must equal it.
-        dims: sizes of the symbolic dims other than the batch axis, e.g. ``{"seq": 128}``.
+        dims: sizes of the symbolic dims other than the batch axis, e.g. ``{"seq": 128}``
+            (axis 0 of an input without a batch axis included).
         seed: the random seed.
 
     Raises:
@@ -671,7 +677,9 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
                           hint="e.g. --random-calib 4 --random-dims batch=2")
     dims = dict(dims or {})
     types = model_input_types(model)
-    known = sorted({d for t in types.values() if t and t.shape for d in t.shape[1:] if isinstance(d, str)})
+    shared = shared_inputs(model)
+    known = sorted({d for n, t in types.items() if t and t.shape for d in t.shape[0 if n in shared else 1:]
+                    if isinstance(d, str)})
     for name in dims:
         if name not in known:
             raise ConfigError(f"random calibration: the model has no symbolic dim '{name}'",
@@ -680,7 +688,8 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         raise ConfigError(f"random calibration: {batches} batches; at most {MAX_RANDOM_BATCHES} are made",
                           hint="random inputs are for smoke tests: e.g. --random-calib 4")
     index = GraphIndex(model)
-    specs = tuple(_random_spec(n, t, index, batch_size=batch_size, dims=dims) for n, t in types.items())
+    specs = tuple(_random_spec(n, t, index, batch_size=batch_size, dims=dims, batched=n not in shared)
+                  for n, t in types.items())
     elements = sum(math.prod(s.shape) for s in specs)
     if elements > MAX_RANDOM_ELEMENTS:
         shapes = ", ".join(f"{s.name} {_shape_str(s.shape)}" for s in specs)
@@ -688,7 +697,8 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
                           f"at most {MAX_RANDOM_ELEMENTS} are made",
                           hint="use a smaller batch size or smaller dims (e.g. --random-dims batch=2,seq=128)")
     arrays = tuple(ArraySpec(s.name, s.dtype, s.shape) for s in specs)
-    files = tuple(CalibrationFile(None, f"random batch {i}", arrays) for i in range(batches))
+    unbatched = frozenset(n for n in shared if n in types)
+    files = tuple(CalibrationFile(None, f"random batch {i}", arrays, unbatched) for i in range(batches))
     extra = "".join(f", {k}={v}" for k, v in sorted(dims.items()))
     desc = f"random inputs (seed {seed}, {batches} batches of {batch_size} samples{extra})"
     return CalibrationSet(desc, files, _split(files, None), batch_size, True, (seed, specs))

@@ -511,11 +511,13 @@ class PruneSection:
     Exactly one of ``remove: N``, ``remove: auto``, ``ratio: R`` or ``max_drop: X``.
     ``latency_seconds: 0`` skips the ONNX Runtime timing of the pruned model. ``heal: true``
     (with ``heal_ridge``) heals the removed spans (``--heal``); ``token_mask`` names the padding
-    mask input (``auto``, ``none`` or an input name; ``--token-mask``).
+    mask input (``auto``, ``none`` or an input name; ``--token-mask``). ``select`` defaults to
+    ``measured`` (the best held-out fidelity among the candidate rules; ``lowest`` and the
+    others by name).
     """
 
     metric: str = "auto"
-    select: str = "lowest"
+    select: str = "measured"
     remove: int | None = None
     ratio: float | None = None
     max_drop: float | None = None
@@ -532,7 +534,7 @@ class PruneSection:
         from compress.scoring import metric_names
 
         r = _Reader(data, section="prune", cls=cls, ctx=ctx)
-        select = r.text("select", "lowest", choices=SELECTIONS.names())
+        select = r.text("select", "measured", choices=SELECTIONS.names())
         remove: int | None
         if r.data.get("remove") == "auto":
             if r.given("select") and select != "auto":

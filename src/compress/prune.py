@@ -15,6 +15,13 @@ returns the blocks to remove, lowest score = least important):
 - ``auto``: from the score distribution: sort the removable scores, take the largest
   relative jump ``log(s[k] / s[k-1])`` between consecutive scores for ``1 <= k <= n/2``,
   and remove the ``k`` blocks below it. Scale-free and never a fixed threshold (``--auto``);
+- ``measured`` (:func:`select_measured`, ``--measured``): evaluates the candidate sets of the
+  rules above by every metric of one scoring pass (and healed, with ``--heal``) on the
+  held-out batches and keeps the best measured one. The default: ``lowest`` by the metric
+  is its first candidate and is displaced only by a strictly better one, so the choice is
+  never worse there than ``lowest``; it costs one more scoring pass (span scores) and one
+  pruned-model pass over the held-out batches per distinct candidate set (tenths of a
+  second on the test models; with ``--heal`` each set is also healed);
 - ``last`` and ``random``: baselines (drop the last ``count`` removable blocks; a seeded
   random choice), for benchmarks.
 
@@ -161,6 +168,20 @@ def select_auto(c: Candidates) -> list[int]:
     return sorted(ranked[:k])
 
 
+#: The rule that measures its candidates (:func:`select_measured`); it needs the model, so :func:`prune_model` runs it.
+MEASURED = "measured"
+
+#: Metrics whose candidates ``measured`` tries (all from one ORT pass; ``cka`` also gives the segments).
+MEASURED_METRICS = ("cosine", "cosine-signed", "angular", "cka")
+
+
+@SELECTIONS.register(MEASURED)
+def select_measured_rule(c: Candidates) -> list[int]:
+    """Registered name only: ``measured`` evaluates pruned models, which :func:`prune_model` does."""
+    raise BlockError("selection 'measured' evaluates pruned models on held-out batches: it needs the model",
+                     hint="call prune_model (or compress prune --select measured), not the rule on scores alone")
+
+
 @SELECTIONS.register("last")
 def select_last(c: Candidates) -> list[int]:
     ranked = sorted(c.removable)
@@ -209,7 +230,8 @@ class PruneConfig:
     Attributes:
         metric: the score to rank blocks by; ``auto`` = :func:`choose_metric` (``ablation``
             is allowed; slow).
-        select: selection rule name (:data:`SELECTIONS`).
+        select: selection rule name (:data:`SELECTIONS`); default ``measured``
+            (:func:`select_measured`).
         remove: number of blocks to remove (``lowest``, ``span``, ``segment``, baselines).
         max_drop: fidelity budget; removes one block at a time while the loss stays <= it.
         keep: indices of blocks never to remove.
@@ -224,7 +246,7 @@ class PruneConfig:
     """
 
     metric: str = AUTO_METRIC
-    select: str = "lowest"
+    select: str = "measured"
     remove: int | None = None
     max_drop: float | None = None
     keep: tuple[int, ...] = ()
@@ -289,6 +311,34 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, batch
     acc = FidelityAccumulator(logits=logit_outputs(reference))
     for i, feed in enumerate(batches):
         acc.update(run_batch(ref, feed, names, batch=i), run_batch(cand, feed, names, batch=i))
+    return _fidelity_summary(acc)
+
+
+class HeldOut:
+    """The reference model's outputs on the held-out batches, computed once; :meth:`fidelity` scores candidates.
+
+    ``HeldOut(model, held).fidelity(candidate)`` equals ``compare_models(model, candidate,
+    held)`` with one ORT session per candidate and none for the reference. The outputs are
+    kept in memory (the held-out share of the calibration data).
+    """
+
+    def __init__(self, reference: onnx.ModelProto, batches: Batches) -> None:
+        self.batches = batches
+        self.names = [o.name for o in reference.graph.output]
+        self.logits = logit_outputs(reference)
+        ref = make_session(reference, providers=("CPUExecutionProvider",))
+        self.outputs = [run_batch(ref, feed, self.names, batch=i) for i, feed in enumerate(batches)]
+
+    def fidelity(self, candidate: onnx.ModelProto) -> dict[str, Any]:
+        """Fidelity of ``candidate`` against the reference (the dict of :func:`compare_models`)."""
+        cand = make_session(candidate, providers=("CPUExecutionProvider",))
+        acc = FidelityAccumulator(logits=self.logits)
+        for i, feed in enumerate(self.batches):
+            acc.update(self.outputs[i], run_batch(cand, feed, self.names, batch=i))
+        return _fidelity_summary(acc)
+
+
+def _fidelity_summary(acc: FidelityAccumulator) -> dict[str, Any]:
     per_output = acc.result()
     summary = {k: worst(per_output, k) for k in ("cosine", "max_abs", "mean_abs", "top1", "kl", "agreement")}
     loss, how = fidelity_loss(summary)
@@ -392,6 +442,130 @@ def _score(model: onnx.ModelProto, block_map: BlockMap, batches: Batches, config
                         calibration=calibration, random_calibration=random_calibration)
 
 
+@dataclass
+class MeasuredChoice:
+    """What :func:`select_measured` keeps: the chosen blocks, the model to write and the candidate table."""
+
+    blocks: list[int]
+    plain: onnx.ModelProto
+    model: onnx.ModelProto
+    fidelity: dict[str, Any]
+    heal: dict[str, Any] | None
+    scores: ScoreReport
+    report: dict[str, Any]
+
+
+def _candidate_sets(config: PruneConfig, block_map: BlockMap, count: int, single: ScoreReport,
+                    span: ScoreReport | None) -> tuple[dict[tuple[int, ...], list[str]], list[str]]:
+    """Every candidate removal set -> the rules that give it (the default ``lowest/<metric>`` first), and notes."""
+    keep = set(config.keep)
+    removable = frozenset(b.index for b in block_map.blocks if b.removable and b.index not in keep)
+    cka = single.metrics.get("cka")
+    segments = None
+    if cka and cka.get("segments"):
+        idx = cka["scored_blocks"]
+        segments = [(idx[a], idx[b - 1] + 1) for a, b in cka["segments"]]
+    metrics = list(dict.fromkeys([config.metric, *single.metrics]))  # the default rule's metric first
+    plan: list[tuple[str, str, ScoreReport]] = [("lowest", m, single) for m in metrics]
+    plan += [("segment", m, single) for m in metrics] if segments else []
+    if span is not None:
+        plan += [("span", m, span) for m in metrics if m in span.metrics]
+    elif count == 1:
+        plan += [("span", m, single) for m in metrics if m != "cka"]
+    sets: dict[tuple[int, ...], list[str]] = {}
+    notes: list[str] = []
+    for rule, metric, rep in plan:
+        c = Candidates(scores=rep.metrics[metric]["scores"], removable=removable, count=count, segments=segments,
+                       seed=config.seed)
+        try:
+            chosen = tuple(sorted(SELECTIONS.get(rule)(c)))
+        except BlockError as exc:
+            notes.append(f"{rule}/{metric}: {exc.message}")
+            continue
+        sets.setdefault(chosen, []).append(f"{rule}/{metric}")
+    return sets, notes
+
+
+def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batches, held: Batches,
+                    config: PruneConfig, count: int, *, calibration: str,
+                    random_calibration: bool = False) -> MeasuredChoice:
+    """Choose ``count`` blocks by measured fidelity: try a few candidate sets, keep the best on ``held``.
+
+    Candidates (deduplicated; each set is evaluated once and lists every rule that gives it):
+    ``lowest`` by ``config.metric`` (the default rule, always the first candidate) and by
+    each of :data:`MEASURED_METRICS`; ``segment`` (SGLP, the CKA segments) by each; ``span``
+    (the best contiguous run) by each token metric, from a second scoring pass with
+    ``interval = count`` (``count == 1``: the single-block scores). With ``config.heal``, each
+    candidate is also healed (:func:`heal_spans`; the fits of every candidate's spans come
+    from one ORT pass) and the healed model is a candidate of its own.
+
+    The held-out reference outputs are computed once (:class:`HeldOut`); each candidate costs
+    one ORT session and one pass over the held-out batches (plus the ridge trials when
+    healing). A candidate displaces the current best only when its fidelity is strictly
+    better (:func:`_better`), so the choice is never worse on ``held`` than the default rule.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    desc = dict(calibration=calibration, random_calibration=random_calibration)
+    metrics = tuple(dict.fromkeys([config.metric, *MEASURED_METRICS]))
+    single = score_blocks(model, block_map, score_set,
+                          ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)), **desc)
+    span = None
+    if count > 1:
+        token = tuple(m for m in metrics if m not in ("cka", "ablation"))
+        span = score_blocks(model, block_map, score_set,
+                            ScoreConfig(metrics=token, options=replace(config.options, interval=count)), **desc)
+    sets, notes = _candidate_sets(config, block_map, count, single, span)
+    reference = HeldOut(model, held)
+    spans_fits: dict[tuple[int, int], list[LinearFit | str]] = {}
+    mask_used = None
+    if config.heal and count:
+        spans = list({(s[0].index, s[-1].index): s for key in sets
+                      for s in removed_spans([block_map.blocks[i] for i in key])}.values())
+        fitted, mask_used = fit_spans(model, spans, score_set, token_mask=config.options.token_mask)
+        spans_fits = {(s[0].index, s[-1].index): f for s, f in zip(spans, fitted, strict=True)}
+    rows: list[dict[str, Any]] = []
+    best: tuple[dict[str, Any], int, tuple[int, ...], onnx.ModelProto, onnx.ModelProto, dict[str, Any] | None] | None
+    best = None
+    index = GraphIndex(model)
+    for key, rules in sets.items():
+        blocks = [block_map.blocks[i] for i in key]
+        plain = remove_blocks(model, blocks, index=index) if blocks else _copy(model)
+        if blocks and held:
+            verify_removal(model, plain, next(iter(held)), blocks=blocks)
+        fid = reference.fidelity(plain)
+        options: list[tuple[bool, onnx.ModelProto, dict[str, Any], dict[str, Any] | None]] = [(False, plain, fid, None)]
+        if config.heal and blocks:
+            fits = [spans_fits[s[0].index, s[-1].index] for s in removed_spans(blocks)]
+            healed, hfid, hrep = heal_spans(model, plain, blocks, score_set, held, config, fid,
+                                            evaluate=reference.fidelity, fits=(fits, mask_used))
+            options[0] = (False, plain, fid, hrep)
+            if hrep["healed_spans"]:
+                options.append((True, healed, hfid, hrep))
+        for healed_flag, m, f, hrep in options:
+            rows.append({"rules": rules, "blocks": list(key), "names": [b.name for b in blocks], "healed": healed_flag,
+                         "healed_spans": hrep["healed_spans"] if healed_flag and hrep else 0,
+                         "loss": f["loss"], "cosine": f["cosine"], "top1": f.get("top1"), "params": _params(m),
+                         "chosen": False})
+            if best is None or _better(f, best[0]):
+                best = (f, len(rows) - 1, key, plain, m, hrep)
+    assert best is not None  # the default rule always gives a set (its errors are the ones of --select lowest)
+    fid, at, key, plain, chosen_model, hrep = best
+    rows[at]["chosen"] = True
+    seconds = time.perf_counter() - t0
+    logger.info("measured: %d candidate sets, %d models evaluated in %.2f s; chose %s (%s)", len(sets), len(rows),
+                seconds, list(key), ", ".join(rows[at]["rules"]))
+    report = {"candidates": rows, "candidate_sets": len(sets), "evaluated": len(rows), "seconds": seconds,
+              "default_rule": f"lowest/{config.metric}", "scoring_passes": 1 + (span is not None),
+              "heal_fit_passes": int(bool(spans_fits)), "notes": notes,
+              "fidelity_measure": "held-out fidelity loss (1 - top1 for logits, else 1 - cosine), ties by cosine"}
+    if config.heal and not key:
+        hrep = {"spans": [], "note": "no block was removed"}
+    return MeasuredChoice(blocks=list(key), plain=plain, model=chosen_model, fidelity=fid, heal=hrep, scores=single,
+                          report=report)
+
+
 def _describe(block: Block, score: float | None) -> dict[str, Any]:
     return {"index": block.index, "name": block.name, "params": block.params, "score": score}
 
@@ -420,8 +594,15 @@ def prune_model(
     score_set, held = split_batches(batches, config.holdout)
     desc = dict(calibration=calibration, random_calibration=random_calibration)
     steps: list[dict[str, Any]] = []
+    measured: MeasuredChoice | None = None
     if config.max_drop is not None:
         pruned, current_map, removed, steps, scores = _prune_to_budget(model, block_map, score_set, held, config, desc)
+    elif config.select == MEASURED:
+        measured = select_measured(model, block_map, score_set, held, config, config.remove or 0, **desc)
+        scores, chosen = measured.scores, measured.blocks
+        removed = [(block_map.blocks[i], scores.metrics[config.metric]["scores"][i]) for i in chosen]
+        pruned = measured.model
+        current_map = remaining_blocks(measured.plain, block_map, chosen)
     else:
         count = config.remove or 0
         interval = count if config.select == "span" and count > 0 else 1
@@ -432,9 +613,12 @@ def prune_model(
         if removed and held:  # the guard's last check: ORT output shapes and dtypes are unchanged
             verify_removal(model, pruned, next(iter(held)), blocks=[b for b, _ in removed])
         current_map = remaining_blocks(pruned, block_map, chosen)
-    fidelity = compare_models(model, pruned, held)
     heal_report = None
-    if config.heal and removed:
+    if measured is not None:
+        fidelity, heal_report = measured.fidelity, measured.heal
+    else:
+        fidelity = compare_models(model, pruned, held)
+    if config.heal and removed and measured is None:
         pruned, fidelity, heal_report = heal_spans(model, pruned, [b for b, _ in removed], score_set, held, config,
                                                    fidelity)
     report: dict[str, Any] = {
@@ -455,6 +639,8 @@ def prune_model(
         "size_bytes": {"before": model.ByteSize(), "after": pruned.ByteSize()},
         "fidelity": fidelity,
     }
+    if measured is not None:
+        report["measured"] = measured.report
     if config.heal:
         report["method"]["heal"] = True
         report["heal"] = heal_report or {"spans": [], "note": "no block was removed"}
@@ -534,8 +720,10 @@ def _better(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequence[Block], score_set: Batches,
-               held: Batches, config: PruneConfig, fidelity: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, Any],
-                                                                                        dict[str, Any]]:
+               held: Batches, config: PruneConfig, fidelity: Mapping[str, Any], *,
+               evaluate: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
+               fits: tuple[list[list[LinearFit | str]], str | None] | None = None,
+               ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
     """Heal the removed spans of ``pruned`` where that improves the held-out fidelity.
 
     Fits the maps on ``score_set`` (:func:`fit_spans`), then tries the spans in order: a
@@ -545,9 +733,16 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
     without (:func:`_better`); each trial passes the surgery guard,
     ``onnx.checker`` and :func:`verify_removal`. Returns the model to write (``pruned``
     itself when no span helps), its fidelity, and the ``heal`` report section.
+
+    ``evaluate`` (default :func:`compare_models` against ``model`` on ``held``; e.g.
+    :meth:`HeldOut.fidelity`) scores a trial; ``fits`` are the :func:`fit_spans` result for
+    these spans when already computed (the ``measured`` rule fits every candidate's spans in
+    one pass).
     """
     spans = removed_spans(removed)
-    fits, mask_used = fit_spans(model, spans, score_set, token_mask=config.options.token_mask)
+    fits, mask_used = fits if fits is not None else fit_spans(model, spans, score_set,
+                                                             token_mask=config.options.token_mask)
+    evaluate = evaluate or (lambda m: compare_models(model, m, held))
     maps: dict[tuple[int, int], HealMap] = {}
     current, current_fid = pruned, dict(fidelity)
     rows: list[dict[str, Any]] = []
@@ -579,7 +774,7 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
             trial = remove_blocks(model, removed, check=False, index=index, heal=trial_maps)
             check_model(trial)
             verify_removal(model, trial, next(iter(held)), blocks=removed)
-            fid = compare_models(model, trial, held)
+            fid = evaluate(trial)
             row["ridges"].append({"ridge": ridge, "loss": fid["loss"], "cosine": fid["cosine"]})
             if best is None or _better(fid, best[0]):
                 best = (fid, trial, trial_maps, streams)
@@ -675,6 +870,11 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Prune 0..K blocks with the same rule; one row per count: fidelity and latency.
 
+    With the rule ``measured`` (the default) each row also lists every candidate it tried
+    (with ``--heal``, healed ones too) with its held-out fidelity and parameters, and
+    :func:`mark_fronts` marks the Pareto fronts (loss vs latency over the rows, loss vs
+    parameters over every candidate).
+
     Raises:
         FieldError: a count above the removable blocks (checked before any work).
     """
@@ -684,9 +884,56 @@ def sweep(
         res = prune_model(model, block_map, batches, replace(config, remove=k, max_drop=None),
                           calibration=calibration, random_calibration=random_calibration)
         lat = res.report.get("latency", {})
+        table = res.report.get("measured", {}).get("candidates", [])
+        chosen = next((c for c in table if c["chosen"]), None)
         rows.append({"removed": k, "blocks": [b["name"] for b in res.report["removed"]],
+                     "rule": ", ".join(chosen["rules"]) if chosen else config.select,
+                     "healed": bool(res.report.get("heal", {}).get("healed_spans")),
+                     "candidates": [{key: c[key] for key in ("rules", "blocks", "healed", "loss", "cosine", "params",
+                                                              "chosen")} for c in table],
                      "loss": res.report["fidelity"]["loss"], "cosine": res.report["fidelity"]["cosine"],
                      "top1": res.report["fidelity"]["top1"], "params": res.report["params"]["after"],
                      "median_ms": lat.get("pruned", {}).get("median_ms"), "speedup": lat.get("speedup_median"),
                      "ideal_speedup": lat.get("ideal_speedup")})
+    mark_fronts(rows)
     return rows
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
+    """Indices of the points no other point dominates; both coordinates are costs (lower is better).
+
+    ``p`` dominates ``q`` when ``p <= q`` in both coordinates and ``p < q`` in one. A point
+    with a None (or NaN) coordinate is never on the front; equal points are all on it.
+    Returned in order of the first coordinate, then the second, then the index.
+    """
+    ok = [i for i, (a, b) in enumerate(points)
+          if a is not None and b is not None and not math.isnan(a) and not math.isnan(b)]
+    front: list[int] = []
+    best = math.inf
+    prev: tuple[float, float] | None = None
+    for i in sorted(ok, key=lambda i: (points[i][0], points[i][1], i)):
+        p = (float(points[i][0]), float(points[i][1]))  # type: ignore[arg-type]
+        if p == prev or p[1] < best:  # a tie with the last front point, or better in the second coordinate
+            front.append(i)
+            best, prev = min(best, p[1]), p
+    return front
+
+
+def mark_fronts(rows: list[dict[str, Any]]) -> None:
+    """Mark the sweep's Pareto fronts in place: fidelity loss against latency, and against parameters.
+
+    ``row["front"]``: the count's chosen model is on the (median ms, loss) front of the
+    rows (False for every row without a latency). ``candidate["front"]``: the candidate is
+    on the (params, loss) front of every candidate of every count (with the rule
+    ``measured``; otherwise each row is its own one candidate, marked in ``row["params_front"]``).
+    """
+    on = set(pareto_front([(r.get("median_ms"), r["loss"]) for r in rows]))
+    points = [(i, j, c) for i, r in enumerate(rows) for j, c in enumerate(r.get("candidates") or [])]
+    if points:
+        by_params = set(pareto_front([(c["params"], c["loss"]) for _, _, c in points]))
+        for n, (_, _, c) in enumerate(points):
+            c["front"] = n in by_params
+    params_on = set(pareto_front([(r["params"], r["loss"]) for r in rows]))
+    for i, r in enumerate(rows):
+        r["front"] = i in on
+        r["params_front"] = i in params_on

@@ -50,7 +50,7 @@ def prune_markdown(report: dict[str, Any]) -> str:
     fid.append([f"fidelity loss ({f['loss_metric']})", f["loss"]])
     lines += ["", "Fidelity against the original on held-out calibration data:", "",
               markdown_table(["measure", "value"], fid)]
-    lines += _mask_lines(report) + _heal_lines(report)
+    lines += _mask_lines(report) + _measured_lines(report) + _heal_lines(report)
     if lat:
         unstable = [f"{k} (CoV {lat[k]['cov_pct']:.1f}%)" for k in ("original", "pruned") if lat[k]["cov_pct"] > UNSTABLE_COV_PCT]
         if unstable:
@@ -73,6 +73,19 @@ def _mask_lines(report: dict[str, Any]) -> list[str]:
     t = tokens[0] if isinstance(tokens, list) and tokens else tokens
     p = positions[0] if isinstance(positions, list) and positions else positions
     return ["", f"Scores use real tokens only (padding mask): {t} of {p} positions per block boundary."]
+
+
+def _measured_lines(report: dict[str, Any]) -> list[str]:
+    """The ``measured`` rule's candidate table: every removal set tried, its held-out fidelity, the one kept."""
+    m = report.get("measured")
+    if not m:
+        return []
+    rows = [[", ".join(c["rules"]), ", ".join(map(str, c["blocks"])) or "-", "yes" if c["healed"] else "no",
+             c["loss"], c["cosine"], "**yes**" if c["chosen"] else ""] for c in m["candidates"]]
+    return ["", f"Chosen by measured fidelity: {m['candidate_sets']} candidate sets, {m['evaluated']} models evaluated "
+                f"on the held-out batches in {fmt(m['seconds'])} s (default rule `{m['default_rule']}`):", "",
+            markdown_table(["rules", "blocks", "healed", "held-out loss", "cosine", "chosen"], rows),
+            *[f"- {n}" for n in m.get("notes", [])]]
 
 
 def _heal_lines(report: dict[str, Any]) -> list[str]:
@@ -99,32 +112,64 @@ def _heal_lines(report: dict[str, Any]) -> list[str]:
 
 
 def sweep_markdown(report: dict[str, Any]) -> str:
-    rows = [[r["removed"], ", ".join(r["blocks"]) or "-", r["loss"], r["cosine"], r["top1"], r["params"],
-             r["median_ms"], r["speedup"], r["ideal_speedup"]] for r in report["sweep"]]
-    head = ["removed", "blocks", "loss", "cosine", "top1", "params", "median ms", "speedup", "ideal"]
+    """The sweep table (``front``: on the loss/latency Pareto front), then the loss/parameters front over every candidate."""
+    rows = [[r["removed"], ", ".join(r["blocks"]) or "-", r.get("rule", "-"), "yes" if r.get("healed") else "no",
+             r["loss"], r["cosine"], r["top1"], r["params"], r["median_ms"], r["speedup"], r["ideal_speedup"],
+             "**yes**" if r.get("front") else ""] for r in report["sweep"]]
+    head = ["removed", "blocks", "rule", "healed", "loss", "cosine", "top1", "params", "median ms", "speedup", "ideal",
+            "front"]
     m = report["method"]
     cal = report["calibration"]
-    return (f"## Sweep: {report['model']} (metric `{m['metric']}`, rule `{m['select']}`)\n\n"
+    text = (f"## Sweep: {report['model']} (metric `{m['metric']}`, rule `{m['select']}`)\n\n"
             f"Calibration: {cal['description']}" + (" **(random data)**" if cal["random"] else "") + "\n\n"
             + markdown_table(head, rows) + "\n")
+    if all(r["median_ms"] is None for r in report["sweep"]):
+        text += "\nNo latency measured (--no-latency): the loss/latency front is not marked.\n"
+    front = [[r["removed"], ", ".join(c["rules"]), ", ".join(map(str, c["blocks"])) or "-",
+              "yes" if c["healed"] else "no", c["params"], c["loss"], "yes" if c["chosen"] else ""]
+             for r in report["sweep"] for c in r.get("candidates") or [] if c.get("front")]
+    if front:
+        n = sum(len(r.get("candidates") or []) for r in report["sweep"])
+        text += (f"\nPareto front of held-out loss against parameters, over all {n} candidates:\n\n"
+                 + markdown_table(["removed", "rules", "blocks", "healed", "params", "loss", "chosen"], front) + "\n")
+    return text
 
 
 def plot_sweep(report: dict[str, Any]) -> bytes:
-    """PNG: fidelity loss and latency speedup (with the ideal) against blocks removed."""
+    """PNG: fidelity loss against measured latency (the chosen model per count) and against parameters
+    (every candidate), the Pareto fronts marked."""
     plt = pyplot("the sweep plot")
     rows = report["sweep"]
-    k = [r["removed"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(k, [r["loss"] for r in rows], "o-")
-    a.set_xlabel("blocks removed")
-    a.set_ylabel("fidelity loss")
-    a.set_title("fidelity (held-out)")
-    if all(r["speedup"] is not None for r in rows):
-        b.plot(k, [r["speedup"] for r in rows], "o-", label="measured")
-        b.plot(k, [r["ideal_speedup"] for r in rows], "--", label="ideal")
-        b.legend()
-    b.set_xlabel("blocks removed")
-    b.set_ylabel("ORT speedup (median)")
-    b.set_title("latency")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    timed = [r for r in rows if r["median_ms"] is not None]
+    if timed:
+        a.plot([r["median_ms"] for r in timed], [r["loss"] for r in timed], "o", color="0.6", label="chosen per count")
+        for r in timed:
+            a.annotate(f"-{r['removed']}" + ("h" if r.get("healed") else ""), (r["median_ms"], r["loss"]),
+                       textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = sorted((r for r in timed if r.get("front")), key=lambda r: (r["median_ms"], r["loss"]))
+        a.step([r["median_ms"] for r in front], [r["loss"] for r in front], "r-", where="post", label="Pareto front")
+        a.plot([r["median_ms"] for r in front], [r["loss"] for r in front], "r*", markersize=9)
+        a.legend(fontsize=7)
+    else:
+        a.text(0.5, 0.5, "no latency measured", ha="center", va="center", transform=a.transAxes)
+    a.set_xlabel("ORT latency median (ms)")
+    a.set_ylabel("fidelity loss (held-out)")
+    a.set_title("fidelity vs latency")
+    cands = [(r, c) for r in rows for c in (r.get("candidates") or [{**r, "healed": r.get("healed", False),
+                                                                      "front": r.get("params_front")}])]
+    for healed, marker in ((False, "o"), (True, "^")):
+        pts = [c for _, c in cands if bool(c.get("healed")) == healed]
+        if pts:
+            b.plot([c["params"] for c in pts], [c["loss"] for c in pts], marker, color="0.6", linestyle="none",
+                   label="healed" if healed else "plain")
+    front = sorted((c for _, c in cands if c.get("front")), key=lambda c: (c["params"], c["loss"]))
+    if front:
+        b.step([c["params"] for c in front], [c["loss"] for c in front], "r-", where="post", label="Pareto front")
+        b.plot([c["params"] for c in front], [c["loss"] for c in front], "r*", markersize=9)
+    b.legend(fontsize=7)
+    b.set_xlabel("parameters")
+    b.set_ylabel("fidelity loss (held-out)")
+    b.set_title("fidelity vs parameters (every candidate)")
     fig.tight_layout()
     return png_bytes(fig)

@@ -6,12 +6,18 @@ consume the boundary activations as the batches stream by. Nothing is kept acros
 batches except the accumulators' running sums.
 
 Multi-stream blocks (an MMDiT's image and text streams, :class:`compress.blocks.Stream`):
-each boundary metric also runs once per stream name over the blocks that carry that
-stream (``per_stream`` in the result, interval 1 only), and a block's ``scores`` entry is
-the fusion of its per-stream scores (:func:`compress.scoring.metrics.fuse_streams`;
-default ``max``: a block is as important as its most changed stream). Single-stream
-blocks keep their one score. ``--token-ranges`` is refused on such models: it slices one
-tensor, while the modalities live on separate streams. The ``ablation`` metric is different:
+each boundary metric also runs once per stream name (``per_stream`` in the result), and a
+block's ``scores`` entry is the fusion of its per-stream scores
+(:func:`compress.scoring.metrics.fuse_streams`; default ``max``: a block is as important as
+its most changed stream). Single-stream blocks keep their one score. With ``--interval k``
+(and the span scores ``--span`` selects on) the same holds per span: stream ``s`` of the
+span ``i .. i+k-1`` is scored from block ``i``'s ``s`` input to block ``i+k-1``'s ``s``
+output, when every block of the span carries a stream named ``s`` (streams match by name,
+as for single blocks); a stream that ends or starts inside the span (SD3's text stream in
+its last block) is not scored for that span (None), and a span holding a multi-stream
+block gets the fusion of the streams that run through it (None when none does).
+``--token-ranges`` is refused on such models: it slices one tensor, while the modalities
+live on separate streams. The ``ablation`` metric is different:
 it runs one extra session per removable block (the model without that block) and
 compares final outputs; it is timed and reported separately.
 
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -280,7 +286,13 @@ def score_blocks(
     session = make_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
     timings["session_s"] = time.perf_counter() - t0
     accs = {n: m(len(scored), config.options) for n, m in stream.items()}
-    stream_accs = {(n, s): m(len(idx), config.options) for n, m in stream.items() for s, idx in streams.items()}
+    # One interval-1 accumulator per stream over that stream's (span input, span output) pairs:
+    # the pair of span i is scored exactly as a block would be (the primary accumulator runs at
+    # the interval itself).
+    pair_options = replace(config.options, interval=1)
+    stream_accs = {(n, s): m(len(idx), pair_options) for n, m in stream.items()
+                   for s, idx in streams.items() if idx}
+    k = config.options.interval
     fetch = final_names + [n for n in boundary if n not in final_names]
     references: list[dict[str, np.ndarray]] = []
     counts: list[int] = []
@@ -303,9 +315,9 @@ def score_blocks(
             for acc in accs.values():
                 acc.update(acts)
             for (_, s), acc in stream_accs.items():
-                pick = [_stream_of(scored[j], s) for j in streams[s]]
-                acc.update(BlockActivations(inputs=[values[st.input] for st in pick],
-                                            outputs=[values[st.output] for st in pick],
+                acc.update(BlockActivations(inputs=[values[_stream_of(scored[j], s).input] for j in streams[s]],
+                                            outputs=[values[_stream_of(scored[j + k - 1], s).output]
+                                                     for j in streams[s]],
                                             names=[scored[j].name for j in streams[s]], mask=mask))
         if ablation:
             references.append({n: values[n] for n in final_names})
@@ -317,7 +329,8 @@ def score_blocks(
     results = {n: _expand(acc.result().to_dict(), scored, len(block_map.blocks)) for n, acc in accs.items()}
     for n in list(results) if streams else ():
         per = {s: _expand(stream_accs[n, s].result().to_dict(), [scored[j] for j in idx],
-                          len(block_map.blocks))["scores"] for s, idx in streams.items()}
+                          len(block_map.blocks))["scores"] if idx else [None] * len(block_map.blocks)
+               for s, idx in streams.items()}
         results[n] = _fuse(results[n], per, scored, config.options)
 
     if ablation:
@@ -374,7 +387,9 @@ def _stream_of(block: Block, name: str) -> Any:
 
 
 def _stream_plan(scored: Sequence[Block], options: MetricConfig) -> dict[str, list[int]]:
-    """Stream name -> positions (in ``scored``) of the blocks carrying it; {} when no block has two streams.
+    """Stream name -> start positions (in ``scored``) of the spans of ``options.interval`` blocks
+    that all carry it (interval 1: the blocks carrying it); {} when no block has two streams.
+    Every stream name of the blocks is a key (in first-seen order), with [] when no span carries it.
 
     Raises:
         ConfigError: token ranges on a model with multi-stream blocks.
@@ -389,24 +404,29 @@ def _stream_plan(scored: Sequence[Block], options: MetricConfig) -> dict[str, li
             f"({', '.join(st.name for st in b.streams)})",
             hint="leave --token-ranges out: each stream is scored on its own (per_stream in the report)",
         )
-    if options.interval != 1:
-        logger.info("per-stream scores need --interval 1; scoring the primary stream only")
-        return {}
+    k = options.interval
     plan: dict[str, list[int]] = {}
-    for j, b in enumerate(scored):
+    for b in scored:
         for st in b.streams:
-            plan.setdefault(st.name, []).append(j)
+            plan.setdefault(st.name, [])
+    for j in range(len(scored) - k + 1):
+        for name in plan:
+            if all(any(st.name == name for st in b.streams) for b in scored[j:j + k]):
+                plan[name].append(j)
     return plan
 
 
 def _fuse(result: dict[str, Any], per_stream: dict[str, list[Any]], scored: Sequence[Block],
           options: MetricConfig) -> dict[str, Any]:
-    """``result`` with ``per_stream`` scores and, for multi-stream blocks, the fused score in ``scores``."""
+    """``result`` with ``per_stream`` scores and, for spans (blocks at interval 1) holding a
+    multi-stream block, the fusion of the streams that run through the span in ``scores``."""
     out = dict(result)
     scores = list(result["scores"])
-    for b in scored:
-        if len(b.streams) > 1:
-            scores[b.index] = fuse_streams({st.name: per_stream[st.name][b.index] for st in b.streams}, options)
+    k = options.interval
+    for j in range(len(scored) - k + 1):
+        if any(len(b.streams) > 1 for b in scored[j:j + k]):
+            i = scored[j].index
+            scores[i] = fuse_streams({s: v[i] for s, v in per_stream.items()}, options)
     out["scores"] = scores
     out["per_stream"] = per_stream
     out["stream_fusion"] = options.stream_fusion + (

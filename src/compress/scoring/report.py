@@ -61,8 +61,11 @@ def scores_markdown(report: dict[str, Any]) -> str:
             fusion = m.get("stream_fusion", "max")
             how = ("max: a block is only as redundant as its least redundant stream" if fusion == "max"
                    else f"{fusion}: weighted mean of the streams")
-            parts += ["", f"### {name} per stream", "", f"Fused score = {how}; `-` = the block does not carry "
-                      "that stream.", "", markdown_table(["#", "block", *names, "fused"], srow)]
+            k = int(report["config"].get("interval", 1))
+            what = "the block does not carry that stream" if k == 1 else (
+                f"the stream does not run through the whole span; row i = the span of blocks i..i+{k - 1}")
+            parts += ["", f"### {name} per stream", "", f"Fused score = {how}; `-` = {what}.", "",
+                      markdown_table(["#", "block", *names, "fused"], srow)]
         if m.get("segments"):
             idx = m["scored_blocks"]
             segs = ", ".join(f"[{idx[a]}..{idx[b - 1]}]" for a, b in m["segments"])
