@@ -90,3 +90,17 @@ def test_not_an_onnx_file(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad} is not a readable ONNX model:")
     assert "Traceback" not in err
+
+
+def test_import_compress_and_the_cli_parser_load_no_optional_dependency() -> None:
+    # `import compress` needs only numpy, onnx and onnxruntime; the optional libraries load in the
+    # commands that use them (checked in a fresh interpreter: this test session imported them all)
+    import subprocess
+    import sys
+
+    optional = ("torch", "tensorrt", "transformers", "diffusers", "matplotlib", "onnx_graphsurgeon",
+                "polygraphy", "PIL", "scipy", "onnxscript", "sklearn")
+    code = ("import sys, compress, compress.cli; compress.cli.build_parser(); "
+            f"print(sorted(m for m in {optional!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

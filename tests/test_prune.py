@@ -212,6 +212,22 @@ def test_latency_report_has_ideal_and_efficiency(tiny) -> None:
     assert lat["efficiency_ratio"] == pytest.approx(lat["speedup_median"] / lat["ideal_speedup"])
 
 
+def test_ideal_speedup_is_undefined_when_the_blocks_alone_take_the_whole_model(tiny, monkeypatch) -> None:
+    import compress.prune as pr
+    from compress.bench import summarize
+
+    _, model, _, batches = tiny
+    bm = find_blocks(model)
+    # tiny models: each block timed alone costs about as much as the whole model (per-call overhead)
+    monkeypatch.setattr(pr, "time_model", lambda m, feed, config: summarize([1.0, 1.0, 1.0]))
+    monkeypatch.setattr(pr, "block_times", lambda m, b, feed, config: {0: 0.6, 1: 0.6, 2: 0.6, 3: 0.6})
+    lat = pr._latency(model, model, bm, bm.blocks[:2], batches[0], pr.BenchConfig())
+    assert (lat["ideal_speedup"], lat["efficiency"], lat["efficiency_ratio"]) == (None, None, None)
+    lat = pr._latency(model, model, bm, bm.blocks[:1], batches[0], pr.BenchConfig())
+    assert lat["ideal_speedup"] == pytest.approx(1 / 0.4)
+    assert lat["efficiency_ratio"] == pytest.approx(0.4)
+
+
 def _calib_dir(tmp_path, batches):
     d = tmp_path / "calib"
     d.mkdir()

@@ -164,7 +164,7 @@ def test_mark_fronts_marks_rows_by_latency_and_candidates_by_params() -> None:
                 "params": params, "chosen": False}
 
     rows = [{"removed": 0, "loss": 0.0, "params": 100, "median_ms": 1.0, "candidates": [cand(100, 0.0)]},
-            {"removed": 1, "loss": 0.3, "params": 80, "median_ms": 1.2, "candidates": [cand(80, 0.3), cand(90, 0.1)]},
+            {"removed": 1, "loss": 0.3, "params": 80, "median_ms": 1.2, "candidates": [cand(95, 0.3), cand(90, 0.1)]},
             {"removed": 2, "loss": 0.4, "params": 60, "median_ms": 0.5, "candidates": [cand(60, 0.4), cand(70, 0.5)]}]
     mark_fronts(rows)
     assert [r["front"] for r in rows] == [True, False, True]  # 1.2 ms, loss 0.3 is dominated by 1.0 ms, loss 0
@@ -190,7 +190,8 @@ def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) ->
     every = [c for r in rows for c in r["candidates"]]
     assert [c["front"] for c in every] == [i in set(pareto_front([(c["params"], c["loss"]) for c in every]))
                                            for i in range(len(every))]
-    assert rows[0]["front"] and rows[0]["candidates"][0]["front"]  # the unpruned model: no loss
+    assert rows[0]["front"]  # the unpruned model: no loss
+    assert rows[0]["candidates"][0]["front"]
     md = rep.with_suffix(".md").read_text()
     assert "Pareto front of held-out loss against parameters" in md
     assert rep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

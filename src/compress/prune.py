@@ -840,7 +840,11 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, block_map: BlockMa
     new = time_model(pruned, feed, config)
     per_block = block_times(model, block_map, feed, config) if removed else {}
     removed_ms = sum(per_block.get(b.index, 0.0) for b in removed)
-    ideal = base.median_ms / max(base.median_ms - removed_ms, 1e-9) if removed else 1.0
+    # The ideal is undefined when the removed blocks, each timed alone, take at least the whole
+    # model's time (per-call overhead dominates tiny models): reported as None, not as a huge ratio.
+    ideal: float | None = 1.0
+    if removed:
+        ideal = base.median_ms / (base.median_ms - removed_ms) if removed_ms < base.median_ms else None
     measured = base.median_ms / new.median_ms
     return {
         "provider": "CPUExecutionProvider",
@@ -848,8 +852,8 @@ def _latency(model: onnx.ModelProto, pruned: onnx.ModelProto, block_map: BlockMa
         "speedup_median": measured, "speedup_p90": base.p90_ms / new.p90_ms,
         "block_ms": {str(k): v for k, v in per_block.items()},
         "ideal_speedup": ideal,
-        "efficiency": (measured - 1) / (ideal - 1) if ideal > 1.0001 else None,
-        "efficiency_ratio": measured / ideal,
+        "efficiency": (measured - 1) / (ideal - 1) if ideal is not None and ideal > 1.0001 else None,
+        "efficiency_ratio": measured / ideal if ideal is not None else None,
     }
 
 
