@@ -78,10 +78,10 @@ class Method:
 
 
 METHODS = (
-    Method("auto/measured", "auto", "measured", "prune",
-           "the default (`PruneConfig()`): candidate sets of every rule and metric, the best on the held-out batches"),
     Method("auto/lowest", "auto", "lowest", "prune",
-           "the default before `measured`: metric `auto` = cka for convolutional (rank-4) blocks, else cosine; k lowest"),
+           "the default (`PruneConfig()`): metric `auto` = ablation for convolutional (rank-4) blocks, else cosine; k lowest"),
+    Method("auto/measured", "auto", "measured", "prune",
+           "`--measured`: candidate sets of every rule and metric, the best on the held-out batches"),
     Method("cosine/lowest", "cosine", "lowest", "prune", "mean 1 - |cos| of block input vs output (Sana 1.5); k lowest"),
     Method("cosine-signed/lowest", "cosine-signed", "lowest", "prune", "mean 1 - cos (ShortGPT Block Influence); k lowest"),
     Method("angular/lowest", "angular", "lowest", "prune", "mean arccos/pi (Gromov et al.), interval 1, all tokens; k lowest"),

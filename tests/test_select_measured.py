@@ -179,7 +179,7 @@ def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) ->
     for i, b in enumerate(_batches()):
         np.savez(calib / f"b{i:02d}.npz", **b)
     rep = tmp_path / "s.json"
-    assert main(["prune", str(path), "--calib", str(calib), "--sweep", "0:2", "--metric", "cosine",
+    assert main(["prune", str(path), "--calib", str(calib), "--sweep", "0:2", "--metric", "cosine", "--measured",
                  "--latency-seconds", "0.02", "--report", str(rep)]) == 0
     rows = json.loads(rep.read_text())["sweep"]
     assert [r["removed"] for r in rows] == [0, 1, 2]
@@ -195,3 +195,24 @@ def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) ->
     md = rep.with_suffix(".md").read_text()
     assert "Pareto front of held-out loss against parameters" in md
     assert rep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_candidate_metric_that_fails_leaves_the_default_rule_and_a_note(tiny, monkeypatch) -> None:
+    import compress.prune as prune
+
+    _, model, bm = tiny
+    real = prune.score_blocks
+
+    def no_cka(model, block_map, batches, config, **kw):
+        if "cka" in config.metrics:
+            raise BlockError("cka: not for this model", hint="-")
+        return real(model, block_map, batches, config, **kw)
+
+    monkeypatch.setattr(prune, "score_blocks", no_cka)
+    res = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY),
+                      calibration="t")
+    m = res.report["measured"]
+    assert m["notes"][0] == "the candidate metrics cosine-signed, angular, cka were not scored: cka: not for this model"
+    rules = {r for row in m["candidates"] for r in row["rules"]}
+    assert rules == {"lowest/cosine", "span/cosine"}
+    assert m["candidates"][0]["rules"][0] == "lowest/cosine"

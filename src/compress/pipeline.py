@@ -512,12 +512,11 @@ class PruneSection:
     ``latency_seconds: 0`` skips the ONNX Runtime timing of the pruned model. ``heal: true``
     (with ``heal_ridge``) heals the removed spans (``--heal``); ``token_mask`` names the padding
     mask input (``auto``, ``none`` or an input name; ``--token-mask``). ``select`` defaults to
-    ``measured`` (the best held-out fidelity among the candidate rules; ``lowest`` and the
-    others by name).
+    ``lowest``; ``measured`` picks the best held-out fidelity among the candidate rules.
     """
 
     metric: str = "auto"
-    select: str = "measured"
+    select: str = "lowest"
     remove: int | None = None
     ratio: float | None = None
     max_drop: float | None = None
@@ -534,7 +533,7 @@ class PruneSection:
         from compress.scoring import metric_names
 
         r = _Reader(data, section="prune", cls=cls, ctx=ctx)
-        select = r.text("select", "measured", choices=SELECTIONS.names())
+        select = r.text("select", "lowest", choices=SELECTIONS.names())
         remove: int | None
         if r.data.get("remove") == "auto":
             if r.given("select") and select != "auto":

@@ -17,7 +17,8 @@ returns the blocks to remove, lowest score = least important):
   and remove the ``k`` blocks below it. Scale-free and never a fixed threshold (``--auto``);
 - ``measured`` (:func:`select_measured`, ``--measured``): evaluates the candidate sets of the
   rules above by every metric of one scoring pass (and healed, with ``--heal``) on the
-  held-out batches and keeps the best measured one. The default: ``lowest`` by the metric
+  held-out batches and keeps the best measured one (opt-in until the pruning benchmark has
+  measured it on the real models; ``lowest`` stays the default). ``lowest`` by the metric
   is its first candidate and is displaced only by a strictly better one, so the choice is
   never worse there than ``lowest``; it costs one more scoring pass (span scores) and one
   pruned-model pass over the held-out batches per distinct candidate set (tenths of a
@@ -230,7 +231,7 @@ class PruneConfig:
     Attributes:
         metric: the score to rank blocks by; ``auto`` = :func:`choose_metric` (``ablation``
             is allowed; slow).
-        select: selection rule name (:data:`SELECTIONS`); default ``measured``
+        select: selection rule name (:data:`SELECTIONS`); default ``lowest``
             (:func:`select_measured`).
         remove: number of blocks to remove (``lowest``, ``span``, ``segment``, baselines).
         max_drop: fidelity budget; removes one block at a time while the loss stays <= it.
@@ -246,7 +247,7 @@ class PruneConfig:
     """
 
     metric: str = AUTO_METRIC
-    select: str = "measured"
+    select: str = "lowest"
     remove: int | None = None
     max_drop: float | None = None
     keep: tuple[int, ...] = ()
@@ -509,14 +510,27 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
     t0 = time.perf_counter()
     desc = dict(calibration=calibration, random_calibration=random_calibration)
     metrics = tuple(dict.fromkeys([config.metric, *MEASURED_METRICS]))
-    single = score_blocks(model, block_map, score_set,
-                          ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)), **desc)
+    extra_notes: list[str] = []
+    try:
+        single = score_blocks(model, block_map, score_set,
+                              ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)), **desc)
+    except (BlockError, ConfigError) as exc:  # an extra metric does not apply here: the default rule's alone
+        if len(metrics) == 1:
+            raise
+        extra_notes.append(f"the candidate metrics {', '.join(metrics[1:])} were not scored: {exc.message}")
+        metrics = (config.metric,)
+        single = score_blocks(model, block_map, score_set,
+                              ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)), **desc)
     span = None
-    if count > 1:
-        token = tuple(m for m in metrics if m not in ("cka", "ablation"))
-        span = score_blocks(model, block_map, score_set,
-                            ScoreConfig(metrics=token, options=replace(config.options, interval=count)), **desc)
+    token = tuple(m for m in metrics if m not in ("cka", "ablation"))
+    if count > 1 and token:
+        try:
+            span = score_blocks(model, block_map, score_set,
+                                ScoreConfig(metrics=token, options=replace(config.options, interval=count)), **desc)
+        except (BlockError, ConfigError) as exc:
+            extra_notes.append(f"no span candidates: {exc.message}")
     sets, notes = _candidate_sets(config, block_map, count, single, span)
+    notes = extra_notes + notes
     reference = HeldOut(model, held)
     spans_fits: dict[tuple[int, int], list[LinearFit | str]] = {}
     mask_used = None
@@ -874,7 +888,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Prune 0..K blocks with the same rule; one row per count: fidelity and latency.
 
-    With the rule ``measured`` (the default) each row also lists every candidate it tried
+    With the rule ``measured`` each row also lists every candidate it tried
     (with ``--heal``, healed ones too) with its held-out fidelity and parameters, and
     :func:`mark_fronts` marks the Pareto fronts (loss vs latency over the rows, loss vs
     parameters over every candidate).

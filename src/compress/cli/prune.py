@@ -45,14 +45,13 @@ metrics (higher = more important):
                  (rank 4, NCHW), else cosine; the report says which and why
 
 selection (lowest score = least important; see compress.prune for the exact rules):
-  --remove N / --ratio R   remove N (or R x blocks) blocks, chosen by measured fidelity (--measured,
-                           the default) unless a rule below is given
-  --select lowest          the N lowest-scoring removable blocks (the default before --measured)
+  --remove N / --ratio R   remove N (or R x blocks) blocks: by default the N lowest-scoring removable
+                           blocks (--select lowest) unless a rule below is given
   --span                   with --remove N: the contiguous run of N blocks with the lowest span score
   --per-segment            with --remove N: SGLP, the least important block of each CKA segment first
-  --measured               (default) with --remove N: evaluate the candidate sets of lowest/span/per-segment by
+  --measured               with --remove N: evaluate the candidate sets of lowest/span/per-segment by
                            cosine, cosine-signed, angular and CKA (and healed, with --heal) on the held-out
-                           batches; keep the best measured one (the default rule is one of them)
+                           batches; keep the best measured one (the lowest-score set is one of them)
   --auto                   from the score distribution: cut at the largest relative gap (k <= n/2)
   --max-drop X             fidelity budget: remove one block at a time, re-score, verify on held-out
                            batches, stop before the loss (1 - top1 for logits, else 1 - cosine) exceeds X
@@ -135,14 +134,14 @@ class Prune:
         rule.add_argument("--span", action="store_true", help="remove a contiguous span of blocks")
         rule.add_argument("--per-segment", action="store_true", help="one block per CKA segment first (SGLP)")
         rule.add_argument("--measured", action="store_true",
-                          help="(default) with --remove N: try the candidate sets of every rule and metric (with and without "
+                          help="with --remove N: try the candidate sets of every rule and metric (with and without "
                                "--heal) on the held-out batches and keep the best measured one")
         rule.add_argument("--select", choices=SELECTIONS.names(), help="selection rule by name (incl. the "
                           "baselines 'last' and 'random')")
         sel.add_argument("--keep", metavar="I,J", help="block indices never to remove")
         sel.add_argument("--holdout", type=float, default=0.25, metavar="F",
                          help="share of calibration batches held back for verification (default 0.25)")
-        sel.add_argument("--sweep", metavar="0:K", help="prune 0..K blocks and tabulate fidelity and latency; with the default rule (measured) "
+        sel.add_argument("--sweep", metavar="0:K", help="prune 0..K blocks and tabulate fidelity and latency; with --measured "
                               "every candidate (healed too, with --heal) is listed, and the plot marks the Pareto "
                               "fronts of loss against latency and parameters")
         sel.add_argument("--seed", type=int, default=0, help="seed of the 'random' baseline")
@@ -237,7 +236,7 @@ def _prune(args: argparse.Namespace) -> int:
     blocks_out = outs.file(block_map_path(out)) if out is not None else None
     report_path = _plan_report(args, outs)
     outs.check()
-    select = args.select or ("span" if args.span else "segment" if args.per_segment else "measured" if args.measured else "auto" if args.auto else "measured")
+    select = args.select or ("span" if args.span else "segment" if args.per_segment else "measured" if args.measured else "auto" if args.auto else "lowest")
     if args.ratio is not None and not 0 < args.ratio < 1:  # also refuses nan and inf
         raise ConfigError(f"--ratio {args.ratio} must be between 0 and 1", hint="e.g. --ratio 0.25")
     flags = _prune_flags(args)
