@@ -14,6 +14,8 @@ exit code   meaning
             only with ``-v``
 3-6         a failed gate (``compress build`` / ``compress run``; see
             :data:`compress.latency.GATE_EXIT_CODES`)
+7           ``compress build``: a pass cannot meet its fidelity target
+            (:data:`compress.build.TARGET_EXIT_CODE`)
 130         interrupted (SIGINT, Ctrl-C)
 143         terminated (SIGTERM); handled like SIGINT: temporary files are removed
 ==========  =================================================================
@@ -150,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0 success; 1 user error (one ``error:`` and one ``hint:`` line); 2 usage error or
     internal error (a bug: ``error: internal error (a bug in compress): TYPE: MESSAGE``,
-    the traceback only with ``-v``); 3-6 failed gates; 130 SIGINT; 143 SIGTERM.
+    the traceback only with ``-v``); 3-6 failed gates; 7 a missed pass fidelity target; 130 SIGINT; 143 SIGTERM.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
