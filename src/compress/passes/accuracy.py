@@ -43,7 +43,7 @@ DEFAULT_TARGET = 0.99
 class FidelityTargetError(BuildError):
     """A pass could not reach its fidelity target; ``report`` is what it tried (JSON-ready)."""
 
-    def __init__(self, message: str, *, hint: str | None = None, report: Mapping[str, Any]) -> None:
+    def __init__(self, message: str, *, hint: str, report: Mapping[str, Any]) -> None:
         super().__init__(message, hint=hint)
         self.report = dict(report)
 
