@@ -83,6 +83,27 @@ def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_node_kept_float_gets_its_float_weight_back_without_weight_qdq_pairs() -> None:
+    # qdq_on_weights=False: ORT stores weights as int8 initializers behind a lone DequantizeLinear
+    model, cal = outlier_model(), batches()
+    out, report = int8_pass(model, Int8Config(calibration=cal, qdq_on_weights=False,
+                                              target=TargetConfig(fidelity=0.99, time_steps=False)))
+    assert report.changes["target"]["met"]
+    producer = {o: n for n in out.graph.node for o in n.output}
+    inits = {t.name: t for t in out.graph.initializer}
+    fc1 = next(n for n in out.graph.node if n.name == "fc1/MatMul")
+    assert fc1.input[1] == "fc1.w"
+    assert fc1.input[1] not in producer
+    assert inits["fc1.w"].data_type == TensorProto.FLOAT
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["fc1.w"]),
+                                  numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc1.w")))
+    fc2 = next(n for n in out.graph.node if n.name == "fc2/MatMul")  # still quantized: int8 weight behind a DQ
+    assert producer[fc2.input[1]].op_type == "DequantizeLinear"
+    assert inits[producer[fc2.input[1]].input[0]].data_type == TensorProto.INT8
+    assert not any(t.name.startswith("fc1.w") and t.data_type == TensorProto.INT8 for t in out.graph.initializer)
+    assert 1 - measure_fidelity(model, out, cal[6:])["loss"] >= 0.99
+
+
 @pytest.mark.parametrize("activation_type", ["int8", "uint8"])
 def test_int8_target_keeps_the_outlier_layer_float_and_names_it(activation_type: str) -> None:
     model, cal = outlier_model(), batches()
@@ -113,6 +134,8 @@ def test_int8_target_keeps_the_outlier_layer_float_and_names_it(activation_type:
     producer = {o: n for n in out.graph.node for o in n.output}
     fc1 = next(n for n in out.graph.node if n.name == "fc1/MatMul")
     assert [producer[x].op_type if x in producer else "init" for x in fc1.input] == ["LayerNormalization", "init"]
+    weight = next(t for t in out.graph.initializer if t.name == fc1.input[1])
+    assert weight.data_type == onnx.TensorProto.FLOAT  # its weight is float too, not int8 behind a DequantizeLinear
     fid = measure_fidelity(model, out, cal[6:])
     assert 1 - fid["loss"] >= 0.99
     assert fid["cosine"] > 0.999

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bench import BenchConfig
+from compress.build import TARGET_EXIT_CODE
 from compress.cli import command
 from compress.cli._common import add_calib_arguments, flag_errors, load_calib_for, print_json
 from compress.errors import ConfigError
@@ -15,9 +16,6 @@ from compress.latency import GATE_EXIT_CODES, Gates, check_previous
 from compress.log import logger
 from compress.onnx_io import load_model, read_json
 from compress.outputs import Outputs
-
-#: Exit code when a pass cannot reach --target-fidelity (the same as compress.build.TARGET_EXIT_CODE).
-TARGET_EXIT_CODE = 7
 
 _DESCRIPTION = f"""\
 Turn an ONNX model into a deployable artifact and measure it:

@@ -421,7 +421,7 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
     Raises:
         FidelityTargetError: the target is not met with ``max_fallback`` of the nodes float.
     """
-    from compress.passes.int8 import _restore_float_inputs
+    from compress.passes.int8 import _restore_float_inputs, restore_float_weights
 
     held_list = held if hasattr(held, "__len__") else list(held)
     variants = qdq_variants(qdq, float_model, sorted(quantized))
@@ -431,7 +431,8 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
 
     def make(kept: Sequence[str]) -> onnx.ModelProto:
         model = copy_model(qdq)
-        _restore_float_inputs(model, set(quantized) - set(kept))
+        _restore_float_inputs(model, set(quantized) - set(kept))  # activations of kept nodes: float
+        restore_float_weights(model, float_model, set(kept))  # and their weights
         return model
 
     report: dict[str, Any] = {"measured_on": _describe(held_list)}

@@ -373,24 +373,67 @@ def _restore_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
                 node.input[i] = q.input[0]
                 rewired += 1
     if rewired:
-        outputs = {o.name for o in graph.output}
-        freed: set[str] = set()  # scales and zero points of the removed Q/DQ nodes
-        while True:
-            used = {x for n in graph.node for x in n.input} | outputs
-            dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                    and not any(o in used for o in n.output)]
-            if not dead:
-                break
-            freed.update(x for n in dead for x in n.input[1:])
-            keep = [n for n in graph.node if n not in dead]
-            del graph.node[:]
-            graph.node.extend(keep)
-        used = {x for n in graph.node for x in n.input} | outputs
-        keep_inits = [t for t in graph.initializer if t.name not in freed or t.name in used]
-        if len(keep_inits) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(keep_inits)
+        drop_dead_qdq(model, weights=False)
     return rewired
+
+
+def restore_float_weights(model: onnx.ModelProto, float_model: onnx.ModelProto, nodes: set[str]) -> int:
+    """Give ``nodes`` back their float weights: inputs read from a DequantizeLinear of an initializer.
+
+    ORT's QDQ output stores a weight as an int8 initializer behind a lone DequantizeLinear;
+    :func:`_restore_float_inputs` only undoes activation Q -> DQ pairs. Each such input of a
+    node in ``nodes`` reads the float initializer that the same node reads in ``float_model``
+    (the pass's input, same node names) instead; the int8 copies no longer read are removed.
+    Edits ``model`` in place; returns the number of inputs rewired.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    float_nodes = {n.name: n for n in float_model.graph.node}
+    float_inits = {t.name: t for t in float_model.graph.initializer}
+    rewired = 0
+    for node in graph.node:
+        source = float_nodes.get(node.name)
+        if node.name not in nodes or source is None or len(source.input) != len(node.input):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                continue
+            weight = float_inits.get(source.input[i])
+            if weight is None:
+                continue
+            if weight.name not in inits:
+                graph.initializer.append(weight)
+                inits.add(weight.name)
+            node.input[i] = weight.name
+            rewired += 1
+    if rewired:
+        drop_dead_qdq(model, weights=True)
+    return rewired
+
+
+def drop_dead_qdq(model: onnx.ModelProto, *, weights: bool) -> None:
+    """Remove Q/DQ nodes whose outputs nothing reads, and their scales and zero points (``weights``:
+    also the quantized initializers they read). Edits ``model`` in place."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    freed: set[str] = set()
+    while True:
+        used = {x for n in graph.node for x in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        freed.update(x for n in dead for x in (n.input if weights else n.input[1:]))
+        keep = [n for n in graph.node if n not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {x for n in graph.node for x in n.input} | outputs
+    keep_inits = [t for t in graph.initializer if t.name not in freed or t.name in used]
+    if len(keep_inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep_inits)
 
 
 def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
