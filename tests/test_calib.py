@@ -302,6 +302,10 @@ def test_random_calib_flag_takes_a_models_fixed_batch() -> None:
     assert [b["x"].shape for b in fixed] == [(3, 4), (3, 4)]
     symbolic = load_calib_for(args, float_model())  # symbolic batch: 1 unless --batch-size
     assert [b["x"].shape for b in symbolic] == [(1, 4), (1, 4)]
+    # the rule lives in random_calibration itself (compress run's calibration.random uses it too)
+    assert cb.static_batch(float_model((3, 4))) == 3
+    assert cb.static_batch(float_model()) is None
+    assert next(iter(cb.random_calibration(float_model((3, 4)), batches=1)))["x"].shape == (3, 4)
     args.batch_size = 2
     e = raises(CalibrationError, load_calib_for, args, float_model((3, 4)))  # an explicit size still wins
     assert e.message == "random calibration: model input 'x' has a static batch size of 3, not 2"

@@ -646,7 +646,17 @@ def _random_spec(name: str, t: TensorType | None, index: GraphIndex, *, batch_si
     return _RandomSpec(name, dt.name, tuple(shape), "normal")
 
 
-def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed leading dim shared by every batched graph input (:func:`shared_inputs` excluded), or
+    None when one is symbolic, unknown, or they differ. Does not modify ``model``."""
+    shared = shared_inputs(model)
+    sizes = {t.shape[0] if t is not None and t.shape else None
+             for n, t in model_input_types(model).items() if n not in shared}
+    size = sizes.pop() if len(sizes) == 1 else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int | None = None,
                        dims: Mapping[str, int] | None = None, seed: int = 0) -> CalibrationSet:
     """Random inputs for ``model``: only for smoke tests, never a silent fallback.
 
@@ -664,6 +674,7 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         model: the model whose inputs to fill.
         batches: number of batches (>= 1).
         batch_size: samples per batch (>= 1); a static batch dim in the model must equal it.
+            None: the model's fixed batch (:func:`static_batch`), else 1.
         dims: sizes of the symbolic dims other than the batch axis, e.g. ``{"seq": 128}``
             (axis 0 of an input without a batch axis included).
         seed: the random seed.
@@ -672,6 +683,8 @@ def random_calibration(model: onnx.ModelProto, *, batches: int, batch_size: int,
         ConfigError: ``batches``/``batch_size`` not positive, or ``dims`` names an unknown dim.
         CalibrationError: an input has a dim without a value, no shape, or a non-numeric dtype.
     """
+    if batch_size is None:
+        batch_size = static_batch(model) or 1
     if batches <= 0 or batch_size <= 0:
         raise ConfigError(f"random calibration needs at least one batch of one sample, got {batches} batches of {batch_size}",
                           hint="e.g. --random-calib 4 --random-dims batch=2")

@@ -379,7 +379,7 @@ class RandomSection:
     """``calibration.random``: random inputs, for smoke tests only (every report says so)."""
 
     batches: int = 4
-    batch_size: int = 1
+    batch_size: int | None = None  # None: the model's fixed batch, else 1 (random_calibration)
     dims: tuple[tuple[str, int], ...] = ()
     seed: int = 0
 
@@ -390,7 +390,7 @@ class RandomSection:
         if not isinstance(dims, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                     and v > 0 for k, v in dims.items()):
             raise r.error("dims", f"expected a mapping of symbolic dim names to sizes, got {shown(dims)}", hint="e.g. dims: {seq: 16}")
-        return cls(batches=r.integer("batches", 4, minimum=1), batch_size=r.integer("batch_size", 1, minimum=1),
+        return cls(batches=r.integer("batches", 4, minimum=1), batch_size=r.integer("batch_size", minimum=1),
                    dims=tuple(sorted(dims.items())), seed=r.integer("seed", 0))
 
 

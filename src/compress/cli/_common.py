@@ -88,14 +88,6 @@ def _parse_dims(spec: str | None) -> dict[str, int]:
     return dims
 
 
-def _static_batch(model: onnx.ModelProto, unbatched: frozenset[str]) -> int | None:
-    """The fixed leading dim shared by every batched graph input, or None when any is symbolic or they differ."""
-    skip = set(unbatched) | {t.name for t in model.graph.initializer}
-    sizes = {i.type.tensor_type.shape.dim[0].dim_value if i.type.tensor_type.shape.dim else 0
-             for i in model.graph.input if i.name not in skip}
-    return sizes.pop() if len(sizes) == 1 and next(iter(sizes)) > 0 else None
-
-
 def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
     """The CalibrationSet chosen by ``--calib`` / ``--random-calib``, checked against ``model``."""
     from compress.calib import check_calibration, load_calibration, random_calibration, shared_inputs
@@ -105,8 +97,8 @@ def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
         raise ConfigError("--calib and --random-calib are exclusive", hint="pass one of them")
     if args.random_calib:
         dims = _parse_dims(args.random_dims)
-        # axis 0 is the batch axis whatever its name; a model exported with a fixed batch gets that one
-        batch = dims.pop("batch", args.batch_size or _static_batch(model, shared_inputs(model)) or 1)
+        # axis 0 is the batch axis whatever its name; None: the model's fixed batch, else 1
+        batch = dims.pop("batch", args.batch_size)
         calib = random_calibration(model, batches=args.random_calib, batch_size=batch, dims=dims, seed=0)
     elif args.calib:
         calib = load_calibration(args.calib, batch_size=args.batch_size, shared=shared_inputs(model) or None)
