@@ -400,9 +400,9 @@ def export(family: Family, *, exporter: str | None = None, blocks: str | None = 
 
 def ort_run(model: Any, inputs: Mapping[str, torch.Tensor]) -> list[Any]:
     """Run an ONNX model (proto) in ONNX Runtime on torch inputs; the outputs as numpy arrays."""
-    import onnxruntime as ort
+    from compress.runtime import make_session
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})
 

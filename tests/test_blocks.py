@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 import models
 from compress.blocks import BlockMap, choose_containers, find_blocks, find_containers
 from compress.errors import BlockError
+from compress.runtime import make_session
 from compress.surgery import add_outputs
 
 
@@ -29,7 +29,7 @@ def test_blocks_match_torch_hooks(exported, kind: str, exporter: str) -> None:
     x = models.transformer_input() if kind == "transformer" else models.image_input()
     hooks = models.block_hooks(torch_model, torch_model.blocks, x)
     names = [t for b in bm.blocks for t in (b.input, b.output)]
-    sess = ort.InferenceSession(add_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(add_outputs(model, names))
     values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x.numpy()}), strict=True))
     for b, (h_in, h_out) in zip(bm.blocks, hooks, strict=True):
         np.testing.assert_allclose(values[b.input], h_in.numpy(), rtol=1e-5, atol=1e-5)
@@ -169,8 +169,7 @@ def test_gpt2_dynamo_blocks_are_repaired_with_scope_repair() -> None:
     assert [b.name for b in bm.blocks] == ["h.0", "h.1", "h.2", "h.3"]
     assert all(b.removable for b in bm.blocks)
     hooks = models.block_hooks(module, module.h, ids)
-    sess = ort.InferenceSession(add_outputs(model, [bm.blocks[2].output]).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+    sess = make_session(add_outputs(model, [bm.blocks[2].output]))
     feed = {sess.get_inputs()[0].name: ids.numpy()}
     np.testing.assert_allclose(sess.run([bm.blocks[2].output], feed)[0], hooks[2][1].numpy(), rtol=1e-5, atol=1e-5)
 
@@ -221,7 +220,7 @@ def test_two_stream_blocks_are_removed_on_both_streams() -> None:
     assert b1.removable
     x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
     t = np.random.default_rng(1).normal(size=(2, 2, 4)).astype(np.float32)
-    sess = ort.InferenceSession(remove_blocks(model, [b0]).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(remove_blocks(model, [b0]))
     y, z = sess.run(["y", "z"], {"x": x, "t": t})
     np.testing.assert_allclose(y, x + np.maximum(x, 0), rtol=1e-6)  # block 1 on the untouched streams
     np.testing.assert_allclose(z, t * 2, rtol=1e-6)

@@ -11,8 +11,10 @@ import pytest
 from onnx import TensorProto, helper
 
 import compress.calib as cb
+import compress.onnx_io
 from compress.cli import main
 from compress.errors import CalibrationError, ConfigError, MissingDependencyError
+from compress.runtime import make_session
 
 # --------------------------------------------------------------------------------------------
 # Tiny models
@@ -248,7 +250,6 @@ def test_nan_found_while_streaming(tmp_path: Path) -> None:
 
 
 def test_random_calibration_is_labelled_deterministic_and_runs() -> None:
-    import onnxruntime as ort
 
     model = ids_model(vocab=50)
     a = cb.random_calibration(model, batches=3, batch_size=4, dims={"seq": 7}, seed=5)
@@ -271,7 +272,7 @@ def test_random_calibration_is_labelled_deterministic_and_runs() -> None:
     assert ids.max() < 50
     assert ids.max() > 1
     assert all(np.array_equal(d["attention_mask"], np.ones((4, 7), np.int64)) for d in la)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     assert sess.run(None, la[0])[0].shape == (4, 7, 4)
 
     f = cb.random_calibration(float_model(), batches=2, batch_size=3, seed=0)
@@ -514,7 +515,7 @@ def test_cli_images_atomic_and_force_safety(tmp_path: Path, images: tuple[Path, 
 
 def test_cli_check(tmp_path: Path, folder: Path, capsys) -> None:
     model_path = tmp_path / "m.onnx"
-    onnx.save(float_model(), str(model_path))
+    compress.onnx_io.save_model(float_model(), str(model_path))
     assert main(["calib", "check", str(folder), "--model", str(model_path), "--batch-size", "4"]) == 0
     assert capsys.readouterr().out == (
         "ok: calib/ (2 files, 8 samples, 3 batches of <= 4), 3 batches fit m.onnx: x float32 [1..4, 4]\n")

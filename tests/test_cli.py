@@ -7,6 +7,7 @@ import json
 import onnx
 import pytest
 
+import compress.onnx_io
 import models
 from compress import __version__
 from compress.cli import COMMANDS, main
@@ -65,7 +66,7 @@ def test_inspect_json_and_write_blocks(transformer_onnx, tmp_path, capsys) -> No
 def test_inspect_uses_the_sidecar_block_map(transformer_onnx, tmp_path, capsys) -> None:
     model = onnx.load(transformer_onnx)
     path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
+    compress.onnx_io.save_model(model, str(path))
     (tmp_path / "m.blocks.json").write_text("{not json")
     assert main(["inspect", str(path)]) == 1
     err = capsys.readouterr().err

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+import compress.onnx_io
 import models
 from compress.blocks import BlockMap, find_blocks
 from compress.cuts import Cut, blocks_from_graph, residual_cuts
 from compress.errors import BlockError
 from compress.graph import node_keys
+from compress.runtime import make_session
 from compress.surgery import remove_blocks
 
 # --------------------------------------------------------------------------- helpers
@@ -58,7 +59,7 @@ def _produced(model: onnx.ModelProto, bm: BlockMap) -> list[set[str]]:
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     return sess.run(None, feeds)[0]
 
 
@@ -66,7 +67,7 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outpu
            inits: list[onnx.TensorProto]) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model, full_check=True)
+    compress.onnx_io.check_model(model, full_check=True)
     return model
 
 
@@ -189,7 +190,7 @@ def test_dynamically_quantized_model(exported, tmp_path: Path) -> None:
     (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul); the float stream still cuts."""
     quantization = pytest.importorskip("onnxruntime.quantization")
     model = exported["transformer", "torchscript"]
-    onnx.save(model, tmp_path / "m.onnx")
+    compress.onnx_io.save_model(model, tmp_path / "m.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantization.quantize_dynamic(tmp_path / "m.onnx", tmp_path / "q.onnx")

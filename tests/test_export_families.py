@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import compress.onnx_io
 import families
 from compress import calib as cal
 from compress import export as ex
@@ -27,8 +28,12 @@ pytest.importorskip("transformers")
 def _ort(path_or_model: Path | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    src = str(path_or_model) if isinstance(path_or_model, Path) else path_or_model.SerializeToString()
-    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    from compress.runtime import make_session
+
+    if isinstance(path_or_model, Path):
+        sess = ort.InferenceSession(str(path_or_model), providers=["CPUExecutionProvider"])
+    else:
+        sess = make_session(path_or_model)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
 
 
@@ -237,7 +242,7 @@ def test_inputs_without_batch_axis_are_shared_not_split(tmp_path):
 
 def test_calib_check_cli_accepts_a_shared_input(tmp_path, run_cli):
     model = _flux_like_model()
-    onnx.save(model, tmp_path / "m.onnx")
+    compress.onnx_io.save_model(model, tmp_path / "m.onnx")
     data = tmp_path / "calib"
     data.mkdir()
     for i in range(2):

@@ -17,10 +17,12 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+import compress.onnx_io
 import families  # noqa: E402
 from compress.blocks import BlockMap, Stream, check_block, find_blocks, make_block  # noqa: E402
 from compress.errors import BlockError, ConfigError  # noqa: E402
 from compress.graph import GraphIndex, node_keys  # noqa: E402
+from compress.runtime import make_session
 from compress.scoring import MetricConfig, parse_token_ranges  # noqa: E402
 from compress.scoring.collect import ScoreConfig, score_blocks  # noqa: E402
 from compress.scoring.report import scores_markdown  # noqa: E402
@@ -179,9 +181,8 @@ def test_per_stream_scores_on_sd3() -> None:
     # per-stream score = mean over tokens of 1 - |cos| on that stream's own boundary tensors
     joint = bm.blocks[1]
     names = [t for st in joint.streams for t in (st.input, st.output)]
-    import onnxruntime as ort
 
-    sess = ort.InferenceSession(add_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(add_outputs(model, names))
     want = {}
     for st in joint.streams:
         vals = []
@@ -219,7 +220,6 @@ def test_per_stream_span_scores_on_sd3() -> None:
     """--interval 2 (the span scores --span selects on): every stream of a span is scored from the
     first block's stream input to the last block's stream output; the text stream, which ends in
     the last block, is not scored for the span that reaches it; fused = max of the streams."""
-    import onnxruntime as ort
 
     fam, model, bm = exported("sd3")
     batches = [_feeds(fam, s) for s in (21, 22)]
@@ -229,7 +229,7 @@ def test_per_stream_span_scores_on_sd3() -> None:
     assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
     blocks = bm.blocks
     names = list(dict.fromkeys(t for b in blocks for st in b.streams for t in (st.input, st.output)))
-    sess = ort.InferenceSession(add_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(add_outputs(model, names))
     values = [dict(zip(names, sess.run(names, feed), strict=True)) for feed in batches]
     checked = 0
     for i in range(len(blocks) - 1):
@@ -274,8 +274,6 @@ def test_random_calibration_drives_flux_2d_ids(tmp_path, run_cli) -> None:
     own shape, passed whole; `compress prune --random-calib 2 --scores-only` scores every block."""
     import json
 
-    import onnx
-
     from compress.calib import check_calibration, model_input_types, random_calibration
 
     _, model, bm = exported("flux")
@@ -291,7 +289,7 @@ def test_random_calibration_drives_flux_2d_ids(tmp_path, run_cli) -> None:
     assert not np.array_equal(feeds[0]["img_ids"], feeds[1]["img_ids"])  # drawn per batch, seeded
     assert np.array_equal(list(random_calibration(model, batches=2, batch_size=2))[1]["img_ids"], feeds[1]["img_ids"])
     path = tmp_path / "flux.onnx"
-    onnx.save(model, path)
+    compress.onnx_io.save_model(model, path)
     res = run_cli(["prune", path, "--random-calib", "2", "--batch-size", "2", "--scores-only",
                    "--report", tmp_path / "scores.json"])
     assert res.code == 0, res.err

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
+import compress.onnx_io
 import models
 from compress.blocks import find_blocks
 from compress.prune import PruneConfig, prune_model, removed_spans
+from compress.runtime import make_session
 from compress.scoring.heal import RIDGE_GRID, LinearFit, LinearMap
 from compress.validate import FieldError
 
@@ -107,12 +108,12 @@ def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> Non
     assert heal["fidelity_with"]["cosine"] >= 0.9999  # ... the map repairs it
     assert result.report["fidelity"] == heal["fidelity_with"]
     assert _heal_nodes(result.model) == ["MatMul", "Add"]
-    onnx.checker.check_model(result.model, full_check=True)
+    compress.onnx_io.check_model(result.model, full_check=True)
     # against torch, on data neither the fit nor the held-out check saw
     x = models.transformer_input(4, 8, seed=99)
     with torch.no_grad():
         expected = module(x).numpy()
-    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    got = make_session(result.model).run(
         None, {"x": x.numpy()})[0]
     cos = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
     assert cos.min() >= 0.9999
@@ -171,7 +172,7 @@ def test_cli_heal_writes_the_healed_model_and_the_heal_table(linear_span, tmp_pa
 
     _, model = linear_span
     path = tmp_path / "l.onnx"
-    onnx.save(model, path)
+    compress.onnx_io.save_model(model, path)
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, b in enumerate(_batches()):
@@ -228,10 +229,10 @@ def test_multi_stream_span_gets_a_map_per_stream() -> None:
     same = remove_blocks(model, span, heal=identity)
     healed = remove_blocks(model, span, heal=fitted)
     assert sorted(_heal_nodes(healed)) == ["Add", "Add", "MatMul", "MatMul"]
-    onnx.checker.check_model(healed, full_check=True)
+    compress.onnx_io.check_model(healed, full_check=True)
 
     def run(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batches[0])[0]
+        return make_session(m).run(None, batches[0])[0]
 
     np.testing.assert_allclose(run(same), run(plain), rtol=1e-5, atol=1e-5)
     assert not np.allclose(run(healed), run(plain), atol=1e-3)

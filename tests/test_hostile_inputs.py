@@ -23,7 +23,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import compress.onnx_io
 from compress.errors import ConfigError
+from compress.runtime import make_session
 from hostile import assert_no_leftovers, assert_user_error, run_cli, run_cli_inprocess, tree_digest
 
 #: Address-space limit of the bomb subprocesses: numpy + onnx + onnxruntime fit well inside it;
@@ -57,7 +59,7 @@ def residual_mlp(depth: int = 4, *, argmax: bool = False, seed: int = 0) -> onnx
                               outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
-    onnx.checker.check_model(model)
+    compress.onnx_io.check_model(model)
     return model
 
 
@@ -65,8 +67,8 @@ def residual_mlp(depth: int = 4, *, argmax: bool = False, seed: int = 0) -> onnx
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with m.onnx, am.onnx (with an ArgMax output) and cal/ (4 batches of 4 samples)."""
     d = tmp_path_factory.mktemp("hostile_in")
-    onnx.save(residual_mlp(), d / "m.onnx")
-    onnx.save(residual_mlp(argmax=True), d / "am.onnx")
+    compress.onnx_io.save_model(residual_mlp(), d / "m.onnx")
+    compress.onnx_io.save_model(residual_mlp(argmax=True), d / "am.onnx")
     (d / "cal").mkdir()
     rng = np.random.default_rng(1)
     for i in range(4):
@@ -496,12 +498,12 @@ def _model_case(kind: str, work: Path) -> tuple[Path, str, str]:
     node = next(n for n in model.graph.node if n.name == "/blocks/blocks.2/MatMul")
     if kind == "unknown-op":
         node.op_type = "Frobnicate"
-        onnx.save(model, path)
+        compress.onnx_io.save_model(model, path)
         return (path, f"{path}: node '/blocks/blocks.2/MatMul' uses op 'Frobnicate' in domain 'ai.onnx', which no ONNX "
                       "opset defines (ONNX Runtime cannot run it)", "re-export the model with standard ops, or fix the op type")
     if kind == "cycle":
         node.input[0] = "/blocks/blocks.2/out"  # the block's MatMul reads the block's own output
-        onnx.save(model, path)
+        compress.onnx_io.save_model(model, path)
         return (path, f"{path}: the graph has a cycle at node '/blocks/blocks.2/MatMul' (MatMul)",
                 "an ONNX graph must be acyclic; re-export the model or fix the edges")
     if kind == "no-graph":
@@ -528,7 +530,6 @@ def test_a_broken_model_is_reported_as_such_by_every_command(work, capsys, kind)
 
 
 def test_integer_outputs_are_compared_by_exact_agreement(work) -> None:
-    import onnxruntime as ort
 
     from compress.blocks import find_blocks
     from compress.calib import load_calibration
@@ -540,7 +541,7 @@ def test_integer_outputs_are_compared_by_exact_agreement(work) -> None:
     calib = load_calibration(work / "cal")
     fid = compare_models(model, pruned, calib)
     # by hand: share of samples whose class index is the same
-    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, pruned))
+    a, b = (make_session(m) for m in (model, pruned))
     same = total = 0
     for batch in calib:
         ca, cb = a.run(["cls"], batch)[0], b.run(["cls"], batch)[0]

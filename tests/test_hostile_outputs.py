@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+import compress.onnx_io
 from hostile import (
     Result,
     assert_internal_error,
@@ -43,7 +44,7 @@ def work(tmp_path: Path, exported) -> Path:
     """``tmp/in/m.onnx`` (the tiny 4-block transformer) and an empty ``tmp/out``; cwd = tmp."""
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
-    onnx.save(exported["transformer", "dynamo"], str(tmp_path / "in" / "m.onnx"))
+    compress.onnx_io.save_model(exported["transformer", "dynamo"], str(tmp_path / "in" / "m.onnx"))
     return tmp_path
 
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from compress.cli import main
 from compress.errors import BlockError, ConfigError
 from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune_model, split_batches
 from compress.prune_report import prune_markdown
+from compress.runtime import make_session
 
 NO_LATENCY = {"latency": None}
 
@@ -129,7 +129,7 @@ def test_prune_model_matches_torch_and_reports(tiny) -> None:
     x = models.transformer_input(3, 8, seed=99)
     with torch.no_grad():
         expected = _torch_without(module, removed)(x).numpy()
-    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(result.model)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
     r = result.report
     assert (r["blocks_before"], r["blocks_after"]) == (4, 2)
@@ -164,7 +164,7 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
     x = models.image_input(3, 8, seed=99)
     with torch.no_grad():
         expected = _torch_without(module, removed)(x).numpy()
-    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(result.model)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ import models
 from compress.blocks import find_blocks
 from compress.cli import main
 from compress.errors import BlockError, CalibrationError, ConfigError
+from compress.runtime import make_session
 from compress.scoring import MetricConfig
 from compress.scoring.collect import ScoreConfig, score_blocks
 from compress.surgery import remove_blocks
@@ -75,9 +75,9 @@ def test_ablation_matches_direct_removal(transformer) -> None:
     bm = find_blocks(model)
     batches = _batches(2)
     report = score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)), calibration="t")
-    full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    full = make_session(model)
     for block in bm.blocks:
-        pruned = ort.InferenceSession(remove_blocks(model, [block]).SerializeToString(), providers=["CPUExecutionProvider"])
+        pruned = make_session(remove_blocks(model, [block]))
         ref = np.concatenate([full.run(None, b)[0] for b in batches])
         out = np.concatenate([pruned.run(None, b)[0] for b in batches])
         # outputs are logits over 8 classes: the score is the mean KL(softmax(ref) || softmax(out))

@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+import compress.onnx_io
 from compress.errors import BuildError, ConfigError, MissingDependencyError
 from compress.trt import EngineConfig, ShapeProfile, network_flags, precision_flags, trtexec_command
 
@@ -113,7 +114,7 @@ def test_real_engine_build_and_timing(tmp_path) -> None:
     bad = tmp_path / "bad.onnx"
     m = onnx.load(str(path))
     m.graph.node[0].op_type = "NoSuchOp"
-    onnx.save(m, str(bad))
+    compress.onnx_io.save_model(m, str(bad))
     with pytest.raises(BuildError, match="TensorRT cannot parse the model"):
         build_engine(str(bad), EngineConfig())
     assert np.isfinite(timing.median_ms)

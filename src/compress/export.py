@@ -45,8 +45,6 @@ DEFAULT_OPSET = 18
 MIN_DYNAMO_OPSET = 18
 #: Element types accepted by ``--input NAME:SHAPE:DTYPE``.
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
-#: Models whose serialization exceeds this many bytes are checked and run from a temporary file.
-PROTO_LIMIT = (1 << 31) - (1 << 20)
 #: Loggers whose warnings the exporters print; raised to ERROR unless verbose.
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "transformers")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -1044,9 +1042,19 @@ def _export_dynamo(module: Any, call: _Call, config: ExportConfig, output_names:
     program = torch.onnx.export(
         module, call.args, None, kwargs=dict(call.kwargs) or None, dynamo=True, opset_version=config.opset,
         input_names=list(call.names) if call.args else None, output_names=list(output_names),
-        dynamic_shapes=dynamic_shapes, verbose=False, external_data=False,
+        dynamic_shapes=dynamic_shapes, verbose=False,
     )
-    return program.model_proto
+    path = _export_path()
+    program.save(str(path), external_data=True)  # streams the weights to path.data; no 2 GB protobuf
+    del program
+    return onnx_io.load_model(path)
+
+
+def _export_path() -> Path:
+    """A fresh ``model.onnx`` path in this process's temporary folder (removed at exit)."""
+    from compress.external import temp_folder
+
+    return Path(tempfile.mkdtemp(prefix="export-", dir=temp_folder())) / "model.onnx"
 
 
 @EXPORTERS.register("torchscript")
@@ -1067,10 +1075,10 @@ def _export_torchscript(module: Any, call: _Call, config: ExportConfig, output_n
     axes = {}
     for d in config.dynamic:
         axes.setdefault(d.name, {})[d.axis] = d.label
-    buf = io.BytesIO()
-    torch.onnx.export(module, args, buf, dynamo=False, opset_version=config.opset, input_names=list(names),
+    path = _export_path()  # above 2 GB the TorchScript exporter writes the weights as files beside it
+    torch.onnx.export(module, args, str(path), dynamo=False, opset_version=config.opset, input_names=list(names),
                       output_names=list(output_names), dynamic_axes=axes or None)
-    return onnx.load_from_string(buf.getvalue())
+    return onnx_io.load_model(path)
 
 
 def export_error(exc: BaseException, config: ExportConfig) -> ExportError:
@@ -1099,24 +1107,9 @@ def export_error(exc: BaseException, config: ExportConfig) -> ExportError:
     return ExportError(f"torch.onnx.export ({config.exporter}) failed: {onnx_io.strip_host_paths(first)[:400]}", hint=hint)
 
 
-@contextlib.contextmanager
-def _model_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """The model as bytes, or as a temporary file path when it is too large for one protobuf."""
-    if model.ByteSize() <= PROTO_LIMIT:
-        yield model.SerializeToString()
-        return
-    with tempfile.TemporaryDirectory(prefix="compress-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx_io.save_model(model, path, external_data=True)
-        yield str(path)
-
-
-def _check(model: onnx.ModelProto, source: bytes | str) -> None:
+def _check(model: onnx.ModelProto) -> None:
     try:
-        if isinstance(source, str):
-            onnx.checker.check_model(source, full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        onnx_io.check_model(model, full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}",
                           hint="try the other --exporter or another --opset; nothing was written") from None
@@ -1156,13 +1149,11 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, config: ExportConfig) 
     return OutputParity(name, tuple(want.shape), str(want.dtype), max_abs, max_rel, cosine, ok)
 
 
-def _run_ort(source: bytes | str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+def _run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from compress.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        sess = make_session(model)
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot load the exported model: {_first_line(exc)}",
                           hint="try the other --exporter or another --opset; nothing was written") from None
@@ -1327,9 +1318,8 @@ def export_model(
     logger.info("checking the model and comparing ONNX Runtime with torch...")
     start = time.perf_counter()
     feeds = {n: _to_numpy(t) for n, t in call.tensors().items()}
-    with _model_source(model) as source:
-        _check(model, source)
-        got = _run_ort(source, feeds)
+    _check(model)
+    got = _run_ort(model, feeds)
     parity = tuple(compare(n, got[g], _to_numpy(t), config)
                    for g, (n, t) in zip(graph_outputs, reference, strict=True))
     parity_s = time.perf_counter() - start

@@ -122,7 +122,7 @@ def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict
 
     Only for models whose graph inputs all have static shapes (then a run gives the shapes
     every run has; a TorchScript export's ``Reshape`` to a computed shape is the usual gap)
-    and that serialize to at most 1 GiB. Best effort: {} when nothing is missing or ORT fails.
+    and that hold at most 1 GiB (graph and tensor data). Best effort: {} when nothing is missing or ORT fails.
     """
     graph = model.graph
     inits = {t.name for t in graph.initializer}
@@ -143,10 +143,13 @@ def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict
     try:
         import onnxruntime as ort
 
+        from compress.onnx_io import model_nbytes
+        from compress.runtime import make_session
+
+        if model_nbytes(model) > _RUNTIME_TYPES_MAX_BYTES:
+            return {}
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        if probe.ByteSize() > _RUNTIME_TYPES_MAX_BYTES:
-            return {}
         listed = {o.name for o in probe.graph.output}
         for name in missing:
             if name not in listed:
@@ -154,7 +157,7 @@ def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = make_session(probe, options=opts)
         values = sess.run(missing, feeds)
     except Exception:
         return {}

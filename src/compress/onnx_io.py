@@ -1,6 +1,7 @@
 """All file I/O of models and reports: loading, atomic saving, path hygiene.
 
-Stages in compress take and return ``onnx.ModelProto``; only this module and the
+Stages in compress take and return ``onnx.ModelProto``: the graph, whose large tensors
+are references into data files (see :mod:`compress.external`); only this module and the
 CLI touch the file system. Every write is atomic: the file is written into a
 temporary name in the destination folder and renamed into place, so an error
 never leaves a half-written output behind.
@@ -21,6 +22,7 @@ from typing import Any
 
 import onnx
 
+from compress import external
 from compress.errors import ModelError
 
 #: Models above this many bytes of tensor data are saved with an external data file.
@@ -31,8 +33,20 @@ _PATH_METADATA_KEYS = ("pkg.torch.onnx.stack_trace",)
 _ABS_PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[^\s\"',:()]+[/\\])+([^\s\"',:()/\\]+)")
 
 
-def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model from ``path``; ModelError naming the file if it is not one.
+#: An input model stored without external data whose embedded tensors exceed this many bytes
+#: has them moved to this process's spill file once at load (see ``external.externalize``),
+#: so sessions and writes read them from a file instead of serializing them again.
+EXTERNALIZE_MIN_BYTES = 64 << 20
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load the graph of an ONNX model from ``path``; its external data stays in its files.
+
+    External tensors become references (absolute location, offset, length; see
+    :mod:`compress.external`) after every reference is checked: a missing or truncated data
+    file, or a location that is absolute or leaves the model's folder, is a ModelError
+    naming the tensor and the location. Embedded tensors stay embedded, except that a model
+    with more than :data:`EXTERNALIZE_MIN_BYTES` of them has them moved to the spill file.
 
     Besides unreadable files, refuses what would otherwise surface later as a confusing
     error (see :func:`check_model_graph`): an empty file or a model without a graph, an op
@@ -44,14 +58,20 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     if p.stat().st_size == 0:
         raise ModelError(f"{p} is empty (0 bytes): not an ONNX model", hint="pass an .onnx file; re-export it if it was cut short")
     try:
-        model = onnx.load(str(p), load_external_data=load_external_data)
-    except Exception as exc:  # onnx raises DecodeError, FileNotFoundError (data file), ...
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{p} is not a readable ONNX model: {first[:300]}",
             hint="pass an .onnx file (with its .onnx.data file beside it, if it has one)",
         ) from None
     check_model_graph(model, source=str(p))
+    external_count = external.resolve_external(model, p.parent, source=str(p))
+    if external_count == 0 and sum(len(t.raw_data) for t in external.model_tensors(model)) > EXTERNALIZE_MIN_BYTES:
+        external.externalize(model)
+        slim = onnx.ModelProto()  # drop the parsed copy of the weights
+        slim.CopyFrom(model)
+        model = slim
     return model
 
 
@@ -161,15 +181,6 @@ def _umask() -> int:
     return mask
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    total = sum(len(t.raw_data) for t in model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                total += len(attr.t.raw_data)
-    return total
-
-
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
@@ -178,31 +189,63 @@ def save_model(
 ) -> list[Path]:
     """Write ``model`` atomically to ``path``; return the files written.
 
-    With ``external_data`` None, tensor data goes to ``<name>.data`` beside the
-    model when it exceeds :data:`EXTERNAL_DATA_THRESHOLD` (protobuf's 2 GB limit).
-    Does not modify ``model``. Paths are checked by the caller
-    (:func:`check_output_path`).
+    With ``external_data`` True, tensor data (tensors of at least
+    ``external.INLINE_MAX_BYTES``) is streamed, one tensor at a time, into
+    ``<name>.data`` beside the model, with relative locations; only tensors the model
+    holds are written. With None, that happens when the model has data in a file
+    other than this process's temporary ones (the input had external data) or holds
+    more than :data:`EXTERNAL_DATA_THRESHOLD` bytes of tensors; otherwise all data is
+    embedded. Both files appear together or neither does. Does not modify ``model``.
+    Paths are checked by the caller (:class:`compress.outputs.Outputs`).
     """
     out = Path(path)
+    total, outside = external.external_bytes(model)
     if external_data is None:
-        external_data = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if not external_data:
-        with _atomic_path(out) as tmp:
-            onnx.save_model(model, str(tmp))
-        return [out]
+        external_data = outside or total > EXTERNAL_DATA_THRESHOLD
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent or ".") as tmpdir:
-        tmp_model = Path(tmpdir) / out.name
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        tmp_model, tmp_data = Path(tmpdir) / out.name, Path(tmpdir) / data_name
+        if external_data:
+            external.write_data(copy, tmp_data)
+        else:
+            external.embed_data(copy)
+        onnx.save_model(copy, str(tmp_model))
+        mode = 0o666 & ~_umask()
         written = [out]
-        if (Path(tmpdir) / data_name).exists():
-            os.replace(Path(tmpdir) / data_name, out.parent / data_name)
+        if tmp_data.exists() and tmp_data.stat().st_size > 0:
+            os.chmod(tmp_data, mode)
+            os.replace(tmp_data, out.parent / data_name)
             written.append(out.parent / data_name)
+        os.chmod(tmp_model, mode)
         os.replace(tmp_model, out)
     return written
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` reads tensor data from a file other than this process's temporary ones
+    (it was loaded from a model with external data); its outputs then get external data too."""
+    return external.external_bytes(model)[1]
+
+
+def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> None:
+    """``onnx.checker.check_model`` on ``model`` of any size (onnx's exceptions propagate).
+
+    A model with external tensors is checked from a file holding its graph (see
+    ``external.checker_view``); the bytes are not read. Does not modify ``model``.
+    """
+    if any(external.is_external(t) for t in external.model_tensors(model)):
+        with external.checker_view(model) as view:
+            onnx.checker.check_model(str(view), full_check=full_check)
+    else:
+        onnx.checker.check_model(model, full_check=full_check)
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model as written: the graph's protobuf plus its external tensor data."""
+    return model.ByteSize() + sum(ref.length for t in external.model_tensors(model)
+                                  if (ref := external.data_ref(t)) is not None)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -291,10 +334,13 @@ def strip_model_paths(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """sha256 (hex) of the model's deterministic serialization, tensor data included."""
-    h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True))
-    return h.hexdigest()
+    """sha256 (hex) of the graph and the tensor values, independent of where the bytes are stored.
+
+    See ``external.tensors_digest``: the deterministic serialization of the graph with each
+    tensor's data replaced by the sha256 of its bytes, streamed from the data files in
+    1 MiB chunks (never the whole model in memory).
+    """
+    return external.tensors_digest(model)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -66,6 +66,7 @@ from compress.errors import BlockError, ConfigError
 from compress.fidelity import FidelityAccumulator, fidelity_loss, logit_outputs, worst
 from compress.graph import GraphIndex
 from compress.log import logger, progress
+from compress.onnx_io import model_nbytes
 from compress.registry import Registry
 from compress.scoring import MetricConfig
 from compress.scoring.collect import (
@@ -650,7 +651,7 @@ def prune_model(
         "scores": scores.to_dict()["metrics"],
         "steps": steps,
         "params": {"before": _params(model), "after": _params(pruned)},
-        "size_bytes": {"before": model.ByteSize(), "after": pruned.ByteSize()},
+        "size_bytes": {"before": model_nbytes(model), "after": model_nbytes(pruned)},
         "fidelity": fidelity,
     }
     if measured is not None:

@@ -238,8 +238,10 @@ def _list_initializers_as_inputs(out: onnx.ModelProto, model: onnx.ModelProto) -
 
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker`` with full checks; BlockError naming the node on failure."""
+    from compress.onnx_io import check_model as onnx_check
+
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx_check(model, full_check=True)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()
         node = next((ln for ln in first if "node" in ln.lower()), first[0] if first else "")

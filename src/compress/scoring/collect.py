@@ -176,17 +176,12 @@ class ScoreReport:
 
 
 def make_session(model: onnx.ModelProto, *, providers: Sequence[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime session for ``model`` (serialized in memory)."""
-    import onnxruntime as ort
+    """An ONNX Runtime session for ``model`` from its graph, the weights read from their files
+    (:func:`compress.runtime.make_session`); BlockError when ORT cannot load it."""
+    from compress.runtime import make_session as runtime_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    available = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=chosen)
+        return runtime_session(model, providers=providers, threads=threads)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BlockError(f"ONNX Runtime cannot load the model: {msg}",
