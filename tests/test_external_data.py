@@ -326,3 +326,18 @@ def test_length_that_does_not_match_the_tensor_type_is_refused(ext_model, tmp_pa
             e.value = "16"
     onnx.save(m, str(ext_model))
     _prune_fails(run_cli, ext_model, tmp_path, "tensor 'blocks.0.w'", "holds 16 bytes", "need 4096")
+
+
+def test_force_over_an_external_output_removes_its_stale_data_file(ext_model, tmp_path, run_cli):
+    out = tmp_path / "o.onnx"
+    flags = ["--random-calib", "2", "--remove", "1", "-o", out]
+    assert run_cli(["prune", ext_model, *flags]).code == 0
+    assert (tmp_path / "o.onnx.data").is_file()
+    embedded = tmp_path / "e.onnx"
+    compress.onnx_io.save_model(residual_mlp(), embedded)
+
+    r = run_cli(["prune", embedded, *flags, "--force"])
+
+    assert r.code == 0, r.err
+    assert not (tmp_path / "o.onnx.data").exists()
+    assert not any(external.is_external(t) for t in onnx.load(str(out)).graph.initializer)

@@ -14,6 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 import models
 from compress.errors import CalibrationError, ConfigError, ModelError
+from compress.external import embed_data, read_array
 from compress.passes import (
     PASSES,
     Fp16Config,
@@ -27,6 +28,7 @@ from compress.passes import (
     sparsity_pass,
 )
 from compress.passes.sparsity import is_2_4_sparse
+from compress.runtime import make_session
 
 # ---------------------------------------------------------------------------------------------
 # Models and data
@@ -64,8 +66,17 @@ def tt_held() -> list[dict[str, np.ndarray]]:
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = make_session(model)
     return sess.run(None, feed)
+
+
+def _embedded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every tensor's data embedded (for tools that read tensors with
+    ``numpy_helper``: Polygraphy, the reference evaluator)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    embed_data(out)
+    return out
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 18) -> onnx.ModelProto:
@@ -209,7 +220,7 @@ def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
     # runs Mul in FP32 and drops the Cast pair); the ONNX reference evaluator computes in FP16.
     assert np.isfinite(_run(out, batches[0])[0]).all()
     with np.errstate(over="ignore"):
-        assert not np.isfinite(ReferenceEvaluator(out).run(None, batches[0])[0]).all()
+        assert not np.isfinite(ReferenceEvaluator(_embedded(out)).run(None, batches[0])[0]).all()
 
     out, report = fp16_pass(model, Fp16Config(calibration=batches))
     reasons = {i["node"]: i["reason"] for i in report.items}
@@ -218,7 +229,7 @@ def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
     assert reasons["scale_down"].endswith("on calibration data (> 16376)")
     assert report.changes["calibration_batches"] == 3
     assert report.nodes_added == {"Cast": 2}  # x -> fp16 for the MatMul, h1 -> fp32; y is produced in FP32
-    y = ReferenceEvaluator(out).run(None, batches[0])[0]
+    y = ReferenceEvaluator(_embedded(out)).run(None, batches[0])[0]
     assert y.dtype == np.float32
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, ref, rtol=5e-3, atol=2.0)  # |y| ~ 1e3; FP16 weights: ~1e-3 relative
@@ -278,7 +289,7 @@ def test_fp16_bad_input() -> None:
 
 def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
     inits = {t.name: t for t in model.graph.initializer}
-    return [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+    return [read_array(inits[n.input[2]]) for n in model.graph.node
             if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
@@ -361,7 +372,7 @@ def test_sparsity_survives_int8(transformer, tt_calib) -> None:
 
     sparse, report = sparsity_pass(transformer, SparsityConfig(min_channels=0))
     quantized, _ = int8_pass(sparse, Int8Config(calibration=tt_calib[:2]))  # symmetric: 0 stays 0
-    checker = SparsityPruner(quantized)  # looks through the weights' Q/DQ pairs
+    checker = SparsityPruner(_embedded(quantized))  # looks through the weights' Q/DQ pairs
     with np.errstate(over="ignore"):
         checker.check()
     assert len(checker.sparse_tensors) == report.changes["weights_pruned"] == 18
@@ -413,7 +424,7 @@ def _qkv_model() -> onnx.ModelProto:
 
 def _qdq_params(model: onnx.ModelProto, node: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(scale, zero point) of the DequantizeLinear in front of each input of ``node``."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    inits = {t.name: read_array(t) for t in model.graph.initializer}
     producers = _producers(model)
     target = next(n for n in model.graph.node if n.name == node)
     return [(inits[producers[x].input[1]], inits[producers[x].input[2]]) for x in target.input]
@@ -428,7 +439,7 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
 
 def _qkv_reference(model: onnx.ModelProto, out: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """The quantized model's output in numpy: Q/DQ on MatMul inputs only, residual Adds in float."""
-    w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    w = {t.name: read_array(t) for t in model.graph.initializer}
 
     def mm(name: str, a: np.ndarray, weight: str) -> np.ndarray:
         (sa, za), (sw, zw) = _qdq_params(out, name)
@@ -447,8 +458,9 @@ def _ort_optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return dict(Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node))
+    make_session(model, options=opts)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    return dict(Counter(n.op_type for n in optimized.graph.node))
 
 
 @pytest.mark.parametrize("activation_type", ["int8", "uint8"])
@@ -569,17 +581,17 @@ def test_sparsity_transformer_matches_polygraphy(transformer, tt_held) -> None:
     skipped = {i["reason"] for i in report.items if i["status"] == "skipped"}
     assert skipped == {"no constant weight (both inputs are computed at runtime)"}
     assert report.changes["skipped_by_reason"] == {"not_constant": 8}
-    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    inits = {t.name: read_array(t) for t in out.graph.initializer}
     for name in pruned:
         assert is_2_4_sparse(inits[name], 0)
         assert not is_2_4_sparse(inits[name], 1)
         assert (inits[name] == 0).mean() == 0.5
-    checker = SparsityPruner(out)
+    checker = SparsityPruner(_embedded(out))
     with np.errstate(over="ignore"):  # Polygraphy compares float32 values with sys.float_info.max
         checker.check()  # what `polygraphy inspect sparsity` runs
-        theirs = SparsityPruner(transformer).prune()  # `polygraphy surgeon prune`: same weights, bit for bit
+        theirs = SparsityPruner(_embedded(transformer)).prune()  # `polygraphy surgeon prune`: same weights, bit for bit
     assert checker.sparse_tensors == set(pruned)
-    theirs_w = {t.name: numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    theirs_w = {t.name: read_array(t) for t in theirs.graph.initializer}
     for name in pruned:
         assert inits[name].tobytes() == theirs_w[name].tobytes()
     fid = measure_fidelity(transformer, out, tt_held)  # no fine-tuning: a tiny dim-32 model suffers
@@ -639,7 +651,7 @@ def test_sparsity_skips_layers_with_reasons() -> None:
         "mm_excluded": ("excluded", "excluded by name"),
     }
     assert (items["gemm_t"]["axis"], items["conv"]["axis"]) == (1, 1)
-    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    inits = {t.name: read_array(t) for t in out.graph.initializer}
     assert is_2_4_sparse(inits["W_gemm"], 1)
     assert is_2_4_sparse(inits["W_conv"], 1)
     assert is_2_4_sparse(inits["W_ok"], 0)
@@ -648,9 +660,133 @@ def test_sparsity_skips_layers_with_reasons() -> None:
         assert numpy_helper.from_array(inits[name], name) == originals[name]
     assert report.changes["layers_pruned"] == 5
     assert report.changes["weights_pruned"] == 4
-    checker = SparsityPruner(out)
+    checker = SparsityPruner(_embedded(out))
     with np.errstate(over="ignore"):
         checker.check()
     assert checker.sparse_tensors == {"W_ok", "W_gemm", "W_conv", "W_twice"}
     with pytest.raises(ConfigError, match=r"^sparsity: exclude list names unknown node\(s\): nope"):
         sparsity_pass(model, SparsityConfig(exclude_nodes=("nope",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models whose weights stay on disk (external data)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp_arrays() -> dict[str, np.ndarray]:
+    """x [4, 64] -> MatMul w1 [64, 128] (32 KiB) + b1 -> Relu -> MatMul w2 [128, 128] (64 KiB: page-aligned)."""
+    rng = np.random.default_rng(7)
+    return {"w1": (rng.standard_normal((64, 128)) / 8).astype(np.float32),
+            "b1": (rng.standard_normal(128) / 8).astype(np.float32),
+            "w2": (rng.standard_normal((128, 128)) / 11).astype(np.float32)}
+
+
+def _mlp_numpy(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    return np.maximum(x @ w["w1"] + w["b1"], 0) @ w["w2"]
+
+
+@pytest.fixture
+def external_mlp(tmp_path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(the MLP in memory, the same model saved with all tensors in m.onnx.data and loaded by load_model)."""
+    from compress import onnx_io
+
+    arrays = _mlp_arrays()
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["h1"], name="add1"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="mm2")]
+    model = _model(nodes, [_f32("x", [4, 64])], [_f32("y", [4, 128])], [_init(n, a) for n, a in arrays.items()])
+    saved = onnx.ModelProto()
+    saved.CopyFrom(model)
+    onnx.save_model(saved, str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0,
+                    location="m.onnx.data")
+    loaded = onnx_io.load_model(tmp_path / "m.onnx")
+    assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)
+    return model, loaded
+
+
+def _check_saved_data(result: onnx.ModelProto, path) -> int:
+    """``path`` (written by save_model with external_data=True) has relative locations only, and its
+    data file holds exactly the bytes of the tensors it references, plus page-alignment padding (zeros).
+    Returns the padding bytes."""
+    from compress import external
+
+    on_disk = onnx.load(str(path), load_external_data=False)
+    refs: dict[str, tuple[int, int]] = {}
+    for t in external.model_tensors(on_disk):
+        if t.data_location != TensorProto.EXTERNAL:
+            assert len(t.raw_data) < external.INLINE_MAX_BYTES, t.name
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        assert info["location"] == path.name + ".data", info  # relative, beside the model
+        refs[t.name] = (int(info["offset"]), int(info["length"]))
+    assert refs
+    data = (path.parent / (path.name + ".data")).read_bytes()
+    pos, padding = 0, 0
+    for offset, length in sorted(set(refs.values())):
+        gap = offset - pos
+        assert gap >= 0
+        if gap:  # only to start a large tensor on a page
+            assert length >= external.ALIGN_MIN_BYTES
+            assert offset % external.PAGE_BYTES == 0
+            assert gap < external.PAGE_BYTES
+            assert data[pos:offset] == b"\0" * gap
+        padding += gap
+        pos = offset + length
+    assert len(data) == pos == sum(length for _, length in set(refs.values())) + padding
+    mine = {t.name: t for t in result.graph.initializer}
+    for name, (offset, length) in refs.items():  # the bytes are the result's values
+        assert data[offset:offset + length] == read_array(mine[name]).tobytes(), name
+    return padding
+
+
+def _no_big_embedded(model: onnx.ModelProto) -> None:
+    from compress import external
+
+    big = [t.name for t in external.model_tensors(model) if len(t.raw_data) >= external.INLINE_MAX_BYTES]
+    assert big == []  # new weights go to the spill file / ORT's data file, never into the proto
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "sparsity-2:4"])
+def test_passes_on_a_model_with_external_data(name: str, external_mlp, tmp_path) -> None:
+    from compress import external, onnx_io
+
+    model, loaded = external_mlp
+    before = loaded.SerializeToString()
+    x = _batches((4, 64), 1, seed=9)[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(ref, _mlp_numpy(x["x"], _mlp_arrays()), rtol=1e-5, atol=1e-5)
+    config = {"fp16": Fp16Config(),
+              "int8": Int8Config(calibration=_batches((4, 64), 4, seed=3), activation_type="uint8"),  # ORT backend
+              "sparsity-2:4": SparsityConfig(min_channels=0)}[name]
+    out, report = get_pass(name)(loaded, config)
+    assert loaded.SerializeToString() == before  # the input (and its references) is not modified
+    _no_big_embedded(out)
+    got = make_session(out).run(None, x)[0]
+    scale = float(np.abs(ref).max())
+    if name == "fp16":
+        assert _elem(out, "w1") == _elem(out, "w2") == TensorProto.FLOAT16
+        assert external.data_ref(next(t for t in out.graph.initializer if t.name == "w2")) is not None
+        np.testing.assert_allclose(got, ref, rtol=1e-2, atol=5e-3 * scale)
+    elif name == "int8":
+        assert report.changes["nodes_quantized"] == 2
+        assert np.abs(got - ref).max() <= 0.05 * scale
+        cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
+        assert cos > 0.999
+        where = {external.data_ref(t).path.parent for t in out.graph.initializer if external.is_external(t)}
+        assert where
+        assert all(external.in_temp_folder(p) for p in where)
+        assert [sorted(f.name for f in p.iterdir()) for p in where] == [["int8.onnx.data"]]  # ORT's other files are gone
+    else:
+        pruned = {k: prune_2_4(v, 0) if k != "b1" else v for k, v in _mlp_arrays().items()}
+        assert report.changes["layers_pruned"] == 2
+        np.testing.assert_allclose(got, _mlp_numpy(x["x"], pruned), rtol=1e-4, atol=1e-4)
+        b1 = next(t for t in out.graph.initializer if t.name == "b1")
+        assert external.data_ref(b1).path == tmp_path / "m.onnx.data"  # an untouched weight keeps its reference
+    written = onnx_io.save_model(out, tmp_path / "out.onnx", external_data=True)
+    assert written == [tmp_path / "out.onnx", tmp_path / "out.onnx.data"]
+    padding = _check_saved_data(out, tmp_path / "out.onnx")
+    if name == "sparsity-2:4":  # w1 (32 KiB) + b1 (512 B), then w2 (64 KiB) starts on the next page
+        assert padding == external.PAGE_BYTES - (32768 + 512) % external.PAGE_BYTES
+    again = onnx_io.load_model(tmp_path / "out.onnx")
+    np.testing.assert_array_equal(make_session(again).run(None, x)[0], got)

@@ -1,13 +1,18 @@
 """``compress build`` as a function: passes, engine or ORT session, latency, reports, gates.
 
-:func:`build` is pure apart from the temporary ONNX file TensorRT's parser reads; the
-CLI writes the results (:class:`BuildResult`) into the output folder.
+:func:`build` is pure apart from the temporary ONNX files TensorRT's parser reads (written
+under this process's temporary folder, tensors streamed as external data); the CLI writes
+the results (:class:`BuildResult`) into the output folder. Models whose weights stay on
+disk (:func:`compress.onnx_io.load_model`) are never serialized whole: passes work one
+tensor at a time, sessions come from :func:`compress.scoring.collect.make_session`, and
+digests are streamed (:func:`compress.onnx_io.model_digest`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from compress.latency import (
     plot_latency,
 )
 from compress.log import logger
-from compress.onnx_io import model_digest, save_model
+from compress.onnx_io import has_external_data, model_digest, model_nbytes, save_model
 from compress.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
 
 
@@ -136,6 +141,8 @@ class BuildResult:
     benchmark: list[dict[str, Any]]
     trtexec: str
     gates: list[GateResult]
+    #: The input had external data: the written model gets ``model.onnx.data`` too.
+    external_data: bool = False
 
 
 def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProfile, ...]) -> tuple[dict[str, np.ndarray], bool]:
@@ -165,6 +172,21 @@ def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProf
                     dims[d] = shape[axis]
     calib = random_calibration(model, batches=1, batch_size=batch, dims=dims, seed=0)
     return dict(next(iter(calib))), True
+
+
+@contextlib.contextmanager
+def _trt_input(model: onnx.ModelProto, name: str) -> Iterator[Path]:
+    """``model`` written for TensorRT's parser (``parse_from_file``): ``name`` and ``name.data`` in a
+    folder under this process's temporary folder, removed on exit. The tensors are streamed one at
+    a time (external data, relative locations); the model is never serialized whole, whatever its
+    size (:func:`compress.onnx_io.model_nbytes`). Does not modify ``model``."""
+    from compress.external import temp_folder
+
+    with tempfile.TemporaryDirectory(prefix="build-", dir=temp_folder()) as tmp:
+        path = Path(tmp) / name
+        save_model(model, path, external_data=True)
+        logger.debug("wrote %s for TensorRT (%d bytes with its data)", name, model_nbytes(model))
+        yield path
 
 
 def _time_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], bench: BenchConfig) -> tuple[Timing, str]:
@@ -316,17 +338,13 @@ def build(
         from compress.trt import build_engine, import_tensorrt, major_version, time_engine
 
         major = major_version(import_tensorrt())
-        with tempfile.TemporaryDirectory(prefix="compress-build-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(final, path)
+        with _trt_input(final, "model.onnx") as path:
             engine = build_engine(str(path), engine_cfg)
         timing = time_engine(engine.plan, feed, config.bench)
         provider = "TensorRT"
         base_timing = None
         if baseline is not None:
-            with tempfile.TemporaryDirectory(prefix="compress-build-") as tmp:
-                path = Path(tmp) / "baseline.onnx"
-                save_model(baseline, path)
+            with _trt_input(baseline, "baseline.onnx") as path:
                 base_engine = build_engine(str(path), EngineConfig(profiles=config.profiles))
             base_timing = time_engine(base_engine.plan, feed, config.bench)
     else:
@@ -362,7 +380,7 @@ def build(
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
     passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
     return BuildResult(final, passes, engine, report, latency_markdown(report), _plot(report),
-                       benchmark_action_json(report), cmd, gates)
+                       benchmark_action_json(report), cmd, gates, external_data=has_external_data(model))
 
 
 def _plot(report: Mapping[str, Any]) -> bytes | None:
@@ -380,7 +398,7 @@ def write_build_files(folder: Path, result: BuildResult) -> None:
     """Write the files of a build folder (the CLI and ``compress run`` call this inside an atomic folder)."""
     from compress.onnx_io import write_bytes, write_json, write_text
 
-    save_model(result.model, folder / "model.onnx")
+    save_model(result.model, folder / "model.onnx", external_data=result.external_data or None)
     write_json(folder / "passes.json", result.passes)
     write_text(folder / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
                + result.trtexec + "\n")

@@ -40,9 +40,11 @@ from compress.errors import ModelError
 INLINE_MAX_BYTES = 1024
 
 #: Tensors of at least this many bytes start at a multiple of :data:`PAGE_BYTES` in a data
-#: file, so ONNX Runtime can memory-map them.
+#: file, so ONNX Runtime can memory-map them (it maps external initializers on CPU when the
+#: offset is a multiple of the allocation granularity: 4 KiB pages on Linux, 64 KiB on Windows,
+#: which its own writer uses).
 ALIGN_MIN_BYTES = 64 << 10
-PAGE_BYTES = 4096
+PAGE_BYTES = 64 << 10
 
 #: Bytes copied per read when streaming a tensor from one file to another or into a hash.
 CHUNK_BYTES = 1 << 20

@@ -69,6 +69,10 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+#: ``_Planned.what`` of the external data file planned beside a model output.
+_DATA_SIDECAR = "external data of a model output"
+
+
 @dataclass(frozen=True)
 class _Planned:
     path: Path
@@ -153,7 +157,7 @@ class Outputs:
         out = Path(path)
         self._planned.append(_Planned(out, flag, False, None, "", False))
         if model:
-            self._planned.append(_Planned(out.with_name(out.name + ".data"), flag, False, None, "", False))
+            self._planned.append(_Planned(out.with_name(out.name + ".data"), flag, False, None, _DATA_SIDECAR, False))
         return out
 
     def folder(self, path: str | os.PathLike[str], *, flag: str = "-o", replaceable: Callable[[Path], bool] | None = None,
@@ -332,6 +336,8 @@ class Staging:
                 staged_dir = self._dirs.get(str(parent))
                 staged = staged_dir / p.path.name if staged_dir is not None else None
                 if staged is None or not os.path.lexists(staged):
+                    if p.what == _DATA_SIDECAR and force and os.path.lexists(p.path) and not os.path.isdir(p.path):
+                        os.unlink(p.path)  # the new model has no external data: a stale MODEL.onnx.data would mislead
                     continue
                 existed = os.path.lexists(p.path)
                 publish_file(staged, p.path, overwrite=force, flag=p.flag)

@@ -306,14 +306,12 @@ def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, batches: Batches) -> dict[str, Any]:
-    """Fidelity of ``candidate`` against ``reference`` on ``batches`` (see :mod:`compress.fidelity`)."""
-    ref = make_session(reference, providers=("CPUExecutionProvider",))
-    cand = make_session(candidate, providers=("CPUExecutionProvider",))
-    names = [o.name for o in reference.graph.output]
-    acc = FidelityAccumulator(logits=logit_outputs(reference))
-    for i, feed in enumerate(batches):
-        acc.update(run_batch(ref, feed, names, batch=i), run_batch(cand, feed, names, batch=i))
-    return _fidelity_summary(acc)
+    """Fidelity of ``candidate`` against ``reference`` on ``batches`` (see :mod:`compress.fidelity`).
+
+    The two models never have a session at the same time (the reference's outputs on
+    ``batches`` are kept instead), so the peak memory is one model's, not two.
+    """
+    return HeldOut(reference, batches).fidelity(candidate)
 
 
 class HeldOut:
@@ -366,6 +364,7 @@ def block_times(model: onnx.ModelProto, block_map: BlockMap, feed: Mapping[str, 
     values = dict(feed)
     if needed:
         values.update(zip(needed, sess.run(needed, dict(feed)), strict=True))
+    del sess  # one session at a time: each holds (or maps) the weights it runs
     times: dict[int, float] = {}
     for b in blocks:
         copy = onnx.ModelProto()

@@ -1,7 +1,10 @@
 """Precision and sparsity passes for ``compress build``: pure ONNX -> ONNX functions.
 
-Each pass is ``pass(model, config) -> (model, PassReport)``; it copies the model, never
-modifies its input and touches no files. Registered passes (:data:`PASSES`):
+Each pass is ``pass(model, config) -> (model, PassReport)``; it copies the model and never
+modifies its input. Weights stay on disk (external references of a model loaded by
+:func:`compress.onnx_io.load_model`): a pass reads, transforms and writes back one tensor
+at a time (:func:`compress.external.read_array` / :func:`~compress.external.array_tensor`)
+and never serializes the whole model. Registered passes (:data:`PASSES`):
 
 - ``fp16`` (:func:`fp16_pass`, :class:`Fp16Config`): FP32 -> FP16 by Cast insertion,
   FP32 kept where FP16 is unsafe;

@@ -1,8 +1,11 @@
 """What every precision/sparsity pass shares: the registry, the report, graph helpers.
 
 A pass is a pure function ``pass(model, config) -> (model, PassReport)``: it copies the
-model, never modifies its input and touches no files (ONNX Runtime's quantizer needs
-files; :mod:`compress.passes.int8` uses a temporary folder that is gone on return).
+model, never modifies its input and writes no files outside this process's temporary
+folder (:func:`compress.external.temp_folder`): weights stay where they are (external
+references), and new or changed weights go one tensor at a time to the spill file
+(:func:`compress.external.array_tensor`); ONNX Runtime's quantizer needs files, which
+:mod:`compress.passes.int8` writes into a folder under the temporary folder.
 Passes register under a name (``fp16``, ``int8``, ``sparsity-2:4``) in :data:`PASSES`.
 """
 
@@ -19,6 +22,7 @@ import numpy as np
 import onnx
 
 from compress.errors import BlockError, BuildError, ConfigError
+from compress.external import INLINE_MAX_BYTES, array_tensor, is_external, read_array
 from compress.graph import node_inputs
 from compress.registry import Registry
 
@@ -216,7 +220,7 @@ def measure_fidelity(reference: onnx.ModelProto, candidate: onnx.ModelProto,
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy of ``model``."""
+    """A deep copy of ``model`` (external tensors are copied as references: no bytes are read)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
@@ -295,22 +299,24 @@ def toposort(graph: onnx.GraphProto) -> None:
 def check_model(model: onnx.ModelProto, *, what: str, source: onnx.ModelProto | None = None) -> list[str]:
     """``onnx.checker`` with full type/shape checking; BuildError naming the pass otherwise.
 
-    When full checking fails and ``source`` (the pass's input) fails it too, the problem
-    is not the pass's: the result is checked without ``full_check`` and a warning is
-    returned instead. Models over 2 GB are checked without ``full_check`` (the checker
-    cannot serialize them). Returns warnings.
+    Runs :func:`compress.onnx_io.check_model`, which checks a model of any size with
+    ``full_check`` (external tensors are checked from their references; no weight bytes are
+    read or serialized). When full checking fails and ``source`` (the pass's input) fails
+    it too, the problem is not the pass's: the result is checked without ``full_check`` and
+    a warning is returned instead. Does not modify ``model`` or ``source``. Returns warnings.
     """
+    from compress.onnx_io import check_model as check_any
+
     def run(m: onnx.ModelProto, full: bool) -> str | None:
         try:
-            onnx.checker.check_model(m, full_check=full)
+            check_any(m, full_check=full)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
             return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None
 
-    full = model.ByteSize() < 2_000_000_000
-    problem = run(model, full)
+    problem = run(model, True)
     warnings: list[str] = []
-    if problem and full and source is not None and run(source, True) is not None:
+    if problem and source is not None and run(source, True) is not None:
         warnings.append(f"the input model already fails onnx.checker's full check; checked without it ({problem})")
         problem = run(model, False)
     if problem:
@@ -326,7 +332,9 @@ def constants_to_initializers(model: onnx.ModelProto) -> list[str]:
     nodes; ONNX Runtime's quantizer and the weight passes only treat initializers as
     weights. The values and the graph's outputs are unchanged (the initializer takes the
     Constant's output name). IR < 4 models also list the new initializers as graph inputs,
-    as that IR requires. Returns the names of the tensors moved.
+    as that IR requires. An external value keeps its reference (no bytes are read); a large
+    embedded one is moved to the spill file (:func:`compress.external.array_tensor`).
+    Returns the names of the tensors moved.
     """
     moved: list[str] = []
     keep: list[onnx.NodeProto] = []
@@ -334,9 +342,12 @@ def constants_to_initializers(model: onnx.ModelProto) -> list[str]:
         value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
         if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
                 and value.data_type == onnx.TensorProto.FLOAT and len(node.output) == 1 and value.dims):
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value)
-            tensor.name = node.output[0]
+            if not is_external(value) and len(value.raw_data) >= INLINE_MAX_BYTES:
+                tensor = array_tensor(read_array(value), node.output[0])  # large embedded values go to the spill file
+            else:  # a reference (or a small value) is copied as it is: no bytes are read
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value)
+                tensor.name = node.output[0]
             model.graph.initializer.append(tensor)
             if model.ir_version < 4:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))

@@ -36,15 +36,18 @@ the FP16 range clamped to +-65504 (and tiny ones to +-2**-24) by the converter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import math
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from compress.errors import BlockError, BuildError, ConfigError, MissingDependencyError, ModelError
+from compress import external
+from compress.errors import BlockError, BuildError, CompressError, ConfigError, MissingDependencyError, ModelError
 from compress.graph import GraphIndex
 from compress.passes.base import (
     Batch,
@@ -190,47 +193,90 @@ def _schema_reason(node: onnx.NodeProto, index: GraphIndex, opsets: Mapping[str,
     return None
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, str | None]]:
-    """Float32 constants: tensor name -> (value, name of the Constant node or None)."""
-    out: dict[str, tuple[np.ndarray, str | None]] = {}
+#: Constants of at most this many elements are kept in memory for scalar/axes look-ups.
+_SMALL_CONSTANT = 64
+#: Elements per chunk when scanning a weight's range (bounds the temporaries of one tensor).
+_SCAN_CHUNK = 1 << 20
+
+
+def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto | np.ndarray, str | None]]:
+    """Float32 constants, one at a time: (tensor name, TensorProto or value, Constant node name or None).
+
+    Initializers and ``Constant(value=...)`` tensors are yielded as protos (read them with
+    :func:`_tensor_values`); ``value_float(s)`` attributes as arrays. Reads no data.
+    """
     for t in float_initializers(model):
-        try:
-            out[t.name] = (numpy_helper.to_array(t), None)
-        except Exception:  # external data not loaded: cannot check, the converter will fail loudly
-            continue
+        yield t.name, t, None
     for node in model.graph.node:
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             continue
         for a in node.attribute:
             if a.name == "value" and a.t.data_type == _FLOAT:
-                out[node.output[0]] = (numpy_helper.to_array(a.t), node.name)
+                yield node.output[0], a.t, node.name
             elif a.name == "value_float":
-                out[node.output[0]] = (np.array(a.f, dtype=np.float32), node.name)
+                yield node.output[0], np.array(a.f, dtype=np.float32), node.name
             elif a.name == "value_floats":
-                out[node.output[0]] = (np.array(list(a.floats), dtype=np.float32), node.name)
+                yield node.output[0], np.array(list(a.floats), dtype=np.float32), node.name
+
+
+def _tensor_values(value: onnx.TensorProto | np.ndarray) -> np.ndarray:
+    """The values of a constant: a read-only memory map for an external float tensor (nothing is
+    read until used), else the array (one tensor in memory)."""
+    if isinstance(value, np.ndarray):
+        return value
+    mapped = external.map_array(value)
+    return mapped if mapped is not None else external.read_array(value)
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, str | None]]:
+    """Small float32 constants (at most :data:`_SMALL_CONSTANT` elements): name -> (value, Constant node or None).
+
+    Only these are held in memory (for scalar and axes look-ups); the range rule scans the
+    others one at a time (:func:`_range_problems`).
+    """
+    out: dict[str, tuple[np.ndarray, str | None]] = {}
+    for name, value, node in _float_constants(model):
+        size = value.size if isinstance(value, np.ndarray) else math.prod(value.dims)
+        if size <= _SMALL_CONSTANT:
+            out[name] = (np.array(_tensor_values(value)), node)
     return out
 
 
+def _range_problems(model: onnx.ModelProto, underflow_share: float) -> Iterator[tuple[str, str | None, str]]:
+    """(constant, Constant node or None, problem) for each float32 constant outside the FP16 range.
+
+    Scans one tensor at a time, in chunks of :data:`_SCAN_CHUNK` elements.
+    """
+    for name, value, node in _float_constants(model):
+        problem = _range_problem(_tensor_values(value), underflow_share)
+        if problem is not None:
+            yield name, node, problem
+
+
 def _range_problem(value: np.ndarray, underflow_share: float) -> str | None:
-    v = np.abs(value[np.isfinite(value)].astype(np.float64))
-    if v.size == 0:
-        return None
-    big = float(v.max())
+    flat = value.reshape(-1)
+    big, nonzero, tiny = 0.0, 0, 0
+    for start in range(0, flat.size, _SCAN_CHUNK):
+        chunk = np.asarray(flat[start:start + _SCAN_CHUNK])
+        v = np.abs(chunk[np.isfinite(chunk)].astype(np.float64))
+        if v.size == 0:
+            continue
+        big = max(big, float(v.max()))
+        nz = v[v > 0]
+        nonzero += int(nz.size)
+        tiny += int((nz < FP16_TINY).sum())
     if big > FP16_MAX:
         return f"|x| up to {big:.3g} > {FP16_MAX:g} (would be inf in FP16)"
-    nonzero = v[v > 0]
-    if nonzero.size:
-        tiny = int((nonzero < FP16_TINY).sum())
-        if tiny and tiny / nonzero.size > underflow_share:
-            return f"{tiny} of {nonzero.size} non-zero values below {FP16_TINY:.3g} (would be 0 in FP16)"
+    if nonzero and tiny and tiny / nonzero > underflow_share:
+        return f"{tiny} of {nonzero} non-zero values below {FP16_TINY:.3g} (would be 0 in FP16)"
     return None
 
 
 def _const_scalar(name: str, consts: Mapping[str, tuple[np.ndarray, str | None]], index: GraphIndex) -> float | None:
     if name in consts:
         v = consts[name][0]
-    elif name in index.initializers:
-        v = numpy_helper.to_array(index.initializers[name])
+    elif name in index.initializers and math.prod(index.initializers[name].dims) == 1:
+        v = external.read_array(index.initializers[name])
     else:
         return None
     return float(v.reshape(-1)[0]) if v.size == 1 else None
@@ -287,14 +333,14 @@ def _axes(node: onnx.NodeProto, consts: Mapping[str, tuple[np.ndarray, str | Non
     if len(node.input) > 1 and node.input[1]:
         name = node.input[1]
         if name in index.initializers:
-            return [int(x) for x in numpy_helper.to_array(index.initializers[name]).reshape(-1)], True
+            return [int(x) for x in external.read_array(index.initializers[name]).reshape(-1)], True
         if name in consts:
             return [int(x) for x in consts[name][0].reshape(-1)], True
         hit = _node(index, name)
         if hit is not None and hit[1].op_type == "Constant":
             for a in hit[1].attribute:
                 if a.name == "value":
-                    return [int(x) for x in numpy_helper.to_array(a.t).reshape(-1)], True
+                    return [int(x) for x in external.read_array(a.t).reshape(-1)], True
         return None, False
     return None, True
 
@@ -403,10 +449,7 @@ def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
     if config.keep_normalization:
         for key in _decomposed_norms(index, consts):
             plan.block(key, "normalization", "normalization written out as ReduceMean of squares")
-    for name, (value, const_node) in consts.items():
-        problem = _range_problem(value, config.underflow_share)
-        if problem is None:
-            continue
+    for name, const_node, problem in _range_problems(model, config.underflow_share):
         if const_node is not None:
             plan.block(const_node, "constant_range", f"holds a constant with {problem}")
         for reader in index.consumers.get(name, []):
@@ -447,6 +490,89 @@ def _converter() -> Any:
         raise MissingDependencyError("onnxruntime (with onnxruntime.transformers)",
                                      purpose=f"the fp16 pass ({exc})", extra="dev") from None
     return float16.convert_float_to_float16
+
+
+_CONVERTER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _shapes_from_dims() -> Iterator[None]:
+    """While active, the converter takes an initializer's shape from its ``dims``, not its data.
+
+    ``float16.convert_float_to_float16`` calls its module function
+    ``make_value_info_from_tensor`` (``numpy_helper.to_array(tensor).shape``) for every
+    initializer it converts, which would read (and fail on) external data; the replacement
+    gives the same value info (``to_array(t).shape == tuple(t.dims)``) without reading.
+    The module attribute is restored on exit; a lock keeps concurrent conversions apart.
+    """
+    from onnxruntime.transformers import float16
+
+    def value_info(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    with _CONVERTER_LOCK:
+        original = float16.make_value_info_from_tensor
+        float16.make_value_info_from_tensor = value_info
+        try:
+            yield
+        finally:
+            float16.make_value_info_from_tensor = original
+
+
+def _to_float16(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` (float32) as float16 exactly as the converter does (``convert_np_to_float16(x, low,
+    high)``: magnitudes clamped into [low, high]), chunk by chunk: holds the float16 result and
+    one chunk of temporaries."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    flat = values.reshape(-1)
+    out = np.empty(flat.size, dtype=np.float16)
+    for start in range(0, flat.size, _SCAN_CHUNK):
+        chunk = np.asarray(flat[start:start + _SCAN_CHUNK], dtype=np.float32)
+        out[start:start + chunk.size] = convert_np_to_float16(chunk, low, high)
+    return out.reshape(values.shape)
+
+
+def _finish_float16_tensors(model: onnx.ModelProto, low: float, high: float) -> int:
+    """Give the tensors the converter retyped to float16 their float16 data, one at a time, in place.
+
+    The converter converts embedded data but only retypes an external tensor (its data is
+    not in the proto): such a tensor says FLOAT16 while its file holds float32 bytes. It is
+    read as float32, converted (:func:`_to_float16` with the converter's ``low``/``high``) and replaced by
+    :func:`compress.external.array_tensor` (spilled when large). Embedded float16 tensors
+    the converter made of at least ``INLINE_MAX_BYTES`` are moved to the spill file too.
+    Returns the number of tensors replaced.
+    """
+    done = 0
+    for t in external.model_tensors(model):
+        if t.data_type != _FLOAT16:
+            continue
+        n = math.prod(t.dims)
+        ref = external.data_ref(t)
+        if ref is not None and ref.length == 4 * n and n:
+            as_float = onnx.TensorProto()
+            as_float.CopyFrom(t)
+            as_float.data_type = _FLOAT
+            values = external.map_array(as_float)
+            half = _to_float16(values if values is not None else external.read_array(as_float), low, high)
+            t.CopyFrom(external.array_tensor(half, t.name))
+            done += 1
+        elif ref is None and len(t.raw_data) >= external.INLINE_MAX_BYTES:
+            half = np.frombuffer(t.raw_data, dtype=np.float16).reshape(tuple(t.dims))
+            t.CopyFrom(external.array_tensor(half, t.name))
+            done += 1
+    return done
+
+
+def _convert(model: onnx.ModelProto, *, min_positive_val: float, max_finite_val: float,
+             **options: Any) -> onnx.ModelProto:
+    """ORT's converter on ``model`` (which it edits) without reading external data, then the
+    float16 data of retyped external tensors (:func:`_finish_float16_tensors`)."""
+    convert = _converter()
+    with _shapes_from_dims():
+        converted = convert(model, min_positive_val=min_positive_val, max_finite_val=max_finite_val, **options)
+    _finish_float16_tensors(converted, min_positive_val, max_finite_val)
+    return converted
 
 
 def _untype_initializers(model: onnx.ModelProto) -> None:
@@ -579,10 +705,11 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
         ranges, used = activation_ranges(work, config.calibration, max_batches=config.max_batches)
     plan = _plan(work, index, config, ranges)
     original_names = {n.name for n in work.graph.node}
-    convert = _converter()
     try:
-        converted = convert(work, keep_io_types=config.keep_io_types, op_block_list=[],
+        converted = _convert(work, keep_io_types=config.keep_io_types, op_block_list=[],
                             node_block_list=sorted(plan.reasons), min_positive_val=FP16_TINY, max_finite_val=FP16_MAX)
+    except CompressError:  # ours: a data file that changed while it was read
+        raise
     except Exception as exc:  # the converter raises plain exceptions (ValueError, AssertionError)
         raise BuildError(f"fp16: the FP16 converter failed: {type(exc).__name__}: {exc}",
                          hint="block the node it names with a node block list, or skip --precision fp16") from None

@@ -40,8 +40,12 @@ applies to the QOperator format only, so the pass excludes them by name).
 Calibration methods: ``minmax`` (range of observed values), ``entropy`` (KL-optimal
 threshold of a histogram) and ``percentile`` (``percentile`` of |x|).
 
-ORT needs files: the model is written to a temporary folder that is deleted before the
-pass returns; nothing else touches the file system and the input model is not modified.
+ORT needs files: the model is streamed (one tensor at a time, never serialized whole) into
+a folder under this process's temporary folder (:func:`compress.external.temp_folder`),
+where ORT also keeps its own temporary files; the quantized model is loaded from there
+with its weights left in ``int8.onnx.data`` (external references), and the folder's other
+files are deleted. ORT's quantizer itself holds the weights in memory while it runs.
+Nothing else touches the file system and the input model is not modified.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ import contextlib
 import dataclasses
 import io
 import logging
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +64,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from compress.errors import BuildError, CalibrationError, CompressError, ConfigError, ModelError
+from compress.external import read_array
 from compress.graph import GraphIndex, TensorType
 from compress.log import logger
 from compress.passes.accuracy import TargetConfig
@@ -84,7 +90,8 @@ if TYPE_CHECKING:
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 #: Activation types: name -> (ORT QuantType member, symmetric activations).
 ACTIVATION_TYPES = {"int8": ("QInt8", True), "uint8": ("QUInt8", False)}
-_LARGE = 1_500_000_000  # bytes; above this the model goes through external data
+_LARGE = 1_500_000_000  # bytes (graph + tensor data); above this ORT writes its files with external data
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,13 +285,40 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     replace a file of) the user's folder; the same steps are run here without that save.
     The library never changes the working directory.
 
+    The inference reads initializer values (inputs of shape arithmetic, of Add/Mul/Concat,
+    ...) through ``numpy_helper.to_array``, which cannot read compress's absolute external
+    references: a subclass reads them with :func:`compress.external.read_array` instead (one
+    tensor at a time, dropped after use), and non-float external tensors (int64 shape and
+    index tensors, read by ``Constant`` nodes and subgraph inference) are embedded in the
+    copy it runs on. Float weights keep their references. Returns that copy with the
+    inferred value info; the caller writes it with :func:`compress.onnx_io.save_model`.
+    Does not modify ``model``.
+
     Raises:
         RuntimeError: inference is incomplete (the caller quantizes without it).
+        Exception: whatever the inference raises.
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    ssi = SymbolicShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
-    ssi._preprocess(model)
+    from compress import external
+
+    class ReferenceShapeInference(SymbolicShapeInference):  # type: ignore[misc]
+        def _get_value(self, node: onnx.NodeProto, idx: int) -> Any:
+            name = node.input[idx]
+            if name in self.sympy_data_:
+                return self.sympy_data_[name]
+            return external.read_array(self.initializers_[name])
+
+    view = copy_model(model)
+    for t in external.model_tensors(view):
+        ref = external.data_ref(t)
+        if ref is not None and t.data_type not in _FLOATS:
+            data = external.read_bytes(ref, name=t.name)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+    ssi = ReferenceShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    ssi._preprocess(view)
     done = False
     while ssi.run_:
         done = ssi._infer_impl()
@@ -294,12 +328,86 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return ssi.out_mp_
 
 
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _ort_temp_files(folder: Path) -> Iterator[None]:
+    """While active, ``tempfile``'s default folder is ``folder`` (restored on exit).
+
+    ONNX Runtime's quantizer makes its own temporary folders with
+    ``tempfile.TemporaryDirectory(prefix="ort.quant.")`` / ``"pre.quant."`` and no ``dir``
+    (``quantize_static``, ``quant_pre_process``); they hold the calibration model with all
+    weights. Setting ``tempfile.tempdir`` (the documented default for ``dir``) puts them in
+    this pass's folder under :func:`compress.external.temp_folder`. The working directory
+    is never changed.
+    """
+    with _TEMPDIR_LOCK:
+        previous = tempfile.tempdir
+        tempfile.tempdir = str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
+def _needs_external_format(model: onnx.ModelProto) -> bool:
+    """ORT's ``use_external_data_format``: the model has an external tensor or is large (sizes
+    from :func:`compress.onnx_io.model_nbytes`, which reads no data)."""
+    from compress import external, onnx_io
+
+    return any(external.is_external(t) for t in external.model_tensors(model)) or onnx_io.model_nbytes(model) > _LARGE
+
+
+def _keep_only_references(folder: Path, model: onnx.ModelProto) -> None:
+    """Delete every file under ``folder`` that no tensor of ``model`` references (ORT's inputs
+    and intermediate copies), so only the quantized model's data stays on disk."""
+    from compress import external
+
+    keep = {ref.path for t in external.model_tensors(model) if (ref := external.data_ref(t)) is not None}
+    if not any(folder == p.parent or folder in p.parents for p in keep):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.resolve() in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _drop_unused_folders(folders: Sequence[Path], model: onnx.ModelProto) -> None:
+    """Remove the folders of ``folders`` that no tensor of ``model`` references (quantizations the
+    fidelity target did not keep)."""
+    from compress import external
+
+    used = {ref.path.parent for t in external.model_tensors(model) if (ref := external.data_ref(t)) is not None}
+    for folder in folders:
+        if folder not in used and not any(folder in p.parents for p in used):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
-              excluded: list[str], warnings: list[str]) -> onnx.ModelProto:
-    """Run quant_pre_process + quantize_static in a temporary folder; return the loaded result."""
+              excluded: list[str], warnings: list[str], folders: list[Path] | None = None) -> onnx.ModelProto:
+    """quant_pre_process + quantize_static from files in a folder under the temporary folder.
+
+    The model (symbolic shapes added when ``preprocess``) is written once with
+    :func:`compress.onnx_io.save_model` (external data streamed tensor by tensor); ORT reads
+    it from there, writes its temporary files there (:func:`_ort_temp_files`) and the
+    result beside it (``use_external_data_format`` when the model has external tensors or is
+    large). The result is loaded with :func:`compress.onnx_io.load_model`: its tensors
+    reference ``int8.onnx.data`` in that folder, which therefore stays until the process
+    exits (:func:`compress.external.temp_folder`); every other file there is deleted (the
+    whole folder when the result references none of it). The folder is appended to
+    ``folders`` (so the caller can remove the ones its final model does not reference).
+    Does not modify ``model``.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    large = model.ByteSize() > _LARGE
+    from compress import external, onnx_io
+
+    large = _needs_external_format(model)
     act_type, act_symmetric = ACTIVATION_TYPES[config.activation_type]
     extra = {"ActivationSymmetric": act_symmetric, "WeightSymmetric": True, "AddQDQPairToWeight": config.qdq_on_weights,
              "DedicatedQDQPair": config.dedicated_qdq, "QuantizeBias": config.quantize_bias,
@@ -310,22 +418,26 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
         extra["CalibPercentile"] = config.percentile
     ort_log = logging.getLogger()
     level = ort_log.level
-    with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
-        src, sym, pre, out = (Path(tmp, n) for n in ("model.onnx", "sym.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(model, src, save_as_external_data=large)
+    folder = Path(tempfile.mkdtemp(prefix="int8-", dir=external.temp_folder()))
+    if folders is not None:
+        folders.append(folder)
+    src, pre, out = (folder / n for n in ("model.onnx", "pre.onnx", "int8.onnx"))
+    try:
+        shaped = model
+        if config.preprocess:
+            try:
+                shaped = _symbolic_shapes(model)
+            except Exception as exc:  # fails on some graphs (and without sympy): ONNX shape inference only
+                warnings.append(f"symbolic shape inference failed ({_first_line(exc)}); ONNX shape inference only")
+        onnx_io.save_model(shaped, src, external_data=True)  # streamed: one tensor at a time
+        del shaped
         source = src
         ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
-        try:  # the working directory is never changed: every path here is inside tmp
+        with _ort_temp_files(folder):
             if config.preprocess:
-                shaped = src
                 try:
-                    onnx.save(_symbolic_shapes(model), sym, save_as_external_data=large)
-                    shaped = sym
-                except Exception as exc:  # fails on some graphs (and without sympy): ONNX shape inference only
-                    warnings.append(f"symbolic shape inference failed ({_first_line(exc)}); ONNX shape inference only")
-                try:
-                    quant_pre_process(str(shaped), str(pre), skip_optimization=True, skip_symbolic_shape=True,
-                                      save_as_external_data=large)
+                    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True,
+                                      save_as_external_data=large, external_data_location="pre.onnx.data")
                     source = pre
                 except Exception as exc:  # go on without it
                     warnings.append(f"quant_pre_process failed ({_first_line(exc)}); quantized without it")
@@ -345,9 +457,14 @@ def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
                                            hint="check the calibration data against the model's inputs ('compress inspect')") from None
                 raise BuildError(f"int8: ONNX Runtime quantization failed: {type(exc).__name__}: {_first_line(exc)}",
                                  hint="exclude the node it names (exclude_nodes) or use fewer op types") from None
-        finally:
-            ort_log.setLevel(level)
-        return onnx.load(str(out))
+        result = onnx_io.load_model(out)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        ort_log.setLevel(level)
+    _keep_only_references(folder, result)
+    return result
 
 
 def _restore_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
@@ -384,6 +501,7 @@ def restore_float_weights(model: onnx.ModelProto, float_model: onnx.ModelProto, 
     :func:`_restore_float_inputs` only undoes activation Q -> DQ pairs. Each such input of a
     node in ``nodes`` reads the float initializer that the same node reads in ``float_model``
     (the pass's input, same node names) instead; the int8 copies no longer read are removed.
+    The float initializer is copied as it is (a reference when external: no bytes are read).
     Edits ``model`` in place; returns the number of inputs rewired.
     """
     graph = model.graph
@@ -452,7 +570,7 @@ def _zero_points(model: onnx.ModelProto) -> tuple[int, int]:
             if n.input[2] in seen:
                 continue
             seen.add(n.input[2])
-            if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+            if np.any(read_array(inits[n.input[2]]) != 0):
                 nonzero += 1
     return len(seen), nonzero
 
@@ -549,7 +667,8 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     reader = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
     if not len(reader):
         raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
-    result = _quantize(work, reader, config, sorted(reasons), warnings)
+    folders: list[Path] = []  # ORT's output folders of this call (a fidelity target may quantize 3 times)
+    result = _quantize(work, reader, config, sorted(reasons), warnings, folders)
     restored = 0
     target_report = None
     kept_float: dict[str, str] = {}
@@ -562,7 +681,8 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
 
         def requantize(method: str) -> onnx.ModelProto:
             again = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
-            return _quantize(work, again, dataclasses.replace(config, method=method, target=None), sorted(reasons), [])
+            return _quantize(work, again, dataclasses.replace(config, method=method, target=None), sorted(reasons), [],
+                             folders)
 
         alternatives = {m: (lambda m=m: requantize(m)) for m in others} if config.per_tensor_method else None
         result, kept_float, target_report = repair_int8(
@@ -571,6 +691,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     if not config.quantize_outputs and target_report is None:
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
         restored = _restore_float_inputs(result, meant)
+    _drop_unused_folders(folders, result)
     warnings += check_model(result, what="int8", source=model)
 
     op_types = set(config.op_types)

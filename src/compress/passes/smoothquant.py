@@ -25,7 +25,8 @@ layers, the division is put where it is exact:
 
 Outputs are unchanged in exact arithmetic; in FP32 up to rounding (the tests check 1e-5).
 Layers whose weight another node shares, or whose input dim does not match, are skipped
-with the reason. Does not modify its input.
+with the reason. Does not modify its input. Weights are read and rewritten one at a time
+(:func:`compress.external.read_array` / :func:`~compress.external.array_tensor`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from compress.errors import CalibrationError, ConfigError
+from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
 from compress.log import logger
 from compress.passes.base import PassReport, copy_model, describe_batches, op_counts, register_pass, timer
@@ -90,6 +91,12 @@ def _layer_axis(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, int] | No
             return None
         return node.input[1], (1 if _attr(node, "transB", 0) else 0)
     return None
+
+
+def _row_maxima(weight: onnx.TensorProto, axis: int, channels: int) -> np.ndarray:
+    """max |W| per input channel (``axis``) of one weight, read from its file when external."""
+    arr = read_array(weight)
+    return np.abs(np.moveaxis(arr, axis, 0).reshape(channels, -1)).max(axis=1)
 
 
 def channel_maxima(model: onnx.ModelProto, tensors: Sequence[str], batches: Any) -> dict[str, np.ndarray]:
@@ -154,28 +161,28 @@ def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple
     how_count: dict[str, int] = {}
     for x, layers in groups.items():
         act = maxima[x]
-        weights = {w: numpy_helper.to_array(inits[w]) for _, w, _ in layers}
-        if any(weights[w].shape[axis] != act.size for _, w, axis in layers):
+        if any(inits[w].dims[axis] != act.size for _, w, axis in layers):
             skipped += [{"node": k, "status": "skipped", "reason": f"input dim of '{w}' does not match the {act.size} channels of '{x}'"}
                         for k, w, _ in layers]
             continue
-        wmax = np.max([np.abs(np.moveaxis(weights[w], axis, 0).reshape(act.size, -1)).max(axis=1) for _, w, axis in layers], axis=0)
+        wmax = np.max([_row_maxima(inits[w], axis, act.size) for _, w, axis in layers], axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.power(act, config.alpha) / np.power(wmax, 1.0 - config.alpha)
         s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
         s = np.clip(s, 1e-5, 1e5)
-        for _, w, axis in layers:
-            arr = weights[w].astype(np.float64)
-            shape = [1] * arr.ndim
+        for _, w, axis in layers:  # one weight in memory at a time; the scaled one is spilled when large
+            weight = read_array(inits[w])
+            shape = [1] * weight.ndim
             shape[axis] = act.size
-            inits[w].CopyFrom(numpy_helper.from_array((arr * s.reshape(shape)).astype(weights[w].dtype), name=w))
+            inits[w].CopyFrom(array_tensor((weight.astype(np.float64) * s.reshape(shape)).astype(weight.dtype), w))
+            del weight
         keys = {k for k, _, _ in layers}
         how = _fold(out, index, inits, x, keys, s)
         if how is None:
             how = "mul"
             scale_name = f"{x}__smooth_scale"
             smoothed = f"{x}__smoothed"
-            out.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), name=scale_name))
+            out.graph.initializer.append(array_tensor((1.0 / s).astype(np.float32), scale_name))
             mul = onnx.helper.make_node("Mul", [x, scale_name], [smoothed], name=f"{x}__smooth")
             for k in keys:
                 node = index.node_by_key[k]
@@ -214,10 +221,10 @@ def _fold(model: onnx.ModelProto, index: GraphIndex, inits: dict[str, onnx.Tenso
     prod = index.node_by_key[pkey]
 
     def scale(name: str, axis: int = -1) -> None:
-        arr = numpy_helper.to_array(inits[name]).astype(np.float64)
+        arr = read_array(inits[name]).astype(np.float64)
         shape = [1] * arr.ndim
         shape[axis] = s.size
-        inits[name].CopyFrom(numpy_helper.from_array((arr / s.reshape(shape)).astype(np.float32), name=name))
+        inits[name].CopyFrom(array_tensor((arr / s.reshape(shape)).astype(np.float32), name))
 
     def ok_const(name: str, owner: str, *, last: int | None = None) -> bool:
         t = inits.get(name)

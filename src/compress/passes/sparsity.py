@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from compress.errors import CalibrationError, ConfigError
+from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
 from compress.passes.accuracy import TargetConfig
 from compress.passes.base import PassReport, copy_model, describe_batches, name_nodes, op_counts, register_pass, timer
@@ -324,6 +324,8 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
 def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.ModelProto, PassReport]:
     """Prune ``model``'s MatMul/Gemm/Conv weights to 2:4 sparsity. Does not modify ``model``.
 
+    Weights are read, pruned and written back one at a time (new values go to the spill
+    file, :func:`compress.external.array_tensor`); untouched weights keep their references.
     Returns the pruned model (only initializer values change) and a report with one entry
     per considered layer: ``status`` pruned or skipped, ``reason``/``code`` for skips, the
     weight, its shape and the group axis, the share of zeros before and after.
@@ -365,11 +367,7 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
             continue
         assert layer.axis is not None
         tensor = out.graph.initializer[position[layer.weight]]
-        try:
-            before = numpy_helper.to_array(tensor)
-        except Exception:  # external data that is not loaded
-            layer.skip("not_loaded", "weight data is external and not loaded")
-            continue
+        before = read_array(tensor)  # one weight in memory at a time (read from its file when external)
         from compress.passes.sparse_calib import sparsify
 
         x = index.node_by_key[layer.key].input[0]
@@ -378,10 +376,10 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
         zeroed[layer.weight] = int(((after == 0) & (before != 0)).sum())
         elements += zeroed[layer.weight]
         originals[layer.weight] = onnx.TensorProto()
-        originals[layer.weight].CopyFrom(tensor)
-        new = numpy_helper.from_array(after.astype(before.dtype, copy=False), name=tensor.name)
-        tensor.CopyFrom(new)
+        originals[layer.weight].CopyFrom(tensor)  # a reference when external: no bytes copied
         done[layer.weight] = (_zeros(before), _zeros(after))
+        tensor.CopyFrom(array_tensor(after.astype(before.dtype, copy=False), tensor.name))  # spilled when large
+        del before, after
     target_report = None
     dense: dict[str, str] = {}
     if config.target is not None and done:
