@@ -159,8 +159,33 @@ def test_small_models_without_external_data_are_written_embedded(tmp_path):
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), np.ones((DIM, DIM), np.float32))
 
 
-def test_large_embedded_input_is_moved_to_the_spill_file_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(compress.onnx_io, "EXTERNALIZE_MIN_BYTES", 0)
+def test_large_embedded_file_is_read_without_parsing_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(compress.onnx_io, "LAZY_MIN_BYTES", 0)
+    src = tmp_path / "e.onnx"
+    compress.onnx_io.save_model(residual_mlp(), src)
+
+    model = compress.onnx_io.load_model(src)
+
+    big = [t for t in model.graph.initializer if t.name.startswith("blocks.")]
+    assert [external.data_ref(t).path for t in big] == [src.resolve()] * 4  # the bytes stay in e.onnx
+    assert all(external.is_embedded_ref(t) and not t.raw_data for t in big)
+    assert not external.is_external(model.graph.initializer[-1])  # head.w (512 B) is parsed
+    assert model.ByteSize() < DIM * DIM * 4  # less than one block's weight: the 4 weights are not in it
+    assert not compress.onnx_io.has_external_data(model)
+    np.testing.assert_array_equal(external.read_array(big[2]), numpy_helper.to_array(residual_mlp().graph.initializer[2]))
+    assert compress.onnx_io.model_digest(model) == compress.onnx_io.model_digest(residual_mlp())
+    feed = _feed()
+    np.testing.assert_array_equal(make_session(model).run(None, feed)[0], _run_file(src, feed))
+    out = tmp_path / "o.onnx"
+    assert compress.onnx_io.save_model(model, out) == [out]  # written embedded, as the input was
+    written = onnx.load(str(out))
+    assert not any(external.is_external(t) for t in written.graph.initializer)
+    assert compress.onnx_io.model_digest(written) == compress.onnx_io.model_digest(onnx.load(str(src)))
+
+
+def test_embedded_file_the_lazy_reader_declines_goes_to_the_spill_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(compress.onnx_io, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(external, "read_graph_lazily", lambda path: None)
     src = tmp_path / "e.onnx"
     compress.onnx_io.save_model(residual_mlp(), src)
 
@@ -168,11 +193,10 @@ def test_large_embedded_input_is_moved_to_the_spill_file_once(tmp_path, monkeypa
 
     big = [t for t in model.graph.initializer if t.name.startswith("blocks.")]
     assert all(external.in_temp_folder(external.data_ref(t).path) for t in big)
-    assert not external.is_external(model.graph.initializer[-1])  # head.w (512 B) stays embedded
     feed = _feed()
     np.testing.assert_array_equal(make_session(model).run(None, feed)[0], _run_file(src, feed))
     out = tmp_path / "o.onnx"
-    assert compress.onnx_io.save_model(model, out) == [out]  # still embedded: the input was
+    assert compress.onnx_io.save_model(model, out) == [out]
 
 
 def test_digest_depends_on_values_not_on_where_bytes_are(ext_model, tmp_path):

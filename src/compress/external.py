@@ -120,12 +120,25 @@ def data_ref(t: TensorProto) -> DataRef | None:
     return DataRef(Path(loc), int(info.get("offset", 0)), int(info["length"]))
 
 
-def _set_ref(t: TensorProto, location: str, offset: int, length: int) -> None:
+#: ``external_data`` key marking a reference to bytes embedded in an input ``.onnx`` file
+#: (see :func:`read_graph_lazily`); in memory only: every writer rewrites the entries.
+EMBEDDED_KEY = "compress.embedded"
+
+
+def _set_ref(t: TensorProto, location: str, offset: int, length: int, *, embedded: bool = False) -> None:
     del t.external_data[:]
     t.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+    entries = [("location", location), ("offset", str(offset)), ("length", str(length))]
+    if embedded:
+        entries.append((EMBEDDED_KEY, "1"))
+    for key, value in entries:
         entry = t.external_data.add()
         entry.key, entry.value = key, value
+
+
+def is_embedded_ref(t: TensorProto) -> bool:
+    """Whether ``t`` refers to bytes embedded in an input ``.onnx`` file (not an external data file)."""
+    return is_external(t) and any(e.key == EMBEDDED_KEY for e in t.external_data)
 
 
 def stored_nbytes(t: TensorProto) -> int | None:
@@ -173,7 +186,7 @@ def resolve_external(model: onnx.ModelProto, folder: Path, *, source: str) -> in
     hint = "keep the model's .onnx.data file(s) beside it, complete and unmodified (re-export or re-save the model)"
     count = 0
     for t in model_tensors(model):
-        if not is_external(t):
+        if not is_external(t) or is_embedded_ref(t):
             continue
         count += 1
         info = {e.key: e.value for e in t.external_data}
@@ -210,6 +223,115 @@ def resolve_external(model: onnx.ModelProto, folder: Path, *, source: str) -> in
             raise _bad(source, t, loc, f"holds {length} bytes for it, but its type and shape {list(t.dims)} need {need}", hint)
         _set_ref(t, key, offset, length)
     return count
+
+
+# ---------------------------------------------------------------------- embedded weights, read lazily
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, value start, field end) of each field in ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            yield number, wire, first, first, pos
+            continue
+        if wire == 1:
+            value, pos = pos, pos + 8
+        elif wire == 2:
+            length, value = _varint(buf, pos)
+            pos = value + length
+        elif wire == 5:
+            value, pos = pos, pos + 4
+        else:  # groups (3, 4) are not used by ONNX
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("field runs past its message")
+        yield number, wire, first, value, pos
+
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def read_graph_lazily(path: Path) -> onnx.ModelProto | None:
+    """Parse the ONNX file ``path`` without copying the ``raw_data`` of its initializers.
+
+    The file is memory-mapped and its protobuf wire format walked: every main-graph
+    initializer whose ``raw_data`` has at least :data:`INLINE_MAX_BYTES` becomes a reference
+    (absolute path of ``path`` itself, the byte offset of that ``raw_data``, its length;
+    marked :data:`EMBEDDED_KEY`), so sessions and writes read the weights straight from the
+    model file and only the graph is parsed. Returns None when the file has a shape this
+    reader does not handle (no graph or several graph fields, a malformed field); the caller
+    then parses it with ``onnx.load``.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):
+            return None
+    buf = memoryview(mm)
+    try:
+        model_rest = bytearray()
+        graphs: list[tuple[int, int]] = []
+        for number, wire, first, value, end in _fields(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH and wire == 2:
+                graphs.append((value, end))
+            else:
+                model_rest += buf[first:end]
+        if len(graphs) != 1:
+            return None
+        graph_rest = bytearray()
+        tensors: list[TensorProto] = []
+        real = str(path.resolve())
+        for number, wire, first, value, end in _fields(buf, *graphs[0]):
+            if number != _GRAPH_INITIALIZER or wire != 2:
+                graph_rest += buf[first:end]
+                continue
+            tensor_rest = bytearray()
+            raw: tuple[int, int] | None = None
+            for t_number, t_wire, t_first, t_value, t_end in _fields(buf, value, end):
+                if t_number == _TENSOR_RAW_DATA and t_wire == 2 and t_end - t_value >= INLINE_MAX_BYTES:
+                    raw = (t_value, t_end - t_value)
+                else:
+                    tensor_rest += buf[t_first:t_end]
+            t = TensorProto.FromString(bytes(tensor_rest))
+            if raw is not None and stored_nbytes(t) not in (None, raw[1]):
+                return None  # raw_data that does not fit the type and shape: onnx.load + ORT report it
+            if raw is not None and not is_external(t):
+                _set_ref(t, real, raw[0], raw[1], embedded=True)
+            elif raw is not None:  # raw_data and external at once: leave it to onnx.load to refuse
+                return None
+            tensors.append(t)
+        graph = onnx.GraphProto.FromString(bytes(graph_rest))
+        graph.initializer.extend(tensors)
+        model = onnx.ModelProto.FromString(bytes(model_rest))
+        model.graph.CopyFrom(graph)
+        return model
+    except Exception:  # malformed wire data: onnx.load reports it in its own words
+        return None
+    finally:
+        buf.release()
+        mm.close()
 
 
 # ---------------------------------------------------------------------- reading
@@ -410,12 +532,13 @@ def embed_data(model: onnx.ModelProto) -> None:
 
 
 def external_bytes(model: onnx.ModelProto) -> tuple[int, bool]:
-    """(bytes of tensor data the model holds, whether any of it comes from a file outside the temporary folder)."""
+    """(bytes of tensor data the model holds, whether any of it comes from an external data file
+    outside the temporary folder, i.e. the input had external data)."""
     total, outside = 0, False
     for t in model_tensors(model):
         total += tensor_nbytes(t)
         ref = data_ref(t)
-        if ref is not None and not in_temp_folder(ref.path):
+        if ref is not None and not in_temp_folder(ref.path) and not is_embedded_ref(t):
             outside = True
     return total, outside
 

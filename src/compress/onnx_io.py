@@ -33,20 +33,19 @@ _PATH_METADATA_KEYS = ("pkg.torch.onnx.stack_trace",)
 _ABS_PATH = re.compile(r"(?:[A-Za-z]:\\|/)(?:[^\s\"',:()]+[/\\])+([^\s\"',:()/\\]+)")
 
 
-#: An input model stored without external data whose embedded tensors exceed this many bytes
-#: has them moved to this process's spill file once at load (see ``external.externalize``),
-#: so sessions and writes read them from a file instead of serializing them again.
-EXTERNALIZE_MIN_BYTES = 64 << 20
-
-
+#: A model file of at least this many bytes is parsed without copying its initializers
+#: embedded ``raw_data`` (``external.read_graph_lazily``): they become references into the
+#: ``.onnx`` file itself, read by ONNX Runtime and by writers from there.
+LAZY_MIN_BYTES = 64 << 20
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load the graph of an ONNX model from ``path``; its external data stays in its files.
 
     External tensors become references (absolute location, offset, length; see
     :mod:`compress.external`) after every reference is checked: a missing or truncated data
     file, or a location that is absolute or leaves the model's folder, is a ModelError
-    naming the tensor and the location. Embedded tensors stay embedded, except that a model
-    with more than :data:`EXTERNALIZE_MIN_BYTES` of them has them moved to the spill file.
+    naming the tensor and the location. Embedded tensors stay embedded, except in a file of
+    at least :data:`LAZY_MIN_BYTES`: there the initializers' ``raw_data`` stay in the file too
+    (references to their offsets in it; only the graph is parsed).
 
     Besides unreadable files, refuses what would otherwise surface later as a confusing
     error (see :func:`check_model_graph`): an empty file or a model without a graph, an op
@@ -57,8 +56,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"model file not found: {p}", hint="check the path")
     if p.stat().st_size == 0:
         raise ModelError(f"{p} is empty (0 bytes): not an ONNX model", hint="pass an .onnx file; re-export it if it was cut short")
+    lazy = external.read_graph_lazily(p) if p.stat().st_size >= LAZY_MIN_BYTES else None
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = lazy if lazy is not None else onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -66,9 +66,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             hint="pass an .onnx file (with its .onnx.data file beside it, if it has one)",
         ) from None
     check_model_graph(model, source=str(p))
-    external_count = external.resolve_external(model, p.parent, source=str(p))
-    if external_count == 0 and sum(len(t.raw_data) for t in external.model_tensors(model)) > EXTERNALIZE_MIN_BYTES:
-        external.externalize(model)
+    external.resolve_external(model, p.parent, source=str(p))
+    if lazy is None and sum(len(t.raw_data) for t in external.model_tensors(model)) > LAZY_MIN_BYTES:
+        external.externalize(model)  # a file the lazy reader did not take: its weights go to the spill file
         slim = onnx.ModelProto()  # drop the parsed copy of the weights
         slim.CopyFrom(model)
         model = slim
