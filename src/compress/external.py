@@ -520,6 +520,72 @@ def write_data(model: onnx.ModelProto, data_path: Path) -> None:
             pos += length
 
 
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_head(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _encode_varint(number << 3 | 2) + _encode_varint(length)
+
+
+def write_embedded(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to ``path`` as one ``.onnx`` file with all tensor data embedded, streamed.
+
+    The protobuf is assembled field by field: main-graph initializers that are references
+    get their ``raw_data`` field copied from the data file in 1 MiB chunks (the bytes are
+    never all in memory); other external tensors (Constant attributes, subgraphs) are read
+    into the graph. Protobuf accepts fields in any order, so ``onnx.load`` of the result
+    equals the model with its data embedded. The caller keeps the total under protobuf's
+    2 GB limit. Does not modify ``model``.
+    """
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    graph = view.graph
+    inits = list(graph.initializer)
+    top = {id(t) for t in inits}
+    for t in model_tensors(view):
+        if id(t) not in top and data_ref(t) is not None:
+            ref = data_ref(t)
+            assert ref is not None
+            data = read_bytes(ref, name=t.name)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            t.raw_data = data
+    parts: list[tuple[bytes, DataRef | None]] = []
+    for t in inits:
+        ref = data_ref(t)
+        if ref is not None:
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            body = t.SerializeToString()
+            raw_head = _field_head(_TENSOR_RAW_DATA, ref.length)
+            parts.append((_field_head(_GRAPH_INITIALIZER, len(body) + len(raw_head) + ref.length) + body + raw_head, ref))
+        else:
+            body = t.SerializeToString()
+            parts.append((_field_head(_GRAPH_INITIALIZER, len(body)) + body, None))
+    del graph.initializer[:]
+    graph_rest = graph.SerializeToString()
+    graph_len = len(graph_rest) + sum(len(head) + (ref.length if ref is not None else 0) for head, ref in parts)
+    view.ClearField("graph")
+    with open(path, "wb") as f:
+        f.write(view.SerializeToString())
+        f.write(_field_head(_MODEL_GRAPH, graph_len))
+        f.write(graph_rest)
+        for head, ref in parts:
+            f.write(head)
+            if ref is not None:
+                _copy_range(ref, f)
+
+
 def embed_data(model: onnx.ModelProto) -> None:
     """In place on ``model`` (a copy the caller owns): read every external tensor's bytes into ``raw_data``."""
     for t in model_tensors(model):

@@ -191,11 +191,12 @@ def save_model(
 
     With ``external_data`` True, tensor data (tensors of at least
     ``external.INLINE_MAX_BYTES``) is streamed, one tensor at a time, into
-    ``<name>.data`` beside the model, with relative locations; only tensors the model
-    holds are written. With None, that happens when the model has data in a file
-    other than this process's temporary ones (the input had external data) or holds
-    more than :data:`EXTERNAL_DATA_THRESHOLD` bytes of tensors; otherwise all data is
-    embedded. Both files appear together or neither does. Does not modify ``model``.
+    ``<name>.data`` beside the model, with relative locations; with False, the one
+    ``.onnx`` file is streamed the same way (``external.write_embedded``). Either way only
+    tensors the model holds are written. With None, external data is written when the
+    model has data in a file other than this process's temporary ones (the input had
+    external data) or holds more than :data:`EXTERNAL_DATA_THRESHOLD` bytes of tensors.
+    Both files appear together or neither does. Does not modify ``model``.
     Paths are checked by the caller (:class:`compress.outputs.Outputs`).
     """
     out = Path(path)
@@ -209,9 +210,9 @@ def save_model(
         tmp_model, tmp_data = Path(tmpdir) / out.name, Path(tmpdir) / data_name
         if external_data:
             external.write_data(copy, tmp_data)
+            onnx.save_model(copy, str(tmp_model))
         else:
-            external.embed_data(copy)
-        onnx.save_model(copy, str(tmp_model))
+            external.write_embedded(copy, tmp_model)  # streamed: the weights are not all in memory
         mode = 0o666 & ~_umask()
         written = [out]
         if tmp_data.exists() and tmp_data.stat().st_size > 0:
