@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 #: Where the package lives, so a subprocess imports this checkout whatever its cwd.
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -185,3 +189,29 @@ def assert_no_leftovers(folder: str | os.PathLike[str], *, absent: Sequence[str 
     assert not left, f"temporary files left in {folder}: {left}"
     present = [str(p) for p in absent if os.path.lexists(p)]
     assert not present, f"partial outputs written: {present}"
+
+
+def residual_mlp(depth: int = 4, *, dim: int = 8, argmax: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x[batch, dim] -> depth x (x + tanh(x W)) -> logits[batch, 4] (-> ArgMax class[batch]); TorchScript-style names."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, cur = [], [], "x"
+    for i in range(depth):
+        w = numpy_helper.from_array((rng.standard_normal((dim, dim)) * 0.3).astype(np.float32), f"blocks.{i}.w")
+        inits.append(w)
+        p = f"/blocks/blocks.{i}"
+        nodes += [helper.make_node("MatMul", [cur, w.name], [f"{p}/mm"], name=f"{p}/MatMul"),
+                  helper.make_node("Tanh", [f"{p}/mm"], [f"{p}/t"], name=f"{p}/Tanh"),
+                  helper.make_node("Add", [cur, f"{p}/t"], [f"{p}/out"], name=f"{p}/Add")]
+        cur = f"{p}/out"
+    inits.append(numpy_helper.from_array(rng.standard_normal((dim, 4)).astype(np.float32), "head.w"))
+    nodes.append(helper.make_node("MatMul", [cur, "head.w"], ["logits"], name="/head/MatMul"))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])]
+    if argmax:
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["cls"], name="/argmax", axis=1, keepdims=0))
+        outputs.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dim])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

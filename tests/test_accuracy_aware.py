@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compress.build import TARGET_EXIT_CODE, resolve_exclude
 from compress.cli import main
 from compress.errors import ConfigError
-from compress.external import embed_data, read_array
+from compress.external import embedded_copy, read_array
 from compress.onnx_io import check_model
 from compress.passes import (
     Int8Config,
@@ -78,15 +78,6 @@ def batches(n: int = 8, seed: int = 1, shape: tuple[int, ...] = (4, 8, D)) -> li
 def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     sess = make_session(model)
     return sess.run(None, feed)[0]
-
-
-def _embedded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every tensor's data embedded (for tools that read tensors with
-    ``numpy_helper``: Polygraphy, the reference evaluator)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    embed_data(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +245,7 @@ def test_wanda_and_sparsegpt_give_valid_2_4_and_beat_magnitude() -> None:
             groups = w[name].T.reshape(-1, 4)  # 4-groups along the input dim K (axis 0 of B[K, N])
             assert ((groups == 0).sum(axis=1) == 2).all()
             assert is_2_4_sparse(w[name], 0)
-        checker = SparsityPruner(_embedded(out))
+        checker = SparsityPruner(embedded_copy(out))
         with np.errstate(over="ignore"):
             checker.check()  # what `polygraphy inspect sparsity` runs
         assert checker.sparse_tensors == {"w1", "w2"}

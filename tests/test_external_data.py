@@ -15,36 +15,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import compress.onnx_io
 from compress import external
 from compress.blocks import find_blocks
 from compress.runtime import make_session, session_view
 from compress.surgery import remove_blocks
+from hostile import residual_mlp
 
 DIM = 32
-
-
-def residual_mlp(depth: int = 4, seed: int = 0) -> onnx.ModelProto:
-    """x[batch, DIM] -> depth x (x + tanh(x W)) -> logits[batch, 4]; TorchScript-style node names."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, cur = [], [], "x"
-    for i in range(depth):
-        w = numpy_helper.from_array((rng.standard_normal((DIM, DIM)) * 0.3).astype(np.float32), f"blocks.{i}.w")
-        inits.append(w)
-        p = f"/blocks/blocks.{i}"
-        nodes += [helper.make_node("MatMul", [cur, w.name], [f"{p}/mm"], name=f"{p}/MatMul"),
-                  helper.make_node("Tanh", [f"{p}/mm"], [f"{p}/t"], name=f"{p}/Tanh"),
-                  helper.make_node("Add", [cur, f"{p}/t"], [f"{p}/out"], name=f"{p}/Add")]
-        cur = f"{p}/out"
-    inits.append(numpy_helper.from_array(rng.standard_normal((DIM, 4)).astype(np.float32), "head.w"))
-    nodes.append(helper.make_node("MatMul", [cur, "head.w"], ["logits"], name="/head/MatMul"))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    return model
 
 
 def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> Path:
@@ -57,7 +37,7 @@ def save_external(model: onnx.ModelProto, path: Path, location: str | None = Non
 def ext_model(tmp_path: Path) -> Path:
     d = tmp_path / "in"
     d.mkdir()
-    return save_external(residual_mlp(), d / "m.onnx")
+    return save_external(residual_mlp(dim=DIM), d / "m.onnx")
 
 
 def _feed(batch: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
@@ -92,7 +72,7 @@ def test_load_keeps_weights_in_the_file_as_absolute_references(ext_model):
     assert all(not t.raw_data for t in model.graph.initializer)
     assert model.ByteSize() < 2000  # the graph alone: 5 weights of 4 KiB / 512 B are not in it
     w = external.read_array(model.graph.initializer[1])
-    np.testing.assert_array_equal(w, numpy_helper.to_array(residual_mlp().graph.initializer[1]))
+    np.testing.assert_array_equal(w, numpy_helper.to_array(residual_mlp(dim=DIM).graph.initializer[1]))
 
 
 def test_session_from_graph_matches_the_file_and_serializes_no_weights(ext_model):
@@ -121,7 +101,7 @@ def test_spilled_tensors_beside_file_tensors_run_as_mapped_initializers(ext_mode
     assert [name for name, _ in mapped] == ["blocks.0.w"]
     assert isinstance(mapped[0][1], np.memmap)
     feed = _feed()
-    ref = residual_mlp()
+    ref = residual_mlp(dim=DIM)
     ref.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((DIM, DIM), np.float32), "blocks.0.w"))
     want = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_allclose(make_session(model).run(None, feed)[0], want, rtol=0, atol=1e-6)
@@ -141,13 +121,13 @@ def test_save_streams_only_referenced_tensors_with_relative_locations(ext_model,
     assert (out.parent / "p.onnx.data").stat().st_size == _referenced_bytes(out) == 3 * DIM * DIM * 4 + DIM * 4 * 4
     feed = _feed()
     np.testing.assert_array_equal(_run_file(out, feed), make_session(pruned).run(None, feed)[0])
-    embedded = remove_blocks(residual_mlp(), [find_blocks(residual_mlp()).blocks[1]])
+    embedded = remove_blocks(residual_mlp(dim=DIM), [find_blocks(residual_mlp(dim=DIM)).blocks[1]])
     np.testing.assert_allclose(_run_file(out, feed), make_session(embedded).run(None, feed)[0], rtol=0, atol=1e-6)
 
 
 def test_small_models_without_external_data_are_written_embedded(tmp_path):
     src = tmp_path / "e.onnx"
-    compress.onnx_io.save_model(residual_mlp(), src)
+    compress.onnx_io.save_model(residual_mlp(dim=DIM), src)
     model = compress.onnx_io.load_model(src)
     model.graph.initializer[0].CopyFrom(external.array_tensor(np.ones((DIM, DIM), np.float32), "blocks.0.w"))
     assert external.is_external(model.graph.initializer[0])  # a new weight goes to the spill file
@@ -162,7 +142,7 @@ def test_small_models_without_external_data_are_written_embedded(tmp_path):
 def test_large_embedded_file_is_read_without_parsing_its_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(compress.onnx_io, "LAZY_MIN_BYTES", 0)
     src = tmp_path / "e.onnx"
-    compress.onnx_io.save_model(residual_mlp(), src)
+    compress.onnx_io.save_model(residual_mlp(dim=DIM), src)
 
     model = compress.onnx_io.load_model(src)
 
@@ -172,8 +152,8 @@ def test_large_embedded_file_is_read_without_parsing_its_weights(tmp_path, monke
     assert not external.is_external(model.graph.initializer[-1])  # head.w (512 B) is parsed
     assert model.ByteSize() < DIM * DIM * 4  # less than one block's weight: the 4 weights are not in it
     assert not compress.onnx_io.has_external_data(model)
-    np.testing.assert_array_equal(external.read_array(big[2]), numpy_helper.to_array(residual_mlp().graph.initializer[2]))
-    assert compress.onnx_io.model_digest(model) == compress.onnx_io.model_digest(residual_mlp())
+    np.testing.assert_array_equal(external.read_array(big[2]), numpy_helper.to_array(residual_mlp(dim=DIM).graph.initializer[2]))
+    assert compress.onnx_io.model_digest(model) == compress.onnx_io.model_digest(residual_mlp(dim=DIM))
     feed = _feed()
     np.testing.assert_array_equal(make_session(model).run(None, feed)[0], _run_file(src, feed))
     out = tmp_path / "o.onnx"
@@ -187,7 +167,7 @@ def test_embedded_file_the_lazy_reader_declines_goes_to_the_spill_file(tmp_path,
     monkeypatch.setattr(compress.onnx_io, "LAZY_MIN_BYTES", 0)
     monkeypatch.setattr(external, "read_graph_lazily", lambda path: None)
     src = tmp_path / "e.onnx"
-    compress.onnx_io.save_model(residual_mlp(), src)
+    compress.onnx_io.save_model(residual_mlp(dim=DIM), src)
 
     model = compress.onnx_io.load_model(src)
 
@@ -201,10 +181,10 @@ def test_embedded_file_the_lazy_reader_declines_goes_to_the_spill_file(tmp_path,
 
 def test_digest_depends_on_values_not_on_where_bytes_are(ext_model, tmp_path):
     external_model = compress.onnx_io.load_model(ext_model)
-    embedded = residual_mlp()
+    embedded = residual_mlp(dim=DIM)
     assert compress.onnx_io.model_digest(external_model) == compress.onnx_io.model_digest(embedded)
 
-    changed = residual_mlp()
+    changed = residual_mlp(dim=DIM)
     arr = numpy_helper.to_array(changed.graph.initializer[2]).copy()
     arr[0, 0] += 1e-3
     changed.graph.initializer[2].CopyFrom(numpy_helper.from_array(arr, "blocks.2.w"))
@@ -358,7 +338,7 @@ def test_force_over_an_external_output_removes_its_stale_data_file(ext_model, tm
     assert run_cli(["prune", ext_model, *flags]).code == 0
     assert (tmp_path / "o.onnx.data").is_file()
     embedded = tmp_path / "e.onnx"
-    compress.onnx_io.save_model(residual_mlp(), embedded)
+    compress.onnx_io.save_model(residual_mlp(dim=DIM), embedded)
 
     r = run_cli(["prune", embedded, *flags, "--force"])
 

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import compress.onnx_io
 from compress.errors import ConfigError
 from compress.runtime import make_session
-from hostile import assert_no_leftovers, assert_user_error, run_cli, run_cli_inprocess, tree_digest
+from hostile import assert_no_leftovers, assert_user_error, residual_mlp, run_cli, run_cli_inprocess, tree_digest
 
 #: Address-space limit of the bomb subprocesses: numpy + onnx + onnxruntime fit well inside it;
 #: each bomb would need 4-24 GiB.
@@ -35,32 +34,6 @@ DIM = 8
 
 
 # --------------------------------------------------------------------------- tiny inputs
-
-
-def residual_mlp(depth: int = 4, *, argmax: bool = False, seed: int = 0) -> onnx.ModelProto:
-    """x[batch, 8] -> depth x (x + tanh(x W)) -> logits[batch, 4] (-> ArgMax class[batch]); TorchScript-style names."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, cur = [], [], "x"
-    for i in range(depth):
-        w = numpy_helper.from_array((rng.standard_normal((DIM, DIM)) * 0.3).astype(np.float32), f"blocks.{i}.w")
-        inits.append(w)
-        p = f"/blocks/blocks.{i}"
-        nodes += [helper.make_node("MatMul", [cur, w.name], [f"{p}/mm"], name=f"{p}/MatMul"),
-                  helper.make_node("Tanh", [f"{p}/mm"], [f"{p}/t"], name=f"{p}/Tanh"),
-                  helper.make_node("Add", [cur, f"{p}/t"], [f"{p}/out"], name=f"{p}/Add")]
-        cur = f"{p}/out"
-    inits.append(numpy_helper.from_array(rng.standard_normal((DIM, 4)).astype(np.float32), "head.w"))
-    nodes.append(helper.make_node("MatMul", [cur, "head.w"], ["logits"], name="/head/MatMul"))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])]
-    if argmax:
-        nodes.append(helper.make_node("ArgMax", ["logits"], ["cls"], name="/argmax", axis=1, keepdims=0))
-        outputs.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch"]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    compress.onnx_io.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 import models
 from compress.errors import CalibrationError, ConfigError, ModelError
-from compress.external import embed_data, read_array
+from compress.external import embedded_copy, read_array
 from compress.passes import (
     PASSES,
     Fp16Config,
@@ -68,15 +68,6 @@ def tt_held() -> list[dict[str, np.ndarray]]:
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     sess = make_session(model)
     return sess.run(None, feed)
-
-
-def _embedded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every tensor's data embedded (for tools that read tensors with
-    ``numpy_helper``: Polygraphy, the reference evaluator)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    embed_data(out)
-    return out
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 18) -> onnx.ModelProto:
@@ -220,7 +211,7 @@ def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
     # runs Mul in FP32 and drops the Cast pair); the ONNX reference evaluator computes in FP16.
     assert np.isfinite(_run(out, batches[0])[0]).all()
     with np.errstate(over="ignore"):
-        assert not np.isfinite(ReferenceEvaluator(_embedded(out)).run(None, batches[0])[0]).all()
+        assert not np.isfinite(ReferenceEvaluator(embedded_copy(out)).run(None, batches[0])[0]).all()
 
     out, report = fp16_pass(model, Fp16Config(calibration=batches))
     reasons = {i["node"]: i["reason"] for i in report.items}
@@ -229,7 +220,7 @@ def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
     assert reasons["scale_down"].endswith("on calibration data (> 16376)")
     assert report.changes["calibration_batches"] == 3
     assert report.nodes_added == {"Cast": 2}  # x -> fp16 for the MatMul, h1 -> fp32; y is produced in FP32
-    y = ReferenceEvaluator(_embedded(out)).run(None, batches[0])[0]
+    y = ReferenceEvaluator(embedded_copy(out)).run(None, batches[0])[0]
     assert y.dtype == np.float32
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, ref, rtol=5e-3, atol=2.0)  # |y| ~ 1e3; FP16 weights: ~1e-3 relative
@@ -372,7 +363,7 @@ def test_sparsity_survives_int8(transformer, tt_calib) -> None:
 
     sparse, report = sparsity_pass(transformer, SparsityConfig(min_channels=0))
     quantized, _ = int8_pass(sparse, Int8Config(calibration=tt_calib[:2]))  # symmetric: 0 stays 0
-    checker = SparsityPruner(_embedded(quantized))  # looks through the weights' Q/DQ pairs
+    checker = SparsityPruner(embedded_copy(quantized))  # looks through the weights' Q/DQ pairs
     with np.errstate(over="ignore"):
         checker.check()
     assert len(checker.sparse_tensors) == report.changes["weights_pruned"] == 18
@@ -586,10 +577,10 @@ def test_sparsity_transformer_matches_polygraphy(transformer, tt_held) -> None:
         assert is_2_4_sparse(inits[name], 0)
         assert not is_2_4_sparse(inits[name], 1)
         assert (inits[name] == 0).mean() == 0.5
-    checker = SparsityPruner(_embedded(out))
+    checker = SparsityPruner(embedded_copy(out))
     with np.errstate(over="ignore"):  # Polygraphy compares float32 values with sys.float_info.max
         checker.check()  # what `polygraphy inspect sparsity` runs
-        theirs = SparsityPruner(_embedded(transformer)).prune()  # `polygraphy surgeon prune`: same weights, bit for bit
+        theirs = SparsityPruner(embedded_copy(transformer)).prune()  # `polygraphy surgeon prune`: same weights, bit for bit
     assert checker.sparse_tensors == set(pruned)
     theirs_w = {t.name: read_array(t) for t in theirs.graph.initializer}
     for name in pruned:
@@ -660,7 +651,7 @@ def test_sparsity_skips_layers_with_reasons() -> None:
         assert numpy_helper.from_array(inits[name], name) == originals[name]
     assert report.changes["layers_pruned"] == 5
     assert report.changes["weights_pruned"] == 4
-    checker = SparsityPruner(_embedded(out))
+    checker = SparsityPruner(embedded_copy(out))
     with np.errstate(over="ignore"):
         checker.check()
     assert checker.sparse_tensors == {"W_ok", "W_gemm", "W_conv", "W_twice"}

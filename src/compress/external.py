@@ -474,17 +474,23 @@ def externalize(model: onnx.ModelProto, *, min_bytes: int = INLINE_MAX_BYTES) ->
 # ---------------------------------------------------------------------- writing and hashing
 
 
-def _copy_range(src: DataRef, dst: object) -> None:
-    with open(src.path, "rb") as f:
-        f.seek(src.offset)
-        left = src.length
+def _chunks(ref: DataRef) -> Iterator[bytes]:
+    """The bytes of ``ref`` in pieces of at most :data:`CHUNK_BYTES`; ModelError if the file ends early."""
+    with open(ref.path, "rb") as f:
+        f.seek(ref.offset)
+        left = ref.length
         while left:
             chunk = f.read(min(CHUNK_BYTES, left))
             if not chunk:
-                raise ModelError(f"data file {src.path.name} ends early while copying a tensor",
+                raise ModelError(f"data file {ref.path.name} ends early while reading a tensor",
                                  hint="the data file changed while compress was reading it; re-run on a complete copy")
-            dst.write(chunk)  # type: ignore[attr-defined]
+            yield chunk
             left -= len(chunk)
+
+
+def _copy_range(src: DataRef, dst: object) -> None:
+    for chunk in _chunks(src):
+        dst.write(chunk)  # type: ignore[attr-defined]
 
 
 def write_data(model: onnx.ModelProto, data_path: Path) -> None:
@@ -586,6 +592,16 @@ def write_embedded(model: onnx.ModelProto, path: Path) -> None:
                 _copy_range(ref, f)
 
 
+def embedded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every tensor's data embedded, for tools that read tensors with
+    ``numpy_helper`` (Polygraphy, ``onnx.reference``). Holds all weights: small models only.
+    Does not modify ``model``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    embed_data(out)
+    return out
+
+
 def embed_data(model: onnx.ModelProto) -> None:
     """In place on ``model`` (a copy the caller owns): read every external tensor's bytes into ``raw_data``."""
     for t in model_tensors(model):
@@ -617,15 +633,8 @@ def _ref_sha256(ref: DataRef) -> str:
     key = (str(ref.path), ref.offset, ref.length, st.st_mtime_ns, st.st_size)
     if key not in _HASHES:
         h = hashlib.sha256()
-        with open(ref.path, "rb") as f:
-            f.seek(ref.offset)
-            left = ref.length
-            while left:
-                chunk = f.read(min(CHUNK_BYTES, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
+        for chunk in _chunks(ref):
+            h.update(chunk)
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
 
