@@ -46,6 +46,9 @@ What it measures, in one run, for one model size (``--size``):
                   quantization; reported separately when its calibration dominates)
    run-pipeline   ``compress run WORK/pipeline.yaml -o D``: source = M (no export), ``npz`` calibration,
                   prune 4 blocks (cosine, lowest, no latency), FP32 on ONNX Runtime, no baseline
+   export-torch   ``compress export WORK/torch_net.py:build -o D/net.onnx``: an 18-block residual MLP
+                  trunk in torch at the size's hidden width (large: 2048, 2.4 GB of weights), so the
+                  export writes external data and runs its parity check from the files
    ============== ===================================================================================
 
    A failing command is recorded with its exit code and the last lines of its stderr; the run
@@ -139,7 +142,44 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden": 256, "blocks": 12, "mlp": 4, "batch": 2, "seq": 32, "external": True},
     "minilm": {"batch": 8, "seq": 64},
 }
-COMMANDS = ("inspect", "scores-only", "prune-remove", "build-fp16", "build-int8", "run-pipeline")
+COMMANDS = ("inspect", "scores-only", "prune-remove", "build-fp16", "build-int8", "run-pipeline", "export-torch")
+
+#: ``export-torch``: an 18-block residual MLP trunk in torch at the size's hidden width (large: 2048,
+#: 2.4 GB of float32 weights), exported by ``compress export WORK/torch_net.py:build``.
+TORCH_NET = """\
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(h), nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, depth, h):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(h) for _ in range(depth))
+        self.head = nn.Linear(h, 16)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def build():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net = Net({depth}, {hidden}).eval()
+        for p in net.parameters():
+            p.mul_(0.5)
+    return net, (torch.randn(1, 16, {hidden}),)
+"""
 #: Commands whose peak RSS must stay within RSS_TARGET x the plain loop.
 RSS_BOUND = ("scores-only", "prune-remove", "build-fp16", "build-int8")
 
@@ -564,6 +604,7 @@ def commands(args: argparse.Namespace, model: Path, calib: Path, work: Path) -> 
         "build-int8": [*c, "build", str(model), "--precision", "int8", "--backend", "ort", "--calib", str(calib),
                        "-o", str(out / "int8"), "--force", *bench],
         "run-pipeline": [*c, "run", str(work / "pipeline.yaml"), "-o", str(out / "pipeline"), "--force"],
+        "export-torch": [*c, "export", f"{work / 'torch_net.py'}:build", "-o", str(out / "export" / "net.onnx"), "--force"],
     }
 
 
@@ -677,6 +718,16 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"target": f"{k}: peak RSS vs {what} (reference, not a target)", "pass": None, "verdict": "info",
                        "detail": f"{r['peak_rss_mb']:.0f} MB / {ref['peak_rss_mb']:.0f} MB = "
                                  f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"})
+    r = rows.get("export-torch")
+    if r is not None:
+        h = result["settings"].get("torch_hidden", 0)
+        weights = 4 * (18 * (2 * h * 4 * h + 4 * h + h + 2 * h) + 16 * h + 16)
+        written = (result.get("work_files") or {}).get("out/export/net.onnx.data")
+        ok = r["exit_code"] == 0 and (weights <= 2**31 or bool(written))
+        add("export-torch: the module exports, its parity check passes, external data above 2 GB", ok,
+            f"exit {r['exit_code']}, torch weights {weights / 2**20:.0f} MB, peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"({r['peak_rss_mb'] * 2**20 / weights:.2f}x the weights), net.onnx.data "
+            + (f"{written / 2**20:.0f} MB" if written else "not written"))
     r = rows.get("inspect")
     if r is not None:
         ok = r["exit_code"] == 0 and r["wall_s"] < INSPECT_MAX_S and r["peak_rss_mb"] < INSPECT_MAX_MB
@@ -936,8 +987,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, calib, facts = prepare(args, work)
         log(f"model {facts['model_bytes'] / 2**20:.0f} MB")
         pipeline_yaml(work / "pipeline.yaml", model, calib)
+        hidden = args.hidden or SIZES[args.size].get("hidden", 768)
+        (work / "torch_net.py").write_text(TORCH_NET.format(depth=18, hidden=hidden))
         shutil.rmtree(work / "out", ignore_errors=True)
-        for sub in ("scores", "pruned"):
+        for sub in ("scores", "pruned", "export"):
             (work / "out" / sub).mkdir(parents=True)
         cmds = commands(args, model, calib, work)
         reps = args.reps or (1 if args.size == "large" else 3)
@@ -993,9 +1046,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "parent_rss_mb": parent_rss, "model": facts, "plain": plain_row, "commands": rows,
             "references": references,
             "settings": {"remove": REMOVE, "prune_latency": args.prune_latency, "timeout_s": args.timeout,
-                         "reps": reps, "batch": args.batch or SIZES[args.size]["batch"],
+                         "reps": reps, "batch": args.batch or SIZES[args.size]["batch"], "torch_hidden": hidden,
                          "seq": args.seq or SIZES[args.size]["seq"]},
         }
+        export_data = work / "out" / "export" / "net.onnx.data"
+        result["work_files"] = {"out/export/net.onnx.data": export_data.stat().st_size} if export_data.exists() else {}
         finish(result, work, args)
         return 0
     finally:
