@@ -781,3 +781,30 @@ def test_passes_on_a_model_with_external_data(name: str, external_mlp, tmp_path)
         assert padding == external.PAGE_BYTES - (32768 + 512) % external.PAGE_BYTES
     again = onnx_io.load_model(tmp_path / "out.onnx")
     np.testing.assert_array_equal(make_session(again).run(None, x)[0], got)
+
+
+def test_fp16_activation_ranges_run_one_sample_at_a_time_with_the_same_maxima():
+    from compress.graph import GraphIndex
+    from compress.passes import fp16 as fp16_mod
+    from compress.surgery import add_outputs
+    from hostile import residual_mlp
+
+    model = residual_mlp(dim=16)
+    feed = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32) * 3}
+    index = GraphIndex(model)
+    assert fp16_mod._batch_axis_dynamic(index)
+    assert [p["x"].shape for p in fp16_mod._samples(feed)] == [(1, 16)] * 4
+
+    ranges, used = fp16_mod.activation_ranges(model, [feed])
+
+    inner = [n for n in ranges if n != "x"]
+    whole = make_session(add_outputs(model, inner)).run(inner, feed)
+    want = {n: float(np.abs(v).max()) for n, v in zip(inner, whole, strict=True)} | {"x": float(np.abs(feed["x"]).max())}
+    assert used == 1
+    assert ranges.keys() == want.keys()
+    for n in want:
+        assert ranges[n] == pytest.approx(want[n], rel=1e-5), n
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    assert not fp16_mod._batch_axis_dynamic(GraphIndex(static))  # a fixed batch is run whole

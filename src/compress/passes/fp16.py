@@ -405,21 +405,44 @@ def activation_ranges(model: onnx.ModelProto, batches: Iterable[Batch], *,
         raise ModelError(f"fp16: {exc.message}", hint=exc.hint) from None
     inner = [n for n in names if n not in index.graph_inputs]
     top: dict[str, float] = dict.fromkeys(names, 0.0)
+    splittable = _batch_axis_dynamic(index)
     used = 0
     for i, feed in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        values = run_batch(session, feed, inner, batch=i) if inner else {}
-        for n in names:
-            arr = np.asarray(values[n] if n in values else feed[n])
-            finite = np.abs(arr[np.isfinite(arr)]) if arr.size else arr
-            if finite.size:
-                top[n] = max(top[n], float(finite.max()))
+        # One sample at a time where the batch axis allows it: every float activation is fetched,
+        # so a run holds all of them; per sample that is 1/batch of the memory, same maxima.
+        for part in (_samples(feed) if splittable else [feed]):
+            values = run_batch(session, part, inner, batch=i) if inner else {}
+            for n in names:
+                arr = np.asarray(values[n] if n in values else part[n])
+                finite = np.abs(arr[np.isfinite(arr)]) if arr.size else arr
+                if finite.size:
+                    top[n] = max(top[n], float(finite.max()))
+            del values
         used += 1
     if not used:
         raise CalibrationError("fp16: the calibration data has no batches",
                                hint="pass calibration batches, or none to skip the activation-range rule")
     return top, used
+
+
+def _batch_axis_dynamic(index: GraphIndex) -> bool:
+    """Whether every graph input has a symbolic or unknown first dim (a batch axis a run may change)."""
+    types = index.types
+    for name in index.graph_inputs:
+        t = types.get(name)
+        if t is None or not t.shape or isinstance(t.shape[0], int):
+            return False
+    return bool(index.graph_inputs)
+
+
+def _samples(feed: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``feed`` split along axis 0 into batches of one, when every input has the same batch size > 1."""
+    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in feed.values()}
+    if len(sizes) != 1 or None in sizes or next(iter(sizes)) <= 1:
+        return [dict(feed)]
+    return [{k: np.asarray(v)[j:j + 1] for k, v in feed.items()} for j in range(next(iter(sizes)))]
 
 
 def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
