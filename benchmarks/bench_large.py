@@ -123,6 +123,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import log, rounded  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SCHEMA = 1
@@ -182,20 +185,6 @@ def build():
 """
 #: Commands whose peak RSS must stay within RSS_TARGET x the plain loop.
 RSS_BOUND = ("scores-only", "prune-remove", "build-fp16", "build-int8")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _r(x: Any, nd: int = 4) -> Any:
-    if isinstance(x, float):
-        return None if not math.isfinite(x) else round(x, nd)
-    if isinstance(x, dict):
-        return {k: _r(v, nd) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_r(v, nd) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------- children (run as --child)
@@ -919,7 +908,7 @@ def finish(result: dict[str, Any], work: Path, args: argparse.Namespace) -> None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = "large" if result["size"] == "large" else f"large-{result['size']}"
-        (out_dir / f"{stem}.json").write_text(json.dumps(_r(result), indent=1) + "\n")
+        (out_dir / f"{stem}.json").write_text(json.dumps(rounded(result, 4), indent=1) + "\n")
         (out_dir / f"{stem}.md").write_text(markdown(result))
         log(f"wrote {out_dir / stem}.json and .md")
 

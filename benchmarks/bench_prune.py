@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import log, rounded  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -99,20 +102,6 @@ METHODS = (
 # --------------------------------------------------------------------------- running
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _r(x: Any, nd: int = 6) -> Any:
-    if isinstance(x, float):
-        return None if not math.isfinite(x) else round(x, nd)
-    if isinstance(x, dict):
-        return {k: _r(v, nd) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_r(v, nd) for v in x]
-    return x
-
-
 class Evaluator:
     """Task metrics of ONNX models, cached by model digest (equal pruned models are evaluated once)."""
 
@@ -135,7 +124,7 @@ class Evaluator:
 
 
 def _fidelity(f: Mapping[str, Any]) -> dict[str, Any]:
-    return _r({k: f.get(k) for k in ("loss", "loss_metric", "cosine", "top1", "kl", "max_abs")})
+    return rounded({k: f.get(k) for k in ("loss", "loss_metric", "cosine", "top1", "kl", "max_abs")})
 
 
 def _latency(lat: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -146,14 +135,14 @@ def _latency(lat: Mapping[str, Any] | None) -> dict[str, Any] | None:
     for side in ("original", "pruned"):
         t = lat.get(side, {})
         out[side] = {k: t.get(k) for k in ("median_ms", "p90_ms", "cov_pct", "count")}
-    return _r(out)
+    return rounded(out)
 
 
 def _row(method: Method, k: int, block_map: Any, removed: Sequence[int], task_metrics: Mapping[str, float],
          fidelity: Mapping[str, Any], seconds: float, **extra: Any) -> dict[str, Any]:
     return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
             "removed": list(removed), "removed_names": [block_map.blocks[i].name for i in removed],
-            "task": _r(dict(task_metrics)), "fidelity": _fidelity(fidelity), "seconds": round(seconds, 3), **extra}
+            "task": rounded(dict(task_metrics)), "fidelity": _fidelity(fidelity), "seconds": round(seconds, 3), **extra}
 
 
 def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> dict[str, Any]:
@@ -173,7 +162,7 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
     used = res.report["method"]["metric"]  # "auto" resolved by prune_model
     metric_scores = res.report["scores"][used]
     scores = {"metric": used, "interval": metric_scores.get("details", {}).get("interval"),
-              "scores": _r(metric_scores["scores"])}
+              "scores": rounded(metric_scores["scores"])}
     if used == "cka" and metric_scores.get("segments") is not None:
         scores["segments"] = metric_scores["segments"]
     return _row(method, k, bm, removed, ctx["evaluate"](res.model), res.report["fidelity"], seconds,
@@ -212,7 +201,7 @@ def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]
                       PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None),
                       calibration=ctx["calibration_desc"])
     by_name = {b.name: b.index for b in bm.blocks}
-    steps = [_r(dict(s)) for s in res.report["steps"]]
+    steps = [rounded(dict(s)) for s in res.report["steps"]]
     order = [by_name[s["block"]] for s in steps if s["accepted"]]
     return order, steps, time.perf_counter() - t
 
@@ -226,7 +215,7 @@ def run_budget(budget: float, ctx: dict[str, Any]) -> dict[str, Any]:
                       calibration=ctx["calibration_desc"])
     removed = sorted(b["index"] for b in res.report["removed"])
     return {"max_drop": budget, "metric": res.report["method"]["metric"], "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
-            "steps": [_r(dict(s)) for s in res.report["steps"]], "task": _r(ctx["evaluate"](res.model)),
+            "steps": [rounded(dict(s)) for s in res.report["steps"]], "task": rounded(ctx["evaluate"](res.model)),
             "fidelity": _fidelity(res.report["fidelity"]), "seconds": round(time.perf_counter() - t, 3)}
 
 
@@ -275,7 +264,7 @@ def run_variant(variant: Any, ctx: dict[str, Any], ks: Sequence[int], args: argp
     return {"name": variant.name, "description": variant.description, "prepared": prepared,
             "calibration": {"description": variant.calibration_desc, "batches": len(variant.calibration),
                             "holdout_batches": len(held)},
-            "unpruned": _r(unpruned), "rows": rows, "summary": summarize(rows, ctx["metric"], default_key, ks),
+            "unpruned": rounded(unpruned), "rows": rows, "summary": summarize(rows, ctx["metric"], default_key, ks),
             "seconds": round(time.perf_counter() - t, 1)}
 
 
@@ -290,11 +279,11 @@ def run_oracle(k: int, ctx: dict[str, Any]) -> dict[str, Any]:
     subsets = []
     for chosen in combinations([b.index for b in bm.blocks if b.removable], k):
         value = ctx["evaluate"](remove_blocks(model, [bm.blocks[i] for i in chosen]))
-        subsets.append({"removed": list(chosen), "task": _r(value)})
+        subsets.append({"removed": list(chosen), "task": rounded(value)})
     subsets.sort(key=lambda x: -x["task"][metric])
     values = [x["task"][metric] for x in subsets]
     return {"k": k, "subsets": len(subsets), "best": subsets[0], "worst": subsets[-1],
-            "median": _r(sorted(values)[len(values) // 2]), "all": subsets, "seconds": round(time.perf_counter() - t, 3)}
+            "median": rounded(sorted(values)[len(values) // 2]), "all": subsets, "seconds": round(time.perf_counter() - t, 3)}
 
 
 def rank_in_oracle(value: float | None, oracle: Mapping[str, Any] | None, metric: str) -> int | None:
@@ -357,12 +346,12 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "name": name, "title": task.title, "metric": task.metric,
         "secondary_metric": task.info.get("secondary_metric"),
-        "info": _r(dict(task.info)), "prepared": prepared,
+        "info": rounded(dict(task.info)), "prepared": prepared,
         "calibration": {"description": task.calibration_desc, "batches": len(task.calibration),
                         "holdout": HOLDOUT, "holdout_batches": len(held),
                         "samples": int(sum(len(next(iter(b.values()))) for b in task.calibration))},
-        "export": _r(export_report.to_dict()), "blocks": block_rows, "block_source": block_map.source,
-        "unpruned": _r(unpruned), "default_method": default_key,
+        "export": rounded(export_report.to_dict()), "blocks": block_rows, "block_source": block_map.source,
+        "unpruned": rounded(unpruned), "default_method": default_key,
         "iterative": {"order": order, "order_names": [block_map.blocks[i].name for i in order], "steps": iter_steps,
                       "seconds": round(iter_s, 3)},
         "rows": rows, "budgets": budgets, "oracle": oracle, "variants": variants,
@@ -407,12 +396,12 @@ def summarize(rows: Sequence[Mapping[str, Any]], metric: str, default_key: str, 
         default_row = next((r for r in here if r["method"] == default_key), {})
         lat = default_row.get("latency") or {}
         per_k[str(k)] = {
-            "values": _r(values), "random_mean": _r(rand_mean), "random_std": _r(rand_std),
-            "random_values": _r(rand), "random_best": _r(max(rand)) if rand else None,
-            "best_methods": best, "best_value": _r(best_value),
-            "best_baseline": best_baseline_name, "best_baseline_value": _r(best_baseline),
-            "default": default_key, "default_value": _r(default),
-            "default_minus_best_baseline": _r(default - best_baseline) if default is not None else None,
+            "values": rounded(values), "random_mean": rounded(rand_mean), "random_std": rounded(rand_std),
+            "random_values": rounded(rand), "random_best": rounded(max(rand)) if rand else None,
+            "best_methods": best, "best_value": rounded(best_value),
+            "best_baseline": best_baseline_name, "best_baseline_value": rounded(best_baseline),
+            "default": default_key, "default_value": rounded(default),
+            "default_minus_best_baseline": rounded(default - best_baseline) if default is not None else None,
             "default_at_least_best_baseline": None if default is None else bool(default >= best_baseline - 1e-12),
             "default_is_best": None if default is None else default_key in best,
             "speedup": lat.get("speedup_median"), "ideal_speedup": lat.get("ideal_speedup"),
@@ -532,8 +521,8 @@ def pooled(m: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         values["random"] = sum(x["random_mean"] for x in here) / len(here)
         base = max(("last", "random"), key=lambda n: values.get(n, -math.inf))
         default = values.get(m["default_method"])
-        out[k] = {"draws": len(here), "values": _r(values), "best_baseline": base, "best_baseline_value": _r(values[base]),
-                  "default_value": _r(default),
+        out[k] = {"draws": len(here), "values": rounded(values), "best_baseline": base, "best_baseline_value": rounded(values[base]),
+                  "default_value": rounded(default),
                   "default_at_least_best_baseline": None if default is None else bool(default >= values[base] - 1e-12)}
     return out
 
