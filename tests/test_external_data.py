@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import compress.errors
 import compress.onnx_io
 from compress import external
 from compress.blocks import find_blocks
@@ -345,3 +346,16 @@ def test_force_over_an_external_output_removes_its_stale_data_file(ext_model, tm
     assert r.code == 0, r.err
     assert not (tmp_path / "o.onnx.data").exists()
     assert not any(external.is_external(t) for t in onnx.load(str(out)).graph.initializer)
+
+
+@pytest.mark.parametrize("cut", [7, 1000, -5])
+def test_lazy_reader_on_a_truncated_file_gives_the_readable_model_error(tmp_path, monkeypatch, cut):
+    monkeypatch.setattr(compress.onnx_io, "LAZY_MIN_BYTES", 0)
+    src = tmp_path / "e.onnx"
+    compress.onnx_io.save_model(residual_mlp(dim=DIM), src)
+    data = src.read_bytes()
+    src.write_bytes(data[:cut])
+
+    assert external.read_graph_lazily(src) is None  # malformed wire data: declined, not guessed
+    with pytest.raises(compress.errors.ModelError, match=r"is not a readable ONNX model"):
+        compress.onnx_io.load_model(src)
