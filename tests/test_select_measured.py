@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -120,12 +121,18 @@ def test_the_registered_rule_needs_the_model() -> None:
     assert err.value.message == ("selection 'measured' evaluates pruned models on held-out batches: it needs the model")
 
 
-def test_cli_measured_writes_the_candidate_table_to_json_and_markdown(tiny, tmp_path) -> None:
-    path, _, _ = tiny
+def _calib_folder(tmp_path: Path) -> Path:
+    """``tmp_path/calib`` holding the test batches as ``bNN.npz``."""
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, b in enumerate(_batches()):
         np.savez(calib / f"b{i:02d}.npz", **b)
+    return calib
+
+
+def test_cli_measured_writes_the_candidate_table_to_json_and_markdown(tiny, tmp_path) -> None:
+    path, _, _ = tiny
+    calib = _calib_folder(tmp_path)
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     rc = main(["prune", str(path), "--calib", str(calib), "-o", str(out), "--remove", "2",
                "--measured", "--metric", "cosine", "--no-latency", "--report", str(rep)])
@@ -174,10 +181,7 @@ def test_mark_fronts_marks_rows_by_latency_and_candidates_by_params() -> None:
 
 def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) -> None:
     path, _, _ = tiny
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for i, b in enumerate(_batches()):
-        np.savez(calib / f"b{i:02d}.npz", **b)
+    calib = _calib_folder(tmp_path)
     rep = tmp_path / "s.json"
     assert main(["prune", str(path), "--calib", str(calib), "--sweep", "0:2", "--metric", "cosine", "--measured",
                  "--latency-seconds", "0.02", "--report", str(rep)]) == 0

@@ -559,9 +559,7 @@ def write_embedded(model: onnx.ModelProto, path: Path) -> None:
     inits = list(graph.initializer)
     top = {id(t) for t in inits}
     for t in model_tensors(view):
-        if id(t) not in top and data_ref(t) is not None:
-            ref = data_ref(t)
-            assert ref is not None
+        if id(t) not in top and (ref := data_ref(t)) is not None:
             data = read_bytes(ref, name=t.name)
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT

@@ -203,16 +203,16 @@ def save_model(
     total, outside = external.external_bytes(model)
     if external_data is None:
         external_data = outside or total > EXTERNAL_DATA_THRESHOLD
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent or ".") as tmpdir:
         tmp_model, tmp_data = Path(tmpdir) / out.name, Path(tmpdir) / data_name
         if external_data:
+            copy = onnx.ModelProto()  # write_data rewrites the references of the copy
+            copy.CopyFrom(model)
             external.write_data(copy, tmp_data)
             onnx.save_model(copy, str(tmp_model))
         else:
-            external.write_embedded(copy, tmp_model)  # streamed: the weights are not all in memory
+            external.write_embedded(model, tmp_model)  # streamed, and copies the graph itself
         mode = 0o666 & ~_umask()
         written = [out]
         if tmp_data.exists() and tmp_data.stat().st_size > 0:
