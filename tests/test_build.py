@@ -10,7 +10,7 @@ import pytest
 
 import models
 from compress.cli import main
-from compress.latency import GATE_EXIT_CODES
+from compress.reports.latency import GATE_EXIT_CODES
 
 FAST = ["--warmup-ms", "5", "--iterations", "10", "--duration", "0.05"]
 

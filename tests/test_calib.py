@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import compress.calib as cb
+import compress.calibration as cb
 import compress.onnx_io
 from compress.cli import main
 from compress.errors import CalibrationError, ConfigError, MissingDependencyError

@@ -1,4 +1,4 @@
-"""Graph-only block detection (compress.cuts): residual cuts grouped by repeating structure."""
+"""Graph-only block detection (compress.blocks.cuts): residual cuts grouped by repeating structure."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 import compress.onnx_io
 import models
 from compress.blocks import BlockMap, find_blocks
-from compress.cuts import Cut, blocks_from_graph, residual_cuts
+from compress.blocks.cuts import Cut, blocks_from_graph, residual_cuts
 from compress.errors import BlockError
 from compress.graph import node_keys
 from compress.runtime import make_session

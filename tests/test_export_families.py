@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 import compress.onnx_io
 import families
-from compress import calib as cal
+from compress import calibration as cal
 from compress import export as ex
 from compress.errors import CalibrationError, ExportError, ModelError
 

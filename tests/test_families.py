@@ -22,10 +22,10 @@ import families  # noqa: E402
 from compress.blocks import BlockMap, Stream, check_block, find_blocks, make_block  # noqa: E402
 from compress.errors import BlockError, ConfigError  # noqa: E402
 from compress.graph import GraphIndex, node_keys  # noqa: E402
+from compress.reports.scoring import scores_markdown  # noqa: E402
 from compress.runtime import make_session
 from compress.scoring import MetricConfig, parse_token_ranges  # noqa: E402
 from compress.scoring.collect import ScoreConfig, score_blocks  # noqa: E402
-from compress.scoring.report import scores_markdown  # noqa: E402
 from compress.surgery import add_outputs, remove_blocks, verify_removal  # noqa: E402
 
 #: family -> builder options: 3-4 blocks each keep the whole file near a minute on 2 cores.
@@ -274,7 +274,7 @@ def test_random_calibration_drives_flux_2d_ids(tmp_path, run_cli) -> None:
     own shape, passed whole; `compress prune --random-calib 2 --scores-only` scores every block."""
     import json
 
-    from compress.calib import check_calibration, model_input_types, random_calibration
+    from compress.calibration import check_calibration, model_input_types, random_calibration
 
     _, model, bm = exported("flux")
     types = model_input_types(model)

@@ -505,7 +505,7 @@ def test_a_broken_model_is_reported_as_such_by_every_command(work, capsys, kind)
 def test_integer_outputs_are_compared_by_exact_agreement(work) -> None:
 
     from compress.blocks import find_blocks
-    from compress.calib import load_calibration
+    from compress.calibration import load_calibration
     from compress.prune import compare_models
     from compress.surgery import remove_blocks
 
@@ -546,7 +546,7 @@ def test_fidelity_accumulator_exact_outputs_unit() -> None:
 
 
 def test_min_fidelity_gate_uses_agreement_when_every_output_is_an_integer() -> None:
-    from compress.latency import Gates, evaluate_gates
+    from compress.reports.latency import Gates, evaluate_gates
 
     report = {"candidate": {"latency": {"median_ms": 1.0}},
               "comparison": {"fidelity": {"cosine": None, "agreement": 0.75}}}
@@ -558,7 +558,7 @@ def test_min_fidelity_gate_uses_agreement_when_every_output_is_an_integer() -> N
 
 
 def test_int8_with_a_relative_calibration_path_keeps_the_working_directory(work, monkeypatch) -> None:
-    from compress.calib import load_calibration
+    from compress.calibration import load_calibration
     from compress.passes.int8 import Int8Config, int8_pass
 
     monkeypatch.chdir(work)
@@ -572,14 +572,14 @@ def test_int8_with_a_relative_calibration_path_keeps_the_working_directory(work,
 
 
 def test_missing_plotter_is_a_note_not_a_failure(work, capsys, monkeypatch) -> None:
-    import compress.report
+    import compress.reports
     from compress.errors import MissingDependencyError
 
     def no_matplotlib(purpose: str):
         raise MissingDependencyError("matplotlib", purpose=purpose, extra="plot")
 
-    monkeypatch.setattr(compress.report, "pyplot", no_matplotlib)
-    for mod in ("compress.scoring.report", "compress.latency", "compress.prune_report"):
+    monkeypatch.setattr(compress.reports, "pyplot", no_matplotlib)
+    for mod in ("compress.reports.scoring", "compress.reports.latency", "compress.reports.prune"):
         monkeypatch.setattr(f"{mod}.pyplot", no_matplotlib)
     r = run_cli_inprocess(["prune", work / "m.onnx", "--calib", work / "cal", "--scores-only",
                            "--report", work / "s.json"], capsys)
@@ -634,8 +634,8 @@ def test_field_error_renders_for_each_front_end() -> None:
 def test_stage_configs_validate_every_number() -> None:
     from compress.bench import BenchConfig
     from compress.build import BuildConfig
-    from compress.latency import Gates
     from compress.prune import PruneConfig
+    from compress.reports.latency import Gates
     from compress.validate import FieldError
 
     cases = [
@@ -692,7 +692,7 @@ def test_check_document_bounds_depth_size_and_keys() -> None:
 
 
 def test_read_npz_header_never_reads_data_of_a_bomb(tmp_path) -> None:
-    from compress.calib import read_npz_header
+    from compress.calibration import read_npz_header
     from compress.errors import CalibrationError
 
     p = tmp_path / "b.npz"

@@ -15,7 +15,7 @@ from compress.blocks import find_blocks
 from compress.cli import main
 from compress.errors import BlockError, ConfigError
 from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune_model, split_batches
-from compress.prune_report import prune_markdown
+from compress.reports.prune import prune_markdown
 from compress.runtime import make_session
 
 NO_LATENCY = {"latency": None}

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import compress.onnx_io
-from compress.calib import check_calibration, random_calibration, shared_inputs
+from compress.calibration import check_calibration, random_calibration, shared_inputs
 from compress.errors import CalibrationError, ConfigError
 from compress.runtime import make_session
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import compress.onnx_io
+from compress.build.trt import EngineConfig, ShapeProfile, network_flags, precision_flags, trtexec_command
 from compress.errors import BuildError, ConfigError, MissingDependencyError
-from compress.trt import EngineConfig, ShapeProfile, network_flags, precision_flags, trtexec_command
 
 
 def fake_tensorrt(version: str) -> types.SimpleNamespace:
@@ -84,7 +84,7 @@ def test_missing_tensorrt_names_the_extra(monkeypatch) -> None:
     if "tensorrt" in sys.modules:
         pytest.skip("tensorrt is installed")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as when absent
-    from compress.trt import build_engine
+    from compress.build.trt import build_engine
 
     with pytest.raises(MissingDependencyError) as err:
         build_engine("model.onnx", EngineConfig())
@@ -102,7 +102,7 @@ def test_real_engine_build_and_timing(tmp_path) -> None:
 
     import models
     from compress.bench import BenchConfig
-    from compress.trt import build_engine, time_engine
+    from compress.build.trt import build_engine, time_engine
 
     path = models.export_onnx(models.tiny_transformer(), models.transformer_input(), tmp_path / "t.onnx")
     engine = build_engine(str(path), EngineConfig())

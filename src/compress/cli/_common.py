@@ -37,7 +37,7 @@ def load_model_and_blocks(path: str, *, spec: str | None) -> tuple[onnx.ModelPro
     sidecar = block_map_path(path)
     saved = read_json(sidecar, what="block map") if sidecar.is_file() and not spec else None
     if saved is not None:
-        from compress.validate import check_block_map
+        from compress.blocks.mapfile import check_block_map
 
         check_block_map(saved, source=str(sidecar))
     return model, find_blocks(model, spec=spec, block_map=saved)
@@ -90,7 +90,7 @@ def _parse_dims(spec: str | None) -> dict[str, int]:
 
 def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
     """The CalibrationSet chosen by ``--calib`` / ``--random-calib``, checked against ``model``."""
-    from compress.calib import check_calibration, load_calibration, random_calibration, shared_inputs
+    from compress.calibration import check_calibration, load_calibration, random_calibration, shared_inputs
     from compress.errors import ConfigError
 
     if args.calib and args.random_calib:

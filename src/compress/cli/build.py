@@ -12,10 +12,10 @@ from compress.build import TARGET_EXIT_CODE
 from compress.cli import command
 from compress.cli._common import add_calib_arguments, flag_errors, load_calib_for, print_json
 from compress.errors import ConfigError
-from compress.latency import GATE_EXIT_CODES, Gates, check_previous
 from compress.log import logger
 from compress.onnx_io import load_model, read_json
 from compress.outputs import Outputs
+from compress.reports.latency import GATE_EXIT_CODES, Gates, check_previous
 
 _DESCRIPTION = f"""\
 Turn an ONNX model into a deployable artifact and measure it:
@@ -182,7 +182,7 @@ def _number(flag: str, text: str) -> float:
 def _config(args: argparse.Namespace) -> Any:
     """The BuildConfig of the flags (FieldError naming a field; :func:`flag_errors` names the flag)."""
     from compress.build import BuildConfig
-    from compress.trt import ShapeProfile
+    from compress.build.trt import ShapeProfile
 
     target = None if args.target_fidelity.strip().lower() == "none" else _number("--target-fidelity", args.target_fidelity)
     return BuildConfig(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.calib import (
+from compress.calibration import (
     ImageOptions,
     TextOptions,
     check_calibration,

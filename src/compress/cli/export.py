@@ -15,7 +15,7 @@ from compress.errors import ConfigError
 from compress.log import logger
 from compress.onnx_io import save_model, write_json
 from compress.outputs import Outputs
-from compress.report import fmt, text_table
+from compress.reports import fmt, text_table
 
 
 def export_report_path(out: str | Path) -> Path:

@@ -9,7 +9,7 @@ from compress.cli import command
 from compress.cli._common import add_blocks_argument, load_model_and_blocks, print_json
 from compress.onnx_io import write_json
 from compress.outputs import Outputs
-from compress.report import text_table
+from compress.reports import text_table
 
 
 @command(

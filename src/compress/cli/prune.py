@@ -23,11 +23,11 @@ from compress.log import logger
 from compress.onnx_io import save_model, write_bytes, write_json, write_text
 from compress.outputs import Outputs
 from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, check_blocks, choose_metric, prune_model, sweep
-from compress.prune_report import plot_sweep, prune_markdown, sweep_markdown
+from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown
+from compress.reports.scoring import plot_scores, scores_markdown, scores_text
 from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
 from compress.scoring.heal import RIDGE_GRID
-from compress.scoring.report import plot_scores, scores_markdown, scores_text
 
 _DESCRIPTION = """\
 Score every block of an ONNX model on calibration data, in one ONNX Runtime pass per batch

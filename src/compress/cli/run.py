@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compress.cli import command
 from compress.cli._common import print_json
-from compress.latency import GATE_EXIT_CODES
+from compress.reports.latency import GATE_EXIT_CODES
 
 _DESCRIPTION = f"""\
 Run the whole job from one config file (YAML or JSON; format in deploy/README.md):

@@ -76,11 +76,11 @@ class TargetConfig:
 def split_holdout(batches: Any, share: float) -> tuple[Any, Any, bool]:
     """``(fit, held, shared)``: the last ``ceil(share * n)`` batches are held out (at least 1).
 
-    A :class:`~compress.calib.CalibrationSet` is split into two sets (no data is read); any
+    A :class:`~compress.calibration.CalibrationSet` is split into two sets (no data is read); any
     other batch sequence into two lists. With one batch, ``fit`` and ``held`` are the same
     and ``shared`` is True.
     """
-    from compress.calib import CalibrationSet
+    from compress.calibration import CalibrationSet
 
     if isinstance(batches, CalibrationSet):
         n = len(batches)

@@ -64,7 +64,7 @@ from compress.passes.base import (
 )
 
 if TYPE_CHECKING:
-    from compress.calib import CalibrationSet
+    from compress.calibration import CalibrationSet
 
 #: Largest finite float16 value.
 FP16_MAX = 65504.0
@@ -721,7 +721,7 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
                           hint="use node names as 'compress inspect' or Netron show them")
     ranges, used = (None, 0)
     if config.calibration is not None:
-        from compress.calib import CalibrationSet, check_calibration
+        from compress.calibration import CalibrationSet, check_calibration
 
         if isinstance(config.calibration, CalibrationSet):
             check_calibration(config.calibration, work)

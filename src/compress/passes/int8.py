@@ -84,7 +84,7 @@ from compress.passes.base import (
 )
 
 if TYPE_CHECKING:
-    from compress.calib import CalibrationSet
+    from compress.calibration import CalibrationSet
 
 #: Calibration methods by name (values: ``onnxruntime.quantization.CalibrationMethod`` members).
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -630,7 +630,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     if missing:
         raise ConfigError(f"int8: exclude list names unknown node(s): {', '.join(missing)}",
                           hint="use node names as 'compress inspect' or Netron show them")
-    from compress.calib import CalibrationSet, check_calibration
+    from compress.calibration import CalibrationSet, check_calibration
 
     if isinstance(config.calibration, CalibrationSet):
         if not len(config.calibration):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.report import markdown_table, png_bytes, pyplot, text_table
+from compress.reports import markdown_table, png_bytes, pyplot, text_table
 
 
 def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
-from compress.report import fmt, markdown_table, png_bytes, pyplot
+from compress.reports import fmt, markdown_table, png_bytes, pyplot
 
 
 def prune_markdown(report: dict[str, Any]) -> str:

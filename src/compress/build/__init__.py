@@ -22,7 +22,7 @@ import onnx
 
 from compress.bench import BenchConfig, Timing
 from compress.errors import ConfigError
-from compress.latency import (
+from compress.reports.latency import (
     LATENCY_SCHEMA,
     GateResult,
     Gates,
@@ -35,7 +35,7 @@ from compress.latency import (
 )
 from compress.log import logger
 from compress.onnx_io import has_external_data, model_digest, model_nbytes, save_model
-from compress.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
+from compress.build.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +108,7 @@ TARGET_EXIT_CODE = 7
 
 def check_profiles(model: onnx.ModelProto, profiles: tuple[ShapeProfile, ...]) -> None:
     """Every profile names a graph input of ``model`` with its rank; FieldError (field ``profiles``) otherwise."""
-    from compress.calib import model_input_types
+    from compress.calibration import model_input_types
     from compress.validate import FieldError
 
     types = model_input_types(model)
@@ -149,7 +149,7 @@ def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProf
     """One input batch to time: the first calibration batch, else random data at the OPT shapes."""
     if calib is not None:
         return dict(next(iter(calib))), bool(calib.random)
-    from compress.calib import model_input_types, random_calibration
+    from compress.calibration import model_input_types, random_calibration
 
     types = model_input_types(model)
     opt = {p.name: p.opt for p in profiles}
@@ -335,7 +335,7 @@ def build(
     engine = None
     major = None
     if config.backend == "trt":
-        from compress.trt import build_engine, import_tensorrt, major_version, time_engine
+        from compress.build.trt import build_engine, import_tensorrt, major_version, time_engine
 
         major = major_version(import_tensorrt())
         with _trt_input(final, "model.onnx") as path:

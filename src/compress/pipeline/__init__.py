@@ -18,7 +18,7 @@ are all present is not redone ("skipped (unchanged)"). The report stage always r
 evaluates the gates on ``build/latency.json`` (a changed gate never re-runs a benchmark)
 and writes the index, ``summary.json`` and ``summary.md``.
 
-Models and data are read with :mod:`compress.onnx_io` / :mod:`compress.calib` and written
+Models and data are read with :mod:`compress.onnx_io` / :mod:`compress.calibration` and written
 only through :mod:`compress.onnx_io`; no report holds an absolute path.
 """
 
@@ -45,8 +45,8 @@ import numpy as np
 import onnx
 
 from compress import __version__
+from compress.blocks.mapfile import check_block_map
 from compress.errors import CalibrationError, CompressError, ConfigError, MissingDependencyError, ModelError
-from compress.latency import GateResult, Gates
 from compress.log import logger
 from compress.onnx_io import (
     atomic_folder,
@@ -58,8 +58,9 @@ from compress.onnx_io import (
     write_json,
     write_text,
 )
-from compress.report import fmt, markdown_table
-from compress.validate import check_block_map, check_document, clip, shown
+from compress.reports import fmt, markdown_table
+from compress.reports.latency import GateResult, Gates
+from compress.validate import check_document, clip, shown
 
 #: Version of the ``summary.json`` layout.
 SUMMARY_SCHEMA = 1
@@ -439,7 +440,7 @@ class CalibrationSection:
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context, model: ModelSection) -> CalibrationSection:
-        from compress.calib import TextOptions
+        from compress.calibration import TextOptions
 
         r = _Reader(data, section="calibration", cls=cls, ctx=ctx)
         chosen = [k for k in _KINDS if r.given(k)]
@@ -482,7 +483,7 @@ class CalibrationSection:
         return section
 
     def image_options(self, input_name: str) -> Any:
-        from compress.calib import ImageOptions
+        from compress.calibration import ImageOptions
 
         return ImageOptions(size=self.size, crop=self.crop, mean=self.mean, std=self.std, scale=self.scale,
                             layout=self.layout, input_name=input_name, batch_size=self.batch_size or 8)
@@ -588,7 +589,7 @@ class BuildSection:
 
     @classmethod
     def from_mapping(cls, data: Any, *, ctx: _Context) -> BuildSection:
-        from compress.trt import ShapeProfile
+        from compress.build.trt import ShapeProfile
 
         r = _Reader(data, section="build", cls=cls, ctx=ctx)
         section = cls(
@@ -713,7 +714,7 @@ class PipelineConfig:
 
         The rules live in the configs (:class:`~compress.prune.PruneConfig`,
         :class:`~compress.build.BuildConfig`, :class:`~compress.bench.BenchConfig`,
-        :class:`~compress.latency.Gates`); a :class:`~compress.validate.FieldError` is reported
+        :class:`~compress.reports.latency.Gates`); a :class:`~compress.validate.FieldError` is reported
         by the config key it came from.
         """
         from compress.validate import FieldError
@@ -763,7 +764,7 @@ class PipelineConfig:
         """The :class:`~compress.build.BuildConfig` of the ``build`` section (gates off: the report stage checks them)."""
         from compress.bench import BenchConfig
         from compress.build import BuildConfig
-        from compress.trt import ShapeProfile
+        from compress.build.trt import ShapeProfile
 
         s = self.build
         self.gates.gates()  # checked here, evaluated by the report stage
@@ -916,7 +917,7 @@ def compress_source_digest() -> str:
 
     The version string alone would not change in a development checkout. Computed once per process.
     """
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
     return hash_json([[p.relative_to(root).as_posix(), file_digest(p)] for p in sorted(root.rglob("*.py"))])
 
 
@@ -973,7 +974,7 @@ class PipelineResult:
 
     @property
     def exit_code(self) -> int:
-        """0, or the exit code of the first failed gate (:data:`compress.latency.GATE_EXIT_CODES`)."""
+        """0, or the exit code of the first failed gate (:data:`compress.reports.latency.GATE_EXIT_CODES`)."""
         failed = [g for g in self.gates if not g.passed]
         return failed[0].exit_code if failed else 0
 
@@ -1127,7 +1128,7 @@ def _model_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _calib_stage(run: _Run, model_artifact: _Artifact, model: onnx.ModelProto) -> tuple[StageRun, Any]:
-    from compress.calib import check_calibration, load_calibration, random_calibration, shared_inputs
+    from compress.calibration import check_calibration, load_calibration, random_calibration, shared_inputs
 
     c = run.config.calibration
     view = fingerprint(c, run.digest)
@@ -1163,7 +1164,7 @@ def _write_batches(batches: Iterable[Mapping[str, np.ndarray]], folder: Path) ->
 
 
 def _calib_work(c: CalibrationSection, model: onnx.ModelProto, tmp: Path) -> None:
-    from compress.calib import TextOptions, find_images, image_batches, split_texts, text_batches
+    from compress.calibration import TextOptions, find_images, image_batches, split_texts, text_batches
 
     names = _model_inputs(model)
     info: dict[str, Any] = {"source": c.kind}
@@ -1211,8 +1212,8 @@ def _prune_stage(run: _Run, original: _Artifact, calib: Any, calib_hash: str | N
 
 def _prune_work(run: _Run, original: _Artifact, calib: Any, tmp: Path) -> None:
     from compress.prune import check_blocks, prune_model
-    from compress.prune_report import prune_markdown
-    from compress.scoring.report import plot_scores
+    from compress.reports.prune import prune_markdown
+    from compress.reports.scoring import plot_scores
     from compress.validate import FieldError
 
     section = run.config.prune
@@ -1321,7 +1322,7 @@ def _input_paths(config: PipelineConfig) -> list[tuple[str, Path]]:
 
 
 def _read_previous(config: PipelineConfig) -> Mapping[str, Any] | None:
-    from compress.latency import check_previous
+    from compress.reports.latency import check_previous
 
     path = config.gates.previous
     if path is None:
@@ -1336,7 +1337,7 @@ def _check_dependencies(config: PipelineConfig) -> None:
     if importlib.util.find_spec("matplotlib") is None:  # the plots are optional: a note, not a failure
         logger.warning("note: matplotlib is not installed: the stages write no plots (pip install 'onnx-compress[plot]')")
     if config.build.backend == "trt":
-        from compress.trt import import_tensorrt
+        from compress.build.trt import import_tensorrt
 
         import_tensorrt()
 
@@ -1383,7 +1384,7 @@ def _run_locked(config: PipelineConfig, path: Path, force: bool) -> PipelineResu
 
 
 def _report(run: _Run, stages: tuple[StageRun, ...], calib: Any, previous: Mapping[str, Any] | None) -> PipelineResult:
-    from compress.latency import evaluate_gates
+    from compress.reports.latency import evaluate_gates
 
     out, config = run.out, run.config
     latency = read_json(out / "build" / "latency.json", what="latency report")

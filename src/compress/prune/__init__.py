@@ -291,7 +291,7 @@ def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any
     """(scoring batches, held-out batches): every k-th batch is held out; both non-empty when n >= 2."""
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout {holdout} must be in [0, 1)", hint="e.g. --holdout 0.25")
-    from compress.calib import CalibrationSet, split_calibration
+    from compress.calibration import CalibrationSet, split_calibration
 
     if isinstance(batches, CalibrationSet):  # stays lazy: batches are read when iterated
         if holdout == 0 or len(batches) < 2:

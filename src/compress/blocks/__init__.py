@@ -23,7 +23,7 @@ Module paths of nodes come, in order of preference, from
 1. a block map saved by ``compress export`` (``MODEL.blocks.json``),
 2. node metadata written by the dynamo exporter (``pkg.torch.onnx.name_scopes``),
 3. node names written by the TorchScript exporter (``/encoder/layer.3/attention/MatMul``),
-4. the graph alone (residual cuts grouped by repeating structure; :mod:`compress.cuts`).
+4. the graph alone (residual cuts grouped by repeating structure; :mod:`compress.blocks.cuts`).
 
 With 2 and 3, nodes without a module path of their own (an optimizer-made ``Split`` from
 ``torch.chunk``, a renamed node) take the longest common module path of their producers
@@ -47,12 +47,11 @@ from typing import Any
 
 import onnx
 
+from compress.blocks.mapfile import READABLE_BLOCK_MAP_SCHEMAS, check_block_map
 from compress.errors import BlockError
 from compress.graph import GraphIndex, TensorType, node_inputs
 
 BLOCK_MAP_SCHEMA = 2
-#: Block map schemas :meth:`BlockMap.from_dict` reads (1: one stream per block, no ``streams`` list).
-READABLE_BLOCK_MAP_SCHEMAS = (1, 2)
 _INDEXED = re.compile(r"^(?P<container>.+?)\.(?P<index>\d+)(?:\.|$)")
 _EMPTY_SCOPES = {"", "_empty_nn_module_stack_from_metadata_hook"}
 
@@ -189,8 +188,6 @@ class BlockMap:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "the block map") -> BlockMap:
         """Read a saved block map; ModelError naming ``source`` and the field when its layout or types are wrong."""
-        from compress.validate import check_block_map
-
         if not isinstance(d, Mapping):
             check_block_map(d, source=source)  # raises: names what it is instead
         if d.get("schema_version") not in READABLE_BLOCK_MAP_SCHEMAS or "blocks" not in d:
@@ -882,7 +879,7 @@ def find_blocks(
             f"--blocks {spec}: the model has no module paths (no dynamo metadata, no '/module/...' node names)",
             hint="name blocks only on models exported from torch; otherwise let compress find them from the graph",
         )
-    from compress.cuts import blocks_from_graph
+    from compress.blocks.cuts import blocks_from_graph
 
     bm = blocks_from_graph(model, index=index)
     if not bm.blocks:
@@ -920,7 +917,7 @@ def _repair_with_graph(model: onnx.ModelProto, named: BlockMap, index: GraphInde
     with. Falls back to ``named`` when the graph finds a different number of blocks or no
     more removable ones.
     """
-    from compress.cuts import blocks_from_graph
+    from compress.blocks.cuts import blocks_from_graph
 
     graph = blocks_from_graph(model, index=index)
     if len(graph.blocks) != len(named.blocks) or len(graph.removable) <= len(named.removable):

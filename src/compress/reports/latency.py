@@ -23,7 +23,7 @@ from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
 from compress.errors import ConfigError
-from compress.report import fmt, markdown_table, png_bytes, pyplot
+from compress.reports import fmt, markdown_table, png_bytes, pyplot
 
 LATENCY_SCHEMA = 1
 
