@@ -172,7 +172,7 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
 
 def run_blocks(method: Method, k: int, ctx: dict[str, Any], chosen: Sequence[int], **extra: Any) -> dict[str, Any]:
     """Remove ``chosen`` directly (baselines, iterative prefixes) and verify like prune_model does."""
-    from compress.prune import compare_models
+    from compress.fidelity import compare_models
     from compress.surgery import remove_blocks
 
     model, bm = ctx["model"], ctx["block_map"]

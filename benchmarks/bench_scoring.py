@@ -146,7 +146,7 @@ def _patch_no_spin() -> None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), opts, providers=list(providers))
 
-    collect.make_session = make_session
+    collect.load_session = make_session
 
 
 def _setup(spec: Mapping[str, Any], *, blocks: bool = True) -> dict[str, Any]:
@@ -178,7 +178,7 @@ def _plain_pass(model: Any, outputs: Sequence[str], batches: Any, threads: int, 
     import compress.scoring.collect as collect
 
     t0 = time.perf_counter()
-    session = collect.make_session(model, providers=PROVIDERS, threads=threads)
+    session = collect.load_session(model, providers=PROVIDERS, threads=threads)
     session_s = time.perf_counter() - t0
     timed = TimedBatches(batches, probe=probe)
     for i, feed in enumerate(timed):
@@ -191,7 +191,7 @@ def _plain_pass(model: Any, outputs: Sequence[str], batches: Any, threads: int, 
 def _boundary_pass(ctx: Mapping[str, Any], batches: Any, threads: int) -> dict[str, Any]:
     """Decomposition (no metric): the graph with every block boundary as an output, fetched as
     score_blocks fetches them (same block selection, same fetch list), nothing computed."""
-    from compress.surgery import add_outputs
+    from compress.runtime import add_outputs
 
     model, outputs = ctx["model"], ctx["outputs"]
     scored = [b for b in ctx["block_map"].blocks if b.input is not None and b.output is not None]
@@ -212,8 +212,7 @@ def _score_pass(ctx: Mapping[str, Any], batches: Any, metrics: Sequence[str], th
 
     timed = TimedBatches(batches, probe=probe)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = score_blocks(ctx["model"], ctx["block_map"], timed, ScoreConfig(metrics=tuple(metrics), threads=threads),
-                          calibration="benchmark", random_calibration=False)
+    report = score_blocks(ctx["model"], ctx["block_map"], timed, ScoreConfig(metrics=tuple(metrics), threads=threads))
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     wall, cpu, n = timed.passes[0]
     out = {"total_s": total, "total_cpu_s": total_cpu, "loop_s": wall, "loop_cpu_s": cpu, "batches": n,

@@ -10,8 +10,7 @@ from onnx import TensorProto, helper
 import models
 from compress.blocks import BlockMap, choose_containers, find_blocks, find_containers
 from compress.errors import BlockError
-from compress.runtime import make_session
-from compress.surgery import add_outputs
+from compress.runtime import add_outputs, make_session
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

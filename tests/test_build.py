@@ -10,7 +10,7 @@ import pytest
 
 import models
 from compress.cli import main
-from compress.reports.latency import GATE_EXIT_CODES
+from compress.gates import GATE_EXIT_CODES
 
 FAST = ["--warmup-ms", "5", "--iterations", "10", "--duration", "0.05"]
 
@@ -178,3 +178,40 @@ def test_uint8_activations_cannot_go_to_tensorrt(tiny, tmp_path, capsys) -> None
         "error: --int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric int8 "
         "(zero point 0)\nhint: leave --int8-activations at auto (int8 for --backend trt), or use --backend ort\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message", "hint"), [
+    ({"precision": "int4"}, "BuildConfig.precision = int4: is not one of: fp32, fp16, int8", "e.g. precision=fp32"),
+    ({"backend": "TRT"}, "BuildConfig.backend = TRT: is not one of: ort, trt", "e.g. backend=ort"),
+])
+def test_build_config_names_the_field_and_its_valid_values(kwargs, message, hint) -> None:
+    from compress.build import BuildConfig
+    from compress.validate import FieldError
+
+    with pytest.raises(FieldError) as exc:
+        BuildConfig(**kwargs)
+    assert (exc.value.owner, exc.value.field) == ("BuildConfig", next(iter(kwargs)))
+    assert (exc.value.message, exc.value.hint) == (message, hint)
+
+
+def test_build_returns_data_and_the_glue_adds_gates(tiny, tmp_path) -> None:
+    """build() evaluates no gate and renders nothing; render_build records the gates the caller evaluated."""
+    import onnx
+
+    from compress.build import BuildConfig, BuildResult, build
+    from compress.gates import Gates, evaluate_gates
+    from compress.reports.build import render_build, write_build_files
+
+    _, small, _ = tiny
+    config = BuildConfig(shapes=("x:1x8x16/2x8x16/4x8x16",), warmup_ms=0.0, iterations=3, duration=0.0)
+    result = build(onnx.load(small), config, names={"model": "s.onnx", "baseline": None})
+    assert isinstance(result, BuildResult)
+    assert "gates" not in result.latency
+    gates = evaluate_gates(result.latency, Gates(max_latency_ms=1e9), previous=None)
+    reports = render_build(result, gates)
+    assert "gates" not in result.latency  # not modified
+    assert [g["name"] for g in reports.latency["gates"]] == ["max-latency"]
+    assert "| max-latency | pass |" in reports.markdown
+    assert render_build(result).latency["gates"] == []
+    write_build_files(tmp_path, result, reports)
+    assert json.loads((tmp_path / "latency.json").read_text())["gates"][0]["passed"] is True

@@ -113,7 +113,7 @@ def test_streaming_reads_headers_only_then_one_file_at_a_time(folder: Path, monk
         calls.append(Path(path).name)
         return real_load(path, *a, **k)
 
-    monkeypatch.setattr(cb.np, "load", counting_load)
+    monkeypatch.setattr(np, "load", counting_load)  # numpy.load, as compress.calibration.npz calls it
     calib = cb.load_calibration(folder, batch_size=2)
     cb.check_calibration(calib, float_model())
     assert calls == []  # headers only

@@ -18,8 +18,7 @@ import compress.onnx_io  # noqa: E402
 from compress import export as ex  # noqa: E402
 from compress.errors import ConfigError, ExportError  # noqa: E402
 from compress.export import DynamicAxis, ExportConfig, InputSpec, export_model  # noqa: E402
-from compress.runtime import make_session  # noqa: E402
-from compress.surgery import add_outputs  # noqa: E402
+from compress.runtime import add_outputs, make_session  # noqa: E402
 from models import block_hooks, image_input, tiny_resnet, tiny_transformer, transformer_input  # noqa: E402
 
 NET_PY = '''
@@ -589,3 +588,60 @@ def test_dynamo_noise_is_silenced(net_py, capfd):
     assert "[torch.onnx]" not in out
     assert "Warning" not in out
     assert os.path.exists(net_py.parent.parent / "out" / "q.onnx")
+
+
+def _process_state() -> dict:
+    """What the library must leave as it found it: environment, cwd, the exporters' loggers, warnings, fds 1/2."""
+    import logging
+    import sys
+    import warnings
+
+    from compress.export.exporters import _NOISY_LOGGERS
+
+    loggers = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in _NOISY_LOGGERS}
+    return {"environ": dict(os.environ), "cwd": os.getcwd(), "loggers": loggers,
+            "filters": list(warnings.filters), "streams": (sys.stdout, sys.stderr),
+            "fds": [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]}
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
+
+
+def test_quiet_restores_loggers_warnings_streams_and_descriptors_on_error(capfd):
+    import logging
+    import sys
+    import warnings
+
+    torch_onnx = logging.getLogger("torch.onnx")
+    torch_onnx.setLevel(logging.INFO)
+
+    def noisy_then_fail() -> None:
+        with ex.quiet():
+            assert torch_onnx.level == logging.ERROR
+            print("python print")
+            os.write(1, b"c-level print\n")
+            warnings.warn("a warning", UserWarning, stacklevel=1)
+            sys.stderr.write("python stderr\n")
+            raise RuntimeError("boom")
+
+    try:
+        before, fds = _process_state(), _open_fds()
+        with pytest.raises(RuntimeError, match="boom"):
+            noisy_then_fail()
+        assert _process_state() == before
+        assert _open_fds() == fds  # the saved duplicates of 1 and 2 are closed
+        assert capfd.readouterr() == ("", "")
+        with ex.quiet(False):  # disabled: nothing is touched
+            print("shown")
+        assert capfd.readouterr().out == "shown\n"
+    finally:
+        torch_onnx.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_model_leaves_the_process_as_it_found_it(exporter, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # torch's inductor sets it while exporting
+    before = _process_state()
+    export_model(tiny_transformer(), (transformer_input(),), ExportConfig(exporter=exporter))
+    assert _process_state() == before

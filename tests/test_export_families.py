@@ -81,6 +81,46 @@ def test_hf_causal_lm_exports_logits_without_cache(kind, exporter, tmp_path, run
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
+def _process_state() -> dict:
+    """What loading must leave as it found it: environment, cwd, the exporters' loggers, warnings, fds 1/2."""
+    import logging
+    import sys
+    import warnings
+
+    from compress.export.exporters import _NOISY_LOGGERS
+
+    loggers = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in _NOISY_LOGGERS}
+    return {"environ": dict(os.environ), "cwd": os.getcwd(), "loggers": loggers,
+            "filters": list(warnings.filters), "streams": (sys.stdout, sys.stderr),
+            "fds": [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]}
+
+
+@pytest.mark.parametrize("source", ["hf", "diffusers"])
+@pytest.mark.parametrize("outcome", ["loads", "fails"])
+def test_loading_a_folder_leaves_the_process_as_it_found_it(source, outcome, tmp_path, monkeypatch):
+    """The offline switches (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) and quiet() are undone, on failure too."""
+    if source == "diffusers":
+        pytest.importorskip("diffusers")
+    folder = tmp_path / source
+    if source == "hf":
+        families.save_causal_lm("gpt2", folder, layers=1)
+        weights = "model.safetensors"
+    else:
+        families.save_diffusers("dit", folder)
+        weights = "diffusion_pytorch_model.safetensors"
+    if outcome == "fails":
+        (folder / weights).unlink()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # one switch unset, the other set to another value
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    before = _process_state()
+    if outcome == "fails":
+        with pytest.raises(ModelError, match="cannot load the"):
+            ex.load_torch_model(f"{source}:{folder}")
+    else:
+        assert ex.load_torch_model(f"{source}:{folder}").kind == source
+    assert _process_state() == before
+
+
 def test_a_returned_cache_gets_its_own_hint_and_torchscript_does_not_point_back():
     import transformers
 

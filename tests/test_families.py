@@ -23,10 +23,13 @@ from compress.blocks import BlockMap, Stream, check_block, find_blocks, make_blo
 from compress.errors import BlockError, ConfigError  # noqa: E402
 from compress.graph import GraphIndex, node_keys  # noqa: E402
 from compress.reports.scoring import scores_markdown  # noqa: E402
-from compress.runtime import make_session
+from compress.runtime import (
+    add_outputs,  # noqa: E402
+    make_session,
+)
 from compress.scoring import MetricConfig, parse_token_ranges  # noqa: E402
 from compress.scoring.collect import ScoreConfig, score_blocks  # noqa: E402
-from compress.surgery import add_outputs, remove_blocks, verify_removal  # noqa: E402
+from compress.surgery import remove_blocks, verify_removal  # noqa: E402
 
 #: family -> builder options: 3-4 blocks each keep the whole file near a minute on 2 cores.
 SIZES = {
@@ -174,7 +177,7 @@ def test_guard_refuses_the_gpt2_bug_blocks_without_scope_repair() -> None:
 def test_per_stream_scores_on_sd3() -> None:
     fam, model, bm = exported("sd3")
     batches = [_feeds(fam, s) for s in (11, 12)]
-    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",)), calibration="fresh").to_dict()
+    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",))).to_dict()
     m = report["metrics"]["cosine"]
     assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
     assert m["stream_fusion"] == "max"
@@ -201,13 +204,13 @@ def test_per_stream_scores_on_sd3() -> None:
     # weighted fusion
     weights = (("hidden_states", 3.0), ("encoder_hidden_states", 1.0))
     mean = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-        stream_fusion="mean", stream_weights=weights)), calibration="fresh").to_dict()["metrics"]["cosine"]
+        stream_fusion="mean", stream_weights=weights))).to_dict()["metrics"]["cosine"]
     expected = (3 * want["hidden_states"] + want["encoder_hidden_states"]) / 4
     assert mean["scores"][joint.index] == pytest.approx(expected, rel=1e-4)
     # token ranges slice one tensor: refused on separate streams
     with pytest.raises(ConfigError) as err:
         score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-            token_ranges=parse_token_ranges("text=0:8,image=8:"))), calibration="fresh")
+            token_ranges=parse_token_ranges("text=0:8,image=8:"))))
     assert err.value.message == (f"--token-ranges slices one tensor, but block 0 ({bm.blocks[0].name}) has 2 separate "
                                  "streams (hidden_states, encoder_hidden_states)")
 
@@ -224,7 +227,7 @@ def test_per_stream_span_scores_on_sd3() -> None:
     fam, model, bm = exported("sd3")
     batches = [_feeds(fam, s) for s in (21, 22)]
     cfg = ScoreConfig(metrics=("cosine",), options=MetricConfig(interval=2))
-    report = score_blocks(model, bm, batches, cfg, calibration="fresh").to_dict()
+    report = score_blocks(model, bm, batches, cfg).to_dict()
     m = report["metrics"]["cosine"]
     assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
     blocks = bm.blocks
@@ -263,7 +266,7 @@ def test_per_stream_span_scores_on_sd3() -> None:
     # weighted fusion on spans, and the first span's mean uses both streams
     weights = (("hidden_states", 3.0), ("encoder_hidden_states", 1.0))
     mean = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-        interval=2, stream_fusion="mean", stream_weights=weights)), calibration="fresh").to_dict()["metrics"]["cosine"]
+        interval=2, stream_fusion="mean", stream_weights=weights))).to_dict()["metrics"]["cosine"]
     ps = m["per_stream"]
     assert abs(mean["scores"][first] - (3 * ps["hidden_states"][first] + ps["encoder_hidden_states"][first]) / 4) <= 1e-9
     assert mean["scores"][last_span] == ps["hidden_states"][last_span]

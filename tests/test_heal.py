@@ -90,7 +90,7 @@ def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> Non
     bm = find_blocks(model)
     assert len(bm.blocks) == 4
     config = PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True, **NO_LATENCY)
-    result = prune_model(model, bm, _batches(), config, calibration="t")
+    result = prune_model(model, bm, _batches(), config)
     heal = result.report["heal"]
     assert [b["index"] for b in result.report["removed"]] == [1, 2]
     (span,) = heal["spans"]
@@ -124,7 +124,7 @@ def test_a_map_that_hurts_is_not_written(linear_span, monkeypatch) -> None:
     _, model = linear_span
     bm = find_blocks(model)
     base = PruneConfig(metric="cosine", remove=2, keep=(0, 3), **NO_LATENCY)
-    plain = prune_model(model, bm, _batches(), base, calibration="t")
+    plain = prune_model(model, bm, _batches(), base)
 
     def bad(self, ridge=0.0):  # a map far from anything the span does
         return LinearMap(weight=np.zeros((self.d_in, self.d_out)), bias=np.full(self.d_out, 50.0), rows=self.rows,
@@ -132,7 +132,7 @@ def test_a_map_that_hurts_is_not_written(linear_span, monkeypatch) -> None:
 
     monkeypatch.setattr(LinearFit, "solve", bad)
     healed = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True,
-                                                            **NO_LATENCY), calibration="t")
+                                                            **NO_LATENCY))
     (span,) = healed.report["heal"]["spans"]
     assert not span["accepted"]
     assert "does not improve" in span["note"]
@@ -150,7 +150,7 @@ def test_healing_is_never_worse_on_the_held_out_batches(tmp_path) -> None:
     bm = find_blocks(model)
     for remove in (2, 4):
         r = prune_model(model, bm, _batches(8, seed=50), PruneConfig(metric="cosine", remove=remove, heal=True,
-                                                                     **NO_LATENCY), calibration="t").report
+                                                                     **NO_LATENCY)).report
         heal = r["heal"]
         assert len(heal["spans"]) == len(removed_spans([bm.blocks[b["index"]] for b in r["removed"]]))
         assert heal["fidelity_with"]["loss"] <= heal["fidelity_without"]["loss"]

@@ -506,7 +506,7 @@ def test_integer_outputs_are_compared_by_exact_agreement(work) -> None:
 
     from compress.blocks import find_blocks
     from compress.calibration import load_calibration
-    from compress.prune import compare_models
+    from compress.fidelity import compare_models
     from compress.surgery import remove_blocks
 
     model = onnx.load(work / "am.onnx")
@@ -546,7 +546,7 @@ def test_fidelity_accumulator_exact_outputs_unit() -> None:
 
 
 def test_min_fidelity_gate_uses_agreement_when_every_output_is_an_integer() -> None:
-    from compress.reports.latency import Gates, evaluate_gates
+    from compress.gates import Gates, evaluate_gates
 
     report = {"candidate": {"latency": {"median_ms": 1.0}},
               "comparison": {"fidelity": {"cosine": None, "agreement": 0.75}}}
@@ -634,8 +634,8 @@ def test_field_error_renders_for_each_front_end() -> None:
 def test_stage_configs_validate_every_number() -> None:
     from compress.bench import BenchConfig
     from compress.build import BuildConfig
+    from compress.gates import Gates
     from compress.prune import PruneConfig
-    from compress.reports.latency import Gates
     from compress.validate import FieldError
 
     cases = [

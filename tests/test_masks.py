@@ -92,7 +92,7 @@ def _padded(sentences: list[list[np.ndarray]], width: int, *, seed: int) -> list
 
 def _score(model, batches, **options):
     config = ScoreConfig(metrics=METRICS, options=MetricConfig(min_rows=4, **options))
-    return score_blocks(model, find_blocks(model), batches, config, calibration="t")
+    return score_blocks(model, find_blocks(model), batches, config)
 
 
 def test_the_mask_input_is_found(encoder) -> None:
@@ -183,7 +183,7 @@ def test_prune_heals_on_real_tokens_only(encoder) -> None:
     _, model = encoder
     batches = _padded(_sentences(), 12, seed=1) * 2
     config = PruneConfig(metric="cosine", remove=2, heal=True, latency=None)
-    r = prune_model(model, find_blocks(model), batches, config, calibration="t").report
+    r = prune_model(model, find_blocks(model), batches, config).report
     assert r["heal"]["token_mask"] == "attention_mask"
     score_set, _ = split_batches(batches, config.holdout)
     real = sum(int(b["attention_mask"].sum()) for b in score_set)

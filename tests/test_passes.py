@@ -115,6 +115,16 @@ def test_registry_lists_passes_and_rejects_unknown_names() -> None:
         get_pass("fp16")(onnx.ModelProto(), SparsityConfig())
 
 
+def test_register_pass_rejects_a_duplicate_name() -> None:
+    from compress.passes import register_pass
+
+    with pytest.raises(ValueError, match="already registered") as err:
+        register_pass("fp16", config=Fp16Config, kind="precision")(fp16_pass)
+    assert str(err.value) == "pass 'fp16' is already registered"
+    assert PASSES.names() == ["fp16", "int8", "smoothquant", "sparsity-2:4"]
+    assert get_pass("fp16").run is fp16_pass
+
+
 @pytest.mark.parametrize("name", ["fp16", "int8", "sparsity-2:4"])
 def test_passes_do_not_modify_their_input(name: str, transformer: onnx.ModelProto, tt_calib) -> None:
     before = transformer.SerializeToString()
@@ -508,7 +518,7 @@ def test_int8_uint8_activations_run_as_integer_matmuls_on_ort_cpu(tmp_path) -> N
 
 
 def test_int8_restore_float_inputs_drops_unused_qdq_pairs() -> None:
-    from compress.passes.int8 import _restore_float_inputs
+    from compress.passes.qdq import restore_float_inputs
 
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"], name="q"),
@@ -516,7 +526,7 @@ def test_int8_restore_float_inputs_drops_unused_qdq_pairs() -> None:
              helper.make_node("Add", ["rd", "x"], ["y"], name="add")]
     model = _model(nodes, [_f32("x", [2, 4])], [_f32("y", [2, 4])],
                    [_init("s", np.float32(0.1)), _init("z", np.int8(0))])
-    assert _restore_float_inputs(model, {"mm_not_here"}) == 1
+    assert restore_float_inputs(model, {"mm_not_here"}) == 1
     assert [(n.name, list(n.input)) for n in model.graph.node] == [("relu", ["x"]), ("add", ["r", "x"])]
     assert not model.graph.initializer
     x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
@@ -785,8 +795,8 @@ def test_passes_on_a_model_with_external_data(name: str, external_mlp, tmp_path)
 
 def test_fp16_activation_ranges_run_one_sample_at_a_time_with_the_same_maxima():
     from compress.graph import GraphIndex
-    from compress.passes import fp16 as fp16_mod
-    from compress.surgery import add_outputs
+    from compress.passes import fp16_ranges as fp16_mod
+    from compress.runtime import add_outputs
     from hostile import residual_mlp
 
     model = residual_mlp(dim=16)

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from compress.cli import build_parser, main
+from compress.gates import GATE_EXIT_CODES
 from compress.pipeline import STAGES, load_config
-from compress.reports.latency import GATE_EXIT_CODES
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

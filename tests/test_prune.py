@@ -123,7 +123,7 @@ def _torch_without(module, removed):
 def test_prune_model_matches_torch_and_reports(tiny) -> None:
     module, model, _, batches = tiny
     bm = find_blocks(model)
-    result = prune_model(model, bm, batches, PruneConfig(remove=2, **NO_LATENCY), calibration="t")
+    result = prune_model(model, bm, batches, PruneConfig(remove=2, **NO_LATENCY))
     removed = [b["index"] for b in result.report["removed"]]
     assert len(removed) == 2
     x = models.transformer_input(3, 8, seed=99)
@@ -153,7 +153,7 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
     assert choose_metric(bm) == (
         "ablation", "4 of 4 removable blocks take rank-4+ feature maps (convolutional): ablation")
     images = [{"x": models.image_input(4, 8, seed=30 + i).numpy()} for i in range(8)]
-    result = prune_model(cnn, bm, images, PruneConfig(remove=1, **NO_LATENCY), calibration="t")
+    result = prune_model(cnn, bm, images, PruneConfig(remove=1, **NO_LATENCY))
     r = result.report
     assert (r["method"]["metric"], r["method"]["metric_requested"]) == ("ablation", "auto")
     assert r["method"]["metric_choice"].endswith(": ablation")
@@ -171,14 +171,14 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
 def test_budget_stops_before_exceeding_and_keeps_the_original_if_nothing_fits(tiny) -> None:
     _, model, _, batches = tiny
     bm = find_blocks(model)
-    loose = prune_model(model, bm, batches, PruneConfig(max_drop=1.0, **NO_LATENCY), calibration="t")
+    loose = prune_model(model, bm, batches, PruneConfig(max_drop=1.0, **NO_LATENCY))
     assert len(loose.report["removed"]) == 4  # every removal is within a budget of 1
-    tight = prune_model(model, bm, batches, PruneConfig(max_drop=0.0, **NO_LATENCY), calibration="t")
+    tight = prune_model(model, bm, batches, PruneConfig(max_drop=0.0, **NO_LATENCY))
     assert tight.report["removed"] == []
     assert tight.report["steps"][0]["accepted"] is False
     assert tight.model == model
     mid_budget = sorted(s["loss"] for s in loose.report["steps"])[1]
-    mid = prune_model(model, bm, batches, PruneConfig(max_drop=mid_budget, **NO_LATENCY), calibration="t")
+    mid = prune_model(model, bm, batches, PruneConfig(max_drop=mid_budget, **NO_LATENCY))
     assert all(s["loss"] <= mid_budget for s in mid.report["steps"] if s["accepted"])
     assert mid.report["fidelity"]["loss"] <= mid_budget
 
@@ -186,18 +186,18 @@ def test_budget_stops_before_exceeding_and_keeps_the_original_if_nothing_fits(ti
 def test_keep_and_bad_options(tiny) -> None:
     _, model, _, batches = tiny
     bm = find_blocks(model)
-    kept = prune_model(model, bm, batches, PruneConfig(remove=3, keep=(0,), **NO_LATENCY), calibration="t")
+    kept = prune_model(model, bm, batches, PruneConfig(remove=3, keep=(0,), **NO_LATENCY))
     assert sorted(b["index"] for b in kept.report["removed"]) == [1, 2, 3]
     # checked before any scoring, naming the config field
     with pytest.raises(ConfigError, match=r"^PruneConfig\.remove = 4: asks for 4 blocks, but only 3 of the 4 blocks can "
                                           r"be removed \(1 kept\) \(hint"):
-        prune_model(model, bm, batches, PruneConfig(remove=4, keep=(0,), **NO_LATENCY), calibration="t")
+        prune_model(model, bm, batches, PruneConfig(remove=4, keep=(0,), **NO_LATENCY))
     with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist: the model has blocks 0\.\.3"):
-        prune_model(model, bm, batches, PruneConfig(remove=1, keep=(7,), **NO_LATENCY), calibration="t")
+        prune_model(model, bm, batches, PruneConfig(remove=1, keep=(7,), **NO_LATENCY))
     with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist"):  # the budget path too
-        prune_model(model, bm, batches, PruneConfig(max_drop=0.5, keep=(7,), **NO_LATENCY), calibration="t")
+        prune_model(model, bm, batches, PruneConfig(max_drop=0.5, keep=(7,), **NO_LATENCY))
     with pytest.raises(ConfigError, match="say how much to prune"):
-        prune_model(model, bm, batches, PruneConfig(**NO_LATENCY), calibration="t")
+        prune_model(model, bm, batches, PruneConfig(**NO_LATENCY))
 
 
 def test_latency_report_has_ideal_and_efficiency(tiny) -> None:
@@ -205,7 +205,7 @@ def test_latency_report_has_ideal_and_efficiency(tiny) -> None:
 
     _, model, _, batches = tiny
     r = prune_model(model, find_blocks(model), batches,
-                    PruneConfig(remove=2, latency=BenchConfig(warmup_s=0.01, duration_s=0.05)), calibration="t").report
+                    PruneConfig(remove=2, latency=BenchConfig(warmup_s=0.01, duration_s=0.05))).report
     lat = r["latency"]
     assert set(lat["block_ms"]) == {"0", "1", "2", "3"}
     assert lat["ideal_speedup"] > 1
@@ -213,7 +213,7 @@ def test_latency_report_has_ideal_and_efficiency(tiny) -> None:
 
 
 def test_ideal_speedup_is_undefined_when_the_blocks_alone_take_the_whole_model(tiny, monkeypatch) -> None:
-    import compress.prune as pr
+    import compress.prune.cost as pr
     from compress.bench import summarize
 
     _, model, _, batches = tiny

@@ -48,8 +48,7 @@ def _reference_cosine(module, batches, *, signed: bool) -> np.ndarray:
 def test_cosine_scores_match_torch_hooks(transformer) -> None:
     module, model, _ = transformer
     batches = _batches(3)
-    report = score_blocks(model, find_blocks(model), batches, ScoreConfig(metrics=("cosine", "cosine-signed")),
-                          calibration="test")
+    report = score_blocks(model, find_blocks(model), batches, ScoreConfig(metrics=("cosine", "cosine-signed")))
     np.testing.assert_allclose(report.scores("cosine"), _reference_cosine(module, batches, signed=False), rtol=1e-4)
     np.testing.assert_allclose(report.scores("cosine-signed"), _reference_cosine(module, batches, signed=True), rtol=1e-4)
     assert report.batches == 3
@@ -62,8 +61,8 @@ def test_streaming_equals_one_shot(transformer) -> None:
     batches = _batches(4)
     one = [{"x": np.concatenate([b["x"] for b in batches])}]
     config = ScoreConfig(metrics=("cosine", "angular"), options=MetricConfig(interval=2))
-    a = score_blocks(model, bm, batches, config, calibration="stream")
-    b = score_blocks(model, bm, one, config, calibration="one")
+    a = score_blocks(model, bm, batches, config)
+    b = score_blocks(model, bm, one, config)
     for metric in ("cosine", "angular"):
         np.testing.assert_allclose(np.array(a.scores(metric)[:3], dtype=float),
                                    np.array(b.scores(metric)[:3], dtype=float), rtol=1e-9)
@@ -74,7 +73,7 @@ def test_ablation_matches_direct_removal(transformer) -> None:
     _, model, _ = transformer
     bm = find_blocks(model)
     batches = _batches(2)
-    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)), calibration="t")
+    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)))
     full = make_session(model)
     for block in bm.blocks:
         pruned = make_session(remove_blocks(model, [block]))
@@ -89,7 +88,7 @@ def test_ablation_matches_direct_removal(transformer) -> None:
 
 def test_cka_matrix_and_segments(transformer) -> None:
     _, model, _ = transformer
-    report = score_blocks(model, find_blocks(model), _batches(3), ScoreConfig(metrics=("cka",)), calibration="t")
+    report = score_blocks(model, find_blocks(model), _batches(3), ScoreConfig(metrics=("cka",)))
     cka = report.metrics["cka"]
     m = np.array(cka["matrix"])
     assert m.shape == (5, 5)
@@ -105,16 +104,16 @@ def test_errors(transformer) -> None:
     _, model, _ = transformer
     bm = find_blocks(model)
     with pytest.raises(ConfigError) as err:
-        score_blocks(model, bm, _batches(1), ScoreConfig(metrics=("cosin",)), calibration="t")
+        score_blocks(model, bm, _batches(1), ScoreConfig(metrics=("cosin",)))
     assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed"
     with pytest.raises(CalibrationError, match="the calibration data has no batches"):
-        score_blocks(model, bm, [], ScoreConfig(), calibration="t")
+        score_blocks(model, bm, [], ScoreConfig())
     with pytest.raises(CalibrationError, match="calibration batch 0 does not fit the model"):
-        score_blocks(model, bm, [{"x": np.zeros((2, 8, 5), np.float32)}], ScoreConfig(), calibration="t")
+        score_blocks(model, bm, [{"x": np.zeros((2, 8, 5), np.float32)}], ScoreConfig())
     nan = _batches(1)
     nan[0]["x"][0, 0, 0] = np.nan
     with pytest.raises(BlockError, match=r"block 0 \(blocks.0\) input contains NaN or Inf"):
-        score_blocks(model, bm, nan, ScoreConfig(), calibration="t")
+        score_blocks(model, bm, nan, ScoreConfig())
 
 
 def test_cli_scores_only_writes_json_markdown_and_plot(transformer, tmp_path, capsys) -> None:
@@ -167,7 +166,7 @@ def test_ablation_ort_failure_names_the_ablated_model(transformer, monkeypatch) 
     _, model, _ = transformer
     bm = find_blocks(model)
     batches = _batches(1)
-    real = collect.make_session
+    real = collect.load_session
     sessions = []
 
     class Failing:
@@ -185,8 +184,8 @@ def test_ablation_ort_failure_names_the_ablated_model(transformer, monkeypatch) 
         s = real(m, **kw)
         return s if len(sessions) == 1 else Failing(s)  # the first session is the full model
 
-    monkeypatch.setattr(collect, "make_session", fake)
+    monkeypatch.setattr(collect, "load_session", fake)
     with pytest.raises(BlockError) as err:
-        score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)), calibration="t")
+        score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)))
     assert err.value.message == ("ablation: ONNX Runtime fails on the model without block 0 (blocks.0) on calibration "
                                  "batch 0 (the full model runs it): Non-zero status code returned while running Add node")

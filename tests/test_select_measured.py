@@ -13,18 +13,17 @@ import models
 from compress.blocks import find_blocks
 from compress.cli import main
 from compress.errors import BlockError
+from compress.fidelity import HeldOut, compare_models
 from compress.prune import (
     SELECTIONS,
     Candidates,
-    HeldOut,
     PruneConfig,
-    _better,
-    compare_models,
     mark_fronts,
     pareto_front,
     prune_model,
     split_batches,
 )
+from compress.prune.heal import _better
 from compress.surgery import remove_blocks
 
 NO_LATENCY = {"latency": None}
@@ -55,8 +54,7 @@ def _best(rows):
 def test_measured_keeps_the_candidate_with_the_best_independently_measured_fidelity(tiny, remove) -> None:
     _, model, bm = tiny
     batches = _batches()
-    res = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="measured", **NO_LATENCY),
-                      calibration="t")
+    res = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="measured", **NO_LATENCY))
     table = res.report["measured"]["candidates"]
     sets = [tuple(r["blocks"]) for r in table]
     assert len(sets) == len(set(sets)) >= 2  # deduplicated, and more than the default alone
@@ -74,8 +72,7 @@ def test_measured_keeps_the_candidate_with_the_best_independently_measured_fidel
     assert [b["index"] for b in res.report["removed"]] == chosen[0]["blocks"]
     assert res.report["fidelity"]["loss"] == pytest.approx(compare_models(model, res.model, held)["loss"], abs=1e-12)
     # The default rule is a candidate (the first), and the choice is never worse than it.
-    default = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="lowest", **NO_LATENCY),
-                          calibration="t")
+    default = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="lowest", **NO_LATENCY))
     assert "lowest/cosine" in table[0]["rules"]
     assert table[0]["blocks"] == [b["index"] for b in default.report["removed"]]
     assert table[0]["loss"] == pytest.approx(default.report["fidelity"]["loss"], abs=1e-12)
@@ -88,8 +85,8 @@ def test_measured_with_heal_tries_each_candidate_healed_and_is_never_worse_than_
     _, model, bm = tiny
     batches = _batches()
     cfg = PruneConfig(metric="cosine", remove=3, heal=True, select="lowest", **NO_LATENCY)
-    res = prune_model(model, bm, batches, PruneConfig(**{**cfg.__dict__, "select": "measured"}), calibration="t")
-    default = prune_model(model, bm, batches, cfg, calibration="t")
+    res = prune_model(model, bm, batches, PruneConfig(**{**cfg.__dict__, "select": "measured"}))
+    default = prune_model(model, bm, batches, cfg)
     table = res.report["measured"]["candidates"]
     assert {r["healed"] for r in table} == {False, True}
     for r in table:
@@ -202,7 +199,7 @@ def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) ->
 
 
 def test_a_candidate_metric_that_fails_leaves_the_default_rule_and_a_note(tiny, monkeypatch) -> None:
-    import compress.prune as prune
+    import compress.prune.measured as prune
 
     _, model, bm = tiny
     real = prune.score_blocks
@@ -213,8 +210,7 @@ def test_a_candidate_metric_that_fails_leaves_the_default_rule_and_a_note(tiny, 
         return real(model, block_map, batches, config, **kw)
 
     monkeypatch.setattr(prune, "score_blocks", no_cka)
-    res = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY),
-                      calibration="t")
+    res = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
     m = res.report["measured"]
     assert m["notes"][0] == "the candidate metrics cosine-signed, angular, cka were not scored: cka: not for this model"
     rules = {r for row in m["candidates"] for r in row["rules"]}

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 import models
 from compress.blocks import find_blocks
 from compress.errors import BlockError
-from compress.runtime import make_session
-from compress.surgery import add_outputs, remove_blocks
+from compress.runtime import add_outputs, make_session
+from compress.surgery import remove_blocks
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -41,6 +41,11 @@ def nearest_rank(sorted_ms: Sequence[float], p: float) -> float:
 
 
 def median(sorted_ms: Sequence[float]) -> float:
+    """Median of ``sorted_ms`` (ascending): the middle sample, or the mean of the middle two.
+
+    Raises:
+        IndexError: ``sorted_ms`` is empty.
+    """
     n = len(sorted_ms)
     mid = n // 2
     return float(sorted_ms[mid]) if n % 2 else (sorted_ms[mid - 1] + sorted_ms[mid]) / 2.0
@@ -65,9 +70,11 @@ class Timing:
 
     @property
     def unstable(self) -> bool:
+        """True when the coefficient of variation exceeds ``UNSTABLE_COV_PCT`` percent."""
         return self.cov_pct > UNSTABLE_COV_PCT
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, floats rounded to 6 decimals (JSON-ready)."""
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 

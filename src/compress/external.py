@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -389,7 +390,7 @@ class _Spill:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._dir: Path | None = None
-        self._file: object | None = None
+        self._file: BinaryIO | None = None
         self._size = 0
         self._pid = -1
 
@@ -415,10 +416,10 @@ class _Spill:
             offset = self._size
             if array.nbytes >= ALIGN_MIN_BYTES and offset % PAGE_BYTES:
                 pad = PAGE_BYTES - offset % PAGE_BYTES
-                f.write(b"\0" * pad)  # type: ignore[attr-defined]
+                f.write(b"\0" * pad)
                 offset += pad
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))  # type: ignore[attr-defined]
-            f.flush()  # type: ignore[attr-defined]
+            f.write(np.ascontiguousarray(array).data.cast("B"))  # .data is memoryview(array)
+            f.flush()
             self._size = offset + array.nbytes
             return DataRef(folder / "spill.data", offset, array.nbytes)
 
@@ -437,9 +438,10 @@ def in_temp_folder(path: Path) -> bool:
 
 
 def array_tensor(array: np.ndarray, name: str) -> TensorProto:
-    """A TensorProto named ``name`` holding ``array``: embedded below :data:`INLINE_MAX_BYTES`,
-    else appended to the spill file and referenced (the array's bytes are written once, not
-    copied into protobuf). Does not keep a reference to ``array``.
+    """A TensorProto named ``name`` holding ``array``; does not keep a reference to ``array``.
+
+    Embedded below :data:`INLINE_MAX_BYTES`, else appended to the spill file and referenced
+    (the array's bytes are written once, not copied into protobuf).
     """
     arr = np.asarray(array)
     if arr.nbytes < INLINE_MAX_BYTES or arr.dtype.kind in "OUS" or arr.dtype.byteorder == ">":
@@ -591,9 +593,11 @@ def write_embedded(model: onnx.ModelProto, path: Path) -> None:
 
 
 def embedded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every tensor's data embedded, for tools that read tensors with
-    ``numpy_helper`` (Polygraphy, ``onnx.reference``). Holds all weights: small models only.
-    Does not modify ``model``."""
+    """A copy of ``model`` with every tensor's data embedded; does not modify ``model``.
+
+    For tools that read tensors with ``numpy_helper`` (Polygraphy, ``onnx.reference``).
+    Holds all weights: small models only.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     embed_data(out)
@@ -612,8 +616,11 @@ def embed_data(model: onnx.ModelProto) -> None:
 
 
 def external_bytes(model: onnx.ModelProto) -> tuple[int, bool]:
-    """(bytes of tensor data the model holds, whether any of it comes from an external data file
-    outside the temporary folder, i.e. the input had external data)."""
+    """(bytes of tensor data the model holds, whether any of it is external input data).
+
+    The flag is True when some tensor's data lies in an external data file outside the
+    temporary folder, i.e. the input had external data.
+    """
     total, outside = 0, False
     for t in model_tensors(model):
         total += tensor_nbytes(t)
@@ -665,9 +672,10 @@ def tensors_digest(model: onnx.ModelProto) -> str:
 
 @contextlib.contextmanager
 def checker_view(model: onnx.ModelProto) -> Iterator[Path]:
-    """A file holding ``model``'s graph for ``onnx.checker.check_model(path)``: external tensors
-    point at one empty placeholder file beside it (the checker reads types, shapes and
-    locations, not the bytes). Removed on exit.
+    """A file holding ``model``'s graph for ``onnx.checker.check_model(path)``; removed on exit.
+
+    External tensors point at one empty placeholder file beside it (the checker reads types,
+    shapes and locations, not the bytes).
     """
     view = onnx.ModelProto()
     view.CopyFrom(model)

@@ -13,16 +13,26 @@ Per output tensor, over all samples (leading axis = batch):
 
 Statistics are accumulated batch by batch (:class:`FidelityAccumulator`), so no output
 of all batches is held in memory.
+
+:func:`compare_models` and :class:`HeldOut` run both models with ONNX Runtime
+(:mod:`compress.runtime`, CPU) on the same batches and summarise the statistics: the worst
+value of each over outputs and the fidelity loss (:func:`fidelity_loss`). They never modify
+the models; a model ORT cannot load is a :class:`~compress.errors.BlockError`, a batch it
+rejects a :class:`~compress.errors.CalibrationError` naming the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+
+from compress.runtime import load_session, run_batch
+
+Batches = Sequence[Mapping[str, np.ndarray]]
 
 #: Ops whose output can be class scores (a linear classifier head).
 _HEAD_OPS = {"Gemm", "MatMul", "Add", "Conv"}
@@ -80,6 +90,11 @@ class FidelityAccumulator:
     sums: dict[str, _Sums] = field(default_factory=dict)
 
     def update(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
+        """Add one batch: ``reference`` and ``candidate`` map each output name to its array (batch axis first).
+
+        Every name of ``reference`` must be in ``candidate``; integer and bool outputs count
+        exact agreement, float outputs cosine, absolute errors (and top-1, KL for logits).
+        """
         for name, ref in reference.items():
             raw_r, raw_c = np.asarray(ref), np.asarray(candidate[name])
             exact = raw_r.dtype.kind in "biu" or raw_c.dtype.kind in "biu"
@@ -153,3 +168,53 @@ def fidelity_loss(summary: Mapping[str, float | None]) -> tuple[float, str]:
         return 0.0, "none (no outputs)"
     loss, _ = max(parts, key=lambda p: p[0])
     return loss, f"max({', '.join(name for _, name in parts)})" if len(parts) > 1 else parts[0][1]
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, batches: Batches) -> dict[str, Any]:
+    """Fidelity of ``candidate`` against ``reference`` on ``batches`` (see the module docstring).
+
+    The two models never have a session at the same time (the reference's outputs on
+    ``batches`` are kept instead), so the peak memory is one model's, not two. Does not
+    modify either model.
+
+    Returns:
+        A dict: ``outputs`` (the statistics per output, :meth:`FidelityAccumulator.result`);
+        the worst value over outputs of ``cosine``, ``max_abs``, ``mean_abs``, ``top1``,
+        ``kl`` and ``agreement`` (None where no output has it); ``loss`` and
+        ``loss_metric`` (:func:`fidelity_loss`).
+
+    Raises:
+        BlockError: ORT cannot load a model. CalibrationError: ORT rejects a batch.
+    """
+    return HeldOut(reference, batches).fidelity(candidate)
+
+
+class HeldOut:
+    """The reference model's outputs on the held-out batches, computed once; :meth:`fidelity` scores candidates.
+
+    ``HeldOut(model, held).fidelity(candidate)`` equals ``compare_models(model, candidate,
+    held)`` with one ORT session per candidate and none for the reference. The outputs are
+    kept in memory (the held-out share of the calibration data).
+    """
+
+    def __init__(self, reference: onnx.ModelProto, batches: Batches) -> None:
+        self.batches = batches
+        self.names = [o.name for o in reference.graph.output]
+        self.logits = logit_outputs(reference)
+        ref = load_session(reference, providers=("CPUExecutionProvider",))
+        self.outputs = [run_batch(ref, feed, self.names, batch=i) for i, feed in enumerate(batches)]
+
+    def fidelity(self, candidate: onnx.ModelProto) -> dict[str, Any]:
+        """Fidelity of ``candidate`` against the reference (the dict of :func:`compare_models`)."""
+        cand = load_session(candidate, providers=("CPUExecutionProvider",))
+        acc = FidelityAccumulator(logits=self.logits)
+        for i, feed in enumerate(self.batches):
+            acc.update(self.outputs[i], run_batch(cand, feed, self.names, batch=i))
+        return _fidelity_summary(acc)
+
+
+def _fidelity_summary(acc: FidelityAccumulator) -> dict[str, Any]:
+    per_output = acc.result()
+    summary = {k: worst(per_output, k) for k in ("cosine", "max_abs", "mean_abs", "top1", "kl", "agreement")}
+    loss, how = fidelity_loss(summary)
+    return {"outputs": per_output, **summary, "loss": loss, "loss_metric": how}

@@ -31,6 +31,7 @@ class TensorType:
     shape: tuple[Dim, ...] | None
 
     def shape_str(self) -> str:
+        """The shape as ``2x?xseq`` (``?`` for an unknown dim); ``?`` when the rank is unknown."""
         if self.shape is None:
             return "?"
         return "x".join("?" if d is None else str(d) for d in self.shape)
@@ -45,6 +46,13 @@ class TensorType:
         # known integers can differ.
         return all(not (isinstance(a, int) and isinstance(b, int)) or a == b
                    for a, b in zip(self.shape, other.shape, strict=True))
+
+    def static_shape(self) -> tuple[int, ...] | None:
+        """The shape when the rank and every dim are known integers; None otherwise."""
+        if self.shape is None:
+            return None
+        dims = tuple(d for d in self.shape if isinstance(d, int))
+        return dims if len(dims) == len(self.shape) else None
 
 
 def dtype_name(elem_type: int) -> str:
@@ -117,12 +125,13 @@ _RUNTIME_TYPES_MAX_BYTES = 1 << 30
 
 
 def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict[str, TensorType]:
-    """Types of node outputs that shape inference left without a shape, measured by one ONNX
-    Runtime run on placeholder inputs (ones for floats, zeros for integers).
+    """Types of node outputs that shape inference left without a shape, measured by ONNX Runtime.
 
-    Only for models whose graph inputs all have static shapes (then a run gives the shapes
-    every run has; a TorchScript export's ``Reshape`` to a computed shape is the usual gap)
-    and that hold at most 1 GiB (graph and tensor data). Best effort: {} when nothing is missing or ORT fails.
+    One run on placeholder inputs (ones for floats, zeros for integers); does not modify
+    ``model`` or ``types``. Only for models whose graph inputs all have static shapes (then a
+    run gives the shapes every run has; a TorchScript export's ``Reshape`` to a computed shape
+    is the usual gap) and that hold at most 1 GiB (graph and tensor data). Best effort: {} when
+    nothing is missing or ORT fails.
     """
     graph = model.graph
     inits = {t.name for t in graph.initializer}
@@ -134,17 +143,18 @@ def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict
         if vi.name in inits:
             continue
         t = value_type(vi)
-        if t is None or t.shape is None or not all(isinstance(d, int) for d in t.shape):
+        shape = t.static_shape() if t is not None else None
+        if t is None or shape is None:
             return {}
         dtype = np.dtype(t.dtype) if t.dtype in np.sctypeDict else None
         if dtype is None:
             return {}
-        feeds[vi.name] = (np.ones if dtype.kind == "f" else np.zeros)(t.shape, dtype=dtype)
+        feeds[vi.name] = (np.ones if dtype.kind == "f" else np.zeros)(shape, dtype=dtype)
     try:
         import onnxruntime as ort
 
         from compress.onnx_io import model_nbytes
-        from compress.runtime import make_session
+        from compress.runtime.session import make_session
 
         if model_nbytes(model) > _RUNTIME_TYPES_MAX_BYTES:
             return {}
@@ -224,11 +234,14 @@ class GraphIndex:
         return types
 
     def type_of(self, name: str) -> TensorType | None:
+        """The (inferred) type of tensor ``name``; None when it is unknown."""
         return self.types.get(name)
 
     def weight_tensor(self, name: str) -> onnx.TensorProto | None:
-        """The stored tensor behind ``name``: an initializer, or the ``value`` of a ``Constant`` node
-        (how some exporters, e.g. caffe2 and older TF converters, store weights); None otherwise."""
+        """The stored tensor behind ``name``: an initializer or a ``Constant`` node's value; else None.
+
+        Some exporters (caffe2, older TF converters) store weights as ``Constant`` nodes.
+        """
         t = self.initializers.get(name)
         if t is not None:
             return t
@@ -241,8 +254,11 @@ class GraphIndex:
         return next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
 
     def params_of(self, keys: Iterable[str]) -> int:
-        """Number of parameters read by the given nodes: elements of non-scalar, non-index stored
-        tensors (initializers and ``Constant`` node values, :meth:`weight_tensor`)."""
+        """Number of parameters read by the given nodes (each stored tensor counted once).
+
+        Parameters are the elements of non-scalar, non-index stored tensors (initializers and
+        ``Constant`` node values, :meth:`weight_tensor`).
+        """
         seen: set[str] = set()
         total = 0
         for key in keys:

@@ -225,8 +225,11 @@ def save_model(
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` reads tensor data from a file other than this process's temporary ones
-    (it was loaded from a model with external data); its outputs then get external data too."""
+    """Whether ``model`` reads tensor data from a file other than this process's temporary ones.
+
+    True when it was loaded from a model with external data; its outputs then get external
+    data too.
+    """
     return external.external_bytes(model)[1]
 
 

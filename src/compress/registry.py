@@ -40,7 +40,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             valid = ", ".join(self.names())
-            hint = f"use {self.flag} with one of: {valid}" if self.flag else None
+            hint = f"use {self.flag} with one of: {valid}" if self.flag else f"use one of: {valid}"
             raise ConfigError(f"unknown {self.kind} {name!r}; valid: {valid}", hint=hint) from None
 
     def names(self) -> list[str]:

@@ -1,6 +1,6 @@
-"""Graph surgery with onnx-graphsurgeon: mark tensors as outputs, remove blocks.
+"""Graph surgery with onnx-graphsurgeon: remove blocks, check the result.
 
-Both functions return a new model and never modify their input. Removal is guarded: each
+:func:`remove_blocks` returns a new model and never modifies its input. Removal is guarded: each
 block is re-checked on the graph itself before the surgery (:func:`compress.blocks.check_block`:
 its stream inputs are the residual streams and its outputs replace exactly them), and the
 result is checked after it (every node of the removed blocks is gone, no node reads a
@@ -12,7 +12,7 @@ returned, so nothing can be written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -20,32 +20,13 @@ import onnx
 from compress.blocks import Block, check_block
 from compress.errors import BlockError
 from compress.graph import GraphIndex, node_inputs, node_keys
+from compress.runtime import load_session
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model`` (onnx-graphsurgeon writes into the TensorProtos it imports)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return out
-
-
-def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with the tensors ``names`` appended as graph outputs.
-
-    Tensors that already are graph outputs are not added twice. Output types come from
-    shape inference where known (element type only otherwise). Does not modify ``model``.
-    """
-    index = GraphIndex(model)
-    out = _copy(model)
-    existing = {o.name for o in out.graph.output}
-    for name in dict.fromkeys(names):
-        if name in existing:
-            continue
-        if name not in index.producer and name not in index.graph_inputs:
-            raise BlockError(f"tensor {name!r} is not produced in the graph", hint="the block map does not fit this model")
-        t = index.type_of(name)
-        elem = onnx.TensorProto.FLOAT if t is None else onnx.helper.np_dtype_to_tensor_dtype(__import__("numpy").dtype(t.dtype))
-        out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-        existing.add(name)
     return out
 
 
@@ -65,6 +46,8 @@ def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block], *, check: boo
     block goes) are dead afterwards and leave too.
 
     Args:
+        model: the model to prune (not modified).
+        blocks: the blocks to remove (removable ones of ``model``'s block map, any order).
         check: also run ``onnx.checker`` with full checks on the result (the structural
             guard before and the checks after the surgery always run).
         index: a :class:`GraphIndex` of ``model`` to reuse (one removal per block in a loop).
@@ -202,13 +185,11 @@ def verify_removal(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Map
 
     Also fails when ONNX Runtime cannot run the pruned model (naming the removed blocks).
     """
-    from compress.scoring.collect import make_session
-
     names = [o.name for o in original.graph.output]
     what = ", ".join(b.name for b in blocks) or "the blocks"
-    ref = make_session(original, providers=("CPUExecutionProvider",)).run(names, dict(feed))
+    ref = load_session(original, providers=("CPUExecutionProvider",)).run(names, dict(feed))
     try:
-        got = make_session(pruned, providers=("CPUExecutionProvider",)).run(names, dict(feed))
+        got = load_session(pruned, providers=("CPUExecutionProvider",)).run(names, dict(feed))
     except BlockError:
         raise
     except Exception as exc:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 
 #: Longest a timed phase (warm-up, measurement) may be asked to run, in seconds.
 MAX_SECONDS = 3600.0
@@ -163,7 +163,7 @@ def _too_big(value: Any, limit: int) -> bool:
     return False
 
 
-def check_document(data: Any, *, source: str, error: type[ConfigError] = ConfigError, max_depth: int = MAX_DEPTH,
+def check_document(data: Any, *, source: str, error: type[CompressError] = ConfigError, max_depth: int = MAX_DEPTH,
                    max_nodes: int = MAX_NODES) -> None:
     """A parsed JSON/YAML document is plain data of bounded size: depth, item count, string keys.
 

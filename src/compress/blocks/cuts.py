@@ -1,9 +1,9 @@
 """Find repeated blocks from the graph alone: residual cuts grouped by repeating structure.
 
-Used by :func:`compress.blocks.find_blocks` when a model carries no module paths (no
+Used by :func:`compress.blocks.scopes.find_blocks` when a model carries no module paths (no
 dynamo metadata, no ``/module/...`` node names), e.g. after onnxsim renamed its nodes.
 Nothing here modifies a model; the cost is O(nodes + edges) plus one
-:func:`compress.blocks.make_block` per block found.
+:func:`compress.blocks.boundary.make_block` per block found.
 
 Method
 ------
@@ -47,9 +47,9 @@ Method
 5. **Blocks.** Each group of p segments is one block: the nodes of its segments less the
    *hoisted* side nodes (nodes producing no stream tensor whose results are read outside
    the group, e.g. mask building placed in the first layer, and their side ancestors),
-   described by :func:`compress.blocks.make_block` and named ``graph.0``, ``graph.1``, ...
+   described by :func:`compress.blocks.boundary.make_block` and named ``graph.0``, ``graph.1``, ...
    in graph order. A run is kept only when one of its blocks is *residual*: a stream output
-   carries the block's input on a residual path (:func:`compress.blocks.residual_sources`:
+   carries the block's input on a residual path (:func:`compress.blocks.boundary.residual_sources`:
    a skip connection); runs of plain layers (VGG's conv-ReLU stages, Inception branches)
    are repeated structure but no removable block, and are not proposed.
 
@@ -67,7 +67,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compress.blocks import Block, BlockMap, hoisted_nodes, make_block, residual_sources
+from compress.blocks.boundary import hoisted_nodes, make_block, residual_sources
+from compress.blocks.model import Block, BlockMap
 from compress.graph import GraphIndex, node_inputs
 
 #: Longest repeating group of segments considered (a BERT layer has 4: attn, LN, ffn, LN).
@@ -93,8 +94,11 @@ _NON_FLOAT_OPS = frozenset({
 
 @dataclass(frozen=True)
 class Cut:
-    """A residual cut: after node number ``position`` (-1: before the first node) of the
-    topological order, ``tensor`` is the only live stream tensor."""
+    """A residual cut: the one point where a single stream tensor is live.
+
+    After node number ``position`` (-1: before the first node) of the topological order,
+    ``tensor`` is the only live stream tensor.
+    """
 
     position: int
     tensor: str
@@ -167,9 +171,10 @@ def _numel(index: GraphIndex, name: str) -> int:
     if init is not None:
         return int(np.prod(init.dims)) if len(init.dims) else 1
     t = index.type_of(name)
-    if t is None or t.shape is None or not all(isinstance(d, int) for d in t.shape):
+    shape = t.static_shape() if t is not None else None
+    if shape is None:
         return 0
-    return int(np.prod(t.shape)) if t.shape else 1
+    return int(np.prod(shape)) if shape else 1
 
 
 def _stream(index: GraphIndex) -> _Stream:
@@ -213,10 +218,10 @@ def _stream(index: GraphIndex) -> _Stream:
     derived = set(seeds)
     seed_nodes = {index.producer[s] for s in seeds}
     for key in order:
-        data = data_in.get(key)
-        if data is None:
+        key_data = data_in.get(key)
+        if key_data is None:
             continue
-        if key in seed_nodes or any(x in derived for x in data):
+        if key in seed_nodes or any(x in derived for x in key_data):
             derived.update(o for o in index.node_by_key[key].output if o and o not in const)
     derived.add(root)
     counted = frozenset(x for x in derived if x not in shape_only and _is_float(index, x))
@@ -226,8 +231,8 @@ def _stream(index: GraphIndex) -> _Stream:
         or any(o in counted for o in index.node_by_key[key].output)
     )
     # a heavy node may read the stream only in integer form (DynamicQuantizeLinear -> ConvInteger)
-    heavy = frozenset(k for k in heavy_nodes if any(x in derived for x in data_in[k]))
-    return _Stream(order, counted, stream_nodes, heavy)
+    heavy_stream = frozenset(k for k in heavy_nodes if any(x in derived for x in data_in[k]))
+    return _Stream(order, counted, stream_nodes, heavy_stream)
 
 
 def _cuts(index: GraphIndex, stream: _Stream) -> list[Cut]:

@@ -1,10 +1,12 @@
-"""``compress build`` as a function: passes, engine or ORT session, latency, reports, gates.
+"""``compress build`` as a function: passes, engine or ORT session, latency measurement.
 
 :func:`build` is pure apart from the temporary ONNX files TensorRT's parser reads (written
-under this process's temporary folder, tensors streamed as external data); the CLI writes
-the results (:class:`BuildResult`) into the output folder. Models whose weights stay on
+under this process's temporary folder, tensors streamed as external data). It returns data
+(:class:`BuildResult`, whose ``latency`` is the ``latency.json`` dict without gates); the
+glue evaluates the gates (:mod:`compress.gates`) and renders and writes the build folder
+(:mod:`compress.reports.build`). Models whose weights stay on
 disk (:func:`compress.onnx_io.load_model`) are never serialized whole: passes work one
-tensor at a time, sessions come from :func:`compress.scoring.collect.make_session`, and
+tensor at a time, sessions come from :func:`compress.runtime.load_session`, and
 digests are streamed (:func:`compress.onnx_io.model_digest`).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,89 +23,21 @@ import numpy as np
 import onnx
 
 from compress.bench import BenchConfig, Timing
-from compress.errors import ConfigError
-from compress.reports.latency import (
-    LATENCY_SCHEMA,
-    GateResult,
-    Gates,
-    benchmark_action_json,
-    compare,
-    evaluate_gates,
-    latency_markdown,
-    measurement,
-    plot_latency,
+from compress.build.config import (
+    BACKENDS,
+    CALIBRATION_METHODS,
+    INT8_ACTIVATIONS,
+    PRECISIONS,
+    SPARSITIES,
+    SPARSITY_METHODS,
+    TARGET_EXIT_CODE,
+    BuildConfig,
 )
+from compress.build.latency import LATENCY_SCHEMA, compare, measurement
+from compress.build.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
+from compress.errors import ConfigError
 from compress.log import logger
 from compress.onnx_io import has_external_data, model_digest, model_nbytes, save_model
-from compress.build.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildConfig:
-    """What ``compress build`` does (see ``compress build --help``).
-
-    ``int8_activations``: activation type of the int8 pass: ``"int8"`` (symmetric, the form
-    TensorRT needs), ``"uint8"`` (asymmetric, ONNX Runtime CPU's fast U8S8 kernels) or
-    ``"auto"``: int8 for ``backend="trt"``, uint8 for ``backend="ort"``.
-
-    ``target_fidelity``: every precision/sparsity pass must keep ``1 - loss`` (output cosine,
-    or top-1 agreement for logits) against its input at or above this on held-out calibration
-    batches (default 0.99); int8 and 2:4 repair themselves (nodes kept float / layers kept
-    dense, at most ``max_fallback`` of them), fp16 is only checked. A miss raises
-    :class:`~compress.passes.accuracy.FidelityTargetError` (exit code :data:`TARGET_EXIT_CODE`).
-    None turns the target off. Without real calibration data nothing can be measured: the
-    2:4 magnitude pass then runs unchecked, with a warning in its report.
-
-    ``exclude``: op types (``Softmax``), node names (``/head/Gemm``) or module paths and
-    patterns (``encoder.layer.*.output.dense``; see :func:`resolve_exclude`).
-    """
-
-    precision: str = "fp32"
-    sparsity: str | None = None
-    backend: str = "ort"
-    calibration_method: str = "minmax"
-    int8_activations: str = "auto"
-    exclude: tuple[str, ...] = ()
-    profiles: tuple[ShapeProfile, ...] = ()
-    legacy_precision: bool = False
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    gates: Gates = field(default_factory=Gates)
-    target_fidelity: float | None = 0.99
-    max_fallback: float = 0.5
-    sparsity_method: str = "magnitude"
-    smoothquant: float | None = None
-
-    def __post_init__(self) -> None:
-        """Names are checked here; numbers by :class:`BenchConfig` and :class:`Gates`; inputs by :func:`build`."""
-        from compress.validate import FieldError, check_choice, check_number
-
-        check_number("BuildConfig", "target_fidelity", self.target_fidelity, low=0, high=1, low_open=True,
-                     example="0.99", optional=True)
-        check_number("BuildConfig", "max_fallback", self.max_fallback, low=0, high=1, example="0.5")
-        check_number("BuildConfig", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
-        check_choice("BuildConfig", "sparsity_method", self.sparsity_method, SPARSITY_METHODS)
-
-        check_choice("BuildConfig", "precision", self.precision, PRECISIONS)
-        check_choice("BuildConfig", "sparsity", self.sparsity, SPARSITIES, optional=True)
-        check_choice("BuildConfig", "backend", self.backend, BACKENDS)
-        check_choice("BuildConfig", "calibration_method", self.calibration_method, CALIBRATION_METHODS)
-        check_choice("BuildConfig", "int8_activations", self.int8_activations, INT8_ACTIVATIONS)
-        names = [p.name for p in self.profiles]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup is not None:
-            raise FieldError("BuildConfig", "profiles", dup, "names this input twice; give one MIN/OPT/MAX per input",
-                             example=f"{dup}:1x16/8x128/16x128")
-
-
-#: Valid values of the :class:`BuildConfig` fields with a fixed set of names.
-PRECISIONS = ("fp32", "fp16", "int8")
-SPARSITIES = ("2:4",)
-BACKENDS = ("ort", "trt")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INT8_ACTIVATIONS = ("auto", "int8", "uint8")
-SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
-#: Exit code of ``compress build`` when a pass cannot reach its fidelity target (the gates use 3-6).
-TARGET_EXIT_CODE = 7
 
 
 def check_profiles(model: onnx.ModelProto, profiles: tuple[ShapeProfile, ...]) -> None:
@@ -115,32 +49,39 @@ def check_profiles(model: onnx.ModelProto, profiles: tuple[ShapeProfile, ...]) -
     for p in profiles:
         spec = f"{p.name}:{'/'.join('x'.join(map(str, s)) for s in (p.min, p.opt, p.max))}"
         if p.name not in types:
-            raise FieldError("BuildConfig", "profiles", spec,
+            raise FieldError("BuildConfig", "shapes", spec,
                              f"the model has no input {p.name!r}; its inputs: {', '.join(types) or 'none'}",
                              example=f"{next(iter(types), 'x')}:1x16/8x128/16x128")
         t = types[p.name]
-        if t is not None and t.shape is not None and len(t.shape) != len(p.opt):
-            raise FieldError("BuildConfig", "profiles", spec,
-                             f"input {p.name!r} has rank {len(t.shape)} ({t.shape_str()}), the profile rank {len(p.opt)}",
-                             example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in t.shape)}")
-        for axis, d in enumerate(() if t is None or t.shape is None else t.shape):
+        if t is None or t.shape is None:
+            continue
+        shape = t.shape
+        if len(shape) != len(p.opt):
+            raise FieldError("BuildConfig", "shapes", spec,
+                             f"input {p.name!r} has rank {len(shape)} ({t.shape_str()}), the profile rank {len(p.opt)}",
+                             example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in shape)}")
+        for axis, d in enumerate(shape):
             if isinstance(d, int) and not p.min[axis] <= d <= p.max[axis]:
-                raise FieldError("BuildConfig", "profiles", spec,
+                raise FieldError("BuildConfig", "shapes", spec,
                                  f"input {p.name!r} has a static size {d} on axis {axis} ({t.shape_str()})",
-                                 example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in t.shape)}")
+                                 example=f"{p.name}:{'x'.join(str(x) if isinstance(x, int) else '1' for x in shape)}")
 
 
 @dataclass(frozen=True)
 class BuildResult:
+    """What :func:`build` returns (data only; :func:`compress.reports.build.render_build` renders it).
+
+    ``model``: the model after the passes; ``passes``: ``passes.json`` (per-pass reports and
+    the input/output digests); ``engine``: the TensorRT engine (None on ONNX Runtime);
+    ``latency``: ``latency.json`` without its ``"gates"`` (schema :data:`LATENCY_SCHEMA`,
+    times in milliseconds); ``trtexec``: the equivalent trtexec command line.
+    """
+
     model: onnx.ModelProto
     passes: dict[str, Any]
     engine: Engine | None
     latency: dict[str, Any]
-    markdown: str
-    plot: bytes | None  # None: matplotlib (the [plot] extra) is not installed
-    benchmark: list[dict[str, Any]]
     trtexec: str
-    gates: list[GateResult]
     #: The input had external data: the written model gets ``model.onnx.data`` too.
     external_data: bool = False
 
@@ -176,10 +117,13 @@ def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProf
 
 @contextlib.contextmanager
 def _trt_input(model: onnx.ModelProto, name: str) -> Iterator[Path]:
-    """``model`` written for TensorRT's parser (``parse_from_file``): ``name`` and ``name.data`` in a
-    folder under this process's temporary folder, removed on exit. The tensors are streamed one at
-    a time (external data, relative locations); the model is never serialized whole, whatever its
-    size (:func:`compress.onnx_io.model_nbytes`). Does not modify ``model``."""
+    """``model`` written for TensorRT's parser (``parse_from_file``), removed on exit.
+
+    ``name`` and ``name.data`` lie in a folder under this process's temporary folder. The
+    tensors are streamed one at a time (external data, relative locations); the model is never
+    serialized whole, whatever its size (:func:`compress.onnx_io.model_nbytes`). Does not
+    modify ``model``.
+    """
     from compress.external import temp_folder
 
     with tempfile.TemporaryDirectory(prefix="build-", dir=temp_folder()) as tmp:
@@ -191,9 +135,9 @@ def _trt_input(model: onnx.ModelProto, name: str) -> Iterator[Path]:
 
 def _time_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], bench: BenchConfig) -> tuple[Timing, str]:
     from compress.bench import measure
-    from compress.scoring.collect import make_session
+    from compress.runtime import load_session
 
-    sess = make_session(model, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    sess = load_session(model, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     names = [o.name for o in model.graph.output]
     return measure(lambda: sess.run(names, dict(feed)), bench), sess.get_providers()[0]
 
@@ -315,12 +259,17 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
 
 def build(
     model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
-    previous: Mapping[str, Any] | None = None, names: Mapping[str, str | None], timing_cache: bytes | None = None,
+    names: Mapping[str, str | None], timing_cache: bytes | None = None,
 ) -> BuildResult:
-    """Run the passes, build/time the candidate (and baseline), evaluate the gates. Does not modify inputs.
+    """Run the passes, build/time the candidate (and baseline) and return the report. Does not modify inputs.
+
+    ``names``: ``{"model": ..., "baseline": ...}``, the labels the report gives the two
+    models. The gates are not evaluated here (see :func:`compress.gates.evaluate_gates`).
 
     Raises:
         FieldError: a shape profile that does not fit ``model``'s inputs (before any work).
+        ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
+        FidelityTargetError: a pass cannot reach ``config.target_fidelity``.
     """
     check_profiles(model, config.profiles)
     if config.precision == "int8" and config.backend == "trt" and config.int8_activations == "uint8":
@@ -371,43 +320,16 @@ def build(
                               **measurement(base_timing.to_dict(), batch=batch)}
         report["comparison"] = compare(candidate, report["baseline"])
         if calib is not None and baseline is not None:
-            from compress.prune import compare_models
+            from compress.fidelity import compare_models
 
             report["comparison"]["fidelity"] = compare_models(baseline, final, calib)
-    gates = evaluate_gates(report, config.gates, previous=previous)
-    report["gates"] = [{"name": g.name, "passed": g.passed, "value": g.value, "limit": g.limit, "message": g.message}
-                       for g in gates]
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
     passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
-    return BuildResult(final, passes, engine, report, latency_markdown(report), _plot(report),
-                       benchmark_action_json(report), cmd, gates, external_data=has_external_data(model))
+    return BuildResult(final, passes, engine, report, cmd, external_data=has_external_data(model))
 
 
-def _plot(report: Mapping[str, Any]) -> bytes | None:
-    """latency.png, or None with a logged note when matplotlib is missing (the plot is optional)."""
-    from compress.errors import MissingDependencyError
-
-    try:
-        return plot_latency(report)
-    except MissingDependencyError as exc:
-        logger.warning("note: latency.png not written: %s (%s)", exc.message, exc.hint)
-        return None
-
-
-def write_build_files(folder: Path, result: BuildResult) -> None:
-    """Write the files of a build folder (the CLI and ``compress run`` call this inside an atomic folder)."""
-    from compress.onnx_io import write_bytes, write_json, write_text
-
-    save_model(result.model, folder / "model.onnx", external_data=result.external_data or None)
-    write_json(folder / "passes.json", result.passes)
-    write_text(folder / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
-               + result.trtexec + "\n")
-    if result.engine is not None:
-        write_bytes(folder / "engine.plan", result.engine.plan)
-        write_bytes(folder / "timing.cache", result.engine.timing_cache)
-        write_json(folder / "engine.json", result.engine.info)
-    write_json(folder / "latency.json", result.latency)
-    write_text(folder / "latency.md", result.markdown)
-    if result.plot is not None:
-        write_bytes(folder / "latency.png", result.plot)
-    write_json(folder / "benchmark.json", result.benchmark)
+__all__ = [
+    "BACKENDS", "CALIBRATION_METHODS", "INT8_ACTIVATIONS", "LATENCY_SCHEMA", "PRECISIONS", "SPARSITIES",
+    "SPARSITY_METHODS", "TARGET_EXIT_CODE", "BuildConfig", "BuildResult", "benchmark_feed", "build",
+    "check_profiles", "compare", "measurement", "resolve_exclude",
+]

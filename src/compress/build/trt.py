@@ -42,6 +42,12 @@ class ShapeProfile:
 
     @classmethod
     def parse(cls, spec: str) -> ShapeProfile:
+        """``NAME:MIN/OPT/MAX`` (dims joined by ``x``) or ``NAME:SHAPE`` (one shape for all three).
+
+        Raises:
+            ConfigError: naming ``--shapes`` and the spec: not that form, a dim that is not an
+                integer >= 1, unequal ranks, or MIN <= OPT <= MAX broken in some dim.
+        """
         name, sep, rest = spec.rpartition(":")
         parts = rest.split("/")
         if not sep or not name or len(parts) not in (1, 3):
@@ -61,6 +67,7 @@ class ShapeProfile:
         return cls(name, lo, opt, hi)
 
     def trtexec(self) -> tuple[str, str, str]:
+        """The ``--minShapes``/``--optShapes``/``--maxShapes`` values of this input (``name:1x16``)."""
         def f(s: Shape) -> str:
             return f"{self.name}:{'x'.join(map(str, s))}"
 
@@ -108,6 +115,7 @@ def import_tensorrt() -> Any:
 
 
 def major_version(trt: Any) -> int:
+    """The major version of the ``tensorrt`` module ``trt`` (10 for ``10.3.0``)."""
     return int(str(trt.__version__).split(".")[0])
 
 

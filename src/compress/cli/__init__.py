@@ -13,7 +13,7 @@ exit code   meaning
             reaches :func:`main` is a bug in compress; its traceback is printed
             only with ``-v``
 3-6         a failed gate (``compress build`` / ``compress run``; see
-            :data:`compress.reports.latency.GATE_EXIT_CODES`)
+            :data:`compress.gates.GATE_EXIT_CODES`)
 7           ``compress build``: a pass cannot meet its fidelity target
             (:data:`compress.build.TARGET_EXIT_CODE`)
 130         interrupted (SIGINT, Ctrl-C)
@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Protocol, TypeVar
 
 from compress import __version__
 from compress.errors import CompressError
@@ -56,10 +57,23 @@ COMMANDS: Registry[Command] = Registry("command")
 _COMMAND_MODULES = ("export", "inspect", "calib", "prune", "build", "run")
 
 
-def command(name: str, *, help: str, description: str | None = None) -> Callable[[type], type]:
+class _CommandClass(Protocol):
+    """A class decorated with :func:`command`: static ``add_arguments`` and ``run``."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, /) -> None: ...
+
+    @staticmethod
+    def run(args: argparse.Namespace, /) -> int: ...
+
+
+C = TypeVar("C", bound=_CommandClass)
+
+
+def command(name: str, *, help: str, description: str | None = None) -> Callable[[C], C]:
     """Class decorator: register a class with static ``add_arguments`` and ``run`` as a subcommand."""
 
-    def decorate(cls: type) -> type:
+    def decorate(cls: C) -> C:
         COMMANDS.register(name)(Command(help, description or help, cls.add_arguments, cls.run))
         return cls
 

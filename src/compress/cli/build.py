@@ -1,21 +1,25 @@
-"""``compress build``: precision/sparsity ONNX passes, a TensorRT engine (or ONNX Runtime), latency reports."""
+"""``compress build``: precision/sparsity ONNX passes, a TensorRT engine (or ONNX Runtime), latency reports.
+
+The glue of the build stage: flags -> :class:`~compress.build.BuildConfig` and
+:class:`~compress.gates.Gates`, :func:`compress.build.build`, the gates evaluated on its
+report, then the folder rendered and written by :mod:`compress.reports.build`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-from compress.bench import BenchConfig
-from compress.build import TARGET_EXIT_CODE
+from compress.build.config import ENGINE_OPTIONS, PASS_OPTIONS, TARGET_EXIT_CODE, BuildConfig
 from compress.cli import command
 from compress.cli._common import add_calib_arguments, flag_errors, load_calib_for, print_json
+from compress.config import add_arguments, flag_names, from_args
 from compress.errors import ConfigError
+from compress.gates import GATE_EXIT_CODES, Gates, check_previous, evaluate_gates
 from compress.log import logger
 from compress.onnx_io import load_model, read_json
 from compress.outputs import Outputs
-from compress.reports.latency import GATE_EXIT_CODES, Gates, check_previous
 
 _DESCRIPTION = f"""\
 Turn an ONNX model into a deployable artifact and measure it:
@@ -56,65 +60,38 @@ BUILD_FILES = {"model.onnx", "model.onnx.data", "engine.plan", "engine.json", "t
 @command("build", help="FP16/INT8/2:4 passes, TensorRT engine or ORT, latency reports and CI gates",
          description=_DESCRIPTION)
 class Build:
+    """``compress build MODEL.onnx -o OUTDIR``: exit code 0, a user error 1, a failed gate 3-6, a missed target 7."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The flags: passes, calibration data, engine and benchmark, gates, ``--json``."""
         parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (never modified)")
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
         parser.add_argument("--force", action="store_true", help="replace OUTDIR if it holds an earlier build")
         p = parser.add_argument_group("passes")
-        p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                       help="precision pass applied to the ONNX (default fp32: none)")
-        p.add_argument("--sparsity", choices=("2:4",), help="2:4 structured sparsity of MatMul/Gemm/Conv weights")
-        p.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                       help="INT8 activation calibration (default minmax)")
-        p.add_argument("--int8-activations", choices=("auto", "int8", "uint8"), default="auto",
-                       help="INT8 activation type: int8 = symmetric (TensorRT), uint8 = asymmetric (ONNX Runtime "
-                            "CPU's fast U8S8 kernels); auto (default): int8 for --backend trt, uint8 for ort")
-        p.add_argument("--exclude", metavar="NAME|OP|MODULE,...",
-                       help="keep out of the passes: op types, node names, or module paths and patterns "
-                            "('*' = one component, '**' = any; a module covers its submodules), "
-                            "e.g. Softmax,/head/Gemm,encoder.layer.*.output.dense")
-        p.add_argument("--target-fidelity", metavar="F|none", default="0.99",
-                       help="each pass keeps output cosine (top-1 agreement for logits) vs its input >= F on "
-                            "held-out calibration batches, repairing itself or failing with exit code "
-                            f"{TARGET_EXIT_CODE} (default 0.99; 'none': off)")
-        p.add_argument("--max-fallback", type=float, default=0.5, metavar="SHARE",
-                       help="at most this share of the int8 nodes / 2:4 layers kept float / dense for the target "
-                            "(default 0.5)")
-        p.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), default="magnitude",
-                       help="how 2:4 picks the weights: magnitude (no data), wanda (|w| x input activation norm), "
-                            "sparsegpt (one-shot OBS with weight compensation); the last two need --calib")
-        p.add_argument("--smoothquant", type=float, metavar="ALPHA",
-                       help="SmoothQuant before int8: migrate activation outliers into the weights with strength "
-                            "ALPHA in [0, 1] (e.g. 0.5); folded into LayerNorm/MatMul where exact")
+        add_arguments(BuildConfig, p, only=PASS_OPTIONS)
         add_calib_arguments(parser)
         b = parser.add_argument_group("engine and benchmark")
-        b.add_argument("--backend", choices=("ort", "trt"), default="ort",
-                       help="ort: ONNX Runtime (CPU here); trt: build a TensorRT engine (needs compress[trt] and a GPU)")
-        b.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN/OPT/MAX",
-                       help="optimization profile of an input (dims joined by 'x'); the OPT shape is benchmarked; "
-                            "repeatable, e.g. --shapes input_ids:1x16/8x128/16x128")
-        b.add_argument("--legacy-precision", action="store_true",
-                       help="TensorRT <= 10 only: use the FP16/INT8 builder flags instead of a strongly typed network")
+        add_arguments(BuildConfig, b, only=ENGINE_OPTIONS)
         b.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to start from")
-        b.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up time (default 200 ms, as trtexec)")
-        b.add_argument("--iterations", type=int, default=10, help="at least this many timed runs (default 10)")
-        b.add_argument("--duration", type=float, default=3.0, help="and at least this many seconds (default 3)")
         b.add_argument("--baseline", metavar="ORIG.onnx",
                        help="also time this model on the same backend; report speedup and fidelity against it")
         g = parser.add_argument_group("gates (a failed gate exits with its own code)")
-        g.add_argument("--max-latency-ms", type=float, metavar="X", help="fail if the median latency exceeds X ms")
-        g.add_argument("--min-speedup", type=float, metavar="S", help="fail if the speedup over --baseline is below S")
+        add_arguments(Gates, g, only=("max_latency_ms", "min_speedup"))
         g.add_argument("--previous", metavar="latency.json", help="an earlier report to compare with")
-        g.add_argument("--max-regression", type=float, metavar="PCT",
-                       help="fail if the median is more than PCT%% slower than --previous")
-        g.add_argument("--min-fidelity", type=float, metavar="F",
-                       help="fail if the output cosine against --baseline is below F (needs --calib)")
+        add_arguments(Gates, g, only=("max_regression_pct", "min_fidelity"))
         parser.add_argument("--json", action="store_true", help="print latency.json instead of the Markdown summary")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from compress.build import build, write_build_files
+        """Build, evaluate the gates, write OUTDIR atomically; print the Markdown (or the JSON) summary.
+
+        Returns:
+            0, the exit code of the first failed gate (:data:`GATE_EXIT_CODES`), or
+            :data:`~compress.build.TARGET_EXIT_CODE` (then only ``OUTDIR/passes.json`` is written).
+        """
+        from compress.build import build
+        from compress.reports.build import render_build, write_build_files
 
         outs = Outputs(force=args.force)
         for m in (args.model, args.baseline):
@@ -127,16 +104,12 @@ class Build:
         previous = None
         if args.previous:
             previous = check_previous(read_json(args.previous, what="latency report"), source=args.previous)
-        if args.max_regression is not None and previous is None:
+        if args.max_regression_pct is not None and previous is None:
             raise ConfigError("--max-regression needs a previous report", hint="pass --previous latency.json")
-        flags = {"warmup_s": ("--warmup-ms", args.warmup_ms, "200"), "iterations": "--iterations", "duration_s": "--duration",
-                 "max_latency_ms": "--max-latency-ms", "min_speedup": "--min-speedup",
-                 "max_regression_pct": "--max-regression", "min_fidelity": "--min-fidelity", "profiles": "--shapes",
-                 "precision": "--precision", "backend": "--backend", "sparsity": "--sparsity",
-                 "target_fidelity": "--target-fidelity", "max_fallback": "--max-fallback", "smoothquant": "--smoothquant",
-                 "TargetConfig.fidelity": "--target-fidelity", "TargetConfig.max_fallback": "--max-fallback"}
-        with flag_errors(flags):  # every number is checked before a model is read
-            config = _config(args)
+        # errors the stage raises about its config (the model's inputs against --shapes, the target)
+        flags = {**flag_names(BuildConfig), "TargetConfig.fidelity": "--target-fidelity",
+                 "TargetConfig.max_fallback": "--max-fallback"}
+        config, gates = _config(args)  # every value is checked before a model is read
         model = load_model(args.model)
         baseline = load_model(args.baseline) if args.baseline else None
         calib = load_calib_for(args, model) if (args.calib or args.random_calib) else None
@@ -147,10 +120,11 @@ class Build:
 
         try:
             with flag_errors(flags):
-                result = build(model, config, calib=calib, baseline=baseline, previous=previous,
+                result = build(model, config, calib=calib, baseline=baseline,
                                names={"model": Path(args.model).name,
                                       "baseline": Path(args.baseline).name if args.baseline else None},
                                timing_cache=timing_cache)
+                results = evaluate_gates(result.latency, gates, previous=previous)
         except FidelityTargetError as exc:
             from compress.onnx_io import model_digest, write_json
 
@@ -159,41 +133,20 @@ class Build:
                                                  "input_sha256": model_digest(model), **exc.report})
             print(f"error: {exc.message}\nhint: {exc.hint}\nreport: {out / 'passes.json'}", file=sys.stderr)
             return TARGET_EXIT_CODE
+        reports = render_build(result, results)
         with outs.writing() as stage:
-            write_build_files(stage.path(out), result)
+            write_build_files(stage.path(out), result, reports)
         logger.info("wrote %s", out)
         if args.json:
-            print_json(result.latency)
+            print_json(reports.latency)
         else:
-            print(result.markdown)
-        failed = [g for g in result.gates if not g.passed]
+            print(reports.markdown)
+        failed = [g for g in reports.gates if not g.passed]
         for g in failed:
             print(f"gate failed: {g.name}: {g.message}", file=sys.stderr)
         return failed[0].exit_code if failed else 0
 
 
-def _number(flag: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: not a number", hint=f"e.g. {flag} 0.99, or {flag} none") from None
-
-
-def _config(args: argparse.Namespace) -> Any:
-    """The BuildConfig of the flags (FieldError naming a field; :func:`flag_errors` names the flag)."""
-    from compress.build import BuildConfig
-    from compress.build.trt import ShapeProfile
-
-    target = None if args.target_fidelity.strip().lower() == "none" else _number("--target-fidelity", args.target_fidelity)
-    return BuildConfig(
-        target_fidelity=target, max_fallback=args.max_fallback, sparsity_method=args.sparsity_method,
-        smoothquant=args.smoothquant,
-        precision=args.precision, sparsity=args.sparsity, backend=args.backend,
-        calibration_method=args.calibration_method, int8_activations=args.int8_activations,
-        exclude=tuple(x.strip() for x in (args.exclude or "").split(",") if x.strip()),
-        profiles=tuple(ShapeProfile.parse(s) for s in args.shapes),
-        legacy_precision=args.legacy_precision,
-        bench=BenchConfig(warmup_s=args.warmup_ms / 1000.0, iterations=args.iterations, duration_s=args.duration),
-        gates=Gates(max_latency_ms=args.max_latency_ms, min_speedup=args.min_speedup,
-                    max_regression_pct=args.max_regression, min_fidelity=args.min_fidelity),
-    )
+def _config(args: argparse.Namespace) -> tuple[BuildConfig, Gates]:
+    """The BuildConfig and the Gates of the flags (a refused value is a ConfigError naming its flag)."""
+    return from_args(BuildConfig, args), from_args(Gates, args)

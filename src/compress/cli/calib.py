@@ -48,7 +48,8 @@ def write_batches(batches: Iterable[dict[str, np.ndarray]], outs: Outputs) -> tu
     with outs.writing() as stage:
         tmp = stage.path(out)
         for i, batch in enumerate(batches):
-            np.savez(tmp / f"batch_{i:04d}.npz", **batch)
+            # numpy's stubs type **kwds against savez's keyword-only allow_pickle: bool
+            np.savez(tmp / f"batch_{i:04d}.npz", **batch)  # type: ignore[arg-type]
             shapes.append({k: (v.dtype.name, tuple(v.shape)) for k, v in batch.items()})
             samples += next(iter(batch.values())).shape[0]
         if not shapes:
@@ -124,8 +125,11 @@ def _run_check(args: argparse.Namespace) -> int:
     ),
 )
 class Calib:
+    """The ``calib`` subcommand: ``text``, ``images`` and ``check`` sub-subcommands."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add the ``text``, ``images`` and ``check`` subparsers (one required) to ``parser``."""
         sub = parser.add_subparsers(dest="calib_command", metavar="KIND", required=True)
 
         text = sub.add_parser(
@@ -177,4 +181,5 @@ class Calib:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Run the chosen sub-subcommand; returns its exit code (0 on success)."""
         return int(args._calib_run(args))

@@ -59,8 +59,11 @@ def export_report_path(out: str | Path) -> Path:
     ),
 )
 class Export:
+    """``compress export``: its flags and its run (load, export with the parity check, write the artifacts)."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add MODEL, -o, --weights, the input/dynamic/exporter/opset/blocks flags, the tolerances, --force, --trust-code and --json."""
         parser.add_argument("model", metavar="MODEL",
                             help="package.module:callable, path/to/file.py:callable, hf:PATH, diffusers:PATH or FILE.pt2 "
                                  "(see above)")
@@ -109,6 +112,11 @@ class Export:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Export MODEL and write OUT.onnx, OUT.blocks.json and OUT.export.json; returns the exit code (0).
+
+        Every flag and output path is checked before the model is loaded; user errors raise
+        ``CompressError`` and nothing is written then.
+        """
         from compress.export import (
             DynamicAxis,
             ExportConfig,

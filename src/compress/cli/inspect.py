@@ -25,8 +25,11 @@ from compress.reports import text_table
     ),
 )
 class Inspect:
+    """The ``inspect`` subcommand: print (or write) the block map of an ONNX model."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add MODEL, ``--blocks``, ``--json``, ``--write-blocks`` and ``--force`` to ``parser``."""
         parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model")
         add_blocks_argument(parser)
         parser.add_argument("--json", action="store_true", help="print the block map as JSON instead of a table")
@@ -35,6 +38,10 @@ class Inspect:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Print the block table (or JSON) and write ``--write-blocks``; returns 0.
+
+        Does not modify the model file.
+        """
         outs = Outputs(force=args.force)
         outs.add_model_input(args.model)
         out = outs.file(args.write_blocks, flag="--write-blocks") if args.write_blocks else None

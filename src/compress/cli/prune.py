@@ -18,6 +18,7 @@ from compress.cli._common import (
     load_model_and_blocks,
     print_json,
 )
+from compress.config import add_arguments, from_args
 from compress.errors import ConfigError
 from compress.log import logger
 from compress.onnx_io import save_model, write_bytes, write_json, write_text
@@ -27,7 +28,6 @@ from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown
 from compress.reports.scoring import plot_scores, scores_markdown, scores_text
 from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
-from compress.scoring.heal import RIDGE_GRID
 
 _DESCRIPTION = """\
 Score every block of an ONNX model on calibration data, in one ONNX Runtime pass per batch
@@ -98,8 +98,11 @@ def _resolve_auto(names: tuple[str, ...], block_map: Any) -> tuple[str, ...]:
 @command("prune", help="score blocks on calibration data and remove the redundant ones, verified",
          description=_DESCRIPTION)
 class Prune:
+    """``compress prune``: its flags and its run (scores only, a sweep, or one pruned model)."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add the model, block, calibration, scoring, selection and output flags to ``parser``."""
         parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (never modified)")
         add_blocks_argument(parser)
         add_calib_arguments(parser)
@@ -126,10 +129,10 @@ class Prune:
                             "attention_mask, none uses every position")
         sel = parser.add_argument_group("selection (with -o)")
         how = sel.add_mutually_exclusive_group()
-        how.add_argument("--remove", type=int, metavar="N", help="remove N blocks")
+        add_arguments(PruneConfig, how, only=("remove",))
         how.add_argument("--ratio", type=float, metavar="R", help="remove round(R x number of blocks) blocks")
         how.add_argument("--auto", action="store_true", help="choose how many from the score distribution")
-        how.add_argument("--max-drop", type=float, metavar="X", help="fidelity budget (e.g. 0.02)")
+        add_arguments(PruneConfig, how, only=("max_drop",))
         rule = sel.add_mutually_exclusive_group()
         rule.add_argument("--span", action="store_true", help="remove a contiguous span of blocks")
         rule.add_argument("--per-segment", action="store_true", help="one block per CKA segment first (SGLP)")
@@ -138,19 +141,11 @@ class Prune:
                                "--heal) on the held-out batches and keep the best measured one")
         rule.add_argument("--select", choices=SELECTIONS.names(), help="selection rule by name (incl. the "
                           "baselines 'last' and 'random')")
-        sel.add_argument("--keep", metavar="I,J", help="block indices never to remove")
-        sel.add_argument("--holdout", type=float, default=0.25, metavar="F",
-                         help="share of calibration batches held back for verification (default 0.25)")
+        add_arguments(PruneConfig, sel, only=("keep", "holdout"))
         sel.add_argument("--sweep", metavar="0:K", help="prune 0..K blocks and tabulate fidelity and latency; with --measured "
                               "every candidate (healed too, with --heal) is listed, and the plot marks the Pareto "
                               "fronts of loss against latency and parameters")
-        sel.add_argument("--seed", type=int, default=0, help="seed of the 'random' baseline")
-        sel.add_argument("--heal", action="store_true",
-                         help="replace each removed span by a closed-form linear map per stream (fitted on the "
-                              "scoring batches), kept only where it improves the held-out fidelity")
-        sel.add_argument("--heal-ridge", type=float, metavar="R",
-                         help="relative ridge strength of the healing fit (x trace(X^T X)/d); default: per span, the "
-                              f"best on the held-out batches of {', '.join(f'{r:g}' for r in RIDGE_GRID)}")
+        add_arguments(PruneConfig, sel, only=("seed", "heal", "heal_ridge"))
         sel.add_argument("--no-latency", action="store_true", help="do not time ONNX Runtime latency")
         sel.add_argument("--latency-seconds", type=float, default=1.0, metavar="S",
                          help="time each model for at least S seconds (default 1)")
@@ -165,6 +160,7 @@ class Prune:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Score (``--scores-only``) or prune; returns the exit code (0). User errors raise ``CompressError``."""
         if args.scores_only:
             return _scores_only(args)
         return _prune(args)
@@ -190,8 +186,7 @@ def _scores_only(args: argparse.Namespace) -> int:
     calib = load_calib_for(args, model)
     config = ScoreConfig(metrics=_resolve_auto(metrics, block_map), options=options)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
-    report = score_blocks(model, block_map, calib, config, calibration=calib.description,
-                          random_calibration=calib.random).to_dict()
+    report = score_blocks(model, block_map, calib, config).to_dict()
     report["model"] = Path(args.model).name
     if report_path is not None:
         with outs.writing() as stage:
@@ -204,13 +199,6 @@ def _scores_only(args: argparse.Namespace) -> int:
     else:
         print(scores_text(report))
     return 0
-
-
-def _int_list(spec: str | None, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in (spec or "").split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} {spec!r} is not a list of block indices", hint=f"e.g. {flag} 0,5") from None
 
 
 def _sweep_range(spec: str) -> list[int]:
@@ -242,12 +230,9 @@ def _prune(args: argparse.Namespace) -> int:
     flags = _prune_flags(args)
     counts = _sweep_range(args.sweep) if args.sweep is not None else []
     with flag_errors(flags):  # every number is checked before the model is read
-        config = PruneConfig(
-            metric=metrics[0], select=select, remove=args.remove, max_drop=args.max_drop,
-            keep=_int_list(args.keep, "--keep"), holdout=args.holdout, options=_metric_config(args), seed=args.seed,
-            latency=None if args.no_latency else BenchConfig(duration_s=args.latency_seconds),
-            heal=args.heal, heal_ridge=args.heal_ridge,
-        )
+        latency = None if args.no_latency else BenchConfig(duration_s=args.latency_seconds)
+        config = from_args(PruneConfig, args, metric=metrics[0], select=select, options=_metric_config(args),
+                           latency=latency)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
     if args.ratio is not None:
         config = replace(config, remove=round(args.ratio * len(block_map.blocks)))
@@ -256,8 +241,7 @@ def _prune(args: argparse.Namespace) -> int:
     calib = load_calib_for(args, model)
     if args.sweep is not None:
         with flag_errors(flags):
-            rows = sweep(model, block_map, calib, config, counts, calibration=calib.description,
-                         random_calibration=calib.random)
+            rows = sweep(model, block_map, calib, config, counts)
         report = {"schema_version": 1, "model": Path(args.model).name, "sweep": rows,
                   "calibration": {"description": calib.description, "random": calib.random},
                   "method": {"metric": config.metric, "select": select}}
@@ -269,8 +253,7 @@ def _prune(args: argparse.Namespace) -> int:
         print_json(report) if args.json else print(sweep_markdown(report))
         return 0
     with flag_errors(flags):
-        result = prune_model(model, block_map, calib, config, calibration=calib.description,
-                             random_calibration=calib.random)
+        result = prune_model(model, block_map, calib, config)
     report = {"model": Path(args.model).name, "output": out.name if out else None, **result.report}
     assert out is not None
     assert blocks_out is not None

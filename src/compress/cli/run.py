@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compress.cli import command
 from compress.cli._common import print_json
-from compress.reports.latency import GATE_EXIT_CODES
+from compress.gates import GATE_EXIT_CODES
 
 _DESCRIPTION = f"""\
 Run the whole job from one config file (YAML or JSON; format in deploy/README.md):
@@ -39,8 +39,11 @@ examples:
 @command("run", help="export -> prune -> build -> report from one pipeline config; unchanged stages are skipped",
          description=_DESCRIPTION)
 class Run:
+    """The ``run`` subcommand: the whole pipeline from one config file."""
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add PIPELINE.yaml, ``-o/--output``, ``--force`` and ``--json`` to ``parser``."""
         parser.add_argument("config", metavar="PIPELINE.yaml",
                             help="the pipeline config (.yaml, .yml or .json); relative paths in it are relative "
                                  "to its folder")
@@ -52,6 +55,12 @@ class Run:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        """Run the pipeline and print its summary (markdown, or JSON with ``--json``).
+
+        Returns:
+            The pipeline's exit code: 0, or a failed gate's code (each failed gate is also
+            reported on stderr).
+        """
         from compress.pipeline import load_config, run_pipeline
 
         config = load_config(args.config)

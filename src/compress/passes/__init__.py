@@ -21,6 +21,15 @@ and never serializes the whole model. Registered passes (:data:`PASSES`):
 :mod:`compress.passes.accuracy` gives int8 and 2:4 a fidelity target (``target``): local
 error per node in one ORT pass, then the fewest nodes kept float / dense that meet it, or
 ``FidelityTargetError`` with the report of what was tried.
+
+Helper modules (imports between them form a DAG: base <- qdq, nm, int8_reader <- int8_ort,
+fp16_convert, fp16_ranges, sparse_calib, accuracy <- fp16, int8, smoothquant, sparsity):
+:mod:`~compress.passes.qdq` (Q/DQ edits shared by int8 and its fidelity target),
+:mod:`~compress.passes.int8_reader` / :mod:`~compress.passes.int8_ort` (ORT's calibration
+reader and quantizer driver), :mod:`~compress.passes.fp16_convert` /
+:mod:`~compress.passes.fp16_ranges` (ORT's float16 converter on external data, activation
+ranges), :mod:`~compress.passes.nm` (2:4 mask arithmetic) and
+:mod:`~compress.passes.sparse_calib` (Wanda / SparseGPT masks).
 """
 
 from __future__ import annotations
@@ -34,10 +43,13 @@ from compress.passes.base import (
     pass_names,
     register_pass,
 )
-from compress.passes.fp16 import Fp16Config, activation_ranges, fp16_pass
-from compress.passes.int8 import CALIBRATION_METHODS, Int8Config, int8_pass
+from compress.passes.fp16 import Fp16Config, fp16_pass
+from compress.passes.fp16_ranges import activation_ranges
+from compress.passes.int8 import Int8Config, int8_pass
+from compress.passes.int8_ort import CALIBRATION_METHODS
+from compress.passes.nm import prune_2_4
 from compress.passes.smoothquant import SmoothQuantConfig, smoothquant_pass
-from compress.passes.sparsity import SparsityConfig, prune_2_4, sparsity_pass
+from compress.passes.sparsity import SparsityConfig, sparsity_pass
 
 __all__ = [
     "CALIBRATION_METHODS",

@@ -2,7 +2,7 @@
 
 A pass with a target (``target_fidelity`` F) must deliver a model whose fidelity against the
 pass's input, measured on **held-out** calibration batches (not the ones it calibrated on),
-is at least F. Fidelity is ``1 - loss`` as :func:`compress.prune.compare_models` defines it:
+is at least F. Fidelity is ``1 - loss`` as :func:`compress.fidelity.compare_models` defines it:
 the output cosine, or top-1 agreement for logits outputs (as the prune stage measures).
 
 The repair has two parts:
@@ -34,7 +34,8 @@ import onnx
 
 from compress.errors import BuildError
 from compress.log import logger
-from compress.passes.base import Batch, copy_model, measure_fidelity
+from compress.passes.base import Batch, copy_model, describe_batches, measure_fidelity, toposort
+from compress.passes.qdq import restore_float_inputs, restore_float_weights
 
 #: Default fidelity target of the int8 pass in ``compress build`` (output cosine / top-1 agreement).
 DEFAULT_TARGET = 0.99
@@ -132,7 +133,7 @@ def local_errors(reference: onnx.ModelProto, variants: Mapping[str, Variant], ba
     Returns ``{node: {"rel_error": sum ||y'-y||^2 / sum ||y||^2, "cosine": mean cosine}}``.
     Does not modify ``reference``.
     """
-    from compress.scoring.collect import make_session, run_batch
+    from compress.runtime import load_session, run_batch
 
     by_name = {n.name: n for n in reference.graph.node}
     missing = [k for k in variants if k not in by_name]
@@ -168,10 +169,8 @@ def local_errors(reference: onnx.ModelProto, variants: Mapping[str, Variant], ba
                 if t not in existing:
                     graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
                     existing.add(t)
-        from compress.passes.base import toposort
-
         toposort(graph)
-        sess = make_session(model, providers=("CPUExecutionProvider",))
+        sess = load_session(model, providers=("CPUExecutionProvider",))
         wanted = list(dict.fromkeys(t for _, a, b in pairs for t in (a, b)))
         sums = {name: [0.0, 0.0, 0.0, 0] for name, _, _ in pairs}  # diff^2, ref^2, cos sum, samples
         for i, feed in enumerate(batches):
@@ -254,9 +253,9 @@ def qdq_variants(qdq: onnx.ModelProto, reference: onnx.ModelProto, nodes: Sequen
 
 def _latency_ms(model: onnx.ModelProto, feed: Batch) -> float:
     from compress.bench import BenchConfig, measure
-    from compress.scoring.collect import make_session
+    from compress.runtime import load_session
 
-    sess = make_session(model, providers=("CPUExecutionProvider",))
+    sess = load_session(model, providers=("CPUExecutionProvider",))
     names = [o.name for o in model.graph.output]
     return measure(lambda: sess.run(names, dict(feed)), BenchConfig(warmup_s=0.05, iterations=5, duration_s=0.3)).median_ms
 
@@ -353,7 +352,7 @@ def _activation_qparams(qdq: onnx.ModelProto, nodes: Sequence[str]) -> dict[str,
         for x in node.input if node is not None else ():
             dq = producer.get(x)
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+            if dq is not None and q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
                 out[name] = (q.input[0], tuple(t for t in q.input[1:] if t) + tuple(t for t in dq.input[1:] if t))
                 break
     return out
@@ -371,7 +370,7 @@ def choose_methods(float_model: onnx.ModelProto, qdq: onnx.ModelProto, errors: M
     the local errors of the mixed model.
     """
     params = _activation_qparams(qdq, nodes)
-    per_method = {method: dict(errors)}
+    per_method: dict[str, Mapping[str, Mapping[str, float]]] = {method: dict(errors)}
     for m, model in alternatives.items():
         per_method[m] = local_errors(float_model, qdq_variants(model, float_model, nodes), held)
     tensors: dict[str, list[str]] = {}
@@ -397,7 +396,7 @@ def choose_methods(float_model: onnx.ModelProto, qdq: onnx.ModelProto, errors: M
             name = init.name
             init.CopyFrom(values[name])
             init.name = name
-    mixed_errors = local_errors(float_model, qdq_variants(mixed, float_model, nodes), held) if choice else dict(errors)
+    mixed_errors = local_errors(float_model, qdq_variants(mixed, float_model, nodes), held) if choice else {n: dict(e) for n, e in errors.items()}
     return mixed, choice, mixed_errors
 
 
@@ -421,8 +420,6 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
     Raises:
         FidelityTargetError: the target is not met with ``max_fallback`` of the nodes float.
     """
-    from compress.passes.int8 import _restore_float_inputs, restore_float_weights
-
     held_list = held if hasattr(held, "__len__") else list(held)
     variants = qdq_variants(qdq, float_model, sorted(quantized))
     errors = local_errors(float_model, variants, held_list)
@@ -431,7 +428,7 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
 
     def make(kept: Sequence[str]) -> onnx.ModelProto:
         model = copy_model(qdq)
-        _restore_float_inputs(model, set(quantized) - set(kept))  # activations of kept nodes: float
+        restore_float_inputs(model, set(quantized) - set(kept))  # activations of kept nodes: float
         restore_float_weights(model, float_model, set(kept))  # and their weights
         return model
 
@@ -467,8 +464,7 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
 
 
 def _describe(batches: Any) -> str:
-    from compress.passes.base import describe_batches
-
+    """:func:`~compress.passes.base.describe_batches` of the held-out batches, for the report."""
     return describe_batches(batches)
 
 

@@ -110,6 +110,11 @@ class Pass:
     summary: str
 
     def __call__(self, model: onnx.ModelProto, config: Any = None) -> tuple[onnx.ModelProto, PassReport]:
+        """Run the pass on ``model`` with ``config`` (its defaults when None); ``model`` is not modified.
+
+        Raises:
+            ConfigError: ``config`` is not this pass's config type.
+        """
         if config is None:
             config = self.config_type()
         if not isinstance(config, self.config_type):
@@ -191,7 +196,7 @@ def measure_fidelity(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                      batches: Iterable[Batch]) -> dict[str, Any]:
     """Fidelity of ``candidate`` (a pass's output) against ``reference`` (its input) on ``batches``.
 
-    Same result as :func:`compress.prune.compare_models`: per output cosine, max/mean abs
+    Same result as :func:`compress.fidelity.compare_models`: per output cosine, max/mean abs
     error (+ top-1 agreement and KL for logits), the worst of each, and ``loss``. Inputs whose
     type the pass changed (FP16 inputs) are fed the reference's arrays, cast inside the graph.
     Runs ONNX Runtime on CPU; does not modify either model.
@@ -206,7 +211,7 @@ def measure_fidelity(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         BuildError: ONNX Runtime cannot load ``candidate``.
         CalibrationError: a batch does not fit the models.
     """
-    from compress.prune import compare_models
+    from compress.fidelity import compare_models
 
     try:
         return compare_models(reference, _retype_inputs(candidate, reference), batches)  # type: ignore[arg-type]
@@ -377,6 +382,9 @@ def describe_batches(batches: Sequence[Batch] | Any) -> str:
 
 
 def timer() -> Callable[[], float]:
-    """``elapsed = timer(); ...; elapsed()`` -> seconds since the call."""
+    """A stopwatch: the returned function gives the seconds since this call.
+
+    Usage: ``elapsed = timer(); ...; elapsed()``.
+    """
     t0 = time.perf_counter()
     return lambda: time.perf_counter() - t0

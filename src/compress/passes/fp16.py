@@ -32,14 +32,16 @@ A node stays FP32 (with the first matching reason reported) when it is:
 Graph inputs and outputs stay FP32 with ``keep_io_types`` (Cast nodes at the boundary).
 Initializers read only by FP32 nodes stay FP32; all others become FP16, values beyond
 the FP16 range clamped to +-65504 (and tiny ones to +-2**-24) by the converter.
+
+This module holds the config, the rules and the pass; :mod:`compress.passes.fp16_ranges`
+measures the activation ranges of rule 7 and :mod:`compress.passes.fp16_convert` runs the
+converter on external data and tidies its output. The pass does not modify its input.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,7 @@ import numpy as np
 import onnx
 
 from compress import external
-from compress.errors import BlockError, BuildError, CompressError, ConfigError, MissingDependencyError, ModelError
+from compress.errors import BuildError, CompressError, ConfigError, ModelError
 from compress.graph import GraphIndex
 from compress.passes.base import (
     Batch,
@@ -62,6 +64,15 @@ from compress.passes.base import (
     timer,
     toposort,
 )
+from compress.passes.fp16_convert import (
+    SCAN_CHUNK,
+    convert,
+    drop_round_trips,
+    initializer_counts,
+    tidy_value_info,
+    untype_initializers,
+)
+from compress.passes.fp16_ranges import activation_ranges
 
 if TYPE_CHECKING:
     from compress.calibration import CalibrationSet
@@ -85,7 +96,6 @@ SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 _CONVERTER_MIXED = frozenset({"Resize", "GroupNorm", "SkipGroupNorm"})
 _NORM_CHAIN = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Mul", "Pow"})
 _FLOAT = onnx.TensorProto.FLOAT
-_FLOAT16 = onnx.TensorProto.FLOAT16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +144,7 @@ class Fp16Config:
                               hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (the calibration data described, not included) for the pass report."""
         return {"keep_io_types": self.keep_io_types, "keep_normalization": self.keep_normalization,
                 "keep_softmax": self.keep_softmax, "max_reduce_elements": self.max_reduce_elements,
                 "activation_limit": self.activation_limit, "underflow_share": self.underflow_share,
@@ -195,8 +206,6 @@ def _schema_reason(node: onnx.NodeProto, index: GraphIndex, opsets: Mapping[str,
 
 #: Constants of at most this many elements are kept in memory for scalar/axes look-ups.
 _SMALL_CONSTANT = 64
-#: Elements per chunk when scanning a weight's range (bounds the temporaries of one tensor).
-_SCAN_CHUNK = 1 << 20
 
 
 def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto | np.ndarray, str | None]]:
@@ -220,8 +229,11 @@ def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorP
 
 
 def _tensor_values(value: onnx.TensorProto | np.ndarray) -> np.ndarray:
-    """The values of a constant: a read-only memory map for an external float tensor (nothing is
-    read until used), else the array (one tensor in memory)."""
+    """The values of a constant.
+
+    A read-only memory map for an external float tensor (nothing is read until used), else
+    the array (one tensor in memory).
+    """
     if isinstance(value, np.ndarray):
         return value
     mapped = external.map_array(value)
@@ -245,7 +257,7 @@ def _constant_values(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, str 
 def _range_problems(model: onnx.ModelProto, underflow_share: float) -> Iterator[tuple[str, str | None, str]]:
     """(constant, Constant node or None, problem) for each float32 constant outside the FP16 range.
 
-    Scans one tensor at a time, in chunks of :data:`_SCAN_CHUNK` elements.
+    Scans one tensor at a time, in chunks of :data:`SCAN_CHUNK` elements.
     """
     for name, value, node in _float_constants(model):
         problem = _range_problem(_tensor_values(value), underflow_share)
@@ -256,8 +268,8 @@ def _range_problems(model: onnx.ModelProto, underflow_share: float) -> Iterator[
 def _range_problem(value: np.ndarray, underflow_share: float) -> str | None:
     flat = value.reshape(-1)
     big, nonzero, tiny = 0.0, 0, 0
-    for start in range(0, flat.size, _SCAN_CHUNK):
-        chunk = np.asarray(flat[start:start + _SCAN_CHUNK])
+    for start in range(0, flat.size, SCAN_CHUNK):
+        chunk = np.asarray(flat[start:start + SCAN_CHUNK])
         v = np.abs(chunk[np.isfinite(chunk)].astype(np.float64))
         if v.size == 0:
             continue
@@ -366,83 +378,10 @@ def _reduced_elements(node: onnx.NodeProto, index: GraphIndex,
                 dims = [shape[a % len(shape)] for a in axes]
             except ZeroDivisionError:
                 dims = []
-    if not all(isinstance(d, int) for d in dims):
+    int_dims = [d for d in dims if isinstance(d, int)]
+    if len(int_dims) != len(dims):
         return None
-    return int(np.prod(dims)) if dims else 1
-
-
-def _float_activations(model: onnx.ModelProto, index: GraphIndex) -> list[str]:
-    names = [i for i in index.graph_inputs if (t := index.type_of(i)) is not None and t.dtype == "float32"]
-    for node in model.graph.node:
-        for o in node.output:
-            t = index.type_of(o)
-            if o and o not in index.constants and t is not None and t.dtype == "float32":
-                names.append(o)
-    return list(dict.fromkeys(names))
-
-
-def activation_ranges(model: onnx.ModelProto, batches: Iterable[Batch], *,
-                      max_batches: int | None = None) -> tuple[dict[str, float], int]:
-    """Largest finite |x| of every float32 activation (graph inputs included) over ``batches``.
-
-    Runs ONNX Runtime (CPU) once per batch with every float32 tensor as an extra output.
-    Returns (tensor -> max |x|, batches used). Does not modify ``model``.
-
-    Raises:
-        CalibrationError: a batch does not fit the model, or there is no batch.
-        ModelError: ONNX Runtime cannot load the model.
-    """
-    from compress.errors import CalibrationError
-    from compress.scoring.collect import make_session, run_batch
-    from compress.surgery import add_outputs
-
-    index = GraphIndex(model)
-    names = _float_activations(model, index)
-    try:
-        session = make_session(add_outputs(model, [n for n in names if n not in index.graph_inputs]),
-                               providers=("CPUExecutionProvider",))
-    except BlockError as exc:
-        raise ModelError(f"fp16: {exc.message}", hint=exc.hint) from None
-    inner = [n for n in names if n not in index.graph_inputs]
-    top: dict[str, float] = dict.fromkeys(names, 0.0)
-    splittable = _batch_axis_dynamic(index)
-    used = 0
-    for i, feed in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        # One sample at a time where the batch axis allows it: every float activation is fetched,
-        # so a run holds all of them; per sample that is 1/batch of the memory, same maxima.
-        for part in (_samples(feed) if splittable else [feed]):
-            values = run_batch(session, part, inner, batch=i) if inner else {}
-            for n in names:
-                arr = np.asarray(values[n] if n in values else part[n])
-                finite = np.abs(arr[np.isfinite(arr)]) if arr.size else arr
-                if finite.size:
-                    top[n] = max(top[n], float(finite.max()))
-            del values
-        used += 1
-    if not used:
-        raise CalibrationError("fp16: the calibration data has no batches",
-                               hint="pass calibration batches, or none to skip the activation-range rule")
-    return top, used
-
-
-def _batch_axis_dynamic(index: GraphIndex) -> bool:
-    """Whether every graph input has a symbolic or unknown first dim (a batch axis a run may change)."""
-    types = index.types
-    for name in index.graph_inputs:
-        t = types.get(name)
-        if t is None or not t.shape or isinstance(t.shape[0], int):
-            return False
-    return bool(index.graph_inputs)
-
-
-def _samples(feed: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """``feed`` split along axis 0 into batches of one, when every input has the same batch size > 1."""
-    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in feed.values()}
-    if len(sizes) != 1 or None in sizes or next(iter(sizes)) <= 1:
-        return [dict(feed)]
-    return [{k: np.asarray(v)[j:j + 1] for k, v in feed.items()} for j in range(next(iter(sizes)))]
+    return int(np.prod(int_dims)) if int_dims else 1
 
 
 def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
@@ -495,203 +434,6 @@ def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
     return plan
 
 
-# --------------------------------------------------------------------------------------------
-# Conversion and clean-up
-# --------------------------------------------------------------------------------------------
-
-
-def _converter() -> Any:
-    """ORT's float16 converter.
-
-    Note: ``import onnxruntime.transformers`` appends its folder to ``sys.path`` (its modules
-    import each other by bare name); ``onnxruntime.quantization`` imports it too, so this
-    cannot be undone here.
-    """
-    try:
-        from onnxruntime.transformers import float16
-    except ImportError as exc:  # pragma: no cover - ships with every onnxruntime wheel
-        raise MissingDependencyError("onnxruntime (with onnxruntime.transformers)",
-                                     purpose=f"the fp16 pass ({exc})", extra="dev") from None
-    return float16.convert_float_to_float16
-
-
-_CONVERTER_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _shapes_from_dims() -> Iterator[None]:
-    """While active, the converter takes an initializer's shape from its ``dims``, not its data.
-
-    ``float16.convert_float_to_float16`` calls its module function
-    ``make_value_info_from_tensor`` (``numpy_helper.to_array(tensor).shape``) for every
-    initializer it converts, which would read (and fail on) external data; the replacement
-    gives the same value info (``to_array(t).shape == tuple(t.dims)``) without reading.
-    The module attribute is restored on exit; a lock keeps concurrent conversions apart.
-    """
-    from onnxruntime.transformers import float16
-
-    def value_info(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
-        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-
-    with _CONVERTER_LOCK:
-        original = float16.make_value_info_from_tensor
-        float16.make_value_info_from_tensor = value_info
-        try:
-            yield
-        finally:
-            float16.make_value_info_from_tensor = original
-
-
-def _to_float16(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``values`` (float32) as float16 exactly as the converter does (``convert_np_to_float16(x, low,
-    high)``: magnitudes clamped into [low, high]), chunk by chunk: holds the float16 result and
-    one chunk of temporaries."""
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
-    flat = values.reshape(-1)
-    out = np.empty(flat.size, dtype=np.float16)
-    for start in range(0, flat.size, _SCAN_CHUNK):
-        chunk = np.asarray(flat[start:start + _SCAN_CHUNK], dtype=np.float32)
-        out[start:start + chunk.size] = convert_np_to_float16(chunk, low, high)
-    return out.reshape(values.shape)
-
-
-def _finish_float16_tensors(model: onnx.ModelProto, low: float, high: float) -> int:
-    """Give the tensors the converter retyped to float16 their float16 data, one at a time, in place.
-
-    The converter converts embedded data but only retypes an external tensor (its data is
-    not in the proto): such a tensor says FLOAT16 while its file holds float32 bytes. It is
-    read as float32, converted (:func:`_to_float16` with the converter's ``low``/``high``) and replaced by
-    :func:`compress.external.array_tensor` (spilled when large). Embedded float16 tensors
-    the converter made of at least ``INLINE_MAX_BYTES`` are moved to the spill file too.
-    Returns the number of tensors replaced.
-    """
-    done = 0
-    for t in external.model_tensors(model):
-        if t.data_type != _FLOAT16:
-            continue
-        n = math.prod(t.dims)
-        ref = external.data_ref(t)
-        if ref is not None and ref.length == 4 * n and n:
-            as_float = onnx.TensorProto()
-            as_float.CopyFrom(t)
-            as_float.data_type = _FLOAT
-            values = external.map_array(as_float)
-            half = _to_float16(values if values is not None else external.read_array(as_float), low, high)
-            t.CopyFrom(external.array_tensor(half, t.name))
-            done += 1
-        elif ref is None and len(t.raw_data) >= external.INLINE_MAX_BYTES:
-            half = np.frombuffer(t.raw_data, dtype=np.float16).reshape(tuple(t.dims))
-            t.CopyFrom(external.array_tensor(half, t.name))
-            done += 1
-    return done
-
-
-def _convert(model: onnx.ModelProto, *, min_positive_val: float, max_finite_val: float,
-             **options: Any) -> onnx.ModelProto:
-    """ORT's converter on ``model`` (which it edits) without reading external data, then the
-    float16 data of retyped external tensors (:func:`_finish_float16_tensors`)."""
-    convert = _converter()
-    with _shapes_from_dims():
-        converted = convert(model, min_positive_val=min_positive_val, max_finite_val=max_finite_val, **options)
-    _finish_float16_tensors(converted, min_positive_val, max_finite_val)
-    return converted
-
-
-def _untype_initializers(model: onnx.ModelProto) -> None:
-    """Drop value_info (and, for IR >= 4, graph inputs) that name initializers, in place.
-
-    The converter retypes every float value_info to FP16 and then "casts back" inputs of
-    FP32 nodes found there: an FP32 initializer listed in value_info (dynamo exports list
-    them all) would get a useless Cast(float -> float) before every FP32 reader.
-    """
-    g = model.graph
-    inits = {t.name for t in g.initializer}
-    keep = [v for v in g.value_info if v.name not in inits]
-    del g.value_info[:]
-    g.value_info.extend(keep)
-    if model.ir_version >= 4:
-        inputs = [i for i in g.input if i.name not in inits]
-        del g.input[:]
-        g.input.extend(inputs)
-
-
-def _cast_to(node: onnx.NodeProto) -> int | None:
-    return next((a.i for a in node.attribute if a.name == "to"), None)
-
-
-def _drop_round_trips(model: onnx.ModelProto, original: set[str]) -> int:
-    """Remove inserted ``Cast(to=fp16) -> Cast(to=fp32)`` pairs; returns the Casts removed.
-
-    The converter inserts a Cast to FP16 after every FP32 node and a Cast back before every
-    FP32 reader; between two FP32 nodes this round trip only loses precision (and turns
-    |x| > 65504 into inf). Readers of the second Cast read the FP32 tensor directly.
-    """
-    g = model.graph
-    casts = [n for n in g.node if n.op_type == "Cast" and n.name not in original]
-    by_output = {n.output[0]: n for n in casts}
-    graph_outputs = {o.name for o in g.output}
-    fixed = {i.name for i in g.input} | {t.name for t in g.initializer}
-    rename: dict[str, str] = {}
-    removed: set[str] = set()
-    for c2 in casts:
-        c1 = by_output.get(c2.input[0])
-        if _cast_to(c2) != _FLOAT or c1 is None or _cast_to(c1) != _FLOAT16:
-            continue
-        x, y = c1.input[0], c2.output[0]
-        if y in graph_outputs:
-            if x in fixed or x in graph_outputs or x in rename:
-                continue
-            rename[x] = y
-        else:
-            rename[y] = x
-        removed.add(c2.name)
-
-    def resolve(name: str) -> str:
-        seen = set()
-        while name in rename and name not in seen:
-            seen.add(name)
-            name = rename[name]
-        return name
-
-    kept = [n for n in g.node if n.name not in removed]
-    for n in kept:
-        for i, x in enumerate(n.input):
-            n.input[i] = resolve(x)
-        for i, x in enumerate(n.output):
-            n.output[i] = resolve(x)
-    read = {x for n in kept for x in n.input} | graph_outputs
-    dead = {n.name for n in kept if n.name not in original and n.op_type == "Cast" and n.output[0] not in read}
-    kept = [n for n in kept if n.name not in dead]
-    del g.node[:]
-    g.node.extend(kept)
-    return len(removed) + len(dead)
-
-
-def _tidy_value_info(model: onnx.ModelProto) -> None:
-    g = model.graph
-    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    outputs = {o.name for o in g.output}
-    keep = [v for v in g.value_info if v.name in produced and v.name not in outputs]
-    keep = list({v.name: v for v in keep}.values())
-    del g.value_info[:]
-    g.value_info.extend(keep)
-
-
-def _counts(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
-    b = {t.name: t.data_type for t in before.graph.initializer}
-    a = {t.name: t.data_type for t in after.graph.initializer}
-    converted = sum(1 for k, v in b.items() if v == _FLOAT and a.get(k) == _FLOAT16)
-    kept = sum(1 for k, v in b.items() if v == _FLOAT and a.get(k) == _FLOAT)
-
-    def nbytes(m: onnx.ModelProto) -> int:
-        return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                   for t in m.graph.initializer)
-
-    return {"initializers_converted": converted, "initializers_kept_fp32": kept,
-            "initializer_bytes_before": nbytes(before), "initializer_bytes_after": nbytes(after)}
-
-
 @register_pass("fp16", config=Fp16Config, kind="precision",
                summary="FP32 -> FP16 (Cast insertion), FP32 kept for norms, big reductions and out-of-range values")
 def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelProto, PassReport]:
@@ -713,7 +455,7 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
                          hint="it is already FP16 or has no float parameters; drop --precision fp16")
     work = copy_model(model)
     renamed = name_nodes(work)
-    _untype_initializers(work)
+    untype_initializers(work)
     index = GraphIndex(work)
     missing = [n for n in config.block_nodes if n not in index.node_by_key]
     if missing:
@@ -729,7 +471,7 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
     plan = _plan(work, index, config, ranges)
     original_names = {n.name for n in work.graph.node}
     try:
-        converted = _convert(work, keep_io_types=config.keep_io_types, op_block_list=[],
+        converted = convert(work, keep_io_types=config.keep_io_types, op_block_list=[],
                             node_block_list=sorted(plan.reasons), min_positive_val=FP16_TINY, max_finite_val=FP16_MAX)
     except CompressError:  # ours: a data file that changed while it was read
         raise
@@ -737,8 +479,8 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
         raise BuildError(f"fp16: the FP16 converter failed: {type(exc).__name__}: {exc}",
                          hint="block the node it names with a node block list, or skip --precision fp16") from None
     toposort(converted.graph)
-    dropped = _drop_round_trips(converted, original_names)
-    _tidy_value_info(converted)
+    dropped = drop_round_trips(converted, original_names)
+    tidy_value_info(converted)
     warnings = check_model(converted, what="fp16", source=model)
 
     types = {n.name: n for n in work.graph.node}
@@ -751,7 +493,7 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
     for item in items:
         by_rule[item["rule"]] = by_rule.get(item["rule"], 0) + 1
     changes: dict[str, Any] = {
-        **_counts(model, converted),
+        **initializer_counts(model, converted),
         "float_nodes": len(float_nodes), "nodes_kept_fp32": len(items),
         "nodes_fp16": len(float_nodes) - len(items), "kept_fp32_by_rule": by_rule,
         "casts_inserted": casts, "round_trip_casts_removed": dropped,

@@ -40,34 +40,25 @@ applies to the QOperator format only, so the pass excludes them by name).
 Calibration methods: ``minmax`` (range of observed values), ``entropy`` (KL-optimal
 threshold of a histogram) and ``percentile`` (``percentile`` of |x|).
 
-ORT needs files: the model is streamed (one tensor at a time, never serialized whole) into
-a folder under this process's temporary folder (:func:`compress.external.temp_folder`),
-where ORT also keeps its own temporary files; the quantized model is loaded from there
-with its weights left in ``int8.onnx.data`` (external references), and the folder's other
-files are deleted. ORT's quantizer itself holds the weights in memory while it runs.
-Nothing else touches the file system and the input model is not modified.
+Where the code is: this module holds the config and the pass (the node selection and the
+report); :mod:`compress.passes.int8_ort` runs ORT's quantizer from files in a folder under
+this process's temporary folder (:func:`compress.external.temp_folder`), reading batches
+through :class:`~compress.passes.int8_reader.BatchReader`; :mod:`compress.passes.qdq` edits
+and counts the Q/DQ nodes of its output. Nothing else touches the file system and the
+input model is not modified.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
-import shutil
-import tempfile
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 
-from compress.errors import BuildError, CalibrationError, CompressError, ConfigError, ModelError
-from compress.external import read_array
-from compress.graph import GraphIndex, TensorType
+from compress.errors import CalibrationError, ConfigError, ModelError
 from compress.log import logger
 from compress.passes.accuracy import TargetConfig
 from compress.passes.base import (
@@ -82,16 +73,12 @@ from compress.passes.base import (
     register_pass,
     timer,
 )
+from compress.passes.int8_ort import ACTIVATION_TYPES, CALIBRATION_METHODS, drop_unused_folders, quantize
+from compress.passes.int8_reader import BatchReader, check_batch, model_inputs
+from compress.passes.qdq import per_channel_weights, quantized_nodes, restore_float_inputs, zero_points
 
 if TYPE_CHECKING:
     from compress.calibration import CalibrationSet
-
-#: Calibration methods by name (values: ``onnxruntime.quantization.CalibrationMethod`` members).
-CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-#: Activation types: name -> (ORT QuantType member, symmetric activations).
-ACTIVATION_TYPES = {"int8": ("QInt8", True), "uint8": ("QUInt8", False)}
-_LARGE = 1_500_000_000  # bytes (graph + tensor data); above this ORT writes its files with external data
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +159,7 @@ class Int8Config:
                               hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (the calibration data described, not included) for the pass report."""
         return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
                 "method": self.method, "percentile": self.percentile, "op_types": list(self.op_types),
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
@@ -185,412 +173,11 @@ class Int8Config:
                 "smoothquant": self.smoothquant, "per_tensor_method": self.per_tensor_method}
 
 
-class BatchReader:
-    """ORT ``CalibrationDataReader`` over batches, checking each against the model inputs.
-
-    A batch must hold exactly one array per model input, with the input's dtype (data is
-    never cast), rank and static non-batch dims. ``count`` is the number of batches handed
-    out; ``active`` is True while ORT is consuming them.
-
-    ``len()`` and ``set_range(start, end)`` let ``quantize_static`` feed the calibrator one
-    batch per ``collect_data`` call (extra option ``CalibStridedMinMax=1``; despite its name
-    ORT applies it to every method): the histogram calibrators (entropy, percentile) then
-    accept batches of different shapes, and MinMax holds one batch of activations at a time.
-    Ranges must be asked for in order (ORT does).
-    """
-
-    def __init__(self, batches: Iterable[Batch], inputs: Mapping[str, TensorType | None], *,
-                 max_batches: int | None = None) -> None:
-        if not hasattr(batches, "__len__"):
-            batches = list(batches)
-        self._batches = batches
-        self._inputs = dict(inputs)
-        self._len = len(batches) if max_batches is None else min(len(batches), max_batches)  # type: ignore[arg-type]
-        self._it: Iterator[Batch] = iter(batches)
-        self._stop = self._len
-        self.count = 0
-        self.active = False
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        if start_index != self.count:
-            raise BuildError(f"int8: calibration batches were asked for out of order ({start_index} after {self.count})",
-                             hint="the installed onnxruntime reads calibration data in an unexpected order; report it")
-        self._stop = min(end_index, self._len)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.count >= self._stop:
-            self.active = False
-            return None
-        batch = next(self._it, None)
-        if batch is None:
-            self.active = False
-            return None
-        check_batch(batch, self._inputs, index=self.count)
-        self.count += 1
-        self.active = True
-        return dict(batch)
-
-    def rewind(self) -> None:
-        self._it = iter(self._batches)
-        self.count = 0
-        self._stop = self._len
-
-
-def check_batch(batch: Batch, inputs: Mapping[str, TensorType | None], *, index: int) -> None:
-    """CalibrationError unless ``batch`` has exactly the model's inputs with their dtype, rank and static dims."""
-    hint = "calibration arrays must be named like the model inputs and have their dtype and shape ('compress inspect')"
-    missing = [n for n in inputs if n not in batch]
-    extra = [n for n in batch if n not in inputs]
-    if missing or extra:
-        parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
-                ([f"unknown array(s) {', '.join(extra)}"] if extra else [])
-        raise CalibrationError(f"calibration batch {index} does not fit the model: {'; '.join(parts)}"
-                               f" (model inputs: {', '.join(inputs)})", hint=hint)
-    for name, t in inputs.items():
-        if t is None:
-            continue
-        arr = np.asarray(batch[name])
-        if arr.dtype.name != t.dtype:
-            raise CalibrationError(f"calibration batch {index}: input '{name}' is {arr.dtype.name}, the model wants {t.dtype}",
-                                   hint="calibration data is never cast; save it with the model's dtype")
-        if t.shape is None:
-            continue
-        if arr.ndim != len(t.shape):
-            raise CalibrationError(f"calibration batch {index}: input '{name}' has rank {arr.ndim} "
-                                   f"(shape {list(arr.shape)}), the model wants rank {len(t.shape)} ({t.shape_str()})",
-                                   hint=hint)
-        for axis, (have, want) in enumerate(zip(arr.shape, t.shape, strict=True)):
-            if isinstance(want, int) and have != want:
-                raise CalibrationError(f"calibration batch {index}: input '{name}' axis {axis} is {have}, "
-                                       f"the model wants {want} (shape {t.shape_str()})", hint=hint)
-
-
-def _model_inputs(model: onnx.ModelProto) -> dict[str, TensorType | None]:
-    index = GraphIndex(model)
-    return {n: index.type_of(n) for n in index.graph_inputs}
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ORT's symbolic shape inference (what ``quant_pre_process`` runs first), in memory.
-
-    ``SymbolicShapeInference.infer_shapes`` saves ``sym_shape_infer_temp.onnx`` into the
-    process's working directory when inference is incomplete, which would write into (and
-    replace a file of) the user's folder; the same steps are run here without that save.
-    The library never changes the working directory.
-
-    The inference reads initializer values (inputs of shape arithmetic, of Add/Mul/Concat,
-    ...) through ``numpy_helper.to_array``, which cannot read compress's absolute external
-    references: a subclass reads them with :func:`compress.external.read_array` instead (one
-    tensor at a time, dropped after use), and non-float external tensors (int64 shape and
-    index tensors, read by ``Constant`` nodes and subgraph inference) are embedded in the
-    copy it runs on. Float weights keep their references. Returns that copy with the
-    inferred value info; the caller writes it with :func:`compress.onnx_io.save_model`.
-    Does not modify ``model``.
-
-    Raises:
-        RuntimeError: inference is incomplete (the caller quantizes without it).
-        Exception: whatever the inference raises.
-    """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    from compress import external
-
-    class ReferenceShapeInference(SymbolicShapeInference):  # type: ignore[misc]
-        def _get_value(self, node: onnx.NodeProto, idx: int) -> Any:
-            name = node.input[idx]
-            if name in self.sympy_data_:
-                return self.sympy_data_[name]
-            return external.read_array(self.initializers_[name])
-
-    view = copy_model(model)
-    for t in external.model_tensors(view):
-        ref = external.data_ref(t)
-        if ref is not None and t.data_type not in _FLOATS:
-            data = external.read_bytes(ref, name=t.name)
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = data
-    ssi = ReferenceShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
-    ssi._preprocess(view)
-    done = False
-    while ssi.run_:
-        done = ssi._infer_impl()
-    ssi._update_output_from_vi()
-    if not done:
-        raise RuntimeError("incomplete symbolic shape inference")
-    return ssi.out_mp_
-
-
-_TEMPDIR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _ort_temp_files(folder: Path) -> Iterator[None]:
-    """While active, ``tempfile``'s default folder is ``folder`` (restored on exit).
-
-    ONNX Runtime's quantizer makes its own temporary folders with
-    ``tempfile.TemporaryDirectory(prefix="ort.quant.")`` / ``"pre.quant."`` and no ``dir``
-    (``quantize_static``, ``quant_pre_process``); they hold the calibration model with all
-    weights. Setting ``tempfile.tempdir`` (the documented default for ``dir``) puts them in
-    this pass's folder under :func:`compress.external.temp_folder`. The working directory
-    is never changed.
-    """
-    with _TEMPDIR_LOCK:
-        previous = tempfile.tempdir
-        tempfile.tempdir = str(folder)
-        try:
-            yield
-        finally:
-            tempfile.tempdir = previous
-
-
-def _needs_external_format(model: onnx.ModelProto) -> bool:
-    """ORT's ``use_external_data_format``: the model has an external tensor or is large (sizes
-    from :func:`compress.onnx_io.model_nbytes`, which reads no data)."""
-    from compress import external, onnx_io
-
-    return any(external.is_external(t) for t in external.model_tensors(model)) or onnx_io.model_nbytes(model) > _LARGE
-
-
-def _keep_only_references(folder: Path, model: onnx.ModelProto) -> None:
-    """Delete every file under ``folder`` that no tensor of ``model`` references (ORT's inputs
-    and intermediate copies), so only the quantized model's data stays on disk."""
-    from compress import external
-
-    keep = {ref.path for t in external.model_tensors(model) if (ref := external.data_ref(t)) is not None}
-    if not any(folder == p.parent or folder in p.parents for p in keep):
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    for entry in folder.iterdir():
-        if entry.resolve() in keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _drop_unused_folders(folders: Sequence[Path], model: onnx.ModelProto) -> None:
-    """Remove the folders of ``folders`` that no tensor of ``model`` references (quantizations the
-    fidelity target did not keep)."""
-    from compress import external
-
-    used = {ref.path.parent for t in external.model_tensors(model) if (ref := external.data_ref(t)) is not None}
-    for folder in folders:
-        if folder not in used and not any(folder in p.parents for p in used):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _quantize(model: onnx.ModelProto, reader: BatchReader, config: Int8Config,
-              excluded: list[str], warnings: list[str], folders: list[Path] | None = None) -> onnx.ModelProto:
-    """quant_pre_process + quantize_static from files in a folder under the temporary folder.
-
-    The model (symbolic shapes added when ``preprocess``) is written once with
-    :func:`compress.onnx_io.save_model` (external data streamed tensor by tensor); ORT reads
-    it from there, writes its temporary files there (:func:`_ort_temp_files`) and the
-    result beside it (``use_external_data_format`` when the model has external tensors or is
-    large). The result is loaded with :func:`compress.onnx_io.load_model`: its tensors
-    reference ``int8.onnx.data`` in that folder, which therefore stays until the process
-    exits (:func:`compress.external.temp_folder`); every other file there is deleted (the
-    whole folder when the result references none of it). The folder is appended to
-    ``folders`` (so the caller can remove the ones its final model does not reference).
-    Does not modify ``model``.
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    from compress import external, onnx_io
-
-    large = _needs_external_format(model)
-    act_type, act_symmetric = ACTIVATION_TYPES[config.activation_type]
-    extra = {"ActivationSymmetric": act_symmetric, "WeightSymmetric": True, "AddQDQPairToWeight": config.qdq_on_weights,
-             "DedicatedQDQPair": config.dedicated_qdq, "QuantizeBias": config.quantize_bias,
-             "CalibStridedMinMax": 1}
-    if not config.quantize_outputs:
-        extra["OpTypesToExcludeOutputQuantization"] = list(config.op_types)
-    if config.method == "percentile":
-        extra["CalibPercentile"] = config.percentile
-    ort_log = logging.getLogger()
-    level = ort_log.level
-    folder = Path(tempfile.mkdtemp(prefix="int8-", dir=external.temp_folder()))
-    if folders is not None:
-        folders.append(folder)
-    src, pre, out = (folder / n for n in ("model.onnx", "pre.onnx", "int8.onnx"))
-    try:
-        shaped = model
-        if config.preprocess:
-            try:
-                shaped = _symbolic_shapes(model)
-            except Exception as exc:  # fails on some graphs (and without sympy): ONNX shape inference only
-                warnings.append(f"symbolic shape inference failed ({_first_line(exc)}); ONNX shape inference only")
-        onnx_io.save_model(shaped, src, external_data=True)  # streamed: one tensor at a time
-        del shaped
-        source = src
-        ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
-        with _ort_temp_files(folder):
-            if config.preprocess:
-                try:
-                    quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True,
-                                      save_as_external_data=large, external_data_location="pre.onnx.data")
-                    source = pre
-                except Exception as exc:  # go on without it
-                    warnings.append(f"quant_pre_process failed ({_first_line(exc)}); quantized without it")
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # ORT prints progress per batch
-                    quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ,
-                                    op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
-                                    reduce_range=False, activation_type=getattr(QuantType, act_type), weight_type=QuantType.QInt8,
-                                    nodes_to_exclude=excluded, use_external_data_format=large,
-                                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.method]),
-                                    calibration_providers=["CPUExecutionProvider"], extra_options=extra)
-            except CompressError:  # ours, raised by the reader inside ORT's loop
-                raise
-            except Exception as exc:
-                if reader.active:
-                    raise CalibrationError(f"calibration batch {reader.count - 1} does not fit the model: {_first_line(exc)}",
-                                           hint="check the calibration data against the model's inputs ('compress inspect')") from None
-                raise BuildError(f"int8: ONNX Runtime quantization failed: {type(exc).__name__}: {_first_line(exc)}",
-                                 hint="exclude the node it names (exclude_nodes) or use fewer op types") from None
-        result = onnx_io.load_model(out)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    finally:
-        ort_log.setLevel(level)
-    _keep_only_references(folder, result)
-    return result
-
-
-def _restore_float_inputs(model: onnx.ModelProto, quantized: set[str]) -> int:
-    """Point non-quantized consumers of an activation Q -> DQ pair back at the float tensor.
-
-    ``quantized``: names of the nodes meant to read quantized inputs. Every other node (not a
-    Q/DQ) that reads the output of a DequantizeLinear fed by a QuantizeLinear reads the Q's
-    float input instead; Q/DQ nodes left without consumers and their unused initializers are
-    removed. Edits ``model`` in place; returns the number of inputs rewired.
-    """
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    rewired = 0
-    for node in graph.node:
-        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-                rewired += 1
-    if rewired:
-        drop_dead_qdq(model, weights=False)
-    return rewired
-
-
-def restore_float_weights(model: onnx.ModelProto, float_model: onnx.ModelProto, nodes: set[str]) -> int:
-    """Give ``nodes`` back their float weights: inputs read from a DequantizeLinear of an initializer.
-
-    ORT's QDQ output stores a weight as an int8 initializer behind a lone DequantizeLinear;
-    :func:`_restore_float_inputs` only undoes activation Q -> DQ pairs. Each such input of a
-    node in ``nodes`` reads the float initializer that the same node reads in ``float_model``
-    (the pass's input, same node names) instead; the int8 copies no longer read are removed.
-    The float initializer is copied as it is (a reference when external: no bytes are read).
-    Edits ``model`` in place; returns the number of inputs rewired.
-    """
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {t.name for t in graph.initializer}
-    float_nodes = {n.name: n for n in float_model.graph.node}
-    float_inits = {t.name: t for t in float_model.graph.initializer}
-    rewired = 0
-    for node in graph.node:
-        source = float_nodes.get(node.name)
-        if node.name not in nodes or source is None or len(source.input) != len(node.input):
-            continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-                continue
-            weight = float_inits.get(source.input[i])
-            if weight is None:
-                continue
-            if weight.name not in inits:
-                graph.initializer.append(weight)
-                inits.add(weight.name)
-            node.input[i] = weight.name
-            rewired += 1
-    if rewired:
-        drop_dead_qdq(model, weights=True)
-    return rewired
-
-
-def drop_dead_qdq(model: onnx.ModelProto, *, weights: bool) -> None:
-    """Remove Q/DQ nodes whose outputs nothing reads, and their scales and zero points (``weights``:
-    also the quantized initializers they read). Edits ``model`` in place."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    freed: set[str] = set()
-    while True:
-        used = {x for n in graph.node for x in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        freed.update(x for n in dead for x in (n.input if weights else n.input[1:]))
-        keep = [n for n in graph.node if n not in dead]
-        del graph.node[:]
-        graph.node.extend(keep)
-    used = {x for n in graph.node for x in n.input} | outputs
-    keep_inits = [t for t in graph.initializer if t.name not in freed or t.name in used]
-    if len(keep_inits) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep_inits)
-
-
 def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMul nodes with no initializer (or Constant) input: products of two activations."""
     consts = {t.name for t in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in consts for x in n.input)]
-
-
-def _zero_points(model: onnx.ModelProto) -> tuple[int, int]:
-    """(zero-point tensors, those with a non-zero value) over all Q/DQ nodes."""
-    inits = {t.name: t for t in model.graph.initializer}
-    seen, nonzero = set(), 0
-    for n in model.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits:
-            if n.input[2] in seen:
-                continue
-            seen.add(n.input[2])
-            if np.any(read_array(inits[n.input[2]]) != 0):
-                nonzero += 1
-    return len(seen), nonzero
-
-
-def _per_channel_weights(model: onnx.ModelProto) -> int:
-    inits = {t.name: t for t in model.graph.initializer}
-    return sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits
-               and int(np.prod(inits[n.input[1]].dims)) > 1)
-
-
-def _quantized(model: onnx.ModelProto, op_types: set[str]) -> dict[str, bool]:
-    """Node name -> every float input of it comes from a DequantizeLinear (per node of ``op_types``)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    out = {}
-    for n in model.graph.node:
-        if n.op_type not in op_types:
-            continue
-        data = [x for x in n.input[:2] if x]  # data inputs (A/B, X/W); a float bias stays float
-        out[n.name] = bool(data) and all(x in producer and producer[x].op_type == "DequantizeLinear" for x in data)
-    return out
 
 
 @register_pass("int8", config=Int8Config, kind="precision", needs_calibration=True,
@@ -664,11 +251,11 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
 
         work, smooth = smoothquant_pass(work, SmoothQuantConfig(calibration=fit, alpha=config.smoothquant))
         names = {n.name: n for n in work.graph.node}
-    reader = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
+    reader = BatchReader(fit, model_inputs(work), max_batches=config.max_batches)
     if not len(reader):
         raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
     folders: list[Path] = []  # ORT's output folders of this call (a fidelity target may quantize 3 times)
-    result = _quantize(work, reader, config, sorted(reasons), warnings, folders)
+    result = quantize(work, reader, config, sorted(reasons), warnings, folders)
     restored = 0
     target_report = None
     kept_float: dict[str, str] = {}
@@ -676,26 +263,26 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         from compress.passes.accuracy import repair_int8
 
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
-        restored = _restore_float_inputs(copy_model(result), meant)
+        restored = restore_float_inputs(copy_model(result), meant)
         others = {"minmax": ("percentile",), "percentile": ("minmax",)}.get(config.method, ("minmax", "percentile"))
 
         def requantize(method: str) -> onnx.ModelProto:
-            again = BatchReader(fit, _model_inputs(work), max_batches=config.max_batches)
-            return _quantize(work, again, dataclasses.replace(config, method=method, target=None), sorted(reasons), [],
+            again = BatchReader(fit, model_inputs(work), max_batches=config.max_batches)
+            return quantize(work, again, dataclasses.replace(config, method=method, target=None), sorted(reasons), [],
                              folders)
 
         alternatives = {m: (lambda m=m: requantize(m)) for m in others} if config.per_tensor_method else None
         result, kept_float, target_report = repair_int8(
-            model, work, result, meant & {n for n, q in _quantized(result, set(config.op_types)).items() if q},
+            model, work, result, meant & {n for n, q in quantized_nodes(result, set(config.op_types)).items() if q},
             held, config.target, method=config.method, alternatives=alternatives)
     if not config.quantize_outputs and target_report is None:
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
-        restored = _restore_float_inputs(result, meant)
-    _drop_unused_folders(folders, result)
+        restored = restore_float_inputs(result, meant)
+    drop_unused_folders(folders, result)
     warnings += check_model(result, what="int8", source=model)
 
     op_types = set(config.op_types)
-    status = _quantized(result, op_types)
+    status = quantized_nodes(result, op_types)
     items = []
     for name, node in names.items():
         if node.op_type not in op_types and name not in reasons:
@@ -709,16 +296,16 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         else:
             items.append({"node": name, "op": node.op_type, "status": "not quantized",
                           "reason": "ONNX Runtime left it float (no float input pair it can quantize)"})
-    zp_total, zp_nonzero = _zero_points(result)
+    zp_total, zp_nonzero = zero_points(result)
     after = op_counts(result)
     counts = {s: sum(1 for i in items if i["status"] == s) for s in ("quantized", "excluded", "not quantized", "kept float")}
-    changes = {
+    changes: dict[str, Any] = {
         "quantize_linear": after.get("QuantizeLinear", 0) - op_counts(model).get("QuantizeLinear", 0),
         "dequantize_linear": after.get("DequantizeLinear", 0) - op_counts(model).get("DequantizeLinear", 0),
         "nodes_quantized": counts["quantized"], "nodes_excluded": counts["excluded"],
         "nodes_not_quantized": counts["not quantized"],
         "zero_points": zp_total, "nonzero_zero_points": zp_nonzero,
-        "per_channel_weight_scales": _per_channel_weights(result),
+        "per_channel_weight_scales": per_channel_weights(result),
         "calibration_batches": reader.count,
         "float_inputs_restored": restored,
         "nodes_kept_float": counts["kept float"],

@@ -71,6 +71,7 @@ class SmoothQuantConfig:
                               hint="e.g. op_types=('MatMul', 'Gemm')")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (the calibration data described, not included) for the pass report."""
         return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
                 "alpha": self.alpha, "op_types": list(self.op_types), "exclude_nodes": list(self.exclude_nodes)}
 
@@ -94,17 +95,16 @@ def _layer_axis(node: onnx.NodeProto, index: GraphIndex) -> tuple[str, int] | No
 
 
 def _row_maxima(weight: onnx.TensorProto, axis: int, channels: int) -> np.ndarray:
-    """max |W| per input channel (``axis``) of one weight, read from its file when external."""
+    """The max |W| per input channel (``axis``) of one weight, read from its file when external."""
     arr = read_array(weight)
     return np.abs(np.moveaxis(arr, axis, 0).reshape(channels, -1)).max(axis=1)
 
 
 def channel_maxima(model: onnx.ModelProto, tensors: Sequence[str], batches: Any) -> dict[str, np.ndarray]:
     """Max |x| per last-axis channel of each tensor over ``batches`` (one ORT pass, extra outputs)."""
-    from compress.scoring.collect import make_session, run_batch
-    from compress.surgery import add_outputs
+    from compress.runtime import add_outputs, load_session, run_batch
 
-    sess = make_session(add_outputs(model, tensors), providers=("CPUExecutionProvider",))
+    sess = load_session(add_outputs(model, tensors), providers=("CPUExecutionProvider",))
     out: dict[str, np.ndarray] = {}
     count = 0
     for i, feed in enumerate(batches):
@@ -171,11 +171,11 @@ def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple
         s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
         s = np.clip(s, 1e-5, 1e5)
         for _, w, axis in layers:  # one weight in memory at a time; the scaled one is spilled when large
-            weight = read_array(inits[w])
-            shape = [1] * weight.ndim
+            weight_array = read_array(inits[w])
+            shape = [1] * weight_array.ndim
             shape[axis] = act.size
-            inits[w].CopyFrom(array_tensor((weight.astype(np.float64) * s.reshape(shape)).astype(weight.dtype), w))
-            del weight
+            inits[w].CopyFrom(array_tensor((weight_array.astype(np.float64) * s.reshape(shape)).astype(weight_array.dtype), w))
+            del weight_array
         keys = {k for k, _, _ in layers}
         how = _fold(out, index, inits, x, keys, s)
         if how is None:

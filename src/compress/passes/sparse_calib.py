@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from compress.errors import BuildError, CalibrationError
+from compress.passes.nm import mask_2_4, prune_2_4
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -73,11 +74,10 @@ def collect_input_stats(model: onnx.ModelProto, tensors: Mapping[str, tuple[str,
     Raises:
         CalibrationError: no batches, or a batch that does not fit the model.
     """
-    from compress.scoring.collect import make_session, run_batch
-    from compress.surgery import add_outputs
+    from compress.runtime import add_outputs, load_session, run_batch
 
     names = list(tensors)
-    sess = make_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
+    sess = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
     stats = {t: InputStats(layout=tensors[t][0]) for t in names}
     for i, feed in enumerate(batches):
         values = run_batch(sess, feed, names, batch=i)
@@ -95,18 +95,6 @@ def collect_input_stats(model: onnx.ModelProto, tensors: Mapping[str, tuple[str,
         raise CalibrationError("sparsity: the calibration data has no batches",
                                hint="pass calibration batches (--calib DIR) for --sparsity-method wanda/sparsegpt")
     return stats
-
-
-def mask_2_4(score: np.ndarray) -> np.ndarray:
-    """Boolean keep-mask of ``score[..., 4g]`` (groups on the last axis): the 2 largest of every 4 kept.
-
-    Ties keep the higher index (the lower is pruned first), as :func:`~compress.passes.sparsity.prune_2_4`.
-    """
-    groups = score.reshape(-1, 4)
-    order = np.argsort(groups, axis=1, kind="stable")
-    keep = np.ones_like(groups, dtype=bool)
-    np.put_along_axis(keep, order[:, :2], False, axis=1)
-    return keep.reshape(score.shape)
 
 
 def wanda_2_4(weight: np.ndarray, axis: int, sq_norm: np.ndarray) -> np.ndarray:
@@ -183,8 +171,6 @@ def layer_rows(weight: np.ndarray, op: str, axis: int) -> tuple[np.ndarray, Any]
 def sparsify(weight: np.ndarray, op: str, axis: int, method: str, stats: InputStats | None, *,
              damp: float = 0.01, block_size: int = 128) -> tuple[np.ndarray, str]:
     """The 2:4 version of one weight by ``method``; returns ``(weight, method used)``."""
-    from compress.passes.sparsity import prune_2_4
-
     if method == "magnitude" or stats is None:
         return prune_2_4(weight, axis), "magnitude"
     one_by_one = weight.ndim == 2 if op != "Conv" else (weight.ndim == 4 and weight.shape[2:] == (1, 1))

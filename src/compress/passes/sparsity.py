@@ -45,6 +45,7 @@ from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
 from compress.passes.accuracy import TargetConfig
 from compress.passes.base import PassReport, copy_model, describe_batches, name_nodes, op_counts, register_pass, timer
+from compress.passes.nm import is_2_4_sparse, prune_2_4
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -96,34 +97,12 @@ class SparsityConfig:
                               hint="e.g. op_types=('MatMul', 'Gemm', 'Conv')")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (the calibration data described, not included) for the pass report."""
         return {"min_channels": self.min_channels, "op_types": list(self.op_types),
                 "exclude_nodes": list(self.exclude_nodes), "pattern": "2:4", "method": self.method,
                 "calibration": None if self.calibration is None else describe_batches(self.calibration),
                 "target": None if self.target is None else dataclasses.asdict(self.target),
                 "damp": self.damp, "block_size": self.block_size}
-
-
-def prune_2_4(weight: np.ndarray, axis: int) -> np.ndarray:
-    """A copy of ``weight`` with the 2 smallest |w| of every 4 consecutive along ``axis`` set to 0.
-
-    ``weight.shape[axis]`` must be a multiple of 4. Ties are broken towards the lower index
-    (that one is zeroed), as Polygraphy's pruner does. Vectorised; does not modify ``weight``.
-    """
-    if weight.shape[axis] % 4:
-        raise ValueError(f"axis {axis} of shape {weight.shape} is not a multiple of 4")
-    moved = np.moveaxis(weight, axis, -1)
-    groups = np.array(moved).reshape(-1, 4)
-    order = np.argsort(np.abs(groups.astype(np.float64)), axis=1, kind="stable")
-    np.put_along_axis(groups, order[:, :2], 0, axis=1)
-    return np.moveaxis(groups.reshape(moved.shape), -1, axis)
-
-
-def is_2_4_sparse(weight: np.ndarray, axis: int) -> bool:
-    """True when every group of 4 consecutive values along ``axis`` has at least 2 zeros."""
-    if weight.shape[axis] % 4:
-        return False
-    groups = np.moveaxis(weight, axis, -1).reshape(-1, 4)
-    return bool(((groups == 0).sum(axis=1) >= 2).all())
 
 
 @dataclass
@@ -285,7 +264,7 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
     variants: dict[str, Variant] = {}
     node_of: dict[str, str] = {}
     for layer in layers:
-        if layer.weight not in done or layer.weight in node_of.values():
+        if layer.weight is None or layer.weight not in done or layer.weight in node_of.values():
             continue
         name = names[index.position[layer.key]]
         node = ref.graph.node[index.position[layer.key]]

@@ -136,8 +136,11 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_sweep(report: dict[str, Any]) -> bytes:
-    """PNG: fidelity loss against measured latency (the chosen model per count) and against parameters
-    (every candidate), the Pareto fronts marked."""
+    """PNG of a pruning sweep: fidelity loss against latency and against parameters.
+
+    Left: the chosen model per count against its measured latency; right: every candidate
+    against its parameter count; the Pareto fronts marked.
+    """
     plt = pyplot("the sweep plot")
     rows = report["sweep"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -74,8 +74,10 @@ def scores_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_scores(report: dict[str, Any]) -> bytes:
-    """A PNG: one panel of per-block scores per metric (bars: the fused score; lines: per token
-    range and per stream), plus the CKA heatmap with segment borders."""
+    """A PNG: one panel of per-block scores per metric, plus the CKA heatmap with segment borders.
+
+    Bars: the fused score; lines: per token range and per stream.
+    """
     plt = pyplot("the score plot")
     metrics = report["metrics"]
     per_block = [m for m in metrics if any(v is not None for v in metrics[m]["scores"])]

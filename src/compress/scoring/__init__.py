@@ -1,7 +1,11 @@
 """Block-importance scoring: metrics (streaming accumulators) and Fisher segmentation.
 
-See :mod:`compress.scoring.metrics` for the accumulator protocol and the formulas, and
-:mod:`compress.scoring.segment` for the SGLP segmentation. Pure numpy.
+See :mod:`compress.scoring.metrics` for the accumulator protocol and the formulas (the
+metrics live in :mod:`~compress.scoring.options`, :mod:`~compress.scoring.activations`,
+:mod:`~compress.scoring.base`, :mod:`~compress.scoring.tokens`, :mod:`~compress.scoring.cka`
+and :mod:`~compress.scoring.ablation`; importing this package registers every metric), and
+:mod:`compress.scoring.segment` for the SGLP segmentation. Pure numpy; the collector
+(:mod:`compress.scoring.collect`, which runs ONNX Runtime) is not imported here.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ batches except the accumulators' running sums.
 Multi-stream blocks (an MMDiT's image and text streams, :class:`compress.blocks.Stream`):
 each boundary metric also runs once per stream name (``per_stream`` in the result), and a
 block's ``scores`` entry is the fusion of its per-stream scores
-(:func:`compress.scoring.metrics.fuse_streams`; default ``max``: a block is as important as
+(:func:`compress.scoring.options.fuse_streams`; default ``max``: a block is as important as
 its most changed stream). Single-stream blocks keep their one score. With ``--interval k``
 (and the span scores ``--span`` selects on) the same holds per span: stream ``s`` of the
 span ``i .. i+k-1`` is scored from block ``i``'s ``s`` input to block ``i+k-1``'s ``s``
@@ -27,26 +27,35 @@ angular, CKA, per range, per stream) uses only the real tokens of each activatio
 ``[B, T, D]`` token view has the mask's batch and token axes; ``details["tokens"]`` counts
 the real tokens, ``details["positions"]`` all of them, and ``config["token_mask_used"]``
 says which input was used and how it was chosen.
+
+Sessions come from :func:`compress.runtime.load_session`, bound here as ``make_session``:
+that module-level name is what :func:`score_blocks` calls (tests and the scoring benchmark
+replace it), and with ``run_batch`` (:func:`compress.runtime.run_batch`) it stays
+importable from here for the stages that still do. Does not modify the model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import onnx
 
 from compress.blocks import Block, BlockMap
+from compress.calibration import describe
 from compress.errors import BlockError, CalibrationError, ConfigError
 from compress.fidelity import logit_outputs
 from compress.graph import GraphIndex
 from compress.log import logger, progress
 from compress.onnx_io import model_digest
-from compress.scoring.metrics import BlockActivations, MetricConfig, fuse_streams, get_metric
-from compress.surgery import add_outputs, remove_blocks
+from compress.runtime import add_outputs, load_session, run_batch
+from compress.scoring.activations import BlockActivations, token_view
+from compress.scoring.base import MetricResult, get_metric
+from compress.scoring.options import MetricConfig, fuse_streams
+from compress.surgery import remove_blocks
 
 SCORES_SCHEMA = 1
 
@@ -117,8 +126,6 @@ def batch_mask(feed: Mapping[str, np.ndarray], name: str | None, *, batch: int) 
 
 def mask_fits(mask: np.ndarray, arrays: Iterable[np.ndarray], channel_axis: int | None) -> bool:
     """Whether ``mask`` ``[B, T]`` matches the batch and token axes of any of ``arrays``."""
-    from compress.scoring.metrics import token_view
-
     return any(tuple(token_view(a, channel_axis=channel_axis).shape[:2]) == tuple(mask.shape) for a in arrays)
 
 
@@ -162,6 +169,7 @@ class ScoreReport:
         return list(self.metrics[metric][key])
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON report (``scores.json``, schema :data:`SCORES_SCHEMA`)."""
         return {
             "schema_version": SCORES_SCHEMA,
             "model_sha256": self.model_sha256,
@@ -175,28 +183,34 @@ class ScoreReport:
         }
 
 
-def make_session(model: onnx.ModelProto, *, providers: Sequence[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime session for ``model`` from its graph, the weights read from their files
-    (:func:`compress.runtime.make_session`); BlockError when ORT cannot load it."""
-    from compress.runtime import make_session as runtime_session
+class _BoundaryAccumulator(Protocol):
+    """An accumulator with ``needs_final`` False: fed one :class:`BlockActivations` per batch."""
 
-    try:
-        return runtime_session(model, providers=providers, threads=threads)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BlockError(f"ONNX Runtime cannot load the model: {msg}",
-                         hint="check the model with 'python -m onnx.checker' or 'polygraphy inspect model'") from None
+    def update(self, acts: BlockActivations) -> None: ...
+
+    def result(self) -> MetricResult: ...
 
 
-def run_batch(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str], *, batch: int) -> dict[str, np.ndarray]:
-    """Run one batch; CalibrationError naming the batch when ORT rejects the feed."""
-    try:
-        values = session.run(list(names), dict(feed))
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CalibrationError(f"calibration batch {batch} does not fit the model: {msg}",
-                               hint="check the calibration data against the model's inputs ('compress inspect')") from None
-    return dict(zip(names, values, strict=True))
+class _BoundaryMetric(Protocol):
+    """The class of a ``needs_final`` False metric: ``cls(num_blocks, config)``."""
+
+    def __call__(self, num_blocks: int, config: MetricConfig | None = None, /) -> _BoundaryAccumulator: ...
+
+
+class _FinalAccumulator(Protocol):
+    """An accumulator with ``needs_final`` True: fed the final outputs of the full and ablated model."""
+
+    def update(
+        self, block: int, reference: Mapping[str, np.ndarray], ablated: Mapping[str, np.ndarray]) -> None: ...
+
+    def result(self) -> MetricResult: ...
+
+
+class _FinalMetric(Protocol):
+    """The class of a ``needs_final`` True metric: ``cls(num_blocks, config, logits=...)``."""
+
+    def __call__(self, num_blocks: int, config: MetricConfig | None = None, /, *,
+                 logits: Collection[str] = ()) -> _FinalAccumulator: ...
 
 
 def _summary(n: int, sample_counts: list[int]) -> tuple[int, int]:
@@ -239,9 +253,6 @@ def score_blocks(
     block_map: BlockMap,
     batches: Iterable[Mapping[str, np.ndarray]],
     config: ScoreConfig,
-    *,
-    calibration: str,
-    random_calibration: bool = False,
 ) -> ScoreReport:
     """Score every block of ``block_map`` on ``batches``. Does not modify ``model``.
 
@@ -251,14 +262,15 @@ def score_blocks(
         batches: calibration feeds (input name -> array with a leading batch axis). Must be
             re-iterable when ``ablation`` is requested (it runs the batches once per block).
         config: metrics and their options.
-        calibration: a description of the data for the report (relative names only).
-        random_calibration: the data is random; reports say so.
+
+    The report describes the data as ``batches`` do (:func:`compress.calibration.describe`).
 
     Raises:
         ConfigError: unknown metric; BlockError: no scorable block, NaN/Inf activations;
         CalibrationError: no batches, or a batch ORT rejects.
     """
     metrics = {name: get_metric(name) for name in config.metrics}  # validates names first
+    calibration, random_calibration = describe(batches)
     # Every block with a stream input and one output takes part (spans must not jump over a
     # non-removable block); only removable ones are ablated.
     scored = [b for b in block_map.blocks if b.input is not None and b.output is not None]
@@ -267,18 +279,22 @@ def score_blocks(
         raise BlockError(f"no block can be scored: none is removable ({reasons})",
                          hint="pass --blocks to name the block container, or check 'compress inspect'")
     names = [b.name for b in scored]
-    boundary = list(dict.fromkeys(t for b in scored for t in (b.input, b.output, *b.stream_inputs, *b.stream_outputs)))
+    inputs = [b.input for b in scored if b.input is not None]  # every scored block has both
+    outputs = [b.output for b in scored if b.output is not None]
+    boundary = list(dict.fromkeys(t for b, x, y in zip(scored, inputs, outputs, strict=True)
+                                  for t in (x, y, *b.stream_inputs, *b.stream_outputs)))
     streams = _stream_plan(scored, config.options)
     final_names = [o.name for o in model.graph.output]
-    stream = {n: m for n, m in metrics.items() if not m.needs_final}
-    ablation = {n: m for n, m in metrics.items() if m.needs_final}
+    # ``needs_final`` says how a metric is fed (see compress.scoring.base.Accumulator).
+    stream = {n: cast(_BoundaryMetric, m) for n, m in metrics.items() if not m.needs_final}
+    ablation = {n: cast(_FinalMetric, m) for n, m in metrics.items() if m.needs_final}
 
     # Hashed before the session exists: the serialized copy then does not add to the peak memory.
     digest = model_digest(model)
     mask_name, mask_how = find_token_mask(model, config.options.token_mask)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    session = make_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
+    session = load_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
     timings["session_s"] = time.perf_counter() - t0
     accs = {n: m(len(scored), config.options) for n, m in stream.items()}
     # One interval-1 accumulator per stream over that stream's (span input, span output) pairs:
@@ -305,8 +321,8 @@ def score_blocks(
         if mask is not None:
             real, positions = real + int(mask.sum()), positions + mask.size
         if accs:
-            acts = BlockActivations(inputs=[values[b.input] for b in scored],
-                                    outputs=[values[b.output] for b in scored], names=names, mask=mask)
+            acts = BlockActivations(inputs=[values[x] for x in inputs],
+                                    outputs=[values[y] for y in outputs], names=names, mask=mask)
             for acc in accs.values():
                 acc.update(acts)
             for (_, s), acc in stream_accs.items():
@@ -333,28 +349,28 @@ def score_blocks(
         removable = [j for j, b in enumerate(scored) if b.removable]
         graph_index = GraphIndex(model)  # one shape inference for every removal
         for name, metric in ablation.items():
-            acc = metric(len(scored), config.options, logits=logit_outputs(model))
+            final_acc = metric(len(scored), config.options, logits=logit_outputs(model))
             for j in progress(removable, desc="ablation"):
-                ablated = make_session(remove_blocks(model, [scored[j]], check=False, index=graph_index),
+                ablated = load_session(remove_blocks(model, [scored[j]], check=False, index=graph_index),
                                        providers=config.providers, threads=config.threads)
                 seen = 0
                 for i, feed in enumerate(batches):
-                    acc.update(j, references[i], _run_ablated(ablated, feed, final_names, scored[j], batch=i))
+                    final_acc.update(j, references[i], _run_ablated(ablated, feed, final_names, scored[j], batch=i))
                     seen += 1
                 if seen != len(references):
                     raise ConfigError("ablation needs re-iterable calibration batches (a list or a CalibrationSet)",
                                       hint="pass a list of batches or load_calibration(...), not a generator")
-            results[name] = _expand(acc.result().to_dict(), scored, len(block_map.blocks))
+            results[name] = _expand(final_acc.result().to_dict(), scored, len(block_map.blocks))
         timings["ablation_s"] = time.perf_counter() - t0
         logger.info("ablation: %d extra sessions in %.1f s", len(removable), timings["ablation_s"])
 
-    n, samples = _summary(len(counts), counts)
+    num_batches, samples = _summary(len(counts), counts)
     blocks = tuple({"index": b.index, "name": b.name, "input": b.input, "output": b.output, "params": b.params,
                     "removable": b.removable, "reason": b.reason, "streams": [st.name for st in b.streams]}
                    for b in block_map.blocks)
     return ScoreReport(
         model_sha256=digest, calibration=calibration, random_calibration=random_calibration,
-        batches=n, samples=samples, blocks=blocks, metrics=results,
+        batches=num_batches, samples=samples, blocks=blocks, metrics=results,
         config={"metrics": list(config.metrics), **_options(config.options),
                 "token_mask_used": {"input": mask_name, "how": mask_how, "real_tokens": real if mask_name else None,
                                     "positions": positions if mask_name else None}},
@@ -364,8 +380,12 @@ def score_blocks(
 
 def _run_ablated(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str], block: Block, *,
                  batch: int) -> dict[str, np.ndarray]:
-    """Run the model without ``block`` on a batch the full model already ran: a failure is the
-    ablated model's (BlockError naming the block), never "the calibration batch does not fit"."""
+    """Run the model without ``block`` on a batch the full model already ran.
+
+    Raises:
+        BlockError: ONNX Runtime fails: that is the ablated model's failure (naming the block),
+            never "the calibration batch does not fit".
+    """
     try:
         values = session.run(list(names), dict(feed))
     except Exception as exc:
@@ -382,9 +402,10 @@ def _stream_of(block: Block, name: str) -> Any:
 
 
 def _stream_plan(scored: Sequence[Block], options: MetricConfig) -> dict[str, list[int]]:
-    """Stream name -> start positions (in ``scored``) of the spans of ``options.interval`` blocks
-    that all carry it (interval 1: the blocks carrying it); {} when no block has two streams.
-    Every stream name of the blocks is a key (in first-seen order), with [] when no span carries it.
+    """Stream name -> start positions (in ``scored``) of the spans that all carry that stream.
+
+    Spans are ``options.interval`` blocks long (interval 1: the blocks carrying the stream);
+    {} when no block has two streams. Every stream name of the blocks is a key (in first-seen order), with [] when no span carries it.
 
     Raises:
         ConfigError: token ranges on a model with multi-stream blocks.
@@ -413,8 +434,11 @@ def _stream_plan(scored: Sequence[Block], options: MetricConfig) -> dict[str, li
 
 def _fuse(result: dict[str, Any], per_stream: dict[str, list[Any]], scored: Sequence[Block],
           options: MetricConfig) -> dict[str, Any]:
-    """``result`` with ``per_stream`` scores and, for spans (blocks at interval 1) holding a
-    multi-stream block, the fusion of the streams that run through the span in ``scores``."""
+    """``result`` with the ``per_stream`` scores added and the multi-stream spans' scores fused.
+
+    For spans (blocks at interval 1) holding a multi-stream block, ``scores`` becomes the
+    fusion of the streams that run through the span. Does not modify ``result``.
+    """
     out = dict(result)
     scores = list(result["scores"])
     k = options.interval

@@ -59,6 +59,7 @@ class LinearMap:
     lam: float
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """``x @ weight + bias`` in float64 for token rows ``x`` ``[N, d]`` (not modified)."""
         return x.astype(np.float64) @ self.weight + self.bias
 
 

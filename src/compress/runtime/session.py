@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions over models whose weights stay in their files.
+r"""ONNX Runtime sessions over models whose weights stay in their files; running one batch.
 
 A session is made from the graph alone: the serialized ``ModelProto`` without tensor data
 (kilobytes to a few megabytes), with ONNX Runtime told where the data lives. External
@@ -7,22 +7,29 @@ process's spill file) keep their references, made relative to that folder, which
 passed as ``session.model_external_initializers_file_folder_path``; ONNX Runtime
 memory-maps or reads them itself. Tensors in any other folder (e.g. weights a pass
 rewrote, beside the untouched ones of the input) are handed over as memory-mapped
-``OrtValue``\\ s through ``SessionOptions.add_external_initializers``. No weight bytes are
+``OrtValue``\ s through ``SessionOptions.add_external_initializers``. No weight bytes are
 serialized or copied by compress.
 
-``import compress.runtime`` does not import onnxruntime; :func:`make_session` does.
+:func:`make_session` lets ONNX Runtime's exceptions through; :func:`load_session` (what the
+stages use) turns a model ONNX Runtime cannot load into a BlockError, and
+:func:`run_batch` a batch it rejects into a CalibrationError naming the batch. This
+module imports nothing of compress but :mod:`compress.errors` and :mod:`compress.external`
+(:mod:`compress.graph` runs ONNX Runtime through it). ``import compress.runtime`` does not
+import onnxruntime; making a session does.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from compress import external
+from compress.errors import BlockError, CalibrationError
 
 
 def session_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None, list[tuple[str, Any]]]:
@@ -96,3 +103,38 @@ def make_session(model: onnx.ModelProto, *, providers: Sequence[str] = ("CPUExec
     session = ort.InferenceSession(view.SerializeToString(), opts, providers=chosen)
     session._compress_keepalive = (opts, values, mapped)  # the OrtValues must outlive the session
     return session
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's text, or its type name when it has none."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def load_session(model: onnx.ModelProto, *, providers: Sequence[str], threads: int | None = None) -> Any:
+    """:func:`make_session` for ``model``, with a model ONNX Runtime cannot load as a user error.
+
+    Does not modify ``model``.
+
+    Raises:
+        BlockError: ONNX Runtime cannot load the model (its first message line, with a hint
+            to check the model).
+    """
+    try:
+        return make_session(model, providers=providers, threads=threads)
+    except Exception as exc:
+        raise BlockError(f"ONNX Runtime cannot load the model: {_first_line(exc)}",
+                         hint="check the model with 'python -m onnx.checker' or 'polygraphy inspect model'") from None
+
+
+def run_batch(session: Any, feed: Mapping[str, np.ndarray], names: Sequence[str], *, batch: int) -> dict[str, np.ndarray]:
+    """Run calibration batch number ``batch`` through ``session``: output name -> value for ``names``.
+
+    Raises:
+        CalibrationError: ONNX Runtime rejects the feed (naming the batch).
+    """
+    try:
+        values = session.run(list(names), dict(feed))
+    except Exception as exc:
+        raise CalibrationError(f"calibration batch {batch} does not fit the model: {_first_line(exc)}",
+                               hint="check the calibration data against the model's inputs ('compress inspect')") from None
+    return dict(zip(names, values, strict=True))

@@ -1,0 +1,153 @@
+"""The configuration and result of the prune stage, and the data helpers every prune module shares.
+
+:class:`PruneConfig` (one frozen config, checked in ``__post_init__``; the CLI and
+``compress run`` share it), :class:`PruneResult`, :func:`check_blocks` (the config against
+a block map, before any work), :func:`split_batches` (scoring vs held-out batches).
+Nothing here runs a model or touches files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from compress.bench import BenchConfig
+from compress.blocks import BlockMap
+from compress.config import option
+from compress.errors import ConfigError
+from compress.fidelity import Batches
+from compress.prune.select import AUTO_METRIC, SELECTIONS
+from compress.scoring import MetricConfig, metric_names
+from compress.scoring.heal import RIDGE_GRID
+
+PRUNE_SCHEMA = 1
+
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """How to choose and verify.
+
+    Attributes:
+        metric: the score to rank blocks by; ``auto`` = :func:`choose_metric` (``ablation``
+            is allowed; slow).
+        select: selection rule name (:data:`SELECTIONS`); default ``lowest``
+            (:func:`select_measured`).
+        remove: number of blocks to remove (``lowest``, ``span``, ``segment``, baselines).
+        max_drop: fidelity budget; removes one block at a time while the loss stays <= it.
+        keep: indices of blocks never to remove.
+        holdout: share of calibration batches held back for verification (never scored).
+        options: metric options (interval, token ranges, ...).
+        latency: how long to time ORT latency of both models; None = do not time.
+        seed: seed of the ``random`` baseline.
+        heal: replace each removed span by a fitted linear map where that improves the
+            held-out fidelity (:func:`heal_spans`).
+        heal_ridge: relative ridge strength of the healing fit (>= 0; ``--heal-ridge``); None
+            (default) = per span, the best held-out fidelity over :data:`RIDGE_GRID`.
+    """
+
+    metric: str = option(AUTO_METRIC, choices=lambda: [*metric_names(), AUTO_METRIC], flag="",
+                         help="the score to rank blocks by (auto: ablation for convolutional blocks, else cosine)")
+    select: str = option("lowest", choices=SELECTIONS.names, flag="",
+                         help="selection rule (lowest, span, segment, measured, auto, or the baselines last/random)")
+    remove: int | None = option(None, minimum=0, metavar="N", help="remove N blocks")
+    max_drop: float | None = option(None, minimum=0, metavar="X", help="fidelity budget (e.g. 0.02)")
+    keep: tuple[int, ...] = option((), minimum=0, metavar="I,J", help="block indices never to remove")
+    holdout: float = option(0.25, key="", metavar="F",
+                            help="share of calibration batches held back for verification (default 0.25)")
+    options: MetricConfig = field(default_factory=MetricConfig)
+    latency: BenchConfig | None = field(default_factory=BenchConfig)
+    seed: int = option(0, help="seed of the 'random' baseline")
+    heal: bool = option(False, help="replace each removed span by a closed-form linear map per stream (fitted on the "
+                                    "scoring batches), kept only where it improves the held-out fidelity")
+    heal_ridge: float | None = option(
+        None, minimum=0, metavar="R",
+        help="relative ridge strength of the healing fit (x trace(X^T X)/d); default: per span, the best on the "
+             f"held-out batches of {', '.join(f'{r:g}' for r in RIDGE_GRID)}")
+
+    def __post_init__(self) -> None:
+        """Checks every field once (the CLI and ``compress run`` share it); blocks are checked by :func:`check_blocks`."""
+        from compress.validate import FieldError, check_choice, check_int, check_number
+
+        check_choice("PruneConfig", "metric", self.metric, [*metric_names(), AUTO_METRIC])
+        check_choice("PruneConfig", "select", self.select, SELECTIONS.names())
+        check_int("PruneConfig", "remove", self.remove, low=0, example="2", optional=True)
+        check_number("PruneConfig", "max_drop", self.max_drop, low=0, high=1, example="0.02", optional=True)
+        check_number("PruneConfig", "holdout", self.holdout, low=0, high=1, high_open=True, example="0.25")
+        check_int("PruneConfig", "seed", self.seed, example="0")
+        if not isinstance(self.heal, bool):
+            raise FieldError("PruneConfig", "heal", self.heal, "must be true or false", example="true")
+        check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-2", optional=True)
+        if not isinstance(self.keep, tuple) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                       for k in self.keep):
+            raise FieldError("PruneConfig", "keep", self.keep, "must be block indices (integers >= 0)", example="0,5")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """The pruned model, its block map and the verification report (JSON-ready dict)."""
+
+    model: onnx.ModelProto
+    block_map: BlockMap
+    report: dict[str, Any]
+
+
+def check_blocks(config: PruneConfig, block_map: BlockMap, *, counts: Sequence[int] = ()) -> None:
+    """Before any work: ``keep`` names existing blocks, and ``remove`` (and ``counts``) fit the removable ones.
+
+    Raises:
+        FieldError: a ``keep`` index out of range (field ``keep``), or more blocks asked
+            for than can be removed (field ``remove``).
+    """
+    from compress.validate import FieldError
+
+    n = len(block_map.blocks)
+    bad = sorted(k for k in set(config.keep) if not 0 <= k < n)
+    if bad:
+        raise FieldError("PruneConfig", "keep", ",".join(map(str, config.keep)),
+                         f"block {bad[0]} does not exist: the model has blocks 0..{n - 1} (see 'compress inspect')",
+                         example="0" if n else None)
+    free = sum(1 for b in block_map.blocks if b.removable and b.index not in set(config.keep))
+    for count in (*([config.remove] if config.remove is not None and config.max_drop is None else []), *counts):
+        if count > free:
+            raise FieldError("PruneConfig", "remove", count,
+                             f"asks for {count} blocks, but only {free} of the {n} blocks can be removed"
+                             + (f" ({len(config.keep)} kept)" if config.keep else ""),
+                             advice="ask for fewer blocks (see 'compress inspect'), or keep fewer")
+
+
+def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any]]:
+    """(scoring batches, held-out batches): every k-th batch is held out; both non-empty when n >= 2.
+
+    ``max(1, round(holdout * n))`` of the ``n`` batches are held out, evenly spaced; with
+    ``holdout == 0`` or fewer than two batches both parts are all the batches. A
+    :class:`~compress.calibration.CalibrationSet` stays lazy (split by
+    :func:`~compress.calibration.split_calibration`); other batches become lists.
+
+    Raises:
+        ConfigError: ``holdout`` not in [0, 1).
+    """
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout {holdout} must be in [0, 1)", hint="e.g. --holdout 0.25")
+    from compress.calibration import CalibrationSet, split_calibration
+
+    if isinstance(batches, CalibrationSet):  # stays lazy: batches are read when iterated
+        if holdout == 0 or len(batches) < 2:
+            return batches, batches  # type: ignore[return-value]
+        return split_calibration(batches, holdout=holdout)  # type: ignore[return-value]
+    items = list(batches)
+    if holdout == 0 or len(items) < 2:
+        return items, items
+    h = max(1, round(holdout * len(items)))
+    held = {math.floor((k + 0.5) * len(items) / h) for k in range(h)}
+    return [b for i, b in enumerate(items) if i not in held], [b for i, b in enumerate(items) if i in held]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

@@ -1,0 +1,84 @@
+"""The files of a build folder: the reports rendered from a :class:`~compress.build.BuildResult`, and their writer.
+
+:func:`render_build` adds the gate results to the build's ``latency.json`` dict and renders
+``latency.md``, ``latency.png`` and ``benchmark.json`` from it; :func:`write_build_files`
+writes them with the model, ``passes.json``, ``trtexec.sh`` and the engine files. Shared
+by ``compress build`` and the pipeline's build stage (which renders with no gates: its
+report stage evaluates them). Neither function modifies the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.build import BuildResult
+from compress.gates import GateResult, gate_entries
+from compress.log import logger
+from compress.reports.latency import benchmark_action_json, latency_markdown, plot_latency
+
+
+@dataclass(frozen=True)
+class BuildReports:
+    """What a build folder holds besides the model and engine.
+
+    ``latency``: ``latency.json`` (the build's report, the gate results under ``"gates"``);
+    ``markdown``: ``latency.md``; ``plot``: ``latency.png``, None when matplotlib (the
+    ``[plot]`` extra) is not installed; ``benchmark``: ``benchmark.json``
+    (github-action-benchmark entries); ``gates``: the results rendered.
+    """
+
+    latency: dict[str, Any]
+    markdown: str
+    plot: bytes | None
+    benchmark: list[dict[str, Any]]
+    gates: tuple[GateResult, ...] = ()
+
+
+def render_build(result: BuildResult, gates: Sequence[GateResult] = ()) -> BuildReports:
+    """The reports of ``result`` with ``gates`` (evaluated by the caller on ``result.latency``) recorded in them.
+
+    A missing matplotlib is a logged note, not an error (the plot is optional).
+    """
+    latency = {**result.latency, "gates": gate_entries(gates)}
+    return BuildReports(latency, latency_markdown(latency), _plot(latency), benchmark_action_json(latency), tuple(gates))
+
+
+def _plot(report: Mapping[str, Any]) -> bytes | None:
+    """latency.png, or None with a logged note when matplotlib is missing (the plot is optional)."""
+    from compress.errors import MissingDependencyError
+
+    try:
+        return plot_latency(report)
+    except MissingDependencyError as exc:
+        logger.warning("note: latency.png not written: %s (%s)", exc.message, exc.hint)
+        return None
+
+
+def write_build_files(folder: Path, result: BuildResult, reports: BuildReports) -> None:
+    """Write the files of a build folder (the CLI and ``compress run`` call this inside an atomic folder).
+
+    The model gets ``model.onnx.data`` when its input had external data; ``engine.plan``,
+    ``timing.cache`` and ``engine.json`` are written for a TensorRT build only, ``latency.png``
+    only when it was rendered.
+    """
+    from compress.onnx_io import save_model, write_bytes, write_json, write_text
+
+    save_model(result.model, folder / "model.onnx", external_data=result.external_data or None)
+    write_json(folder / "passes.json", result.passes)
+    write_text(folder / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
+               + result.trtexec + "\n")
+    if result.engine is not None:
+        write_bytes(folder / "engine.plan", result.engine.plan)
+        write_bytes(folder / "timing.cache", result.engine.timing_cache)
+        write_json(folder / "engine.json", result.engine.info)
+    write_json(folder / "latency.json", reports.latency)
+    write_text(folder / "latency.md", reports.markdown)
+    if reports.plot is not None:
+        write_bytes(folder / "latency.png", reports.plot)
+    write_json(folder / "benchmark.json", reports.benchmark)
+
+
+__all__ = ["BuildReports", "render_build", "write_build_files"]
