@@ -159,6 +159,33 @@ def test_path_errors(tmp_path: Path) -> None:
     assert e.message == "--batch-size must be a positive number of samples, got 0"
 
 
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_every_npy_header_version_is_read(tmp_path: Path, version: tuple[int, int]) -> None:
+    """np.save writes 1.0, 2.0 for headers over 64 KiB, 3.0 for UTF-8 headers; all three are read."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, rows(3), version=version)
+    path = tmp_path / "v.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", buf.getvalue())
+    calib = cb.load_calibration(path)
+    assert calib.description == "v.npz (1 file, 3 samples)"
+    np.testing.assert_array_equal(next(iter(cb.iter_batches(calib)))["x"], rows(3))
+
+
+def test_a_malformed_version_3_header_is_a_calibration_error(tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "bad3.npz"
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2,"  # cut short
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY\x03\x00" + len(header).to_bytes(4, "little") + header)
+    e = raises(CalibrationError, cb.load_calibration, path)
+    assert e.message.startswith(f"{path} is not a readable .npz file: not a .npy header: ")
+
+
 def test_unreadable_npz(tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"this is not a zip file")

@@ -12,6 +12,7 @@ import json
 import shlex
 import shutil
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import onnx
@@ -340,3 +341,45 @@ def test_output_folder_with_other_files_is_refused(tmp_path, run_cli) -> None:
     assert r.errors == [f"error: output folder {out} holds files other than an earlier 'compress run' output "
                         "(notes.txt); refusing to replace it", "hint: choose another -o, or empty the folder yourself"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_deploy_readme_key_tables_are_generated_from_the_configs() -> None:
+    """The prune/build/gates tables of deploy/README.md are the fields' own (python -m compress.pipeline.keys)."""
+    from compress.config import settings
+    from compress.pipeline.keys import TABLES, rewrite
+
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert rewrite(text) == text, "regenerate: python -m compress.pipeline.keys --write deploy/README.md"
+    for name, cls in TABLES.items():
+        assert f"<!-- keys: {name} -->" in text
+        block = text.split(f"<!-- keys: {name} -->")[1].split("<!-- /keys -->")[0]
+        assert [line.split("`")[1] for line in block.strip().splitlines()[2:]] == [s.key for s in settings(cls) if s.key]
+    from compress.pipeline.config import CalibrationSection, ModelSection, RandomSection
+
+    for cls in (ModelSection, CalibrationSection, RandomSection):  # hand-written tables: every key is there
+        missing = [f.name for f in fields(cls) if f.name not in text]
+        assert not missing, f"deploy/README.md does not document {cls.__name__} keys {missing}"
+
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch) -> None:
+    """The README's Python API block, run as written on a tiny model with external data and two npz batches."""
+    import numpy as np
+
+    from compress.onnx_io import save_model
+    from hostile import residual_mlp
+
+    save_model(residual_mlp(6, dim=8), tmp_path / "model.onnx", external_data=True)
+    (tmp_path / "calib").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.savez(tmp_path / "calib" / f"b{i}.npz", x=rng.standard_normal((4, 8)).astype(np.float32))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(code, "README.md", "exec"), {})  # the documented API, nothing else
+    assert (tmp_path / "pruned.onnx").is_file()
+    pruned = onnx.load(tmp_path / "pruned.onnx")
+    assert sum(n.op_type == "MatMul" for n in pruned.graph.node) == 6 - 2 + 1  # 2 of 6 blocks gone, head kept
+    assert "cosine" in out.getvalue()

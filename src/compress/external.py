@@ -7,13 +7,18 @@ an in-memory convention only, never written to an output), ``offset`` and ``leng
 (bytes). :func:`resolve_external` establishes that form when a model is loaded, after
 checking every reference (see its docstring); :func:`read_array` reads one tensor;
 :func:`array_tensor` turns a new array into a tensor (embedded below
-:data:`INLINE_MAX_BYTES`, else appended to this process's spill file); :func:`write_model`
+:data:`INLINE_MAX_BYTES`, else appended to this process's spill file); :func:`write_data`
 streams only the tensors the graph references into ``OUT.onnx.data``;
 :func:`tensors_digest` hashes the data tensor by tensor in 1 MiB chunks.
 
 Nothing here holds more than one tensor's bytes in memory at a time. The spill file lives
 in a per-process temporary folder (under ``$COMPRESS_TMPDIR`` when set, else the system
 temporary folder) that is removed when the process exits.
+
+One module of ~690 lines on purpose: the reference form, its checks, the lazy reader that
+creates references (:func:`read_graph_lazily`) and the writers that consume them share one
+contract (absolute locations in memory only, offsets, 64 KiB alignment, the spill file);
+split, that contract would be spread over files that must change together.
 """
 
 from __future__ import annotations

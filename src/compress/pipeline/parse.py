@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from compress.config import type_name
 from compress.errors import ConfigError
 from compress.validate import check_document, clip, shown
 
@@ -26,7 +27,7 @@ def _no_duplicates_loader() -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             if not isinstance(key, str):  # a list or mapping as a key is unhashable; a number is not a name
-                what = {list: "a list", dict: "a mapping"}.get(type(key)) or shown(key)
+                what = type_name(key) if isinstance(key, list | dict) else shown(key)
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {what} is not a string",
                                   hint="keys are names: write them as plain words")
             if key in seen:

@@ -35,7 +35,8 @@ from compress.pipeline.cache import (
     stage_artifact,
     versions,
 )
-from compress.pipeline.config import CalibrationSection, PipelineConfig, _display
+from compress.pipeline.config import CalibrationSection, PipelineConfig
+from compress.pipeline.source import display_path
 
 # --------------------------------------------------------------------------- export
 
@@ -95,7 +96,7 @@ def _load(artifact: Artifact, *, spec: str | None) -> tuple[onnx.ModelProto, Any
     model = load_model(artifact.path)
     saved = read_json(artifact.blocks, what="block map") if artifact.blocks is not None and artifact.blocks.is_file() else None
     if saved is not None:
-        check_block_map(saved, source=_display(artifact.blocks))  # type: ignore[arg-type]
+        check_block_map(saved, source=display_path(artifact.blocks))  # type: ignore[arg-type]
     return model, find_blocks(model, spec=spec, block_map=saved)
 
 
@@ -137,7 +138,7 @@ def _write_batches(batches: Iterable[Mapping[str, np.ndarray]], folder: Path) ->
     n = 0
     for n, batch in enumerate(batches, start=1):
         buf = io.BytesIO()
-        np.savez(buf, **batch)
+        np.savez(buf, **batch)  # type: ignore[arg-type]  # numpy stubs match **kwds against allow_pickle
         write_bytes(folder / f"batch_{n - 1:04d}.npz", buf.getvalue())
     if n == 0:
         raise CalibrationError("no calibration batches were made", hint="give at least one sample")
