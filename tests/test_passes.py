@@ -818,3 +818,38 @@ def test_fp16_activation_ranges_run_one_sample_at_a_time_with_the_same_maxima():
     static.CopyFrom(model)
     static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     assert not fp16_mod._batch_axis_dynamic(GraphIndex(static))  # a fixed batch is run whole
+
+
+def test_ort_quantization_is_quieted_without_touching_the_root_logger_level() -> None:
+    """Issue 15: ORT's quantizer advice is dropped while it runs; the root logger's level never changes."""
+    import logging
+
+    from compress.passes.int8_ort import quiet_ort_quantization
+
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    levels = (root.level, named.level)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    root.addHandler(handler)
+    try:
+        def record(msg: str, level: int, path: str) -> logging.LogRecord:
+            return logging.LogRecord("root", level, path, 1, msg, None, None)
+
+        ort_file = "/site-packages/onnxruntime/quantization/quant_utils.py"
+        with quiet_ort_quantization():
+            assert root.level == levels[0]
+            root.handle(record("ort advice", logging.WARNING, ort_file))
+            root.handle(record("ort failure", logging.ERROR, ort_file))
+            root.handle(record("someone else", logging.WARNING, "/app/other.py"))
+            assert not named.isEnabledFor(logging.WARNING)
+        root.handle(record("ort after", logging.WARNING, ort_file))
+    finally:
+        root.removeHandler(handler)
+    assert seen == ["ort failure", "someone else", "ort after"]
+    assert (root.level, named.level) == levels
+    assert not root.filters

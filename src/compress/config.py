@@ -93,6 +93,20 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
     return dataclasses.field(default=default, metadata=meta)
 
 
+def inherit(cls: type, name: str, **changes: Any) -> Any:
+    """A field declared like ``cls.name`` (the same :class:`Option` and default), with ``changes`` to the Option.
+
+    For a config that mirrors another's option (a pipeline section beside the stage config
+    whose flag it is): the help, the choices, the bound and the default stay in one place.
+    """
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    opt = dataclasses.replace(f.metadata[OPTION], **changes)
+    meta = {OPTION: opt, "hash": opt.hash}
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=meta)
+    return dataclasses.field(default=f.default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One user-settable field of a config class: the dataclass field, its Option and its kind."""
@@ -493,6 +507,6 @@ def flag_of(cls: type, name: str) -> str:
 
 __all__ = [
     "KINDS", "OPTION", "Option", "SectionReader", "Setting", "add_arguments", "flag_names", "flag_of", "from_args",
-    "hashed", "key_errors", "option", "read_section", "section_keys", "section_values", "settings", "type_name",
+    "hashed", "inherit", "key_errors", "option", "read_section", "section_keys", "section_values", "settings", "type_name",
     "unknown_key",
 ]

@@ -156,7 +156,7 @@ def stored_nbytes(t: TensorProto) -> int | None:
         return None
     try:
         return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:
+    except Exception:  # onnx.helper: no numpy dtype for this element type (its error type varies by version)
         return None
 
 

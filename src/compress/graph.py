@@ -59,7 +59,7 @@ def dtype_name(elem_type: int) -> str:
     """ONNX element type -> numpy-style name ("float32", "int64", ...)."""
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
-    except Exception:
+    except Exception:  # onnx.helper: no numpy dtype for this element type (its error type varies by version)
         return onnx.TensorProto.DataType.Name(elem_type).lower()
 
 
@@ -150,26 +150,26 @@ def _runtime_types(model: onnx.ModelProto, types: dict[str, TensorType]) -> dict
         if dtype is None:
             return {}
         feeds[vi.name] = (np.ones if dtype.kind == "f" else np.zeros)(shape, dtype=dtype)
+    import onnxruntime as ort
+
+    from compress.onnx_io import model_nbytes
+    from compress.runtime.session import make_session
+
+    if model_nbytes(model) > _RUNTIME_TYPES_MAX_BYTES:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    listed = {o.name for o in probe.graph.output}
+    for name in missing:
+        if name not in listed:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        import onnxruntime as ort
-
-        from compress.onnx_io import model_nbytes
-        from compress.runtime.session import make_session
-
-        if model_nbytes(model) > _RUNTIME_TYPES_MAX_BYTES:
-            return {}
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        listed = {o.name for o in probe.graph.output}
-        for name in missing:
-            if name not in listed:
-                probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = make_session(probe, options=opts)
         values = sess.run(missing, feeds)
-    except Exception:
+    except Exception:  # ONNX Runtime cannot run the probe (custom ops, unsupported types): types stay unknown
         return {}
     return {name: TensorType(np.asarray(v).dtype.name, tuple(int(d) for d in np.shape(v)))
             for name, v in zip(missing, values, strict=True) if isinstance(v, np.ndarray)}

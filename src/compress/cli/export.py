@@ -11,7 +11,9 @@ from typing import Any
 from compress.blocks import block_rows
 from compress.cli import command
 from compress.cli._common import block_map_path, print_json
+from compress.config import add_arguments, from_args
 from compress.errors import ConfigError
+from compress.export.config import ExportConfig
 from compress.log import logger
 from compress.onnx_io import save_model, write_json
 from compress.outputs import Outputs
@@ -82,23 +84,7 @@ class Export:
                             help="make an input axis dynamic, repeatable; axes with the same LABEL have the "
                                  "same size (e.g. --dynamic x:0=batch; LABEL defaults to NAME_dimAXIS; "
                                  "hf: models default to batch and sequence)")
-        parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                            help="torch.onnx exporter: dynamo (torch.export based, default) or the legacy "
-                                 "torchscript one (e.g. --exporter torchscript when dynamo cannot convert an op)")
-        parser.add_argument("--opset", type=int, default=18, metavar="N",
-                            help="ONNX opset, at least 18 with dynamo (default 18; e.g. --opset 20)")
-        parser.add_argument("--blocks", metavar="CONTAINER",
-                            help="module path of the block container(s), comma-separated (e.g. --blocks "
-                                 "encoder.layer or --blocks layer1,layer2); default: the longest ModuleList/"
-                                 "Sequential of >= 2 modules of one type, plus containers of the same type")
-        parser.add_argument("--atol", type=float, default=1e-4, metavar="A",
-                            help="absolute tolerance of the parity check (default 1e-4; e.g. --atol 1e-3)")
-        parser.add_argument("--rtol", type=float, default=1e-3, metavar="R",
-                            help="relative tolerance: an element fails when |onnx - torch| > atol + rtol*|torch| "
-                                 "(default 1e-3; e.g. --rtol 1e-2)")
-        parser.add_argument("--min-cosine", type=float, default=0.9999, metavar="C",
-                            help="lowest cosine similarity of each output with torch's (default 0.9999; "
-                                 "e.g. --min-cosine 0.999)")
+        add_arguments(ExportConfig, parser, only=("exporter", "opset", "blocks", "atol", "rtol", "min_cosine"))
         parser.add_argument("--force", action="store_true",
                             help="overwrite OUT.onnx and its .blocks.json/.export.json if they exist")
         parser.add_argument("--trust-code", action="store_true",
@@ -119,7 +105,6 @@ class Export:
         """
         from compress.export import (
             DynamicAxis,
-            ExportConfig,
             InputSpec,
             export_model,
             load_torch_model,
@@ -130,8 +115,7 @@ class Export:
         # Everything that can be checked without work is checked first.
         specs = [InputSpec.parse(s) for s in args.input or ()]
         dynamic = tuple(DynamicAxis.parse(s) for s in args.dynamic or ())
-        config = ExportConfig(exporter=args.exporter, opset=args.opset, dynamic=dynamic, blocks=args.blocks,
-                              atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, verbose=args.verbose > 0)
+        config = from_args(ExportConfig, args, dynamic=dynamic, verbose=args.verbose > 0)
         outs = Outputs(inputs=[*model_files(args.model), *([args.weights] if args.weights else [])], force=args.force)
         out = outs.file(args.output, model=True)
         blocks_path = outs.file(block_map_path(out))

@@ -21,10 +21,11 @@ from compress.cli._common import (
 from compress.config import add_arguments, from_args
 from compress.errors import ConfigError
 from compress.log import logger
-from compress.onnx_io import save_model, write_bytes, write_json, write_text
+from compress.onnx_io import write_json, write_text
 from compress.outputs import Outputs
 from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, check_blocks, choose_metric, prune_model, sweep
-from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown
+from compress.reports import write_plot
+from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown, write_prune_files
 from compress.reports.scoring import plot_scores, scores_markdown, scores_text
 from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
 from compress.scoring.collect import ScoreConfig, score_blocks
@@ -258,11 +259,8 @@ def _prune(args: argparse.Namespace) -> int:
     assert out is not None
     assert blocks_out is not None
     with outs.writing() as stage:
-        save_model(result.model, stage.path(out))
-        write_json(stage.path(blocks_out), result.block_map.to_dict())
-        if report_path is not None:
-            write_json(stage.path(report_path), report)
-            write_text(stage.path(report_path.with_suffix(".md")), prune_markdown(report))
+        write_prune_files(result, report, model=stage.path(out), blocks=stage.path(blocks_out),
+                          report_json=stage.path(report_path) if report_path is not None else None)
     if args.json:
         print_json(report)
     else:
@@ -276,18 +274,6 @@ def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:
             "remove": ("--sweep", args.sweep) if args.sweep is not None else
                       ("--ratio", args.ratio) if args.ratio is not None else "--remove",
             "holdout": "--holdout", "seed": "--seed", "duration_s": "--latency-seconds", "heal_ridge": "--heal-ridge"}
-
-
-def write_plot(path: Path, plot: Any, report: Any) -> None:
-    """Write ``plot(report)`` as PNG; without matplotlib (the ``[plot]`` extra) log a note and write nothing."""
-    from compress.errors import MissingDependencyError
-
-    try:
-        data = plot(report)
-    except MissingDependencyError as exc:
-        logger.warning("note: %s not written: %s (%s)", path.name, exc.message, exc.hint)
-        return
-    write_bytes(path, data)
 
 
 def _outputs(args: argparse.Namespace) -> Outputs:

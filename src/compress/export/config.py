@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx
 
+from compress.config import option
 from compress.errors import ConfigError
 from compress.registry import Registry
 
@@ -98,13 +99,24 @@ class ExportConfig:
         verbose: let the exporter print its own logs and warnings.
     """
 
-    exporter: str = "dynamo"
-    opset: int = DEFAULT_OPSET
+    exporter: str = option("dynamo", choices=lambda: EXPORTERS.names(),
+                           help="torch.onnx exporter: dynamo (torch.export based, default) or the legacy torchscript one "
+                                "(e.g. --exporter torchscript when dynamo cannot convert an op)")
+    opset: int = option(DEFAULT_OPSET, minimum=1, metavar="N",
+                        help=f"ONNX opset, at least {MIN_DYNAMO_OPSET} with dynamo (default {DEFAULT_OPSET}; e.g. --opset 20)")
     dynamic: tuple[DynamicAxis, ...] = ()
-    blocks: str | None = None
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    min_cosine: float = 0.9999
+    blocks: str | None = option(None, metavar="CONTAINER",
+                                help="module path of the block container(s), comma-separated (e.g. --blocks "
+                                     "encoder.layer or --blocks layer1,layer2); default: the longest ModuleList/"
+                                     "Sequential of >= 2 modules of one type, plus containers of the same type")
+    atol: float = option(1e-4, minimum=0, metavar="A",
+                         help="absolute tolerance of the parity check (default 1e-4; e.g. --atol 1e-3)")
+    rtol: float = option(1e-3, minimum=0, metavar="R",
+                         help="relative tolerance: an element fails when |onnx - torch| > atol + rtol*|torch| "
+                              "(default 1e-3; e.g. --rtol 1e-2)")
+    min_cosine: float = option(0.9999, metavar="C",
+                               help="lowest cosine similarity of each output with torch's (default 0.9999; "
+                                    "e.g. --min-cosine 0.999)")
     verbose: bool = False
 
     def __post_init__(self) -> None:

@@ -205,6 +205,35 @@ def drop_unused_folders(folders: Sequence[Path], model: onnx.ModelProto) -> None
             shutil.rmtree(folder, ignore_errors=True)
 
 
+class _OrtQuantizationRecords(logging.Filter):
+    """Drops records below ERROR that ONNX Runtime's quantization modules log on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for an ORT quantization record below ERROR (its advice is meant for its own scripts)."""
+        return record.levelno >= logging.ERROR or "onnxruntime/quantization/" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def quiet_ort_quantization() -> Iterator[None]:
+    """While active, ONNX Runtime's quantization logs only errors; every other logger is untouched.
+
+    ORT's quantizer logs through its own ``onnxruntime.quantization.*`` loggers (their level
+    is raised to ERROR) and through the root logger's module functions (a filter on the root
+    logger drops those records; the root logger's level is never changed). Both are restored
+    on exit.
+    """
+    named = logging.getLogger("onnxruntime.quantization")
+    saved = named.level
+    records = _OrtQuantizationRecords()
+    named.setLevel(logging.ERROR)
+    logging.getLogger().addFilter(records)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(records)
+        named.setLevel(saved)
+
+
 def quantize(model: onnx.ModelProto, reader: BatchReader, config: QuantizeOptions,
              excluded: list[str], warnings: list[str], folders: list[Path] | None = None) -> onnx.ModelProto:
     """quant_pre_process + quantize_static from files in a folder under the temporary folder.
@@ -233,8 +262,6 @@ def quantize(model: onnx.ModelProto, reader: BatchReader, config: QuantizeOption
         extra["OpTypesToExcludeOutputQuantization"] = list(config.op_types)
     if config.method == "percentile":
         extra["CalibPercentile"] = config.percentile
-    ort_log = logging.getLogger()
-    level = ort_log.level
     folder = Path(tempfile.mkdtemp(prefix="int8-", dir=external.temp_folder()))
     if folders is not None:
         folders.append(folder)
@@ -249,8 +276,7 @@ def quantize(model: onnx.ModelProto, reader: BatchReader, config: QuantizeOption
         onnx_io.save_model(shaped, src, external_data=True)  # streamed: one tensor at a time
         del shaped
         source = src
-        ort_log.setLevel(max(level, logging.ERROR))  # ORT logs its advice on the root logger
-        with _ort_temp_files(folder):
+        with _ort_temp_files(folder), quiet_ort_quantization():
             if config.preprocess:
                 try:
                     quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True,
@@ -278,10 +304,8 @@ def quantize(model: onnx.ModelProto, reader: BatchReader, config: QuantizeOption
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    finally:
-        ort_log.setLevel(level)
     _keep_only_references(folder, result)
     return result
 
 
-__all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "QuantizeOptions", "drop_unused_folders", "quantize"]
+__all__ = ["ACTIVATION_TYPES", "CALIBRATION_METHODS", "QuantizeOptions", "drop_unused_folders", "quantize", "quiet_ort_quantization"]

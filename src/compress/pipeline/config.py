@@ -24,9 +24,9 @@ from typing import Any
 from compress.bench import BenchConfig
 from compress.build.config import BuildConfig
 from compress.calibration import ImageOptions, TextOptions
-from compress.config import SectionReader, option, read_section, section_values, type_name, unknown_key
+from compress.config import SectionReader, inherit, option, read_section, section_values, type_name, unknown_key
 from compress.errors import ConfigError
-from compress.export.config import EXPORTERS, DynamicAxis, ExportConfig, InputSpec
+from compress.export.config import DynamicAxis, ExportConfig, InputSpec
 from compress.gates import Gates
 from compress.pipeline.parse import MAX_CONFIG_BYTES, parse_config_text
 from compress.pipeline.source import README_HINT, ConfigContext, ModelSource, display_path, unflag
@@ -40,7 +40,6 @@ SECTIONS = ("build", "calibration", "gates", "model", "prune")
 _README = README_HINT
 
 
-_EXPORT = ExportConfig()
 _TEXT = TextOptions()
 _IMAGES = ImageOptions()
 _PRUNE = PruneConfig(latency=None)
@@ -53,7 +52,7 @@ def _blocks_text(r: SectionReader, key: str) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    """``model``: what to export (the keys mirror ``compress export``'s flags; defaults: :class:`~compress.export.ExportConfig`'s)."""
+    """``model``: what to export (the keys are ``compress export``'s flags; the options are :class:`~compress.export.ExportConfig`'s)."""
 
     source: ModelSource
     inputs: tuple[str, ...] = option((), parse=InputSpec.parse,
@@ -62,13 +61,13 @@ class ModelSection:
     dynamic: tuple[str, ...] = option((), parse=DynamicAxis.parse,
                                       parse_hint='write NAME:AXIS[=LABEL], e.g. dynamic: ["x:0=batch"]',
                                       help="dynamic axes NAME:AXIS[=LABEL]")
-    blocks: str | None = option(_EXPORT.blocks, read=_blocks_text, help="block container path(s)")
+    blocks: str | None = inherit(ExportConfig, "blocks", read=_blocks_text)
     weights: Path | None = option(None, path_kind="file", help="a state dict to load into the module")
-    exporter: str = option(_EXPORT.exporter, choices=EXPORTERS.names, help="torch.onnx exporter")
-    opset: int = option(_EXPORT.opset, minimum=1, help="ONNX opset")
-    atol: float = option(_EXPORT.atol, minimum=0, help="parity: absolute tolerance")
-    rtol: float = option(_EXPORT.rtol, minimum=0, help="parity: relative tolerance")
-    min_cosine: float = option(_EXPORT.min_cosine, help="parity: least output cosine")
+    exporter: str = inherit(ExportConfig, "exporter")
+    opset: int = inherit(ExportConfig, "opset")
+    atol: float = inherit(ExportConfig, "atol")
+    rtol: float = inherit(ExportConfig, "rtol")
+    min_cosine: float = inherit(ExportConfig, "min_cosine")
     #: Allow a .pt2 source with pickled payloads (``compress export --trust-code``); not hashed.
     trust_code: bool = option(False, hash=False, help="unpickle a .pt2 archive's payloads (code execution)")
 

@@ -20,9 +20,8 @@ import numpy as np
 import onnx
 
 from compress.blocks.mapfile import check_block_map
-from compress.errors import CalibrationError, ConfigError, MissingDependencyError
-from compress.log import logger
-from compress.onnx_io import load_model, read_json, save_model, write_bytes, write_json, write_text
+from compress.errors import CalibrationError, ConfigError
+from compress.onnx_io import load_model, read_json, save_model, write_bytes, write_json
 from compress.pipeline.cache import (
     Artifact,
     Run,
@@ -195,8 +194,7 @@ def prune_stage(run: Run, original: Artifact, calib: Any, calib_hash: str | None
 
 def _prune_work(run: Run, original: Artifact, calib: Any, tmp: Path) -> None:
     from compress.prune import check_blocks, prune_model
-    from compress.reports.prune import prune_markdown
-    from compress.reports.scoring import plot_scores
+    from compress.reports.prune import write_prune_files
     from compress.validate import FieldError
 
     section = run.config.prune
@@ -213,16 +211,8 @@ def _prune_work(run: Run, original: Artifact, calib: Any, tmp: Path) -> None:
         raise exc.as_key(f"{run.config.source}: prune.{key}", section.ratio if section.ratio is not None else None) from None
     result = prune_model(model, block_map, calib, config)
     report = {"model": f"{run.config.name}.onnx", "output": "model.onnx", **result.report}
-    save_model(result.model, tmp / "model.onnx")
-    write_json(tmp / "model.blocks.json", result.block_map.to_dict())
-    write_json(tmp / "prune.json", report)
-    write_text(tmp / "prune.md", prune_markdown(report))
-    scores = {"metrics": report["scores"], "blocks": [b.to_dict() for b in block_map.blocks],
-              "calibration": report["calibration"]}
-    try:
-        write_bytes(tmp / "scores.png", plot_scores(scores))
-    except MissingDependencyError as exc:  # the plot is optional
-        logger.warning("note: scores.png not written: %s (%s)", exc.message, exc.hint)
+    write_prune_files(result, report, model=tmp / "model.onnx", blocks=tmp / "model.blocks.json",
+                      report_json=tmp / "prune.json", scores_png=tmp / "scores.png", original=block_map)
 
 
 def _onnx_blocks_spec(config: PipelineConfig) -> str | None:

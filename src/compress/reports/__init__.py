@@ -1,8 +1,13 @@
-"""Plain-text and Markdown tables, number formatting: shared by every report."""
+"""Plain-text and Markdown tables, number formatting, optional plots: shared by every report.
+
+Rendering only: every function reads a report and never modifies it. A plot needs matplotlib
+(the ``[plot]`` extra); without it :func:`optional_plot` logs a note and the plot is skipped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -64,3 +69,25 @@ def png_bytes(fig: Any) -> bytes:
 
     plt.close(fig)
     return buf.getvalue()
+
+
+def optional_plot(plot: Callable[[Any], bytes], report: Any, *, name: str) -> bytes | None:
+    """``plot(report)`` as PNG bytes, or None with a logged note when matplotlib is missing (plots are optional)."""
+    from compress.errors import MissingDependencyError
+    from compress.log import logger
+
+    try:
+        return plot(report)
+    except MissingDependencyError as exc:
+        logger.warning("note: %s not written: %s (%s)", name, exc.message, exc.hint)
+        return None
+
+
+def write_plot(path: Path, plot: Callable[[Any], bytes], report: Any) -> None:
+    """Write ``plot(report)`` to ``path`` as PNG; without matplotlib log a note and write nothing."""
+    from compress.onnx_io import write_bytes
+
+    data = optional_plot(plot, report, name=path.name)
+    if data is not None:
+        write_bytes(path, data)
+

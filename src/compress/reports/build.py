@@ -9,14 +9,14 @@ report stage evaluates them). Neither function modifies the result.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.build import BuildResult
 from compress.gates import GateResult, gate_entries
-from compress.log import logger
+from compress.reports import optional_plot
 from compress.reports.latency import benchmark_action_json, latency_markdown, plot_latency
 
 
@@ -43,18 +43,8 @@ def render_build(result: BuildResult, gates: Sequence[GateResult] = ()) -> Build
     A missing matplotlib is a logged note, not an error (the plot is optional).
     """
     latency = {**result.latency, "gates": gate_entries(gates)}
-    return BuildReports(latency, latency_markdown(latency), _plot(latency), benchmark_action_json(latency), tuple(gates))
-
-
-def _plot(report: Mapping[str, Any]) -> bytes | None:
-    """latency.png, or None with a logged note when matplotlib is missing (the plot is optional)."""
-    from compress.errors import MissingDependencyError
-
-    try:
-        return plot_latency(report)
-    except MissingDependencyError as exc:
-        logger.warning("note: latency.png not written: %s (%s)", exc.message, exc.hint)
-        return None
+    plot = optional_plot(plot_latency, latency, name="latency.png")
+    return BuildReports(latency, latency_markdown(latency), plot, benchmark_action_json(latency), tuple(gates))
 
 
 def write_build_files(folder: Path, result: BuildResult, reports: BuildReports) -> None:

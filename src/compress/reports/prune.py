@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
@@ -176,3 +177,29 @@ def plot_sweep(report: dict[str, Any]) -> bytes:
     b.set_title("fidelity vs parameters (every candidate)")
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def write_prune_files(result: Any, report: dict[str, Any], *, model: Path, blocks: Path, report_json: Path | None,
+                      scores_png: Path | None = None, original: Any = None) -> None:
+    """Write a prune stage's artifacts (the CLI and ``compress run`` call this inside an atomic folder).
+
+    ``result``: a :class:`~compress.prune.PruneResult`; ``report``: its report with the
+    model names added; ``model``/``blocks``: the pruned model and its block map;
+    ``report_json``: ``prune.json``, with ``prune.md`` beside it (None: no report files);
+    ``scores_png``: the score plot of ``original`` (the unpruned block map), skipped with a
+    note without matplotlib. Nothing is modified.
+    """
+    from compress.onnx_io import save_model, write_json, write_text
+    from compress.reports import write_plot
+    from compress.reports.scoring import plot_scores
+
+    save_model(result.model, model)
+    write_json(blocks, result.block_map.to_dict())
+    if report_json is not None:
+        write_json(report_json, report)
+        write_text(report_json.with_suffix(".md"), prune_markdown(report))
+    if scores_png is not None and original is not None:
+        scores = {"metrics": report["scores"], "blocks": [b.to_dict() for b in original.blocks],
+                  "calibration": report["calibration"]}
+        write_plot(scores_png, plot_scores, scores)
+
