@@ -113,3 +113,28 @@ def test_a_field_type_without_a_reader_is_a_programming_error() -> None:
 
     with pytest.raises(TypeError, match="Bad.mapping: type dict is not one of"):
         settings(Bad)
+
+
+def test_stage_configs_read_mappings_and_flags_from_their_fields() -> None:
+    """BuildConfig / PruneConfig / Gates / ExportConfig: from_mapping, add_arguments, from_args (issue 15)."""
+    from compress.build import BuildConfig
+    from compress.export import ExportConfig
+    from compress.gates import Gates
+    from compress.prune import PruneConfig
+
+    assert BuildConfig.from_mapping({"precision": "int8", "warmup_ms": 5}) == BuildConfig(precision="int8", warmup_ms=5.0)
+    assert BuildConfig.from_mapping({}) == BuildConfig()
+    assert PruneConfig.from_mapping({"remove": 2, "keep": 1}) == PruneConfig(remove=2, keep=(1,))
+    assert Gates.from_mapping({"max_regression_pct": 5}) == Gates(max_regression_pct=5.0)
+    assert ExportConfig.from_mapping({"opset": 19}) == ExportConfig(opset=19)
+    with pytest.raises(ConfigError) as info:
+        BuildConfig.from_mapping({"precison": "int8"}, source="job.json")
+    assert info.value.message.startswith("job.json: unknown key 'precison' in section 'BuildConfig'; valid keys: backend,")
+    assert info.value.hint == "did you mean 'precision'?"
+    with pytest.raises(ConfigError) as info:
+        BuildConfig.from_mapping({"warmup_ms": 1e9})
+    assert info.value.message == "config: BuildConfig.warmup_ms = 1000000000.0: must be >= 0 and <= 3600"
+    parser = argparse.ArgumentParser()
+    BuildConfig.add_arguments(parser)
+    assert BuildConfig.from_args(parser.parse_args(["--precision", "fp16", "--shapes", "x:1x2"])) == \
+        BuildConfig(precision="fp16", shapes=("x:1x2",))

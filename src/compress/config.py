@@ -495,6 +495,37 @@ def from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
         raise (exc.as_flag(flag) if flag else exc) from None
 
 
+class StageConfig:
+    """Mixin of a stage's config dataclass: its mapping and flag front ends as class methods.
+
+    ``BuildConfig.from_mapping({"precision": "int8"})`` is :func:`read_section`;
+    ``BuildConfig.add_arguments(parser)`` / ``BuildConfig.from_args(args)`` are
+    :func:`add_arguments` / :func:`from_args`. The mixin holds no fields and no state.
+    """
+
+    @classmethod
+    def from_mapping(cls, data: Any, *, source: str = "config", section: str | None = None) -> Any:
+        """The config of a mapping (keys: the option fields); ConfigError naming ``SOURCE: section.key``.
+
+        Raises:
+            ConfigError: an unknown key (listing the valid ones), a value of the wrong type,
+                or a value the config refuses.
+        """
+        keys = section_keys(cls)
+        return read_section(cls, data, source=source, section=section or cls.__name__,
+                            hint=f"valid keys: {', '.join(sorted(keys))}")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser | Any, **kw: Any) -> None:
+        """The config's flags on ``parser`` (see :func:`add_arguments`)."""
+        add_arguments(cls, parser, **kw)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **fixed: Any) -> Any:
+        """The config of parsed flags (see :func:`from_args`)."""
+        return from_args(cls, args, **fixed)
+
+
 def hashed(config: Any) -> dict[str, Any]:
     """The fields of a config dataclass that go into a stage hash (``Option.hash``), as a mapping."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("hash", True)}
@@ -506,7 +537,7 @@ def flag_of(cls: type, name: str) -> str:
 
 
 __all__ = [
-    "KINDS", "OPTION", "Option", "SectionReader", "Setting", "add_arguments", "flag_names", "flag_of", "from_args",
+    "KINDS", "OPTION", "Option", "SectionReader", "Setting", "StageConfig", "add_arguments", "flag_names", "flag_of", "from_args",
     "hashed", "inherit", "key_errors", "option", "read_section", "section_keys", "section_values", "settings", "type_name",
     "unknown_key",
 ]

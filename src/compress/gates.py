@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compress.build.latency import LATENCY_SCHEMA
-from compress.config import option
+from compress.config import StageConfig, option
 from compress.errors import ConfigError
 from compress.reports import fmt
 
@@ -30,7 +30,7 @@ GATE_EXIT_CODES = {"max-latency": 3, "min-speedup": 4, "max-regression": 5, "min
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gates:
+class Gates(StageConfig):
     """Thresholds; None = gate off. Flags and pipeline keys come from the fields (:mod:`compress.config`).
 
     Raises:

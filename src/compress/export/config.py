@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from compress.config import option
+from compress.config import StageConfig, option
 from compress.errors import ConfigError
 from compress.registry import Registry
 
@@ -85,7 +85,7 @@ class DynamicAxis:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(StageConfig):
     """Options of :func:`export_model`.
 
     Attributes:

@@ -72,7 +72,7 @@ class ModelSection:
     trust_code: bool = option(False, hash=False, help="unpickle a .pt2 archive's payloads (code execution)")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> ModelSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext) -> ModelSection:
         """Read the section; ConfigError naming ``FILE: model.KEY`` (torch-only keys refused for an ONNX source)."""
         r = ctx.reader(data, "model", cls)
         text = r.text("source")
@@ -118,7 +118,7 @@ class RandomSection:
     seed: int = option(0, help="seed of the generator")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> RandomSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext) -> RandomSection:
         """Read the section; ConfigError naming ``FILE: calibration.random.KEY``."""
         return cls(**section_values(cls, ctx.reader(data, "calibration.random", cls)))
 
@@ -177,7 +177,7 @@ class CalibrationSection:
         return next(k for k in _KINDS if getattr(self, k) is not None)
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext, model: ModelSection) -> CalibrationSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext, model: ModelSection) -> CalibrationSection:
         """Read the section (exactly one source; options of other sources refused); ConfigError naming the key."""
         r = ctx.reader(data, "calibration", cls)
         chosen = [k for k in _KINDS if r.given(k)]
@@ -194,7 +194,7 @@ class CalibrationSection:
                               hint=f"remove calibration.{key}")
         values = section_values(cls, r)
         section = cls(**values, tokenizer=_tokenizer(r, model) if kind == "text" else None,
-                      random=RandomSection.from_mapping(r.data["random"], ctx=ctx) if kind == "random" else None)
+                      random=RandomSection.from_section(r.data["random"], ctx=ctx) if kind == "random" else None)
         try:
             if kind == "text":
                 TextOptions(max_length=section.max_length, batch_size=section.batch_size or _TEXT.batch_size)
@@ -249,7 +249,7 @@ class PruneSection(PruneConfig):
                              help="the padding-mask input: auto, none, or an input name")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext, holdout: float) -> PruneSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext, holdout: float) -> PruneSection:
         """Read the section (``remove: auto`` = ``select: auto``); ConfigError naming ``FILE: prune.KEY``."""
         if isinstance(data, Mapping) and data.get("remove") == "auto":
             if data.get("select") is not None and data.get("select") != "auto":
@@ -286,7 +286,7 @@ class BuildSection(BuildConfig):
                            help="original: also time the exported model and compare outputs with it; none: do not")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> BuildSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext) -> BuildSection:
         """Read the section; ConfigError naming ``FILE: build.KEY`` for a bad or unknown key."""
         section: BuildSection = read_section(cls, data, source=ctx.source, section="build", hint=_README,
                                              resolve=ctx.resolve)
@@ -305,7 +305,7 @@ class GatesSection(Gates):
     previous: Path | None = option(None, flag="", path_kind="file", help="an earlier latency.json to compare with")
 
     @classmethod
-    def from_mapping(cls, data: Any, *, ctx: ConfigContext) -> GatesSection:
+    def from_section(cls, data: Any, *, ctx: ConfigContext) -> GatesSection:
         """Read the section; ConfigError naming ``FILE: gates.KEY`` for a bad, unknown or unpaired key."""
         section: GatesSection = read_section(cls, data, source=ctx.source, section="gates", hint=_README,
                                              resolve=ctx.resolve)
@@ -355,12 +355,12 @@ class PipelineConfig:
         for required in ("model", "calibration"):
             if data.get(required) is None:
                 raise ConfigError(f"{source}: section '{required}' is required", hint=_README)
-        model = ModelSection.from_mapping(data["model"], ctx=ctx)
-        calibration = CalibrationSection.from_mapping(data["calibration"], ctx=ctx, model=model)
-        prune = (PruneSection.from_mapping(data["prune"], ctx=ctx, holdout=calibration.holdout)
+        model = ModelSection.from_section(data["model"], ctx=ctx)
+        calibration = CalibrationSection.from_section(data["calibration"], ctx=ctx, model=model)
+        prune = (PruneSection.from_section(data["prune"], ctx=ctx, holdout=calibration.holdout)
                  if data.get("prune") is not None else None)
-        build = BuildSection.from_mapping(data.get("build"), ctx=ctx)
-        gates = GatesSection.from_mapping(data.get("gates"), ctx=ctx)
+        build = BuildSection.from_section(data.get("build"), ctx=ctx)
+        gates = GatesSection.from_section(data.get("gates"), ctx=ctx)
         config = cls(name=name, file=Path(source).name, source=source, model=model, calibration=calibration, prune=prune,
                      build=build, gates=gates, raw=dict(data))
         config.check()

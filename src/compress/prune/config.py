@@ -17,7 +17,7 @@ import onnx
 
 from compress.bench import BenchConfig
 from compress.blocks import BlockMap
-from compress.config import option
+from compress.config import StageConfig, option
 from compress.errors import ConfigError
 from compress.fidelity import Batches
 from compress.prune.select import AUTO_METRIC, SELECTIONS
@@ -29,7 +29,7 @@ PRUNE_SCHEMA = 1
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneConfig:
+class PruneConfig(StageConfig):
     """How to choose and verify.
 
     Attributes:
