@@ -500,7 +500,8 @@ def measure(name: str, argv: Sequence[str], logs: Path, *, timeout: float, env: 
         def sample() -> None:  # VmHWM of the child itself, for when its peak is reached (not its children)
             status_file = Path(f"/proc/{proc.pid}/status")
             while not done.wait(0.25):
-                with contextlib.suppress(OSError, ValueError, IndexError):
+                # StopIteration: the child exited between two reads (a zombie's status has no VmHWM)
+                with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
                     line = next(x for x in status_file.read_text().splitlines() if x.startswith("VmHWM:"))
                     mb = int(line.split()[1]) / 1024.0
                     if not timeline or mb > timeline[-1][1] * 1.02 + 8:
