@@ -78,11 +78,16 @@ class Method:
     select: str
     kind: str
     description: str
+    heal: bool = False
+    token_mask: str = "auto"
 
 
 METHODS = (
     Method("auto/lowest", "auto", "lowest", "prune",
            "the default (`PruneConfig()`): metric `auto` = ablation for convolutional (rank-4) blocks, else cosine; k lowest"),
+    Method("auto/lowest (all tokens)", "auto", "lowest", "prune",
+           "the default with `--token-mask none`: padding positions scored like real tokens (before issue 16)",
+           token_mask="none"),
     Method("auto/measured", "auto", "measured", "prune",
            "`--measured`: candidate sets of every rule and metric, the best on the held-out batches"),
     Method("cosine/lowest", "cosine", "lowest", "prune", "mean 1 - |cos| of block input vs output (Sana 1.5); k lowest"),
@@ -92,8 +97,17 @@ METHODS = (
     Method("cka/segment", "cka", "segment", "prune", "SGLP: least important block of each CKA Fisher segment first"),
     Method("ablation/lowest", "ablation", "lowest", "prune", "final-output change without the block (KL for logits, else 1 - cos); k lowest"),
     Method("cosine/span", "cosine", "span", "prune", "contiguous run of k blocks with the lowest span score (interval k)"),
+    Method("auto/lowest+heal", "auto", "lowest", "prune",
+           "the default + `--heal`: each removed span replaced by a closed-form linear map where it helps", heal=True),
+    Method("cosine/span+heal", "cosine", "span", "prune", "`--span --heal`: the lowest span, healed", heal=True),
+    Method("auto/measured+heal", "auto", "measured", "prune",
+           "`--measured --heal`: every rule's candidate set, healed and not, the best on the held-out batches",
+           heal=True),
     Method("cosine/iterative", "cosine", "iterative", "iterative",
            "budget loop order (--max-drop): remove the lowest, re-score the pruned model, repeat; first k steps"),
+    Method("best span", None, "best-span", "reference",
+           "reference, not a method: the contiguous run of k removable blocks with the best TASK metric (found by "
+           "trying every start on the evaluation data)"),
     Method("last", None, "last", "baseline", "baseline: the last k removable blocks"),
     Method("random", None, "random", "baseline", "baseline: k random removable blocks (mean and sample std over the seeds)"),
 )
@@ -150,10 +164,13 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
     from compress.prune import PruneConfig, prune_model
 
     model, bm = ctx["model"], ctx["block_map"]
-    config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency)
+    from compress.scoring import MetricConfig
+
+    config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency,
+                         heal=method.heal, options=MetricConfig(token_mask=method.token_mask))
     t = time.perf_counter()
     try:
-        res = prune_model(model, bm, ctx["calibration"], config, calibration=ctx["calibration_desc"])
+        res = prune_model(model, bm, ctx["calibration"], config)
     except CompressError as exc:
         return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
                 "error": f"{type(exc).__name__}: {exc}"}
@@ -183,6 +200,19 @@ def run_blocks(method: Method, k: int, ctx: dict[str, Any], chosen: Sequence[int
     return _row(method, k, bm, sorted(chosen), ctx["evaluate"](pruned), fid, seconds, **extra)
 
 
+def best_span(method: Method, k: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """The contiguous window of ``k`` removable blocks whose pruned model has the best task metric (a reference)."""
+    bm, metric = ctx["block_map"], ctx["metric"]
+    removable = sorted(b.index for b in bm.blocks if b.removable)
+    windows = [removable[i:i + k] for i in range(len(removable) - k + 1)
+               if removable[i + k - 1] - removable[i] == k - 1]  # contiguous in the block order
+    if not windows:
+        return {"k": k, "method": method.key, "kind": method.kind, "error": f"no contiguous run of {k} removable blocks"}
+    rows = [run_blocks(method, k, ctx, w) for w in windows]
+    best = max(rows, key=lambda r: r["task"][metric])
+    return {**best, "windows": len(windows)}
+
+
 def baseline_choice(select: str, k: int, block_map: Any, seed: int = 0) -> list[int]:
     from compress.prune import SELECTIONS, Candidates
 
@@ -198,8 +228,7 @@ def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]
     bm = ctx["block_map"]
     t = time.perf_counter()
     res = prune_model(ctx["model"], bm, ctx["calibration"],
-                      PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None),
-                      calibration=ctx["calibration_desc"])
+                      PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None))
     by_name = {b.name: b.index for b in bm.blocks}
     steps = [rounded(dict(s)) for s in res.report["steps"]]
     order = [by_name[s["block"]] for s in steps if s["accepted"]]
@@ -211,8 +240,7 @@ def run_budget(budget: float, ctx: dict[str, Any]) -> dict[str, Any]:
 
     bm = ctx["block_map"]
     t = time.perf_counter()
-    res = prune_model(ctx["model"], bm, ctx["calibration"], PruneConfig(max_drop=budget, holdout=HOLDOUT, latency=None),
-                      calibration=ctx["calibration_desc"])
+    res = prune_model(ctx["model"], bm, ctx["calibration"], PruneConfig(max_drop=budget, holdout=HOLDOUT, latency=None))
     removed = sorted(b["index"] for b in res.report["removed"])
     return {"max_drop": budget, "metric": res.report["method"]["metric"], "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
             "steps": [rounded(dict(s)) for s in res.report["steps"]], "task": rounded(ctx["evaluate"](res.model)),
@@ -234,6 +262,8 @@ def run_methods(methods: Sequence[Method], ks: Sequence[int], ctx: dict[str, Any
                     "k": k, "method": m.key, "kind": m.kind, "error": f"the budget loop removed only {len(order)}"}
             elif m.select == "last":
                 row = run_blocks(m, k, ctx, baseline_choice("last", k, bm))
+            elif m.select == "best-span":
+                row = best_span(m, k, ctx)
             else:
                 for seed in args.seeds:
                     rows.append(run_blocks(m, k, ctx, baseline_choice("random", k, bm, seed), seed=seed))
@@ -323,7 +353,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     order, iter_steps, iter_s = iterative_order(ctx)
     log(f"{name}: iterative order {order} ({iter_s:.1f} s)")
-    ks = [k for k in args.ks if k <= len(block_map.removable)]
+    ks = (quarters(len(block_map.removable)) if args.ks == "quarters"
+          else [k for k in args.ks if k <= len(block_map.removable)])
     rows = run_methods(METHODS, ks, ctx, args, log_prefix=name, latency=latency, default_key=default_key, order=order)
     oracle = {}
     if args.oracle:
@@ -386,7 +417,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], metric: str, default_key: str, 
                 values[r["method"]] = r["task"][metric]
         rand = [r["task"][metric] for r in here if r["method"] == "random"]
         rand_mean, rand_std = _mean_std(rand) if rand else (None, None)
-        methods = {m: v for m, v in values.items() if m != "last"}
+        methods = {m: v for m, v in values.items() if m not in ("last", "best span")}  # a reference, not a method
         best_value = max(methods.values()) if methods else None
         best = sorted(m for m, v in methods.items() if best_value is not None and v >= best_value - 1e-12)
         baselines = {"last": values.get("last"), "random_mean": rand_mean}
@@ -448,7 +479,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     from compress.prune import PruneConfig
 
     d = PruneConfig()
-    return {"ks": list(args.ks), "random_seeds": list(args.seeds), "budgets": list(args.budgets),
+    return {"ks": args.ks if isinstance(args.ks, str) else list(args.ks), "random_seeds": list(args.seeds), "budgets": list(args.budgets),
             "holdout": HOLDOUT, "iterative_budget": ITERATIVE_BUDGET, "seed": args.seed, "quick": args.quick,
             "oracle": args.oracle, "robustness": args.robustness, "robust_methods": list(ROBUST_METHODS),
             "default": {"metric": d.metric, "select": d.select},
@@ -549,12 +580,55 @@ def _variants_md(m: Mapping[str, Any], st: Mapping[str, Any]) -> list[str]:
     return out
 
 
+#: The methods of the issue-16 comparison, in its table's order (those a run has).
+KEPT_METHODS = ("auto/lowest", "auto/lowest (all tokens)", "auto/lowest+heal", "auto/measured", "auto/measured+heal",
+                "cosine/span", "cosine/span+heal", "best span", "last", "random")
+
+
+def _kept_table(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Share of the unpruned task metric kept per k (issue 16), with its three targets checked per model."""
+    have = [k for k in KEPT_METHODS if any(r["method"] == k for m in models for r in m["rows"])]
+    if "auto/lowest+heal" not in have:
+        return []
+    out = ["", "Share of the unpruned task metric kept (pruned / unpruned; random: mean over the seeds). "
+           "Targets (issue 16): at k = N/2 the default keeps >= 98 %; at k = 3N/4 healing wins back at least half of "
+           "what the default loses; the default is never below the best baseline (last, random mean). "
+           "`best span` is a reference chosen on the evaluation data, not a method.", "",
+           "| model (metric) | k of N | " + " | ".join(have) + " | targets |",
+           "|---|---|" + "---|" * len(have) + "---|"]
+    for m in models:
+        metric, base = m["metric"], m["unpruned"][m["metric"]]
+        n = sum(1 for b in m["blocks"] if b["removable"])
+        ks = sorted({r["k"] for r in m["rows"]})
+        for k in ks:
+            vals: dict[str, float | None] = {}
+            for key in have:
+                xs = [r["task"][metric] for r in m["rows"] if r["k"] == k and r["method"] == key and "task" in r]
+                vals[key] = sum(xs) / len(xs) if xs else None
+            cells = ["-" if v is None or not base else f"{100 * v / base:.1f}%" for v in vals.values()]
+            checks = []
+            d, h = vals.get("auto/lowest"), vals.get("auto/lowest+heal")
+            baselines = [v for key, v in vals.items() if key in ("last", "random") and v is not None]
+            if d is not None and baselines:
+                checks.append("default >= baselines: " + ("yes" if d >= max(baselines) - 1e-12 else "**NO**"))
+            if d is not None and base and 2 * k == n:
+                checks.append(f"N/2 keeps >= 98%: {'yes' if d / base >= 0.98 else '**NO**'} ({100 * d / base:.1f}%)")
+            if d is not None and h is not None and k == ks[-1] and len(ks) == 3:
+                lost = base - d
+                won = h - d
+                ok = lost <= 0 or won >= 0.5 * lost
+                checks.append(f"3N/4 heal wins back >= half: {'yes' if ok else '**NO**'} "
+                              f"({won / lost:.0%} of {lost:.3f})" if lost > 0 else "3N/4: nothing lost")
+            out.append(f"| {m['name']} ({metric}) | {k} of {n} | " + " | ".join(cells) + " | " + "; ".join(checks) + " |")
+    return out
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     env = results["environment"]
     st = results["settings"]
     models = [results["models"][n] for n in MODEL_ORDER if n in results["models"]]
     keys = [x["key"] for x in st["methods"]]
-    scored = [x["key"] for x in st["methods"] if x["kind"] != "baseline"]
+    scored = [x["key"] for x in st["methods"] if x["kind"] not in ("baseline", "reference")]
     out = ["# Depth-pruning quality benchmark", "",
            "Generated by `python benchmarks/bench_prune.py` (raw numbers: `prune.json`). Task metrics are computed "
            "on the pruned **ONNX** models with ONNX Runtime (CPU); higher is better. Fidelity loss = "
@@ -585,6 +659,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             out.append(f"| {m['name']} ({m['metric']}) | {k} | {_f(m['unpruned'][m['metric']])} | "
                        f"{_best_text(x['best_methods'], scored)} ({_f(x['best_value'])}) | {default} | {base} | {ok} | "
                        f"{orc} | {speed} |")
+    out += _kept_table(models)
     with_draws = [m for m in models if m.get("variants")]
     if with_draws:
         keys_p = list(dict.fromkeys((models[0]["default_method"], *st.get("robust_methods", ROBUST_METHODS))))
@@ -720,6 +795,15 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _ks(text: str) -> tuple[int, ...] | str:
+    return "quarters" if text.strip() == "quarters" else _ints(text)
+
+
+def quarters(n: int) -> list[int]:
+    """k = N/4, N/2, 3N/4 of ``n`` removable blocks (rounded half up, at least 1, distinct, below ``n``)."""
+    return sorted({min(n - 1, max(1, math.floor(n * f + 0.5))) for f in (0.25, 0.5, 0.75)}) if n > 1 else []
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
@@ -734,7 +818,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: small data, k=1, 2 random seeds, one budget; writes to a temporary folder "
                         "unless --out-dir is given")
-    p.add_argument("--ks", type=_ints, default=None, help="numbers of blocks to remove (default 1,2,3; quick: 1)")
+    p.add_argument("--ks", type=_ks, default=None,
+                   help="numbers of blocks to remove (default 1,2,3; quick: 1), or 'quarters': N/4, N/2, 3N/4 of "
+                        "each model's N removable blocks")
+    p.add_argument("--stem", default="prune", help="results file names: STEM.json and STEM.md (default prune)")
     p.add_argument("--seeds", type=_ints, default=None, help="random-baseline seeds (default 0,1,2,3,4; quick: 0,1)")
     p.add_argument("--budgets", type=_floats, default=None, help="--max-drop budgets to run (default 0.02,0.05,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, data split and calibration sample of digits and fashion (default 0)")
@@ -762,7 +849,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    json_path, md_path = args.out_dir / "prune.json", args.out_dir / "prune.md"
+    json_path, md_path = args.out_dir / f"{args.stem}.json", args.out_dir / f"{args.stem}.md"
     if args.report_only:
         results = json.loads(json_path.read_text())
         md_path.write_text(markdown(results))
