@@ -57,13 +57,14 @@ TARGET = 0.99
 def executed_ops(model: Any, make_options: Any) -> dict[str, int]:
     """Counts of :data:`EXECUTED_OPS` in the graph ONNX Runtime runs for ``model`` (same session options)."""
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         opts = make_options()
         opts.optimized_model_filepath = str(Path(tmp, "optimized.onnx"))
         opts.log_severity_level = 3  # ORT warns that an ORT_ENABLE_ALL graph is hardware specific
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        from compress.runtime import make_session
+
+        make_session(model, providers=["CPUExecutionProvider"], options=opts)
         counts = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
     return {op: counts[op] for op in EXECUTED_OPS if counts[op]}
 
@@ -77,9 +78,9 @@ def options() -> Any:
 
 
 def session(model: Any) -> Any:
-    import onnxruntime as ort
+    from compress.runtime import make_session
 
-    return ort.InferenceSession(model.SerializeToString(), options(), providers=["CPUExecutionProvider"])
+    return make_session(model, providers=["CPUExecutionProvider"], options=options())
 
 
 # --------------------------------------------------------------------------------------------- models

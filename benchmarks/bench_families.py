@@ -142,7 +142,6 @@ def run_foreign() -> dict[str, Any]:
     """The foreign ONNX model: blocks found / removable / 3 true, each block removed and run."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
     from compress import find_blocks
     from compress.surgery import remove_blocks
@@ -166,7 +165,9 @@ def run_foreign() -> dict[str, Any]:
 
         def float_outputs(m: onnx.ModelProto) -> dict[str, np.ndarray]:
             """The float outputs (this model also passes input_ids and the mask through as outputs)."""
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            from compress.runtime import make_session
+
+            sess = make_session(m, providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
             return {n: v for n, v in zip(names, sess.run(names, feeds), strict=True) if v.dtype.kind == "f"}
 

@@ -60,8 +60,8 @@ BUDGETS = (0.02, 0.05, 0.1)
 HOLDOUT = 0.25
 #: Methods re-run on the robustness variants (plus the default).
 ROBUST_METHODS = ("cosine/lowest", "cka/lowest", "ablation/lowest", "last", "random")
-#: ``--max-drop`` for the iterative order: above any loss, so the loop removes every removable block.
-ITERATIVE_BUDGET = 2.0
+#: ``--max-drop`` for the iterative order: the largest budget PruneConfig accepts (a loss of 1 = cosine 0 or no top-1 agreement), so the loop removes (almost) every removable block.
+ITERATIVE_BUDGET = 1.0
 
 
 @dataclass(frozen=True)

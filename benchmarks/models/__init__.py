@@ -75,14 +75,14 @@ class Task:
 
 
 def ort_session(model: onnx.ModelProto, *, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session for ``model`` (serialized in memory)."""
+    """A CPU ONNX Runtime session for ``model`` (its external tensors read from their files: compress.runtime)."""
     import onnxruntime as ort
+
+    from compress.runtime import make_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return make_session(model, providers=["CPUExecutionProvider"], threads=threads or None, options=opts)
 
 
 def run_batched(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], *, output: str | int = 0,
