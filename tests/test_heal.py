@@ -223,8 +223,8 @@ def test_multi_stream_span_gets_a_map_per_stream() -> None:
         assert m.residual < m.skip_residual, st.name
     # identity maps give exactly the plain removal; the fitted maps run and pass the checker
     d = {k: maps[k].weight.shape[0] for k in range(2)}
-    identity = {(1, k): (span[0].streams[k].input, np.eye(d[k]), np.zeros(d[k])) for k in range(2)}
-    fitted = {(1, k): (span[0].streams[k].input, maps[k].weight, maps[k].bias) for k in range(2)}
+    identity = {(1, k): (span[0].streams[k].input, np.eye(d[k]), np.zeros(d[k]), 0) for k in range(2)}
+    fitted = {(1, k): (span[0].streams[k].input, maps[k].weight, maps[k].bias, 0) for k in range(2)}
     plain = remove_blocks(model, span)
     same = remove_blocks(model, span, heal=identity)
     healed = remove_blocks(model, span, heal=fitted)
@@ -238,3 +238,63 @@ def test_multi_stream_span_gets_a_map_per_stream() -> None:
     assert not np.allclose(run(healed), run(plain), atol=1e-3)
     with pytest.raises(Exception, match="not removed"):
         remove_blocks(model, span[:1], heal=fitted)
+
+
+class MaybeLinearConv(nn.Module):
+    """A residual conv block on ``[N, C, H, W]``; ``linear=True``: ``x + conv2(conv1(x))`` with 1x1 convs (exactly affine per pixel)."""
+
+    def __init__(self, channels: int, linear: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        k, pad = (1, 0) if linear else (3, 1)
+        self.conv1 = nn.Conv2d(channels, channels, k, padding=pad)
+        self.conv2 = nn.Conv2d(channels, channels, k, padding=pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return x + self.conv2(self.conv1(x))
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, linear: tuple[int, ...], depth: int = 4, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(MaybeLinearConv(channels, i in linear) for i in range(depth))
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_linear_span_of_a_feature_map_is_healed_by_a_1x1_conv(tmp_path) -> None:
+    """Issue 16: NCHW streams are healed too (channels first: one row of C features per pixel, a 1x1 Conv)."""
+    torch.manual_seed(0)
+    module = models._randomise(ConvNet(linear=(1, 2)), 4)
+    path = models.export_onnx(module, models.image_input(2, 8), tmp_path / "c.onnx", dynamic_batch=True)
+    model = onnx.load(path)
+    bm = find_blocks(model)
+    assert len(bm.blocks) == 4
+    batches = [{"x": models.image_input(3, 8, seed=40 + i).numpy()} for i in range(8)]
+    config = PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True, heal_ridge=1e-9, **NO_LATENCY)
+    result = prune_model(model, bm, batches, config)
+    (span,) = result.report["heal"]["spans"]
+    assert [b["index"] for b in result.report["removed"]] == [1, 2]
+    assert span["accepted"]
+    (stream,) = span["streams"]
+    assert stream["residual"] < 1e-6 < 0.01 < stream["skip_residual"]
+    assert stream["tokens"] == 6 * 3 * 8 * 8  # 6 scoring batches of 3 images of 8 x 8 positions
+    assert _heal_nodes(result.model) == ["Conv"]
+    (conv,) = [n for n in result.model.graph.node if n.name.startswith("compress_heal_")]
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[1, 1]]
+    compress.onnx_io.check_model(result.model, full_check=True)
+    x = models.image_input(4, 8, seed=99)
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = make_session(result.model).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    fid = result.report["heal"]
+    assert fid["fidelity_without"]["cosine"] < 0.999 < 0.9999 <= fid["fidelity_with"]["cosine"]

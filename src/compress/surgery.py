@@ -30,8 +30,10 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-#: A healing map for :func:`remove_blocks`: (span input tensor, weight ``[d_in, d_out]``, bias ``[d_out]``).
-HealMap = tuple[str, np.ndarray, np.ndarray]
+#: A healing map for :func:`remove_blocks`: (span input tensor, weight ``[d_in, d_out]``, bias ``[d_out]``,
+#: spatial axes): 0 = features last (``MatMul`` + ``Add``); n >= 1 = a channels-first feature map with n
+#: spatial axes (a 1x1 ``Conv`` with the weight transposed and the bias).
+HealMap = tuple[str, np.ndarray, np.ndarray, int]
 
 
 def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block], *, check: bool = True,
@@ -51,10 +53,11 @@ def remove_blocks(model: onnx.ModelProto, blocks: Sequence[Block], *, check: boo
         check: also run ``onnx.checker`` with full checks on the result (the structural
             guard before and the checks after the surgery always run).
         index: a :class:`GraphIndex` of ``model`` to reuse (one removal per block in a loop).
-        heal: ``(block index, stream position) -> (input tensor, W, b)``: the consumers of
-            that stream output of that (removed, last-of-its-span) block read
-            ``MatMul(input, W) + b`` (nodes ``compress_heal_<block>_<stream>_{matmul,add}``,
-            weights in the input tensor's float dtype) instead of the stream input
+        heal: ``(block index, stream position) -> (input tensor, W, b, spatial)``: the
+            consumers of that stream output of that (removed, last-of-its-span) block read
+            ``MatMul(input, W) + b`` (nodes ``compress_heal_<block>_<stream>_{matmul,add}``),
+            or for a channels-first feature map a 1x1 ``Conv`` with ``W^T`` and ``b``
+            (``..._conv``), weights in the input tensor's float dtype, instead of the stream input
             (:mod:`compress.scoring.heal`). ``input`` is the span's input tensor.
 
     Raises:
@@ -122,7 +125,7 @@ def _heal_nodes(graph: object, tensors: Mapping[str, object], block: Block, k: i
     """Append ``MatMul(input, W) + b`` to the gs ``graph``; returns the result tensor."""
     import onnx_graphsurgeon as gs
 
-    name, weight, bias = heal
+    name, weight, bias, spatial = heal
     x = tensors.get(name)
     if x is None:
         raise BlockError(f"healing block {block.index} ({block.name}): span input {name!r} is not in the graph",
@@ -132,10 +135,17 @@ def _heal_nodes(graph: object, tensors: Mapping[str, object], block: Block, k: i
         raise BlockError(f"healing block {block.index} ({block.name}): span input {name!r} is {dtype}, not float",
                          hint="prune without --heal")
     tag = f"compress_heal_{block.index}_{k}"
+    out = gs.Variable(f"{tag}_out", dtype=dtype)
+    if spatial:  # channels-first feature map: the map over channels at every position is a 1x1 Conv
+        kernel = np.ascontiguousarray(weight.T.reshape(weight.shape[1], weight.shape[0], *([1] * spatial)), dtype=dtype)
+        w = gs.Constant(f"{tag}_weight", kernel)
+        c = gs.Constant(f"{tag}_bias", np.ascontiguousarray(bias, dtype=dtype))
+        graph.nodes.append(gs.Node("Conv", name=f"{tag}_conv", inputs=[x, w, c], outputs=[out],  # type: ignore[attr-defined]
+                                   attrs={"kernel_shape": [1] * spatial}))
+        return out
     w = gs.Constant(f"{tag}_weight", np.ascontiguousarray(weight, dtype=dtype))
     c = gs.Constant(f"{tag}_bias", np.ascontiguousarray(bias, dtype=dtype))
     mid = gs.Variable(f"{tag}_matmul_out", dtype=dtype)
-    out = gs.Variable(f"{tag}_out", dtype=dtype)
     graph.nodes.append(gs.Node("MatMul", name=f"{tag}_matmul", inputs=[x, w], outputs=[mid]))  # type: ignore[attr-defined]
     graph.nodes.append(gs.Node("Add", name=f"{tag}_add", inputs=[mid, c], outputs=[out]))  # type: ignore[attr-defined]
     return out

@@ -41,7 +41,13 @@ def removed_spans(removed: Sequence[Block]) -> list[list[Block]]:
 
 
 def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Token rows ``[N, d]`` of an activation with the hidden axis last (real tokens only under ``mask``)."""
+    """Token rows ``[N, d]`` of an activation (real tokens only under ``mask``).
+
+    The hidden axis is the last one for rank <= 3; a rank >= 4 feature map is channels first
+    (``[N, C, H, W]``): one row of ``C`` features per position.
+    """
+    if a.ndim >= 4:
+        return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
     v, _ = masked_view(a, mask, channel_axis=-1)
     return v.reshape(-1, v.shape[-1])
 
@@ -54,18 +60,14 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
     reason the stream cannot be healed, and the token mask input used (None = every position).
     """
     mask_name, _ = find_token_mask(model, token_mask)
-    index = GraphIndex(model)
     plan: list[list[tuple[str, str] | str]] = []
     for span in spans:
         first, last = span[0], span[-1]
         row: list[tuple[str, str] | str] = []
         for st in first.streams:
             out = next((o for o in last.streams if o.name == st.name), None)
-            t = index.type_of(st.input)
             if out is None or len(last.streams) != len(first.streams):
                 row.append(f"stream {st.name} does not run through the whole span")
-            elif t is not None and t.shape is not None and len(t.shape) >= 4:
-                row.append(f"stream {st.name} is a rank-{len(t.shape)} feature map (channels not last): not healed")
             else:
                 row.append((st.input, out.output))
         plan.append(row)
@@ -82,11 +84,16 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
             used, mask = None, None
         for r, row in enumerate(plan):
             for k, e in enumerate(row):
-                if isinstance(e, str):
+                if isinstance(e, str) or isinstance(fits[r][k], str) and fits[r][k]:
                     continue
-                x, y = _rows(values[e[0]], mask), _rows(values[e[1]], mask)
+                a, b = values[e[0]], values[e[1]]
+                if (a.ndim >= 4) != (b.ndim >= 4) or (a.ndim >= 4 and a.shape[2:] != b.shape[2:]):
+                    fits[r][k] = (f"stream {e[0]!r}: the span maps {list(a.shape)} to {list(b.shape)} "
+                                  "(not one position to one position): not healed")
+                    continue
+                x, y = _rows(a, mask if a.ndim < 4 else None), _rows(b, mask if b.ndim < 4 else None)
                 if not isinstance(fits[r][k], LinearFit):
-                    fits[r][k] = LinearFit(x.shape[1], y.shape[1])
+                    fits[r][k] = LinearFit(x.shape[1], y.shape[1], spatial=max(0, a.ndim - 2) if a.ndim >= 4 else 0)
                 fits[r][k].update(x, y)  # type: ignore[union-attr]
     return fits, used
 
@@ -144,7 +151,7 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
                     m: LinearMap = fit.solve(ridge)
                     entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
                     out_k = next(j for j, o in enumerate(last.streams) if o.name == st.name)
-                    trial_maps[last.index, out_k] = (st.input, m.weight, m.bias)
+                    trial_maps[last.index, out_k] = (st.input, m.weight, m.bias, fit.spatial)
                 else:
                     entry["skipped"] = fit or "no token to fit on"
                 streams.append(entry)

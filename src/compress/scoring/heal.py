@@ -3,7 +3,9 @@
 For a removed contiguous span of blocks and each of its streams, ``X`` is the span's input
 (the first block's stream input) and ``Y`` its output (the last block's stream output),
 as token rows ``[N, d]`` (hidden axis last; padding tokens left out when the model has a
-token mask, :func:`compress.scoring.collect.find_token_mask`). The map is
+token mask, :func:`compress.scoring.collect.find_token_mask`). A feature map of rank >= 4
+(``[N, C, H, W]``, channels first, as the metrics' default channel axis) gives one row per
+position (``C`` features): the map is then a 1x1 convolution. The map is
 
     T = argmin ||[X 1] T - Y||^2 + lambda ||W - W0||^2,     T = [W; b]
 
@@ -66,8 +68,9 @@ class LinearMap:
 class LinearFit:
     """Running sums for the ridge least-squares map from token rows ``x [N, d_in]`` to ``y [N, d_out]``."""
 
-    def __init__(self, d_in: int, d_out: int) -> None:
-        self.d_in, self.d_out = d_in, d_out
+    def __init__(self, d_in: int, d_out: int, *, spatial: int = 0) -> None:
+        """Sums for a ``d_in -> d_out`` map; ``spatial``: spatial axes of a channels-first stream (0: features last)."""
+        self.d_in, self.d_out, self.spatial = d_in, d_out, spatial
         self.xtx = np.zeros((d_in + 1, d_in + 1))
         self.xty = np.zeros((d_in + 1, d_out))
         self.yy = 0.0
