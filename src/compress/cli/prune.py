@@ -73,7 +73,8 @@ metric uses only the real tokens (details.tokens counts them, details.positions 
 healing (--heal): each removed contiguous span is replaced by T = argmin ||[X 1] T - Y||^2 +
 lambda ||W - I||^2 (X, Y: the span's input and output stream on the scoring batches, real tokens
 only), inserted as MatMul + Add (on NCHW feature maps: per pixel over the channels, a 1x1 Conv);
-a span keeps it only when the held-out fidelity improves.
+a span keeps it only when the held-out fidelity improves. The map fits the calibration data: it can
+lower a task on other data (benchmarks/results/prune-depth.md), so calibrate on what you deploy on.
 
 multi-stream blocks (MMDiT: image and text hidden states on separate tensors) are scored per
 stream; a block's score is the max of its per-stream scores (it is only as redundant as its
