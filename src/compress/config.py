@@ -526,18 +526,8 @@ class StageConfig:
         return from_args(cls, args, **fixed)
 
 
-def hashed(config: Any) -> dict[str, Any]:
-    """The fields of a config dataclass that go into a stage hash (``Option.hash``), as a mapping."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("hash", True)}
-
-
-def flag_of(cls: type, name: str) -> str:
-    """The flag of field ``name`` of ``cls`` (for messages that name a flag)."""
-    return next(s.flag for s in settings(cls) if s.name == name)
-
-
 __all__ = [
-    "KINDS", "OPTION", "Option", "SectionReader", "Setting", "StageConfig", "add_arguments", "flag_names", "flag_of", "from_args",
-    "hashed", "inherit", "key_errors", "option", "read_section", "section_keys", "section_values", "settings", "type_name",
+    "KINDS", "OPTION", "Option", "SectionReader", "Setting", "StageConfig", "add_arguments", "flag_names", "from_args",
+    "inherit", "key_errors", "option", "read_section", "section_keys", "section_values", "settings", "type_name",
     "unknown_key",
 ]
