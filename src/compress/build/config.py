@@ -9,6 +9,7 @@ values the stage runs on.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from compress.bench import BenchConfig
@@ -111,9 +112,9 @@ class BuildConfig(StageConfig):
         check_number("BuildConfig", "duration", self.duration, example="1")
         _ = self.bench  # the benchmark's own range checks, now, reported by this config's field names
 
-    @property
+    @functools.cached_property
     def profiles(self) -> tuple[ShapeProfile, ...]:
-        """The parsed ``shapes``: one TensorRT optimization profile per input."""
+        """The parsed ``shapes``: one TensorRT optimization profile per input (parsed once)."""
         return tuple(ShapeProfile.parse(s) for s in self.shapes)
 
     @property

@@ -18,12 +18,21 @@ from compress.cli._common import (
     load_model_and_blocks,
     print_json,
 )
-from compress.config import add_arguments, from_args
+from compress.config import add_arguments, flag_names, from_args
 from compress.errors import ConfigError
 from compress.log import logger
 from compress.onnx_io import write_json, write_text
 from compress.outputs import Outputs
-from compress.prune import AUTO_METRIC, SELECTIONS, PruneConfig, check_blocks, choose_metric, prune_model, sweep
+from compress.prune import (
+    AUTO_METRIC,
+    SELECTIONS,
+    PruneConfig,
+    blocks_for_ratio,
+    check_blocks,
+    choose_metric,
+    prune_model,
+    sweep,
+)
 from compress.reports import write_plot
 from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown, write_prune_files
 from compress.reports.scoring import plot_scores, scores_markdown, scores_text
@@ -238,7 +247,7 @@ def _prune(args: argparse.Namespace) -> int:
                            latency=latency)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
     if args.ratio is not None:
-        config = replace(config, remove=round(args.ratio * len(block_map.blocks)))
+        config = replace(config, remove=blocks_for_ratio(args.ratio, block_map))
     with flag_errors(flags):
         check_blocks(config, block_map, counts=counts)
     calib = load_calib_for(args, model)
@@ -271,11 +280,10 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flag of each PruneConfig / BenchConfig field, for error messages."""
-    return {"metric": "--metric", "select": "--select", "max_drop": "--max-drop", "keep": "--keep",
+    """The flag of each PruneConfig / BenchConfig field, for error messages (the generated ones from the fields)."""
+    return {**flag_names(PruneConfig), "metric": "--metric", "select": "--select", "duration_s": "--latency-seconds",
             "remove": ("--sweep", args.sweep) if args.sweep is not None else
-                      ("--ratio", args.ratio) if args.ratio is not None else "--remove",
-            "holdout": "--holdout", "seed": "--seed", "duration_s": "--latency-seconds", "heal_ridge": "--heal-ridge"}
+                      ("--ratio", args.ratio) if args.ratio is not None else "--remove"}
 
 
 def _outputs(args: argparse.Namespace) -> Outputs:

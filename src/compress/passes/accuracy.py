@@ -432,7 +432,7 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
         restore_float_weights(model, float_model, set(kept))  # and their weights
         return model
 
-    report: dict[str, Any] = {"measured_on": _describe(held_list)}
+    report: dict[str, Any] = {"measured_on": describe_batches(held_list)}
     if alternatives:
         first = fidelity_of(measure_fidelity(reference, make(()), held_list))
         if first < config.fidelity:
@@ -461,11 +461,6 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
     reasons = {n: f"kept float for the fidelity target (local error {errors[n]['rel_error']:.3g}, "
                   f"rank {i + 1} of {len(ranking)})" for i, n in enumerate(kept)}
     return model, reasons, report
-
-
-def _describe(batches: Any) -> str:
-    """:func:`~compress.passes.base.describe_batches` of the held-out batches, for the report."""
-    return describe_batches(batches)
 
 
 __all__ = ["DEFAULT_TARGET", "FidelityTargetError", "TargetConfig", "Variant", "fidelity_of", "local_errors", "qdq_variants",

@@ -83,10 +83,6 @@ def unflag(text: str) -> str:
 
 
 
-def _no_hash() -> dict[str, bool]:
-    return {"hash": False}
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelSource:
     """``model.source`` resolved.
@@ -105,7 +101,7 @@ class ModelSource:
     path: Path | None = None
     target: str | None = None
     attr: str | None = None
-    written: str = field(default="", metadata=_no_hash())
+    written: str = field(default="", metadata={"hash": False})
 
     @classmethod
     def parse(cls, text: str, *, reader: SectionReader, ctx: ConfigContext) -> ModelSource:

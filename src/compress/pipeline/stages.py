@@ -193,7 +193,7 @@ def prune_stage(run: Run, original: Artifact, calib: Any, calib_hash: str | None
 
 
 def _prune_work(run: Run, original: Artifact, calib: Any, tmp: Path) -> None:
-    from compress.prune import check_blocks, prune_model
+    from compress.prune import blocks_for_ratio, check_blocks, prune_model
     from compress.reports.prune import write_prune_files
     from compress.validate import FieldError
 
@@ -202,7 +202,7 @@ def _prune_work(run: Run, original: Artifact, calib: Any, tmp: Path) -> None:
     model, block_map = _load(original, spec=_onnx_blocks_spec(run.config))
     remove = section.remove
     if section.ratio is not None:
-        remove = round(section.ratio * len(block_map.blocks))
+        remove = blocks_for_ratio(section.ratio, block_map)
     config = run.config.prune_config(remove=remove)
     try:
         check_blocks(config, block_map)

@@ -59,7 +59,7 @@ fidelity of a pruned model is measured by :mod:`compress.fidelity`.
 from __future__ import annotations
 
 from compress.fidelity import Batches
-from compress.prune.config import PRUNE_SCHEMA, PruneConfig, PruneResult, check_blocks, split_batches
+from compress.prune.config import PRUNE_SCHEMA, PruneConfig, PruneResult, blocks_for_ratio, check_blocks, split_batches
 from compress.prune.cost import block_times, time_model
 from compress.prune.heal import fit_spans, heal_spans, removed_spans
 from compress.prune.measured import MeasuredChoice, select_measured
@@ -95,6 +95,7 @@ __all__ = [
     "PruneResult",
     "Selector",
     "block_times",
+    "blocks_for_ratio",
     "check_blocks",
     "choose_metric",
     "fit_spans",

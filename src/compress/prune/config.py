@@ -120,6 +120,11 @@ def check_blocks(config: PruneConfig, block_map: BlockMap, *, counts: Sequence[i
                              advice="ask for fewer blocks (see 'compress inspect'), or keep fewer")
 
 
+def blocks_for_ratio(ratio: float, block_map: BlockMap) -> int:
+    """The block count ``--ratio`` / ``prune.ratio`` asks for: ``round(ratio * number of blocks)``."""
+    return round(ratio * len(block_map.blocks))
+
+
 def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any]]:
     """(scoring batches, held-out batches): every k-th batch is held out; both non-empty when n >= 2.
 
