@@ -257,26 +257,34 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
     return current, reports
 
 
-def build(
-    model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
-    names: Mapping[str, str | None], timing_cache: bytes | None = None,
-) -> BuildResult:
-    """Run the passes, build/time the candidate (and baseline) and return the report. Does not modify inputs.
+def run_passes(model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The precision/sparsity passes of ``config`` on ``model``: ``(model after the passes, passes.json)``.
 
-    ``names``: ``{"model": ..., "baseline": ...}``, the labels the report gives the two
-    models. The gates are not evaluated here (see :func:`compress.gates.evaluate_gates`).
+    ``passes.json`` holds the per-pass reports and the input/output digests. With fp32 and no
+    sparsity there is no pass and ``model`` itself is returned. Does not modify ``model``.
 
     Raises:
-        FieldError: a shape profile that does not fit ``model``'s inputs (before any work).
-        ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
         FidelityTargetError: a pass cannot reach ``config.target_fidelity``.
     """
-    check_profiles(model, config.profiles)
-    if config.precision == "int8" and config.backend == "trt" and config.int8_activations == "uint8":
-        raise ConfigError("--int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric "
-                          "int8 (zero point 0)",
-                          hint="leave --int8-activations at auto (int8 for --backend trt), or use --backend ort")
-    final, pass_reports = _apply_passes(model, config, calib) if (config.precision != "fp32" or config.sparsity) else (model, [])
+    final, reports = _apply_passes(model, config, calib) if (config.precision != "fp32" or config.sparsity) else (model, [])
+    return final, {"passes": reports, "input_sha256": model_digest(model), "output_sha256": model_digest(final)}
+
+
+def benchmark(
+    final: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
+    names: Mapping[str, str | None], timing_cache: bytes | None = None, passes: Mapping[str, Any] | None = None,
+    external_data: bool | None = None,
+) -> BuildResult:
+    """Build/time ``final`` (a model :func:`run_passes` returned for ``config``) and the baseline. Does not modify inputs.
+
+    ``passes``: the ``passes.json`` of :func:`run_passes` (default: no passes ran);
+    ``external_data``: whether the written model gets ``model.onnx.data`` (default: whether
+    ``final`` has external data). The TensorRT engine is built with ``config``'s sparsity flag.
+
+    Raises:
+        ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
+    """
+    check_profiles(final, config.profiles)
     feed, random_inputs = benchmark_feed(final, calib, config.profiles)
     engine_cfg = EngineConfig(profiles=config.profiles, sparse_weights=config.sparsity == "2:4",
                               legacy_precision=(config.precision if config.legacy_precision else None),
@@ -301,8 +309,9 @@ def build(
         timing, provider = _time_ort(final, feed, config.bench)
         base_timing = _time_ort(baseline, feed, config.bench)[0] if baseline is not None else None
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
+    digest = model_digest(final)
     candidate = {"model": names["model"], "precision": config.precision, "sparsity": config.sparsity,
-                 "sha256": model_digest(final), "random_inputs": random_inputs,
+                 "sha256": digest, "random_inputs": random_inputs,
                  **measurement(timing.to_dict(), batch=batch)}
     report: dict[str, Any] = {
         "schema_version": LATENCY_SCHEMA, "backend": config.backend, "provider": provider,
@@ -324,12 +333,47 @@ def build(
 
             report["comparison"]["fidelity"] = compare_models(baseline, final, calib)
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
-    passes = {"passes": pass_reports, "input_sha256": model_digest(model), "output_sha256": candidate["sha256"]}
-    return BuildResult(final, passes, engine, report, cmd, external_data=has_external_data(model))
+    passes = dict(passes) if passes is not None else {"passes": [], "input_sha256": digest, "output_sha256": digest}
+    return BuildResult(final, passes, engine, report, cmd,
+                       external_data=has_external_data(final) if external_data is None else external_data)
+
+
+def build(
+    model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
+    names: Mapping[str, str | None], timing_cache: bytes | None = None,
+) -> BuildResult:
+    """Run the passes, build/time the candidate (and baseline) and return the report. Does not modify inputs.
+
+    :func:`run_passes` then :func:`benchmark`. ``names``: ``{"model": ..., "baseline": ...}``,
+    the labels the report gives the two models. The gates are not evaluated here (see
+    :func:`compress.gates.evaluate_gates`).
+
+    Raises:
+        FieldError: a shape profile that does not fit ``model``'s inputs (before any work).
+        ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
+        FidelityTargetError: a pass cannot reach ``config.target_fidelity``.
+    """
+    check_profiles(model, config.profiles)
+    check_backend(config)
+    final, passes = run_passes(model, config, calib=calib)
+    return benchmark(final, config, calib=calib, baseline=baseline, names=names, timing_cache=timing_cache,
+                     passes=passes, external_data=has_external_data(model))
+
+
+def check_backend(config: BuildConfig) -> None:
+    """Before any work: the config's passes can go to its backend.
+
+    Raises:
+        ConfigError: uint8 activations for TensorRT.
+    """
+    if config.precision == "int8" and config.backend == "trt" and config.int8_activations == "uint8":
+        raise ConfigError("--int8-activations uint8 cannot go to TensorRT: its Q/DQ activations must be symmetric "
+                          "int8 (zero point 0)",
+                          hint="leave --int8-activations at auto (int8 for --backend trt), or use --backend ort")
 
 
 __all__ = [
     "BACKENDS", "CALIBRATION_METHODS", "INT8_ACTIVATIONS", "LATENCY_SCHEMA", "PRECISIONS", "SPARSITIES",
-    "SPARSITY_METHODS", "TARGET_EXIT_CODE", "BuildConfig", "BuildResult", "benchmark_feed", "build",
-    "check_profiles", "compare", "measurement", "resolve_exclude",
+    "SPARSITY_METHODS", "TARGET_EXIT_CODE", "BuildConfig", "BuildResult", "benchmark", "benchmark_feed", "build",
+    "check_backend", "check_profiles", "compare", "measurement", "resolve_exclude", "run_passes",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from compress.config import StageConfig, option
 from compress.errors import CalibrationError, ConfigError, MissingDependencyError
 
 #: Largest ``ImageOptions.size`` (pixels): a bound on what one batch allocates.
@@ -25,11 +26,13 @@ MAX_IMAGE_SIDE = 4096
 
 #: File suffixes :func:`find_images` picks up (case-insensitive).
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+#: Valid values of :attr:`ImageOptions.layout`.
+LAYOUTS = ("NCHW", "NHWC")
 
 
-@dataclass(frozen=True)
-class ImageOptions:
-    """Image preprocessing: resize, center crop, normalize.
+@dataclass(frozen=True, kw_only=True)
+class ImageOptions(StageConfig):
+    """Image preprocessing: resize, center crop, normalize; the fields are the flags of ``compress calib images``.
 
     The shorter side is resized to ``size`` (bilinear, aspect kept, the longer side rounded),
     then a ``crop`` x ``crop`` square is cut from the center (offsets ``(W - crop) // 2``,
@@ -44,16 +47,23 @@ class ImageOptions:
         layout: "NCHW" or "NHWC".
         input_name: the model input the arrays are saved under.
         batch_size: images per batch (the last batch may be smaller).
+
+    Raises:
+        ConfigError: a value out of range or malformed, named by its flag (``--size``, ``--mean``, ...).
     """
 
-    size: int = 224
-    crop: int | None = None
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    scale: float = 255.0
-    layout: str = "NCHW"
-    input_name: str = "x"
-    batch_size: int = 8
+    size: int = option(224, minimum=1, metavar="PX", help="shorter side after resizing (default: 224)")
+    crop: int | None = option(None, minimum=1, metavar="PX", help="center crop side (default: --size)")
+    mean: tuple[float, ...] = option(
+        (0.485, 0.456, 0.406), split=True, metavar="R,G,B",
+        help="subtracted after dividing by --scale; one value for all channels or three (default: ImageNet)")
+    std: tuple[float, ...] = option((0.229, 0.224, 0.225), split=True, metavar="R,G,B",
+                                    help="divisor after subtracting --mean (default: ImageNet)")
+    scale: float = option(
+        255.0, help="pixels (0-255) are divided by this first: 255 gives [0, 1], 1 keeps raw values (default: 255)")
+    layout: str = option("NCHW", choices=LAYOUTS, help="array layout (default: NCHW)")
+    input_name: str = option("x", metavar="NAME", help="model input name to save under (default: x)")
+    batch_size: int = option(8, minimum=1, metavar="N", help="images per file (default: 8)")
 
     def __post_init__(self) -> None:
         if not 0 < self.size <= MAX_IMAGE_SIDE:
@@ -73,7 +83,7 @@ class ImageOptions:
         if any(s == 0 for s in self.std) or self.scale == 0:
             raise ConfigError("--std and --scale must be non-zero",
                               hint="e.g. --scale 255 --std 0.229,0.224,0.225 (ImageNet), or --scale 1 --std 128")
-        if self.layout not in ("NCHW", "NHWC"):
+        if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout must be NCHW or NHWC, got {self.layout!r}", hint="e.g. --layout NCHW")
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size must be a positive number of samples, got {self.batch_size}",

@@ -15,27 +15,33 @@ from typing import Any
 
 import numpy as np
 
+from compress.config import StageConfig, option
 from compress.errors import CalibrationError, ConfigError, MissingDependencyError
 
 #: Largest ``TextOptions.max_length`` (tokens): a bound on what one batch allocates.
 MAX_TEXT_LENGTH = 1 << 16
 
 
-@dataclass(frozen=True)
-class TextOptions:
-    """Tokenization of calibration texts.
+@dataclass(frozen=True, kw_only=True)
+class TextOptions(StageConfig):
+    """Tokenization of calibration texts; the fields are the flags of ``compress calib text``.
 
     Attributes:
         max_length: tokens per text at most (special tokens included); longer texts are truncated.
         batch_size: texts per batch (the last batch may be smaller).
         pad_to_max: pad every batch to ``max_length`` instead of to its longest text.
-        token_type_ids: also write ``token_type_ids`` (BERT-style models take it).
+        token_type_ids: also write ``token_type_ids`` (BERT-style models take it). It has no
+            generated flag: ``compress calib text`` turns it off with ``--no-token-type-ids``.
+
+    Raises:
+        ConfigError: a value out of range, named by its flag (``--max-length``, ``--batch-size``).
     """
 
-    max_length: int = 128
-    batch_size: int = 8
-    pad_to_max: bool = False
-    token_type_ids: bool = True
+    max_length: int = option(128, minimum=2, metavar="N",
+                             help="truncate texts to N tokens, special tokens included (default: 128)")
+    batch_size: int = option(8, minimum=1, metavar="N", help="texts per file (default: 8)")
+    pad_to_max: bool = option(False, help="pad every batch to --max-length (default: to the longest text of the batch)")
+    token_type_ids: bool = option(True, flag="", help="write token_type_ids (BERT-style models take it)")
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_length <= MAX_TEXT_LENGTH:

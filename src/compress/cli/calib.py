@@ -24,6 +24,7 @@ from compress.calibration import (
     text_batches,
 )
 from compress.cli import command
+from compress.config import flag_names
 from compress.errors import CalibrationError
 from compress.onnx_io import load_model
 from compress.outputs import Outputs
@@ -73,6 +74,35 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace OUTDIR if it holds .npz files")
 
 
+#: :class:`ImageOptions` list fields whose flag value is read by :func:`parse_floats` (its errors name the flag).
+IMAGE_FLOAT_LISTS = ("mean", "std")
+
+
+def text_options(args: argparse.Namespace) -> TextOptions:
+    """The :class:`TextOptions` of parsed ``compress calib text`` flags (absent flags: the field defaults).
+
+    ``token_type_ids`` (default True) has no generated flag; ``--no-token-type-ids`` turns it off.
+
+    Raises:
+        ConfigError: a value the options refuse, named by its flag (``--max-length 1``).
+    """
+    return TextOptions.from_args(args, **({"token_type_ids": False} if getattr(args, "no_token_type_ids", False) else {}))
+
+
+def image_options(args: argparse.Namespace) -> ImageOptions:
+    """The :class:`ImageOptions` of parsed ``compress calib images`` flags (absent flags: the field defaults).
+
+    Raises:
+        ConfigError: a value the options refuse or a malformed ``--mean``/``--std``, named by its flag.
+    """
+    given = vars(args)
+    flags = flag_names(ImageOptions)
+    lists = {name: parse_floats(given[name], flag=flags[name]) for name in IMAGE_FLOAT_LISTS
+             if given.get(name) is not None}
+    rest = argparse.Namespace(**{k: v for k, v in given.items() if k not in lists})
+    return ImageOptions.from_args(rest, **lists)
+
+
 def _run_text(args: argparse.Namespace) -> int:
     outs = plan_output_folder(args.output, force=args.force, inputs=[args.textfile, args.tokenizer])
     out = outs.paths[0]
@@ -85,8 +115,7 @@ def _run_text(args: argparse.Namespace) -> int:
         raise CalibrationError(f"{src} is not UTF-8 text: {exc}", hint="save it as UTF-8") from None
     if not texts:
         raise CalibrationError(f"{src} holds no texts (all lines are empty)", hint="write one text per line")
-    opts = TextOptions(max_length=args.max_length, batch_size=args.batch_size, pad_to_max=args.pad_to_max,
-                       token_type_ids=not args.no_token_type_ids)
+    opts = text_options(args)
     _print_summary(out, write_batches(text_batches(texts, tokenizer=args.tokenizer, options=opts), outs))
     return 0
 
@@ -94,9 +123,7 @@ def _run_text(args: argparse.Namespace) -> int:
 def _run_images(args: argparse.Namespace) -> int:
     outs = plan_output_folder(args.output, force=args.force, inputs=[args.imgdir])
     out = outs.paths[0]
-    opts = ImageOptions(size=args.size, crop=args.crop, mean=parse_floats(args.mean, flag="--mean"),
-                        std=parse_floats(args.std, flag="--std"), scale=args.scale, layout=args.layout,
-                        input_name=args.input_name, batch_size=args.batch_size)
+    opts = image_options(args)
     batches = image_batches(find_images(args.imgdir), options=opts)
     _print_summary(out, write_batches(batches, outs))
     return 0
@@ -139,11 +166,7 @@ class Calib:
         text.add_argument("--tokenizer", required=True, metavar="PATH",
                           help="tokenizer.json, or a folder holding one (a Hugging Face model folder)")
         _add_output(text)
-        text.add_argument("--max-length", type=int, default=128, metavar="N",
-                          help="truncate texts to N tokens, special tokens included (default: 128)")
-        text.add_argument("--batch-size", type=int, default=8, metavar="N", help="texts per file (default: 8)")
-        text.add_argument("--pad-to-max", action="store_true",
-                          help="pad every batch to --max-length (default: to the longest text of the batch)")
+        TextOptions.add_arguments(text)
         text.add_argument("--no-token-type-ids", action="store_true", help="do not write token_type_ids")
         _add_verbosity(text)
         text.set_defaults(_calib_run=_run_text)
@@ -156,17 +179,7 @@ class Calib:
             formatter_class=argparse.RawDescriptionHelpFormatter)
         img.add_argument("imgdir", metavar="IMGDIR", help="folder of images (searched recursively, sorted by path)")
         _add_output(img)
-        img.add_argument("--size", type=int, default=224, metavar="PX", help="shorter side after resizing (default: 224)")
-        img.add_argument("--crop", type=int, default=None, metavar="PX", help="center crop side (default: --size)")
-        img.add_argument("--mean", default="0.485,0.456,0.406", metavar="R,G,B",
-                         help="subtracted after dividing by --scale; one value for all channels or three (default: ImageNet)")
-        img.add_argument("--std", default="0.229,0.224,0.225", metavar="R,G,B",
-                         help="divisor after subtracting --mean (default: ImageNet)")
-        img.add_argument("--scale", type=float, default=255.0,
-                         help="pixels (0-255) are divided by this first: 255 gives [0, 1], 1 keeps raw values (default: 255)")
-        img.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="array layout (default: NCHW)")
-        img.add_argument("--input-name", default="x", metavar="NAME", help="model input name to save under (default: x)")
-        img.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per file (default: 8)")
+        ImageOptions.add_arguments(img)
         _add_verbosity(img)
         img.set_defaults(_calib_run=_run_images)
 

@@ -24,7 +24,7 @@ written only through :mod:`compress.onnx_io`; no report holds an absolute path.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,13 @@ def _pipeline_entry(entry: Path) -> bool:
     return entry.name.startswith(".") and entry.name[1:].split(".")[0] in STAGES  # leftovers of atomic folders
 
 
-def prepare_output(out: str | os.PathLike[str], config: PipelineConfig) -> Path:
+def prepare_output(out: str | os.PathLike[str], config: PipelineConfig, *,
+                   replaceable: Callable[[Path], bool] | None = None, what: str = "an earlier 'compress run' output") -> Path:
     """Check the output folder before any work, then create it (with its parents).
 
     It may be missing, empty, or an earlier ``compress run`` output (which is updated in
-    place: unchanged stages are kept). No input of the config may lie inside it.
+    place: unchanged stages are kept; ``replaceable`` tells such entries, default
+    :func:`_pipeline_entry`). No input of the config may lie inside it.
 
     Raises:
         OutputError: it is a file, or holds other files; ConfigError: an input lies inside it.
@@ -100,7 +102,7 @@ def prepare_output(out: str | os.PathLike[str], config: PipelineConfig) -> Path:
             raise ConfigError(f"{config.source}: {where} is inside the output folder {path}",
                               hint="choose another -o; stage folders are replaced when a stage runs")
     outs = Outputs(inputs=[config.source] if config.source else (), force=True)
-    outs.folder(path, replaceable=_pipeline_entry, what="an earlier 'compress run' output", create_parents=True)
+    outs.folder(path, replaceable=replaceable or _pipeline_entry, what=what, create_parents=True)
     outs.check()  # a folder (not a file, FIFO, ...), only an earlier run's entries, a writable parent
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -114,7 +116,7 @@ def _input_paths(config: PipelineConfig) -> list[tuple[str, Path]]:
     return [(w, p) for w, p in items if p is not None]
 
 
-def _read_previous(config: PipelineConfig) -> Mapping[str, Any] | None:
+def read_previous(config: PipelineConfig) -> Mapping[str, Any] | None:
     from compress.gates import check_previous
 
     path = config.gates.previous
@@ -123,7 +125,7 @@ def _read_previous(config: PipelineConfig) -> Mapping[str, Any] | None:
     return check_previous(read_json(path, what="latency report"), source=f"gates.previous ({path.name})")
 
 
-def _check_dependencies(config: PipelineConfig) -> None:
+def check_dependencies(config: PipelineConfig) -> None:
     """Fail before any work when a package a later stage needs is missing."""
     import importlib.util
 
@@ -150,14 +152,14 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike[str], *, force: 
     """
     from compress.outputs import locked_folder
 
-    _check_dependencies(config)
+    check_dependencies(config)
     path = prepare_output(out, config)
     with locked_folder(path):  # a second run into the same folder fails instead of mixing stages
         return _run_locked(config, path, force)
 
 
 def _run_locked(config: PipelineConfig, path: Path, force: bool) -> PipelineResult:
-    previous = _read_previous(config)
+    previous = read_previous(config)
     run = Run(config, path, force, Digests())
     export_run, original = export_stage(run)
     model = load_model(original.path)

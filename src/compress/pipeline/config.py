@@ -351,6 +351,9 @@ class PipelineConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: a pipeline config is a mapping of sections, got {type_name(data)}", hint=_README)
         for key in data:
+            if key == "search":
+                raise ConfigError(f"{source}: section 'search' is read by 'compress search', not 'compress run'",
+                                  hint=f"run: compress search {source}, or remove the search section")
             if key not in SECTIONS:
                 raise unknown_key(source, key, SECTIONS, noun="section", hint=_README)
         for required in ("model", "calibration"):
@@ -392,6 +395,17 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
         ConfigError: the file is missing or not YAML/JSON, or see :meth:`PipelineConfig.from_mapping`.
     """
     p = Path(path)
+    data = read_config_file(p)
+    return PipelineConfig.from_mapping(data, source=str(p), base=p.resolve().parent, name=p.stem)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> Any:
+    """The parsed data of a pipeline config file (``{}`` for an empty one), size- and encoding-checked.
+
+    Raises:
+        ConfigError: the file is missing, too large, not UTF-8, or not YAML/JSON.
+    """
+    p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline config not found: {p}", hint="pass a .yaml or .json file, e.g. deploy/pipelines/minilm.yaml")
     if p.suffix not in (".yaml", ".yml", ".json"):
@@ -404,6 +418,5 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text", hint="save the pipeline config as UTF-8") from None
     data = parse_config_text(text, source=str(p))
-    return PipelineConfig.from_mapping(data if data is not None else {}, source=str(p), base=p.resolve().parent,
-                                       name=p.stem)
+    return data if data is not None else {}
 

@@ -34,7 +34,7 @@ from compress.pipeline.cache import (
     stage_artifact,
     versions,
 )
-from compress.pipeline.config import CalibrationSection, PipelineConfig
+from compress.pipeline.config import CalibrationSection, PipelineConfig, PruneSection
 from compress.pipeline.source import display_path
 
 # --------------------------------------------------------------------------- export
@@ -89,7 +89,8 @@ def _export_work(config: PipelineConfig, tmp: Path) -> None:
     write_json(tmp / "export.json", summary)
 
 
-def _load(artifact: Artifact, *, spec: str | None) -> tuple[onnx.ModelProto, Any]:
+def load_with_blocks(artifact: Artifact, *, spec: str | None) -> tuple[onnx.ModelProto, Any]:
+    """The model of ``artifact`` and its block map (its checked ``.blocks.json``, else found with ``spec``)."""
     from compress.blocks import find_blocks
 
     model = load_model(artifact.path)
@@ -109,8 +110,6 @@ def _model_inputs(model: onnx.ModelProto) -> list[str]:
 
 def calib_stage(run: Run, model_artifact: Artifact, model: onnx.ModelProto) -> tuple[StageRun, Any]:
     """Make the calibration batches into ``OUT/calib`` (npz and random sources are read in place); returns them, checked."""
-    from compress.calibration import check_calibration, load_calibration, random_calibration, shared_inputs
-
     c = run.config.calibration
     view = fingerprint(c, run.digest)
     view.pop("holdout")  # splits the batches for pruning; the data do not depend on it
@@ -118,6 +117,18 @@ def calib_stage(run: Run, model_artifact: Artifact, model: onnx.ModelProto) -> t
     inputs = {"config": view, "model": model_artifact.digest if c.kind in ("text", "images", "random") else None,
               "versions": versions("numpy", *extra)}
     stage = run_stage(run, "calib", inputs, lambda tmp: _calib_work(c, model, tmp))
+    return stage, load_calib(run, model)
+
+
+def load_calib(run: Run, model: onnx.ModelProto) -> Any:
+    """The calibration batches of a run whose calib stage is done (npz and random sources are read in place), checked.
+
+    Raises:
+        CalibrationError: the batches do not fit ``model``'s inputs.
+    """
+    from compress.calibration import check_calibration, load_calibration, random_calibration, shared_inputs
+
+    c = run.config.calibration
     if c.random is not None:
         r = c.random
         calib = random_calibration(model, batches=r.batches, batch_size=r.batch_size, dims=dict(r.dims), seed=r.seed)
@@ -129,7 +140,7 @@ def calib_stage(run: Run, model_artifact: Artifact, model: onnx.ModelProto) -> t
         assert source is not None
         calib = replace(calib, description=f"{source.name}, {'tokenized' if c.text else 'preprocessed'}: {calib.description}")
     check_calibration(calib, model)
-    return stage, calib
+    return calib
 
 
 def _write_batches(batches: Iterable[Mapping[str, np.ndarray]], folder: Path) -> int:
@@ -181,29 +192,32 @@ def _calib_work(c: CalibrationSection, model: onnx.ModelProto, tmp: Path) -> Non
 # ----- prune
 
 
-def prune_stage(run: Run, original: Artifact, calib: Any, calib_hash: str | None) -> tuple[StageRun, Artifact]:
-    """Score and prune ``original`` into ``OUT/prune`` (verified on held-out batches); returns the pruned artifact."""
-    section = run.config.prune
+def prune_stage(run: Run, original: Artifact, calib: Any, calib_hash: str | None, *,
+                section: PruneSection | None = None, name: str = "prune") -> tuple[StageRun, Artifact]:
+    """Score and prune ``original`` into ``OUT/name`` (verified on held-out batches); returns the pruned artifact.
+
+    ``section``: the prune settings (default: the config's ``prune`` section); ``name``: the
+    stage folder, relative to the output folder (``compress search`` prunes many candidates).
+    """
+    section = section if section is not None else run.config.prune
     assert section is not None
     inputs = {"config": fingerprint(section, run.digest), "holdout": run.config.calibration.holdout,
               "model": original.digest, "calibration": calib_hash,
               "versions": versions("onnx", "onnxruntime", "onnxruntime-gpu", "onnx-graphsurgeon")}
-    stage = run_stage(run, "prune", inputs, lambda tmp: _prune_work(run, original, calib, tmp))
-    return stage, stage_artifact(run, "prune")
+    stage = run_stage(run, name, inputs, lambda tmp: _prune_work(run, section, original, calib, tmp))
+    return stage, stage_artifact(run, name)
 
 
-def _prune_work(run: Run, original: Artifact, calib: Any, tmp: Path) -> None:
+def _prune_work(run: Run, section: PruneSection, original: Artifact, calib: Any, tmp: Path) -> None:
     from compress.prune import blocks_for_ratio, check_blocks, prune_model
     from compress.reports.prune import write_prune_files
     from compress.validate import FieldError
 
-    section = run.config.prune
-    assert section is not None
-    model, block_map = _load(original, spec=_onnx_blocks_spec(run.config))
+    model, block_map = load_with_blocks(original, spec=_onnx_blocks_spec(run.config))
     remove = section.remove
     if section.ratio is not None:
         remove = blocks_for_ratio(section.ratio, block_map)
-    config = run.config.prune_config(remove=remove)
+    config = replace(section, remove=remove)
     try:
         check_blocks(config, block_map)
     except FieldError as exc:
