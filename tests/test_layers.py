@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("blocks", "calibration", "scoring", "surgery"), 1),
     **dict.fromkeys(("export", "prune", "passes", "build"), 2),
     **dict.fromkeys(("reports", "gates"), 3),
-    **dict.fromkeys(("pipeline", "cli", "__main__", ""), 4),
+    **dict.fromkeys(("pipeline", "search", "cli", "__main__", ""), 4),
 }
 NAMES = ("core", "domain", "stages", "reports", "glue")
 

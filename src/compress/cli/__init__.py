@@ -54,7 +54,7 @@ class Command:
 COMMANDS: Registry[Command] = Registry("command")
 
 #: Modules under compress.cli that define subcommands, in the order --help lists them.
-_COMMAND_MODULES = ("export", "inspect", "calib", "prune", "build", "run")
+_COMMAND_MODULES = ("export", "inspect", "calib", "prune", "build", "run", "search")
 
 
 class _CommandClass(Protocol):
