@@ -344,12 +344,12 @@ def test_output_folder_with_other_files_is_refused(tmp_path, run_cli) -> None:
 
 
 def test_deploy_readme_key_tables_are_generated_from_the_configs() -> None:
-    """The prune/build/gates tables of deploy/README.md are the fields' own (python -m compress.pipeline.keys)."""
+    """The prune/build/gates tables of deploy/README.md are the fields' own (python -m compress.cli.keys)."""
+    from compress.cli.keys import TABLES, rewrite
     from compress.config import settings
-    from compress.pipeline.keys import TABLES, rewrite
 
     text = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    assert rewrite(text) == text, "regenerate: python -m compress.pipeline.keys --write deploy/README.md"
+    assert rewrite(text) == text, "regenerate: python -m compress.cli.keys --write deploy/README.md"
     for name, cls in TABLES.items():
         assert f"<!-- keys: {name} -->" in text
         block = text.split(f"<!-- keys: {name} -->")[1].split("<!-- /keys -->")[0]

@@ -86,7 +86,8 @@ def test_space_names_and_size() -> None:
     assert len(names) == len(set(names)) == 4 + 2 * 2 * 2 * 4  # r0 once per pass setting; 2 depths x 2 rules x 2 heal
     assert names[:4] == ["r0-fp32", "r0-fp32-24wanda", "r0-int8", "r0-int8-24wanda"]
     assert "r2-span-heal-int8-24wanda" in names
-    assert section.space()["size"] == 36 and section.space()["remove"] == [0, 1, 2]
+    assert section.space()["size"] == 36
+    assert section.space()["remove"] == [0, 1, 2]
     assert Candidate(0, "lowest", False, "fp32", "none").settings() == {
         "remove": 0, "select": None, "heal": None, "precision": "fp32", "sparsity": "none"}
 
@@ -97,7 +98,8 @@ def test_prediction_formula() -> None:
                   reference=Numbers(fidelity=0.995, median_ms=4.0, p99_ms=5.0, size_bytes=300.0),
                   original=Numbers(fidelity=1.0, median_ms=10.0, p99_ms=12.0, size_bytes=1000.0))
     assert got.fidelity == pytest.approx(1 - (0.004 + 0.005), abs=1e-12)
-    assert got.median_ms == pytest.approx(3.0) and got.p99_ms == pytest.approx(3.75)
+    assert got.median_ms == pytest.approx(3.0)
+    assert got.p99_ms == pytest.approx(3.75)
     assert got.size_bytes == pytest.approx(180.0)
     # a removed share above 95 % still leaves 5 % of the time
     assert predict(c, depth=Depth(0.0, 600.0, 0.99), reference=Numbers(1.0, 4.0, 5.0, 300.0),
@@ -145,9 +147,9 @@ def test_config_errors(project: Path, tmp_path: Path) -> None:
                     .replace("npz: calib", f"npz: {project / 'calib'}"))
     with pytest.raises(ConfigError, match="no 'search' section: nothing to search"):
         load_search_config(path)
-    with pytest.raises(ConfigError, match="section 'search' is read by 'compress search'"):
-        from compress.pipeline import load_config
+    from compress.pipeline import load_config
 
+    with pytest.raises(ConfigError, match="section 'search' is read by 'compress search'"):
         load_config(_config(project, tmp_path))
 
 
@@ -169,7 +171,8 @@ def test_exhaustive_reference(exhaustive: dict) -> None:
     assert fid["r1-lowest-fp32"] >= 0.6 > fid["r2-lowest-fp32"], fid  # the target splits the space
     # the pruned model's fidelity is the prune stage's own held-out measurement
     assert rows["r1-lowest-fp32"]["measured"]["size_bytes"] < rows["r0-fp32"]["measured"]["size_bytes"]
-    assert exhaustive["winner"] in rows and rows[exhaustive["winner"]]["meets_target"] is True
+    assert exhaustive["winner"] in rows
+    assert rows[exhaustive["winner"]]["meets_target"] is True
     chosen = [n for n, r in rows.items() if r["chosen"]]
     assert chosen == [exhaustive["winner"]]
     feasible = {n: r["measured"]["size_bytes"] for n, r in rows.items() if r["measured"]["fidelity"] >= 0.6}
@@ -188,15 +191,19 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
         report = run_search(config, tmp_path / "o", executor=executor).report
     finally:
         executor.close()
-    assert report["executor"]["kind"] == "ray" and report["executor"]["cpus"] == 2.0
+    assert report["executor"]["kind"] == "ray"
+    assert report["executor"]["cpus"] == 2.0
     assert report["winner"] == exhaustive["winner"]
     rows = _by_name(report)
-    assert report["counts"]["built"] < 6 and report["counts"]["skipped"] >= 1
+    assert report["counts"]["built"] < 6
+    assert report["counts"]["skipped"] >= 1
     for r in rows.values():
         if r["status"] == "skipped":
-            assert r["reason"] and r["predicted"]["fidelity"] is not None, r
+            assert r["reason"], r
+            assert r["predicted"]["fidelity"] is not None, r
     skipped = rows["r2-lowest-int8"]
-    assert skipped["status"] == "skipped" and skipped["reason"].startswith("predicted fidelity")
+    assert skipped["status"] == "skipped"
+    assert skipped["reason"].startswith("predicted fidelity")
     # measured numbers agree with the exhaustive run (fidelity is deterministic)
     ref = _by_name(exhaustive)
     for n, r in rows.items():
@@ -205,7 +212,8 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
             assert r["where"]["device"] == "CPU (ONNX Runtime CPUExecutionProvider)"
     best = tmp_path / "o" / "best"
     latency = json.loads((best / "latency.json").read_text())
-    assert latency["comparison"]["speedup_median"] > 0 and "fidelity" in latency["comparison"]
+    assert latency["comparison"]["speedup_median"] > 0
+    assert "fidelity" in latency["comparison"]
     assert {p.name for p in best.iterdir()} >= {"model.onnx", "latency.json", "trtexec.sh", "candidate.json"}
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {"search.json", "search.md", "calib", "search"}
     assert str(tmp_path) not in (tmp_path / "o" / "search.md").read_text()
@@ -228,7 +236,8 @@ def test_failed_candidate_is_recorded_and_resume_redoes_nothing(project: Path, t
     rows = _by_name(first)
     assert rows["r0-int8"]["status"] == "failed"
     assert rows["r0-int8"]["reason"] == "build: int8: planted failure"
-    assert first["winner"] is not None and first["counts"]["failed"] >= 1
+    assert first["winner"] is not None
+    assert first["counts"]["failed"] >= 1
     monkeypatch.setattr(compress.build, "run_passes", real)
 
     calls: list[str] = []
@@ -288,6 +297,7 @@ def test_cli_gate_on_the_winner(project: Path, tmp_path: Path, run_cli) -> None:
     assert r.code == 3, r.err
     assert "gate failed: max-latency" in r.err
     report = json.loads((tmp_path / "o" / "search.json").read_text())
-    assert [g["name"] for g in report["gates"]] == ["max-latency"] and report["gates"][0]["passed"] is False
+    assert [g["name"] for g in report["gates"]] == ["max-latency"]
+    assert report["gates"][0]["passed"] is False
     r = run_cli(["search", path, "-o", tmp_path / "o2", "--executor", "serial", "--json"])
     assert json.loads(r.out)["winner"] == report["winner"]

@@ -3,13 +3,14 @@
 Each table lists a section's keys in declaration order with the default and the help text
 of its :func:`compress.config.option`. ``deploy/README.md`` holds each table between
 ``<!-- keys: SECTION -->`` and ``<!-- /keys -->``; ``tests/test_pipeline.py`` checks that
-they are current, and ``python -m compress.pipeline.keys --write deploy/README.md`` rewrites
+they are current, and ``python -m compress.cli.keys --write deploy/README.md`` rewrites
 them (nothing else in the file changes).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from typing import Any
 from compress.config import settings
 from compress.pipeline.config import BuildSection, GatesSection, PruneSection
 from compress.reports import markdown_table
+from compress.search.space import SearchSection
 
 #: The generated tables: section name -> its config class.
-TABLES: dict[str, type] = {"prune": PruneSection, "build": BuildSection, "gates": GatesSection}
+TABLES: dict[str, type] = {"prune": PruneSection, "build": BuildSection, "gates": GatesSection, "search": SearchSection}
 
 _BLOCK = re.compile(r"(<!-- keys: (?P<name>\w+) -->\n)(?P<body>.*?)(<!-- /keys -->)", re.S)
 
@@ -30,7 +32,7 @@ def _default(value: Any) -> str:
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, tuple):
-        return "`[]`" if not value else f"`{list(value)}`"
+        return f"`{json.dumps(list(value))}`"
     return f"`{value}`"
 
 
@@ -59,7 +61,7 @@ def rewrite(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the tables, or rewrite them in place in ``--write FILE``; returns 0."""
-    parser = argparse.ArgumentParser(prog="python -m compress.pipeline.keys", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m compress.cli.keys", description=__doc__.splitlines()[0])
     parser.add_argument("--write", metavar="README.md", help="rewrite the marked tables of this file")
     args = parser.parse_args(argv)
     if args.write:
