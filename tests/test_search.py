@@ -209,7 +209,10 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
     for n, r in rows.items():
         if r["status"] == "measured":
             assert r["measured"]["fidelity"] == ref[n]["measured"]["fidelity"]
-            assert r["where"]["device"] == "CPU (ONNX Runtime CPUExecutionProvider)"
+            if r["measured"].get("median_ms") is not None:
+                assert r["where"]["device"] == "CPU (ONNX Runtime CPUExecutionProvider)"
+            else:  # below the target: not timed
+                assert r["meets_target"] is False
     best = tmp_path / "o" / "best"
     latency = json.loads((best / "latency.json").read_text())
     assert latency["comparison"]["speedup_median"] > 0

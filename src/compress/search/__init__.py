@@ -246,6 +246,10 @@ class _Search:
         n = 2
         while True:
             pending = [c for c in self.candidates if self.records[c.name]["status"] == "pending"]
+            for c in pending:
+                if not c.has_passes and c.depth in self.depths:  # the pruned model itself: measured by its prune stage
+                    self._pruned_only(c)
+            pending = [c for c in pending if self.records[c.name]["status"] == "pending"]
             if not pending:
                 return
             preds = {c.name: self._predict(c) for c in pending}
@@ -274,18 +278,31 @@ class _Search:
                 rec = self.records[c.name]
                 if not c.has_passes:
                     rec["status"] = "built"
-                    self.fidelity[c.name] = self.fidelity.get(c.depth) or {}
-                    rec["measured"] = {"fidelity": 1.0 - self.depths[c.depth].loss,
-                                       "size_bytes": int(self.depths[c.depth].size_bytes)}
                 if rec["status"] != "built":
                     continue
                 fid = rec["measured"]["fidelity"]
                 if self.sc.goal == "pareto" or fid >= self.sc.target_fidelity:
                     to_time.append(self._bench(c, self.built.get(c.name) or self.depth_artifacts[c.depth]))
                 else:
-                    rec.update(status="measured", meets_target=False,
-                               reason=f"measured fidelity {fid:.5f} < target {self.sc.target_fidelity:g}: not timed")
+                    self._below_target(c)
             self._execute(to_time, f"search: round {n} (latency)")
+
+    def _pruned_only(self, c: Candidate) -> None:
+        """A candidate without passes is its pruned model: its fidelity and size are the prune stage's."""
+        rec = self.records[c.name]
+        if rec["measured"] is not None:
+            return
+        depth = self.depths[c.depth]
+        self.fidelity[c.name] = self.fidelity.get(c.depth) or {}
+        rec["measured"] = {"fidelity": 1.0 - depth.loss, "size_bytes": int(depth.size_bytes)}
+        if self.sc.goal != "pareto" and 1.0 - depth.loss < self.sc.target_fidelity:
+            self._below_target(c)
+
+    def _below_target(self, c: Candidate) -> None:
+        rec = self.records[c.name]
+        fid = rec["measured"]["fidelity"]
+        rec.update(status="measured", meets_target=False,
+                   reason=f"measured fidelity {fid:.5f} < target {self.sc.target_fidelity:g}: not timed")
 
     # ------------------------------------------------------------------ tasks and their outcomes
 
