@@ -165,7 +165,12 @@ def test_too_many_blocks(project: Path, tmp_path: Path) -> None:
 
 def test_exhaustive_reference(exhaustive: dict) -> None:
     rows = _by_name(exhaustive)
-    assert exhaustive["counts"] == {"candidates": 6, "built": 6, "skipped": 0, "failed": 0, "resumed": 0}
+    assert exhaustive["counts"] == {"candidates": 6, "built": 5, "skipped": 1, "failed": 0, "resumed": 0}
+    # even an exhaustive search does not quantize a pruned model that alone misses the target
+    assert rows["r2-lowest-int8"]["status"] == "skipped"
+    assert rows["r2-lowest-int8"]["reason"].startswith("its pruned model r2-lowest alone has fidelity 0.")
+    assert rows["r2-lowest-int8"]["reason"].endswith("< target 0.6: no pass brings it back")
+    rows.pop("r2-lowest-int8")
     fid = {n: r["measured"]["fidelity"] for n, r in rows.items()}
     assert fid["r0-fp32"] == 1.0
     assert fid["r1-lowest-fp32"] >= 0.6 > fid["r2-lowest-fp32"], fid  # the target splits the space
@@ -195,7 +200,10 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
     assert report["executor"]["cpus"] == 2.0
     assert report["winner"] == exhaustive["winner"]
     rows = _by_name(report)
-    assert report["counts"]["built"] < 6
+    assert report["counts"]["built"] < exhaustive["counts"]["built"]  # the prediction saved builds
+    assert report["winner"] != "r0-fp32"  # a pruned model wins: it is timed back to back with the original
+    assert report["confirmation"]["candidate"] == report["winner"]
+    assert report["confirmation"]["speedup_median"] > 0
     assert report["counts"]["skipped"] >= 1
     for r in rows.values():
         if r["status"] == "skipped":
@@ -203,7 +211,7 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
             assert r["predicted"]["fidelity"] is not None, r
     skipped = rows["r2-lowest-int8"]
     assert skipped["status"] == "skipped"
-    assert skipped["reason"].startswith("predicted fidelity")
+    assert skipped["reason"].startswith("its pruned model r2-lowest alone")
     # measured numbers agree with the exhaustive run (fidelity is deterministic)
     ref = _by_name(exhaustive)
     for n, r in rows.items():
@@ -215,7 +223,8 @@ def test_ray_search_matches_exhaustive(project: Path, exhaustive: dict, tmp_path
                 assert r["meets_target"] is False
     best = tmp_path / "o" / "best"
     latency = json.loads((best / "latency.json").read_text())
-    assert latency["comparison"]["speedup_median"] > 0
+    assert latency["comparison"]["speedup_median"] == pytest.approx(report["confirmation"]["speedup_median"])
+    assert latency["baseline"]["model"].endswith("(original)")
     assert "fidelity" in latency["comparison"]
     assert {p.name for p in best.iterdir()} >= {"model.onnx", "latency.json", "trtexec.sh", "candidate.json"}
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {"search.json", "search.md", "calib", "search"}

@@ -141,6 +141,15 @@ def _outcome(report: Mapping[str, Any]) -> str:
             f"{best.get('name', '-')})")
 
 
+def _confirmation(report: Mapping[str, Any]) -> str | None:
+    """The winner timed back to back with the original (``report["confirmation"]``), or None."""
+    c = report.get("confirmation")
+    if not c:
+        return None
+    return (f"timed back to back with the original: {fmt(c.get('median_ms'))} ms vs "
+            f"{fmt(c.get('baseline_median_ms'))} ms, {fmt(c.get('speedup_median'))}x ({c.get('device', '-')})")
+
+
 def _counts(report: Mapping[str, Any]) -> str:
     n = report.get("counts") or {}
     return (f"built {n.get('built', 0)} of {n.get('candidates', 0)} candidates ({n.get('skipped', 0)} skipped by "
@@ -180,6 +189,9 @@ def search_markdown(report: Mapping[str, Any], plot_name: str | None = None) -> 
     outcome = _outcome(report)
     para = (f"Goal `{goal}`: {GOAL_TEXT.get(goal, goal)} with fidelity >= {_fid(target)} against the original "
             f"model. {outcome[0].upper() + outcome[1:]}.")
+    confirmed = _confirmation(report)
+    if confirmed is not None:
+        para += f" The winner {confirmed}."
     front = _front(report)
     if goal == "pareto" and front:
         para += f" Pareto front: {', '.join(str(c.get('name')) for c in front)}."
@@ -231,6 +243,9 @@ def search_text(report: Mapping[str, Any], *, limit: int = 15) -> str:
 
     lines = [f"search ({report.get('goal', '-')}, target fidelity {_fid(report.get('target_fidelity'))}): "
              f"{_outcome(report)}", _counts(report)[0].upper() + _counts(report)[1:]]
+    confirmed = _confirmation(report)
+    if confirmed is not None:
+        lines.insert(1, "Winner " + confirmed)
     if shown:
         lines += ["", text_table(["candidate", "fidelity", "median ms", "speedup", "status"],
                                  [[_label(c, bold=False), _fid(_measured(c).get("fidelity")),

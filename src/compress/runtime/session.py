@@ -20,8 +20,9 @@ import onnxruntime; making a session does.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,26 @@ def session_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None, 
     return view, folder, mapped
 
 
+#: Intra-op threads of sessions made without ``threads`` (None: ONNX Runtime's default, every core); see :func:`default_threads`.
+_DEFAULT_THREADS: int | None = None
+
+
+@contextlib.contextmanager
+def default_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, sessions made without ``threads`` use ``threads`` intra-op threads (None: every core).
+
+    For work that shares a machine with other work, e.g. a search task holding 1 of a node's
+    CPUs. The previous value is restored on exit.
+    """
+    global _DEFAULT_THREADS
+    before = _DEFAULT_THREADS
+    _DEFAULT_THREADS = threads
+    try:
+        yield
+    finally:
+        _DEFAULT_THREADS = before
+
+
 def make_session(model: onnx.ModelProto, *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None, options: Any = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``model`` (see the module docstring).
@@ -90,6 +111,7 @@ def make_session(model: onnx.ModelProto, *, providers: Sequence[str] = ("CPUExec
     opts = options if options is not None else ort.SessionOptions()
     if options is None:
         opts.log_severity_level = 3
+    threads = threads or _DEFAULT_THREADS
     if threads:
         opts.intra_op_num_threads = threads
     if folder is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,16 @@ from compress.config import read_section
 from compress.errors import ConfigError
 from compress.gates import GateResult, evaluate_gates, gate_entries
 from compress.log import logger, progress
-from compress.onnx_io import atomic_folder, model_nbytes, read_json, write_json, write_text
+from compress.onnx_io import (
+    atomic_folder,
+    has_external_data,
+    load_model,
+    model_nbytes,
+    read_json,
+    save_model,
+    write_json,
+    write_text,
+)
 from compress.pipeline import check_dependencies, prepare_output, read_previous
 from compress.pipeline.cache import Artifact, Digests, Run
 from compress.pipeline.config import PipelineConfig, read_config_file
@@ -48,7 +57,7 @@ from compress.pipeline.stages import calib_stage, export_stage, load_with_blocks
 from compress.search.execute import Executor, Outcome, Task, make_executor
 from compress.search.predict import Depth, Numbers, best_measured, order_key, predict, skip_reason
 from compress.search.space import Candidate, SearchSection, candidates
-from compress.search.tasks import artifact_of, bench_task, build_task, cost_task, prune_task
+from compress.search.tasks import artifact_of, bench_task, build_task, confirm_task, cost_task, prune_task
 
 #: Version of the ``search.json`` layout.
 SEARCH_SCHEMA = 1
@@ -259,6 +268,18 @@ class _Search:
                                                                        target=self.sc.target_fidelity)
             ready = []
             for c in pending:
+                ref = self.records.get(f"r0-{c.passes}")
+                depth = self.depths.get(c.depth)
+                if (self.sc.goal != "pareto" and c.has_passes and depth is not None
+                        and 1.0 - depth.loss < self.sc.target_fidelity):
+                    self.records[c.name].update(status="skipped", reason=(
+                        f"its pruned model {c.depth} alone has fidelity {1.0 - depth.loss:.5f} < target "
+                        f"{self.sc.target_fidelity:g}: no pass brings it back"))
+                    continue
+                if not self.sc.exhaustive and c.has_passes and ref is not None and ref["status"] == "failed":
+                    self.records[c.name].update(status="skipped", reason=f"its passes failed on the unpruned model "
+                                                                          f"({ref['name']}: {ref['reason']})")
+                    continue
                 reason = None if self.sc.exhaustive else skip_reason(
                     preds[c.name], goal=self.sc.goal, target=self.sc.target_fidelity, margin=self.sc.margin,
                     latency_margin=self.sc.latency_margin, best=best, measured=list(self._measured().items()))
@@ -431,8 +452,10 @@ class _Search:
         best = best_measured(measured, goal=sc.goal if sc.goal != "pareto" else "median", target=sc.target_fidelity)
         winner = best[0] if best is not None else None
         gates: tuple[GateResult, ...] = ()
+        confirmation = None
         if winner is not None:
             self.records[winner]["chosen"] = True
+            confirmation = self._confirm(self._cand(winner))
             latency = self._write_best(self._cand(winner))
             gates = tuple(evaluate_gates(latency, self.pc.gates, previous=previous))
         elif (self.out / "best").is_dir():
@@ -452,26 +475,54 @@ class _Search:
                        "failed": sum(1 for r in records if r["status"] == "failed"),
                        "resumed": sum(1 for r in records if r["stage"] == "skipped (unchanged)")},
             "baseline": {k: baseline.get(k) for k in ("median_ms", "p99_ms", "size_bytes")},
-            "candidates": records, "winner": winner, "gates": gate_entries(gates),
+            "candidates": records, "winner": winner, "confirmation": confirmation, "gates": gate_entries(gates),
             "seconds": round(time.perf_counter() - self.start, 3),
         }
         write_search_files(self.out, report)
         logger.info("search: %s", f"winner {winner}" if winner else "no candidate meets the target")
         return SearchResult(report, gates)
 
+    def _confirm(self, c: Candidate) -> dict[str, Any] | None:
+        """Time the winner and the original back to back (one exclusive task); None for the original itself or on failure."""
+        if c.name == "r0-fp32":
+            return None
+        assert self.original is not None
+        model = self.built.get(c.name) or self.depth_artifacts[c.depth]
+        config = _build_config(self.pc.build, c, self.sc.target_fidelity)
+        task = Task(f"confirm/{c.name}", confirm_task, (self.run_, model, self.original, config,
+                                                       f"search/confirm/{c.name}", self.calib_hash),
+                    exclusive=True, gpu=self.pc.build.backend == "trt")
+        (self.out / "search" / "confirm").mkdir(parents=True, exist_ok=True)
+        outcome = next(iter(self.executor.run([task])))
+        if outcome.error is not None:
+            logger.warning("search: timing %s against the original failed: %s", c.name, outcome.error["message"])
+            return None
+        value = dict(outcome.value or {})
+        self.records[c.name]["confirmed_speedup"] = value["speedup_median"]
+        return {"candidate": c.name, **{k: value[k] for k in ("median_ms", "baseline_median_ms", "speedup_median",
+                                                               "device")},
+                "where": {"node": outcome.where.get("node"), "host": outcome.where.get("host")}}
+
     def _write_best(self, c: Candidate) -> dict[str, Any]:
-        """Copy the winner's model and reports to ``OUT/best``; returns its ``latency.json`` with the comparison."""
+        """Copy the winner's model and reports to ``OUT/best``; returns its ``latency.json`` with the comparison.
+
+        The comparison is the back-to-back one of :meth:`_confirm` where it ran; for the
+        original itself, its own measurement (speedup 1).
+        """
         model = self.built.get(c.name) or self.depth_artifacts[c.depth]
         bench = self.out / "search" / "bench" / c.name
-        latency = read_json(bench / "latency.json", what="latency report")
-        base_path = self.out / "search" / "bench" / "r0-fp32" / "latency.json"
-        if base_path.is_file():
-            base = read_json(base_path, what="latency report")["candidate"]
+        confirmed = self.out / "search" / "confirm" / c.name / "latency.json"
+        if confirmed.is_file() and c.name != "r0-fp32":
+            latency = read_json(confirmed, what="latency report")
+        else:
+            latency = read_json(bench / "latency.json", what="latency report")
+            base = latency["candidate"]
             latency["baseline"] = {**base, "model": f"{self.pc.name} (original)"}
             latency["comparison"] = {**compare(latency["candidate"], base), "fidelity": self.fidelity.get(c.name)}
         with atomic_folder(self.out / "best") as tmp:
-            for src in _model_files(model.path):
-                shutil.copyfile(src, tmp / ("model.onnx" + src.name[len(model.path.name):]))
+            written = load_model(model.path)  # saved, not copied: external data is renamed with the model
+            save_model(written, tmp / "model.onnx", external_data=has_external_data(written) or None)
+            del written
             if not c.has_passes and model.blocks is not None and model.blocks.is_file():
                 shutil.copyfile(model.blocks, tmp / "model.blocks.json")
             passes = model.path.parent / "passes.json"
@@ -485,14 +536,6 @@ class _Search:
             write_text(tmp / "README.md", f"# {c.name}\n\nThe winner of `compress search` ({self.sc.goal}, target "
                                           f"fidelity {self.sc.target_fidelity:g}); search.md lists every candidate.\n")
         return latency
-
-
-def _model_files(path: Path) -> Iterable[Path]:
-    """``model.onnx`` and its external data file (``model.onnx.data``) when present."""
-    yield path
-    data = path.with_name(path.name + ".data")
-    if data.is_file():
-        yield data
 
 
 def _new_record(c: Candidate) -> dict[str, Any]:

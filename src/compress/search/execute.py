@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from compress.errors import CompressError, ConfigError, MissingDependencyError
 from compress.log import logger
+from compress.runtime.session import default_threads
 
 MODES = ("auto", "serial", "ray")
 """The values of ``make_executor(mode=...)``."""
@@ -108,12 +109,15 @@ class Executor(Protocol):
         ...
 
 
-def _call(fn: Callable[..., dict], args: tuple) -> tuple[dict | None, dict | None, dict, float]:
+def _call(fn: Callable[..., dict], args: tuple, threads: int | None = None) -> tuple[dict | None, dict | None, dict, float]:
     """Run ``fn(*args)`` and report instead of raising (in a Ray worker or in this process).
 
     Args:
         fn: The task function.
         args: Its positional arguments.
+        threads: intra-op threads of the ONNX Runtime sessions it makes
+            (:func:`compress.runtime.session.default_threads`; None: every core), so that
+            tasks sharing a node do not oversubscribe it.
 
     Returns:
         ``(value, error, where, seconds)`` as in :class:`Outcome`: a
@@ -126,7 +130,8 @@ def _call(fn: Callable[..., dict], args: tuple) -> tuple[dict | None, dict | Non
     value: dict | None = None
     error: dict | None = None
     try:
-        value = fn(*args)
+        with default_threads(threads):
+            value = fn(*args)
     except CompressError as e:
         error = {"kind": "user", "message": e.message, "hint": e.hint, "type": type(e).__name__}
     except Exception as e:
@@ -243,8 +248,10 @@ class RayExecutor:
             if task.gpu and gpus < 1:
                 refused.append(task)
                 continue
-            options = {"name": task.key, "max_retries": MAX_RETRIES, **self._resources(task)}
-            pending[remote.options(**options).remote(task.fn, task.args)] = task
+            resources = self._resources(task)
+            options = {"name": task.key, "max_retries": MAX_RETRIES, **resources}
+            threads = None if task.exclusive else max(1, int(resources["num_cpus"]))
+            pending[remote.options(**options).remote(task.fn, task.args, threads)] = task
         try:
             for task in refused:
                 error = {"kind": "user", "message": f"task {task.key!r} needs a GPU but the Ray cluster has none",

@@ -12,6 +12,7 @@ task returns JSON-ready data.
   against the original on the held-out batches;
 - :func:`bench_task` -- the latency of one model (``search/bench/NAME``): a measurement, run
   alone on its device;
+- :func:`confirm_task` -- the winner and the original timed back to back (``search/confirm/NAME``);
 - :func:`cost_task` -- the original's whole-model and per-block CPU time (``search/cost``),
   which predict the latency of pruned candidates.
 """
@@ -120,6 +121,36 @@ def bench_task(run: Run, model: Artifact, config: BuildConfig, name: str, calib_
     return {"stage": stage.status, "median_ms": lat["median_ms"], "p99_ms": lat["p99_ms"], "device": _device(latency)}
 
 
+def confirm_task(run: Run, model: Artifact, original: Artifact, config: BuildConfig, name: str,
+                 calib_hash: str | None) -> dict[str, Any]:
+    """Time ``model`` and ``original`` in one task, one after the other, into ``OUT/name``: the winner's speedup.
+
+    Candidates are timed one at a time over the whole search, so their speedups compare
+    measurements taken minutes apart; this one compares two taken back to back. Writes
+    ``latency.json`` (with ``baseline`` and ``comparison``, fidelity on the held-out batches).
+    """
+    bench = {k: getattr(config, k) for k in ("backend", "shapes", "legacy_precision", "warmup_ms", "iterations",
+                                             "duration", "precision", "sparsity")}
+    inputs = {"config": bench, "model": model.digest, "original": original.digest, "calibration": calib_hash,
+              "holdout": run.config.calibration.holdout, "versions": versions(*_VERSIONS)}
+
+    def work(tmp: Path) -> None:
+        from compress.build import benchmark
+
+        reference = load_model(original.path)
+        m = load_model(model.path)
+        held = _held_out(run, load_calib(run, reference))
+        result = benchmark(m, config, calib=held, baseline=reference,
+                           names={"model": name.rsplit("/", 1)[-1], "baseline": f"{run.config.name} (original)"})
+        write_json(tmp / "latency.json", result.latency)
+
+    stage = run_stage(run, name, inputs, work)
+    latency = read_json(run.out / name / "latency.json", what="latency report")
+    return {"stage": stage.status, "median_ms": latency["candidate"]["latency"]["median_ms"],
+            "baseline_median_ms": latency["baseline"]["latency"]["median_ms"],
+            "speedup_median": latency["comparison"]["speedup_median"], "device": _device(latency)}
+
+
 def cost_task(run: Run, original: Artifact, blocks_spec: str | None, calib_hash: str | None) -> dict[str, Any]:
     """The original's CPU time (ms) whole and per removable block (``OUT/search/cost/cost.json``)."""
     name = "search/cost"
@@ -143,4 +174,4 @@ def cost_task(run: Run, original: Artifact, blocks_spec: str | None, calib_hash:
     return {"stage": stage.status, "model_ms": cost["model_ms"], "block_ms": cost["block_ms"]}
 
 
-__all__ = ["artifact_data", "artifact_of", "bench_task", "build_task", "cost_task", "prune_task"]
+__all__ = ["artifact_data", "artifact_of", "bench_task", "build_task", "confirm_task", "cost_task", "prune_task"]
