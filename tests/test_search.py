@@ -313,3 +313,25 @@ def test_cli_gate_on_the_winner(project: Path, tmp_path: Path, run_cli) -> None:
     assert report["gates"][0]["passed"] is False
     r = run_cli(["search", path, "-o", tmp_path / "o2", "--executor", "serial", "--json"])
     assert json.loads(r.out)["winner"] == report["winner"]
+
+
+def test_near_ties_are_retimed_side_by_side(project: Path, tmp_path: Path) -> None:
+    """With goal median and a wide latency margin every feasible candidate is a contender of the runoff."""
+    path = _config(project, tmp_path, search="  latency_margin: 100\n")
+    path.write_text(path.read_text().replace("goal: size", "goal: median"))
+    report = run_search(load_search_config(path), tmp_path / "o", executor=SerialExecutor()).report
+    runoff = report["runoff"]
+    rows = _by_name(report)
+    feasible = sorted(n for n, r in rows.items() if r["status"] == "measured" and r["meets_target"])
+    assert len(feasible) >= 2
+    assert set(runoff["contenders"]) <= set(feasible)
+    assert len(runoff["contenders"]) == min(4, len(feasible))
+    for n in runoff["contenders"]:
+        t = runoff["times"][n]
+        assert len(t["round_medians_ms"]) == runoff["rounds"] == 3
+        assert t["median_ms"] == pytest.approx(sorted(t["round_medians_ms"])[1])
+    assert report["winner"] == runoff["winner"] in runoff["contenders"]
+    assert [n for n, r in rows.items() if r["chosen"]] == [report["winner"]]
+    if not runoff["tie_broken_by_fidelity"]:
+        assert runoff["winner"] == runoff["fastest"]
+    assert "re-timed side by side (3 rounds, alternating)" in (tmp_path / "o" / "search.md").read_text()

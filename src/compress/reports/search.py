@@ -189,6 +189,13 @@ def search_markdown(report: Mapping[str, Any], plot_name: str | None = None) -> 
     outcome = _outcome(report)
     para = (f"Goal `{goal}`: {GOAL_TEXT.get(goal, goal)} with fidelity >= {_fid(target)} against the original "
             f"model. {outcome[0].upper() + outcome[1:]}.")
+    runoff = report.get("runoff")
+    if runoff:
+        times = runoff.get("times") or {}
+        listed = ", ".join(f"{n} {fmt((times.get(n) or {}).get('median_ms'))} ms" for n in runoff.get("contenders", []))
+        para += (f" Near-tied candidates re-timed side by side ({runoff.get('rounds')} rounds, alternating): {listed}"
+                 + ("; within the measurement's spread, the more faithful one wins" if runoff.get("tie_broken_by_fidelity")
+                    else "") + ".")
     confirmed = _confirmation(report)
     if confirmed is not None:
         para += f" The winner {confirmed}."

@@ -50,14 +50,22 @@ from compress.onnx_io import (
     write_text,
 )
 from compress.pipeline import check_dependencies, prepare_output, read_previous
-from compress.pipeline.cache import Artifact, Digests, Run
+from compress.pipeline.cache import Artifact, Digests, Run, hash_json
 from compress.pipeline.config import PipelineConfig, read_config_file
 from compress.pipeline.source import README_HINT
 from compress.pipeline.stages import calib_stage, export_stage, load_with_blocks
 from compress.search.execute import Executor, Outcome, Task, make_executor
 from compress.search.predict import Depth, Numbers, best_measured, order_key, predict, skip_reason
 from compress.search.space import Candidate, SearchSection, candidates
-from compress.search.tasks import artifact_of, bench_task, build_task, confirm_task, cost_task, prune_task
+from compress.search.tasks import (
+    artifact_of,
+    bench_task,
+    build_task,
+    confirm_task,
+    cost_task,
+    prune_task,
+    runoff_task,
+)
 
 #: Version of the ``search.json`` layout.
 SEARCH_SCHEMA = 1
@@ -66,6 +74,10 @@ NO_WINNER_EXIT_CODE = TARGET_EXIT_CODE
 #: Entries of a search output folder (an earlier search's are updated in place).
 _FOLDERS = ("export", "calib", "search", "best")
 _FILES = ("search.json", "search.md", "search.png")
+#: Near-tied contenders re-timed side by side at the end (:meth:`_Search._runoff`): at most this many ...
+RUNOFF_MAX = 4
+#: ... each timed this many times, alternating.
+RUNOFF_ROUNDS = 3
 #: ``prune`` keys the search sets itself, per candidate.
 _AMOUNTS = ("remove", "ratio", "max_drop", "select", "heal")
 
@@ -451,6 +463,9 @@ class _Search:
             self.records[timed[i]]["front"] = True
         best = best_measured(measured, goal=sc.goal if sc.goal != "pareto" else "median", target=sc.target_fidelity)
         winner = best[0] if best is not None else None
+        runoff = self._runoff(measured, best) if best is not None else None
+        if runoff is not None:
+            winner = runoff["winner"]
         gates: tuple[GateResult, ...] = ()
         confirmation = None
         if winner is not None:
@@ -475,12 +490,56 @@ class _Search:
                        "failed": sum(1 for r in records if r["status"] == "failed"),
                        "resumed": sum(1 for r in records if r["stage"] == "skipped (unchanged)")},
             "baseline": {k: baseline.get(k) for k in ("median_ms", "p99_ms", "size_bytes")},
-            "candidates": records, "winner": winner, "confirmation": confirmation, "gates": gate_entries(gates),
+            "candidates": records, "winner": winner, "runoff": runoff, "confirmation": confirmation,
+            "gates": gate_entries(gates),
             "seconds": round(time.perf_counter() - self.start, 3),
         }
         write_search_files(self.out, report)
         logger.info("search: %s", f"winner {winner}" if winner else "no candidate meets the target")
         return SearchResult(report, gates)
+
+    def _runoff(self, measured: Mapping[str, Numbers], best: tuple[str, float]) -> dict[str, Any] | None:
+        """Re-time the near-tied candidates side by side and pick the winner from that; None when there is no tie.
+
+        Contenders: the measured candidates that meet the target with a median within
+        ``latency_margin`` of the best (at most :data:`RUNOFF_MAX`, closest first), latency
+        goals and ONNX Runtime only. Each is timed :data:`RUNOFF_ROUNDS` times, alternating
+        (:func:`~compress.search.tasks.runoff_task`). The fastest by the median of its rounds
+        wins, unless a more faithful contender is within the measurement's own spread of it
+        (the larger of the two contenders' spreads, at least 2 %): then the more faithful wins.
+        """
+        sc = self.sc
+        if sc.goal not in ("median", "p99", "pareto") or self.pc.build.backend != "ort":
+            return None
+        near = sorted((m.median_ms, n) for n, m in measured.items()
+                      if m.fidelity is not None and m.fidelity >= sc.target_fidelity and m.median_ms is not None
+                      and m.median_ms <= best[1] * (1 + sc.latency_margin))
+        names = [n for _, n in near[:RUNOFF_MAX]]
+        if len(names) < 2:
+            return None
+        models = [(n, self.built.get(n) or self.depth_artifacts[self._cand(n).depth]) for n in names]
+        config = _build_config(self.pc.build, self._cand(names[0]), sc.target_fidelity)
+        (self.out / "search" / "runoff").mkdir(parents=True, exist_ok=True)
+        key = "-".join(sorted(names))
+        task = Task("runoff/" + key, runoff_task, (self.run_, models, config, RUNOFF_ROUNDS,
+                                                   f"search/runoff/{hash_json(key)[:12]}", self.calib_hash),
+                    exclusive=True)
+        outcome = next(iter(self.executor.run([task])))
+        if outcome.error is not None:
+            logger.warning("search: the runoff of %s failed: %s", ", ".join(names), outcome.error["message"])
+            return None
+        times = (outcome.value or {})["models"]
+        fastest = min(names, key=lambda n: (times[n]["median_ms"], n))
+        winner, tie = fastest, False
+        for n in names:
+            if n == fastest or (measured[n].fidelity or 0) <= (measured[winner].fidelity or 0):
+                continue
+            noise = max(times[n]["spread"] or 0, times[fastest]["spread"] or 0, 0.02)
+            if times[n]["median_ms"] <= times[fastest]["median_ms"] * (1 + noise):
+                winner, tie = n, True
+        logger.info("search: runoff of %s: %s", ", ".join(names), winner)
+        return {"contenders": names, "rounds": RUNOFF_ROUNDS, "times": times, "fastest": fastest, "winner": winner,
+                "tie_broken_by_fidelity": tie}
 
     def _confirm(self, c: Candidate) -> dict[str, Any] | None:
         """Time the winner and the original back to back (one exclusive task); None for the original itself or on failure."""

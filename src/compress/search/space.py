@@ -74,7 +74,7 @@ class SearchSection(StageConfig):
                        help="minimize median or p99 latency or size subject to the target, or pareto: the whole front")
     target_fidelity: float = option(0.99, flag="", help="the winner's output fidelity vs the original (held-out batches)")
     margin: float = option(0.005, minimum=0, flag="", help="skip a candidate predicted below target - margin")
-    latency_margin: float = option(0.1, minimum=0, flag="",
+    latency_margin: float = option(0.25, minimum=0, flag="",
                                    help="skip a candidate predicted slower than the best measured one by this share")
     exhaustive: bool = option(False, help="build and measure every candidate (no prediction)")
     executor: str = option("auto", choices=EXECUTORS, hash=False,

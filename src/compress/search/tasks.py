@@ -13,12 +13,14 @@ task returns JSON-ready data.
 - :func:`bench_task` -- the latency of one model (``search/bench/NAME``): a measurement, run
   alone on its device;
 - :func:`confirm_task` -- the winner and the original timed back to back (``search/confirm/NAME``);
+- :func:`runoff_task` -- near-tied candidates timed side by side, alternating (``search/runoff``);
 - :func:`cost_task` -- the original's whole-model and per-block CPU time (``search/cost``),
   which predict the latency of pruned candidates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,48 @@ def confirm_task(run: Run, model: Artifact, original: Artifact, config: BuildCon
             "speedup_median": latency["comparison"]["speedup_median"], "device": _device(latency)}
 
 
+def runoff_task(run: Run, models: list[tuple[str, Artifact]], config: BuildConfig, rounds: int, name: str,
+                calib_hash: str | None) -> dict[str, Any]:
+    """Time near-tied candidates side by side on ONNX Runtime: ``rounds`` rounds, each model once per round, alternating.
+
+    One session per model is made first; every round times each model for ``config``'s
+    benchmark duration, in turn, so slow phases of a shared machine hit every model alike.
+    Writes ``runoff.json``: per model the median latency (ms) of each round, their median,
+    and their spread ``(max - min) / median``.
+    """
+    inputs = {"config": {k: getattr(config, k) for k in ("warmup_ms", "iterations", "duration", "shapes")},
+              "models": [[n, a.digest] for n, a in models], "rounds": rounds, "calibration": calib_hash,
+              "versions": versions(*_VERSIONS)}
+
+    def work(tmp: Path) -> None:
+        import statistics
+
+        from compress.bench import measure
+        from compress.build import benchmark_feed
+        from compress.runtime import load_session
+
+        loaded = {n: load_model(a.path) for n, a in models}
+        first = next(iter(loaded.values()))
+        feed, _ = benchmark_feed(first, load_calib(run, first), config.profiles)
+        sessions = {n: (load_session(m, providers=("CPUExecutionProvider",)), [o.name for o in m.graph.output])
+                    for n, m in loaded.items()}
+        times: dict[str, list[float]] = {n: [] for n in sessions}
+        def once(sess: Any, outs: list[str]) -> Callable[[], Any]:
+            return lambda: sess.run(outs, dict(feed))
+
+        for _ in range(rounds):
+            for n, (sess, outs) in sessions.items():
+                times[n].append(measure(once(sess, outs), config.bench).median_ms)
+        result = {}
+        for n, ts in times.items():
+            med = statistics.median(ts)
+            result[n] = {"round_medians_ms": ts, "median_ms": med, "spread": (max(ts) - min(ts)) / med if med else None}
+        write_json(tmp / "runoff.json", {"rounds": rounds, "models": result})
+
+    stage = run_stage(run, name, inputs, work)
+    return {"stage": stage.status, **read_json(run.out / name / "runoff.json", what="runoff")}
+
+
 def cost_task(run: Run, original: Artifact, blocks_spec: str | None, calib_hash: str | None) -> dict[str, Any]:
     """The original's CPU time (ms) whole and per removable block (``OUT/search/cost/cost.json``)."""
     name = "search/cost"
@@ -174,4 +218,5 @@ def cost_task(run: Run, original: Artifact, blocks_spec: str | None, calib_hash:
     return {"stage": stage.status, "model_ms": cost["model_ms"], "block_ms": cost["block_ms"]}
 
 
-__all__ = ["artifact_data", "artifact_of", "bench_task", "build_task", "confirm_task", "cost_task", "prune_task"]
+__all__ = ["artifact_data", "artifact_of", "bench_task", "build_task", "confirm_task", "cost_task", "prune_task",
+           "runoff_task"]
