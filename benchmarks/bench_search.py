@@ -65,6 +65,7 @@ def _summary(out: Path, wall: float, code: int) -> dict[str, Any]:
         "winner_median_ms": win["measured"].get("median_ms") if win else None,
         "winner_speedup": win["measured"].get("speedup") if win else None,
         "original_median_ms": report["baseline"]["median_ms"],
+        "confirmation": report.get("confirmation"), "runoff": report.get("runoff"),
         "candidates": [{"name": c["name"], "status": c["status"], "reason": c["reason"],
                         "predicted": c["predicted"], "measured": c["measured"]} for c in report["candidates"]],
     }
@@ -147,14 +148,19 @@ def _markdown(result: dict[str, Any], stem: str) -> str:
              "Goal: the lowest median ONNX Runtime CPU latency whose output cosine vs the original on the held-out "
              f"sentences meets the target. Machine: {result['machine']['cpus']} CPUs. Wall time = the `compress search` "
              "process (Ray's start included; export and calibration done beforehand, the same for every run).", "",
-             "| target | run | wall s | candidates built / space | skipped | failed | winner | fidelity | speedup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`speedup`: the winner timed back to back with the original at the end of the search (the "
+             "candidates' own timings, minutes apart, differ by up to 30 % on this machine). `runoff`: the "
+             "near-tied candidates re-timed side by side before choosing.", "",
+             "| target | run | wall s | candidates built / space | skipped | failed | runoff | winner | fidelity | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"].values():
         c = r["counts"]
         fid = f"{r['winner_fidelity']:.5f}" if r["winner_fidelity"] is not None else "-"
-        sp = f"{r['winner_speedup']:.2f}x" if r["winner_speedup"] is not None else "-"
+        conf = (r.get("confirmation") or {}).get("speedup_median")
+        sp = f"{conf:.2f}x" if conf is not None else ("1.00x (the original)" if r["winner"] == "r0-fp32" else "-")
+        runoff = ", ".join((r.get("runoff") or {}).get("contenders") or []) or "-"
         lines.append(f"| {r['target_fidelity']:g} | {r['run']} | {r['wall_s']:.1f} | {c['built']} / {c['candidates']} "
-                     f"| {c['skipped']} | {c['failed']} | {r['winner']} | {fid} | {sp} |")
+                     f"| {c['skipped']} | {c['failed']} | {runoff} | {r['winner']} | {fid} | {sp} |")
     lines.append("")
     for t, ratio in result["wall_ratio_1_over_2_workers"].items():
         lines.append(f"- target {t}: wall time 1 worker / 2 workers = {ratio:.2f}x; same winner: "
