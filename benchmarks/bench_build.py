@@ -9,6 +9,13 @@ Models (real weights, real data; see ``benchmarks/models``):
 - ``efficientnet``: EfficientNet-Lite0 on the benchmark photos (``benchmarks/models/efficientnet.py``:
   7 calibration photos x 8 views in batches of 8; 15 other photos x 8 views evaluate). Task
   fidelity: top-1 agreement with FP32 on the 120 evaluation views.
+- ``ppocr``: the PP-OCRv4 text recognizer shipped by ``rapidocr-onnxruntime`` (Paddle export,
+  opset 12, weights in Constant nodes) on 200 words rendered with PIL (``benchmarks/models/ppocr.py``:
+  8 DejaVu fonts at 14-48 px, 48 x 320 padded, rapidocr's preprocessing): 64 calibrate in batches
+  of 8, 136 evaluate. Task fidelity: exact read rate after CTC greedy decoding (FP32 0.993) and
+  agreement with FP32's reading. The passes convert it to opset 13 (per-channel QuantizeLinear
+  needs 13) and make its Constant weights initializers themselves. ``ppocr13`` (not in the
+  default list): the same model converted beforehand, as a user might export it.
 
 Variants, side by side in one run:
 
@@ -19,7 +26,10 @@ Variants, side by side in one run:
 - ``2:4 magnitude / wanda / sparsegpt``: the 2:4 pass on the same layers (same sparsity),
   no target, so the three methods' losses compare directly (``min_channels``: the pass's
   default 256);
-- ``fp16`` (MiniLM).
+- ``fp16`` (MiniLM, PP-OCR).
+
+A variant whose pass fails (target not met, unsupported model, ORT cannot load the result)
+keeps the error message in its row (``error``) instead of measurements.
 
 Timing (ORT CPU, 2 intra-op threads) alternates the variants in short repetitions (one
 untimed warm-up run, then ``--runs`` timed runs each) so that all see the same background
@@ -28,7 +38,7 @@ as the median of per-repetition ratios to fp32 (fp32 and the variant ran back to
 2:4 is not timed (ORT CPU has no sparse kernels: 1.00x in earlier runs). Writes
 benchmarks/results/build.{json,md}.
 
-    python benchmarks/bench_build.py [--models minilm,efficientnet] [--runs 3] [--repeats 10]
+    python benchmarks/bench_build.py [--models minilm,efficientnet,ppocr] [--runs 3] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -147,7 +157,41 @@ def efficientnet() -> dict[str, Any]:
             "calibration": t.calibration_desc, "min_channels": 256, "fp16": False}
 
 
-MODELS = {"minilm": minilm, "efficientnet": efficientnet}
+def ppocr(prepared: bool = False) -> dict[str, Any]:
+    """PP-OCRv4 recognizer as shipped (opset 12, weights in Constant nodes); ``prepared``: opset 13, initializers."""
+    from benchmarks.models import ppocr as p
+
+    from compress.onnx_io import load_model
+
+    model = load_model(p.model_path())
+    if prepared:
+        model = p.prepared(model)
+    chars = p.charset(model)
+    name = model.graph.input[0].name
+    d = p.data()
+    x_eval, labels = d["x_eval"], d["labels_eval"]
+    calib = [{name: d["x_calib"][i:i + p.BATCH]} for i in range(0, len(d["x_calib"]), p.BATCH)]
+    ref = p.read(session(model), x_eval, chars)
+
+    def task(m: Any) -> dict[str, float]:
+        reads = p.read(session(m), x_eval, chars)
+        return {"read_rate": float(np.mean([a == b for a, b in zip(reads, labels, strict=True)])),
+                "agreement_with_fp32": float(np.mean([a == b for a, b in zip(reads, ref, strict=True)]))}
+
+    how = "converted to opset 13, Constant weights made initializers" if prepared else "as shipped"
+    return {"name": "ppocr13" if prepared else "ppocr",
+            "title": f"PP-OCRv4 text recognizer (rapidocr-onnxruntime, Paddle export {how}, opset "
+                     f"{model.opset_import[0].version}), batch {p.BATCH} x 3 x {p.HEIGHT} x {p.WIDTH}",
+            "model": model, "calib": calib, "feed": calib[0], "task": task,
+            "task_metric": f"exact read rate of {len(labels)} rendered evaluation words (FP32 "
+                           f"{np.mean([a == b for a, b in zip(ref, labels, strict=True)]):.3f}) and agreement with "
+                           "FP32's reading",
+            "calibration": f"{len(d['x_calib'])} other rendered words (DejaVu fonts, 14-48 px), "
+                           f"{len(calib)} batches of {p.BATCH}",
+            "min_channels": 256, "fp16": True}
+
+
+MODELS = {"minilm": minilm, "efficientnet": efficientnet, "ppocr": ppocr, "ppocr13": lambda: ppocr(prepared=True)}
 
 
 # --------------------------------------------------------------------------------------------- passes
@@ -188,31 +232,51 @@ def sparse_variant(m: dict[str, Any], method: str) -> tuple[Any, dict[str, Any]]
                  "methods_used": dict(Counter(i.get("method") for i in report.items if i["status"] == "pruned"))}
 
 
+def failure(exc: Exception, t0: float) -> dict[str, Any]:
+    """The row of a variant whose pass (or evaluation) failed: the error instead of measurements."""
+    from compress.errors import CompressError
+
+    text = str(exc).strip()
+    msg = exc.message if isinstance(exc, CompressError) else text.splitlines()[0][:300] if text else ""
+    return {"error": f"{type(exc).__name__}: {msg}", "pass_seconds": time.perf_counter() - t0}
+
+
 def run_model(m: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Build every variant of ``m``, then measure each; a variant that fails keeps its error in its row."""
     from compress.bench import BenchConfig, measure
     from compress.passes import Fp16Config, get_pass, measure_fidelity
 
     variants: dict[str, Any] = {"fp32": m["model"]}
     info: dict[str, dict[str, Any]] = {"fp32": {}}
+
+    def build(key: str, make: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            out, info[key] = make()
+        except Exception as exc:  # record any pass failure (unsupported op, ORT error, ...) and go on
+            out, info[key] = None, failure(exc, t0)
+        print(key, {k: v for k, v in info[key].items() if k != "target"}, flush=True)
+        if out is not None:
+            variants[key] = out
+
     if m["fp16"]:
-        variants["fp16"] = get_pass("fp16").run(m["model"], Fp16Config(calibration=m["calib"]))[0]
-        info["fp16"] = {}
+        build("fp16", lambda: (get_pass("fp16").run(m["model"], Fp16Config(calibration=m["calib"]))[0], {}))
     for form, act in (("TensorRT form", "int8"), ("ORT CPU form", "uint8")):
         for target in (None, TARGET):
             key = f"int8 ({form}, {'target ' + str(target) if target else 'no target'})"
-            out, info[key] = int8_variant(m, act, target)
-            print(key, {k: v for k, v in info[key].items() if k != "target"}, flush=True)
-            if out is not None:
-                variants[key] = out
+            build(key, lambda act=act, target=target: int8_variant(m, act, target))
     for method in ("magnitude", "wanda", "sparsegpt"):
-        key = f"2:4 {method}"
-        variants[key], info[key] = sparse_variant(m, method)
-        print(key, info[key], flush=True)
+        build(f"2:4 {method}", lambda method=method: sparse_variant(m, method))
 
-    rows: dict[str, dict[str, Any]] = {}
-    for k, model in variants.items():
-        fid = measure_fidelity(m["model"], model, m["calib"])  # the passes' own metric, on all calibration batches
-        rows[k] = {**info[k], "task": m["task"](model), "fidelity_calib": 1 - fid["loss"], "loss_metric": fid["loss_metric"]}
+    rows: dict[str, dict[str, Any]] = {k: dict(v) for k, v in info.items()}
+    for k, model in list(variants.items()):
+        t0 = time.perf_counter()
+        try:
+            fid = measure_fidelity(m["model"], model, m["calib"])  # the passes' own metric, on all calibration batches
+            rows[k].update(task=m["task"](model), fidelity_calib=1 - fid["loss"], loss_metric=fid["loss_metric"])
+        except Exception as exc:  # e.g. ORT cannot load the variant
+            rows[k].update(failure(exc, t0), pass_seconds=rows[k].get("pass_seconds", 0.0))
+            del variants[k]
     timed = [k for k in variants if not k.startswith("2:4")]
     sessions = {k: session(variants[k]) for k in timed}
     runs: dict[str, list[float]] = {k: [] for k in timed}
@@ -229,7 +293,7 @@ def run_model(m: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                        executed_ops=executed_ops(variants[k], options))
     base_loss = None
     for k, r in rows.items():
-        if k.startswith("2:4"):
+        if k.startswith("2:4") and "error" not in r:
             r["task_loss"] = 1 - next(iter(r["task"].values()))
             if k == "2:4 magnitude":
                 base_loss = r["task_loss"]
@@ -261,6 +325,9 @@ def markdown(result: dict[str, Any]) -> str:
         for k, r in mr["results"].items():
             if k.startswith("2:4"):
                 continue
+            if "error" in r:
+                lines.append(f"| {k} | failed: {r['error'][:160]} | - | - | - | - | {r.get('pass_seconds', 0):.0f} |")
+                continue
             task = ", ".join(f"{a} {b:.4f}" for a, b in r["task"].items())
             kept = "-" if "nodes_kept_float" not in r else f"{r['nodes_kept_float']} of {r['nodes_kept_float'] + r['nodes_quantized']}"
             lines.append(f"| {k} | {task} | {r['fidelity_calib']:.4f} | {kept} | {r['median_ms']:.1f} | "
@@ -271,14 +338,20 @@ def markdown(result: dict[str, Any]) -> str:
         for k, r in mr["results"].items():
             if not k.startswith("2:4"):
                 continue
+            if "error" in r:
+                lines.append(f"| {k[4:]} | failed: {r['error'][:160]} | - | - | - | - | - | {r.get('pass_seconds', 0):.0f} |")
+                continue
+            ratio = "-" if r["loss_vs_magnitude"] is None else f"{r['loss_vs_magnitude']:.2f}"
             task = ", ".join(f"{a} {b:.4f}" for a, b in r["task"].items())
-            lines.append(f"| {k[4:]} | {task} | {r['task_loss']:.4f} | {r['loss_vs_magnitude']:.2f} | "
+            lines.append(f"| {k[4:]} | {task} | {r['task_loss']:.4f} | {ratio} | "
                          f"{r['fidelity_calib']:.4f} | {r['layers_pruned']} | {r['sparse_fraction']:.3f} | {r['pass_seconds']:.0f} |")
         lines += ["", "Nodes kept float by the target (worst local error first) and the search steps (kept: fidelity on held-out batches):", ""]
         for k, r in mr["results"].items():
             if "target" in r and "steps" in r["target"]:
-                steps = ", ".join(f"{s['kept']}: {s['fidelity']:.4f}" for s in r["target"]["steps"])
-                lines.append(f"- {k}: {', '.join(r['kept_float']) or 'none'} (steps {steps})")
+                steps = ", ".join(f"{s['kept']}: {s['fidelity']:.4f}" for s in r["target"]["steps"]
+                                  if isinstance(s.get("fidelity"), float))
+                kept = "failed (target not met)" if "error" in r else ", ".join(r.get("kept_float", [])) or "none"
+                lines.append(f"- {k}: {kept} (steps {steps})")
         lines += ["", "Op types ONNX Runtime executes (its optimized graph, ORT_ENABLE_ALL, CPU EP):", "",
                   "| variant | " + " | ".join(EXECUTED_OPS) + " |", "|---|" + "---|" * len(EXECUTED_OPS)]
         for k, r in mr["results"].items():
@@ -290,7 +363,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="minilm,efficientnet", help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--models", default="minilm,efficientnet,ppocr", help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--runs", type=int, default=3, help="timed runs per variant per repetition (after one warm-up run)")
     ap.add_argument("--repeats", type=int, default=10, help="alternating repetitions (median taken)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results", help="folder for build.json / build.md")

@@ -147,6 +147,46 @@ def test_int8_target_keeps_the_outlier_layer_float_and_names_it(activation_type:
         assert all(z.dtype == np.int8 and not z.any() for z in zps)
 
 
+def _clip_model(clip: float | None) -> onnx.ModelProto:
+    """y = 2x, or 2 * clip(x, -clip, clip): a stand-in for a pass that is exact on small inputs only."""
+    nodes = [helper.make_node("Mul", ["x", "two"], ["y" if clip is None else "m"], name="mul")]
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    if clip is not None:
+        nodes.append(helper.make_node("Clip", ["m", "lo", "hi"], ["y"], name="clip"))
+        inits += [numpy_helper.from_array(np.array(-2 * clip, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(2 * clip, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_target_met_on_held_out_batches_is_checked_on_the_calibration_batches_too() -> None:
+    """k = 0 meets the target on the held-out batches (small inputs) but not on the calibration ones."""
+    from compress.passes.accuracy import search_fallback
+
+    reference = _clip_model(None)
+    rng = np.random.default_rng(0)
+    held = [{"x": (0.1 * rng.standard_normal((4, 16))).astype(np.float32)} for _ in range(2)]
+    calib = [{"x": (10 * rng.standard_normal((4, 16))).astype(np.float32)} for _ in range(4)]
+    make = lambda kept: reference if kept else _clip_model(1.0)  # noqa: E731
+    config = TargetConfig(fidelity=0.99, max_fallback=1.0, time_steps=False)
+
+    _, kept_alone, alone = search_fallback(reference, ["clip"], make, held, config, what="test")
+    assert kept_alone == []
+    assert alone["steps"][0]["fidelity"] > 0.9999
+
+    _, kept, report = search_fallback(reference, ["clip"], make, held, config, what="test", also=calib)
+    assert kept == ["clip"]
+    first, second = report["steps"]
+    assert first["fidelity_held_out"] > 0.9999
+    assert first["fidelity_calibration"] < 0.9  # observed 0.83: most of 10*N(0,1) is clipped at 1
+    assert first["fidelity"] == first["fidelity_calibration"]
+    assert not first["met"]
+    assert second["met"]
+    assert second["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    assert report["also_measured_on"]
+
+
 def test_local_errors_are_local_not_accumulated() -> None:
     """fc2/fc3's local errors do not include fc1's error: their inputs are the float activations."""
     model, cal = outlier_model(), batches()

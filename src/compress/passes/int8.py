@@ -180,6 +180,39 @@ def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in consts for x in n.input)]
 
 
+def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto, str]:
+    """``(model, note)``: ``model`` converted to ONNX opset 13 where Q/DQ need it; note '' if unchanged.
+
+    QuantizeLinear exists from opset 10 and takes a per-channel ``axis`` from opset 13. A model
+    below that (a Paddle or older export) is converted with ``onnx.version_converter`` (the
+    graph only; initializers, external ones included, are carried as they are). Where the
+    converter fails and the model is at opset 10-12, per-channel weight scales are given up
+    instead (note starts with "per-tensor"). Does not modify ``model``.
+
+    Raises:
+        ModelError: below opset 10 and the converter fails.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 13 or (opset >= 10 and not per_channel):
+        return model, ""
+    import onnx.version_converter
+
+    try:
+        converted = onnx.version_converter.convert_version(model, 13)
+    except Exception as exc:  # noqa: BLE001 -- onnx's converter raises bare RuntimeError/ValueError
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if opset >= 10:
+            return model, (f"per-tensor weight scales: the model is opset {opset} (per-channel QuantizeLinear "
+                           f"needs 13) and onnx.version_converter could not convert it ({detail})")
+        raise ModelError(f"int8: the model is ONNX opset {opset}; Q/DQ need opset 10 (per-channel: 13) and "
+                         f"onnx.version_converter failed: {detail}",
+                         hint="re-export the model at opset 13 or newer") from None
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(model.metadata_props)
+    return converted, (f"converted from ONNX opset {opset} to 13 (onnx.version_converter) for "
+                       f"{'per-channel ' if per_channel else ''}QuantizeLinear; the output is opset 13")
+
+
 @register_pass("int8", config=Int8Config, kind="precision", needs_calibration=True,
                summary="explicit INT8 Q/DQ (ONNX Runtime static quantization) from calibration data: symmetric "
                        "int8 (TensorRT) or uint8 activations (ONNX Runtime CPU)")
@@ -208,6 +241,9 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
                          hint="quantize the FP32 model: use --precision int8 instead of fp16, not after it")
     work = copy_model(model)
     moved = constants_to_initializers(work)  # weights stored as Constant nodes (Paddle, caffe2 exports)
+    work, opset_note = _opset_for_qdq(work, config.per_channel)
+    if opset_note.startswith("per-tensor"):
+        config = dataclasses.replace(config, per_channel=False)
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in work.graph.initializer):
         raise ModelError("int8: the model has no float32 weights to quantize",
                          hint="it is already quantized or has no float parameters; drop --precision int8")
@@ -238,7 +274,9 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     if moved:
         warnings.append(f"{len(moved)} float Constant node(s) made initializers so they quantize as weights "
                         f"(e.g. '{moved[0]}')")
-    fit, held = config.calibration, None
+    if opset_note:
+        warnings.append(opset_note)
+    fit, held, shared = config.calibration, None, True
     if config.target is not None:
         from compress.passes.accuracy import split_holdout
 
@@ -274,7 +312,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         alternatives = {m: (lambda m=m: requantize(m)) for m in others} if config.per_tensor_method else None
         result, kept_float, target_report = repair_int8(
             model, work, result, meant & {n for n, q in quantized_nodes(result, set(config.op_types)).items() if q},
-            held, config.target, method=config.method, alternatives=alternatives)
+            held, config.target, method=config.method, alternatives=alternatives, also=None if shared else fit)
     if not config.quantize_outputs and target_report is None:
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
         restored = restore_float_inputs(result, meant)

@@ -44,7 +44,16 @@ from compress.errors import CalibrationError, ConfigError
 from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
 from compress.passes.accuracy import TargetConfig
-from compress.passes.base import PassReport, copy_model, describe_batches, name_nodes, op_counts, register_pass, timer
+from compress.passes.base import (
+    PassReport,
+    constants_to_initializers,
+    copy_model,
+    describe_batches,
+    name_nodes,
+    op_counts,
+    register_pass,
+    timer,
+)
 from compress.passes.nm import is_2_4_sparse, prune_2_4
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -253,8 +262,8 @@ def _input_stats(model: onnx.ModelProto, index: GraphIndex, layers: list[_Layer]
 
 def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Layer], index: GraphIndex,
                  done: Mapping[str, Any], originals: Mapping[str, onnx.TensorProto], held: Any,
-                 target: TargetConfig) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
-    """Restore the pruned weights with the largest local error until the target holds."""
+                 target: TargetConfig, also: Any = None) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
+    """Restore the pruned weights with the largest local error until the target holds (on ``held``, and ``also``)."""
     from compress.passes.accuracy import FidelityTargetError, Variant, local_errors, search_fallback
 
     ref = copy_model(model)
@@ -289,7 +298,7 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
     report: dict[str, Any] = {"local_error": [{"node": n, "weight": node_of[n], **errors[n]} for n in ranking]}
     try:
         final, kept, search = search_fallback(model, ranking, make, held_list, target, what="sparsity-2:4",
-                                              unit="kept dense", feed=next(iter(held_list)))
+                                              unit="kept dense", feed=next(iter(held_list)), also=also)
     except FidelityTargetError as exc:
         raise FidelityTargetError(exc.message, hint=exc.hint, report={**report, **exc.report}) from None
     report.update(search)
@@ -305,7 +314,9 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
 
     Weights are read, pruned and written back one at a time (new values go to the spill
     file, :func:`compress.external.array_tensor`); untouched weights keep their references.
-    Returns the pruned model (only initializer values change) and a report with one entry
+    Float ``Constant`` nodes become initializers first (:func:`~compress.passes.base.constants_to_initializers`:
+    Paddle-style exports keep their weights there). Returns the pruned model (otherwise only
+    initializer values change) and a report with one entry
     per considered layer: ``status`` pruned or skipped, ``reason``/``code`` for skips, the
     weight, its shape and the group axis, the share of zeros before and after.
 
@@ -313,6 +324,10 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
         ConfigError: ``exclude_nodes`` names a node the model does not have.
     """
     elapsed = timer()
+    source, moved = model, []
+    if any(n.op_type == "Constant" for n in model.graph.node):
+        model = copy_model(model)
+        moved = constants_to_initializers(model)  # weights stored as Constant nodes (Paddle, caffe2 exports)
     index = GraphIndex(model)
     missing = [n for n in config.exclude_nodes if n not in index.node_by_key]
     if missing:
@@ -321,8 +336,11 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     layers = [_layer(k, n, index, config) for k, n in index.node_by_key.items() if n.op_type in config.op_types]
     _resolve_shared(layers, index)
 
-    fit, held = config.calibration, None
+    fit, held, shared = config.calibration, None, True
     warnings: list[str] = []
+    if moved:
+        warnings.append(f"{len(moved)} float Constant node(s) made initializers so their weights can be pruned "
+                        f"(e.g. '{moved[0]}')")
     if config.target is not None:
         if config.calibration is None:
             raise CalibrationError("sparsity: a fidelity target needs calibration data",
@@ -362,7 +380,8 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     target_report = None
     dense: dict[str, str] = {}
     if config.target is not None and done:
-        out, dense, target_report = _meet_target(model, out, layers, index, done, originals, held, config.target)
+        out, dense, target_report = _meet_target(model, out, layers, index, done, originals, held, config.target,
+                                                 also=None if shared else fit)
         for w in dense:
             elements -= zeroed[w]
     items: list[Mapping[str, Any]] = []
@@ -383,7 +402,7 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     skipped = [layer for layer in layers if layer.code is not None and layer.code != "not_constant"]
     if skipped:
         warnings.append(f"{len(skipped)} weight layer(s) skipped (see items for reasons)")
-    report = PassReport(name="sparsity-2:4", nodes_before=op_counts(model), nodes_after=op_counts(out),
+    report = PassReport(name="sparsity-2:4", nodes_before=op_counts(source), nodes_after=op_counts(out),
                         changes=_summary(layers, elements, len(done) - len(dense), index, dense, target_report),
                         items=tuple(items),
                         config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
