@@ -244,7 +244,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     work, opset_note = _opset_for_qdq(work, config.per_channel)
     if opset_note.startswith("per-tensor"):
         config = dataclasses.replace(config, per_channel=False)
-        assert config.calibration is not None  # checked above; the replace loses mypy's narrowing
+    assert config.calibration is not None  # checked above; the replace loses mypy's narrowing
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in work.graph.initializer):
         raise ModelError("int8: the model has no float32 weights to quantize",
                          hint="it is already quantized or has no float parameters; drop --precision int8")
