@@ -430,8 +430,9 @@ def test_help_explains_every_flag_with_an_example(capsys):
         assert form in text
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["export"]
     flags = {a.option_strings[-1]: a for a in sub._actions if a.option_strings and a.dest not in ("help", "verbose", "quiet")}
-    assert sorted(flags) == ["--atol", "--blocks", "--dynamic", "--exporter", "--force", "--input", "--json",
-                             "--min-cosine", "--opset", "--output", "--rtol", "--trust-code", "--weights"]
+    assert sorted(flags) == ["--atol", "--batch-size", "--blocks", "--calib", "--dynamic", "--exporter", "--force",
+                             "--input", "--json", "--min-cosine", "--no-gradnorm", "--opset", "--output", "--rtol",
+                             "--trust-code", "--weights"]
     for flag, action in flags.items():
         assert action.help
         assert flag in text

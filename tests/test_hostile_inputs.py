@@ -649,7 +649,7 @@ def test_stage_configs_validate_every_number() -> None:
         (lambda: PruneConfig(remove=-1), "PruneConfig.remove = -1: must be >= 0"),
         (lambda: PruneConfig(remove=True), "PruneConfig.remove = True: must be an integer"),
         (lambda: PruneConfig(keep=(-1,)), "PruneConfig.keep = (-1,): must be block indices (integers >= 0)"),
-        (lambda: PruneConfig(metric="cosin"), "PruneConfig.metric = cosin: is not one of: ablation, angular, cka, cosine, cosine-signed, auto"),
+        (lambda: PruneConfig(metric="cosin"), "PruneConfig.metric = cosin: is not one of: ablation, angular, cka, cosine, cosine-signed, gradnorm, auto"),
         (lambda: PruneConfig(select="best"), "PruneConfig.select = best: is not one of: "),
         (lambda: PruneConfig(holdout=math.nan), "PruneConfig.holdout = nan: must be a finite number"),
         (lambda: BuildConfig(precision="fp8"), "BuildConfig.precision = fp8: is not one of: fp32, fp16, int8"),

@@ -351,11 +351,11 @@ def test_shape_changing_span_is_unscored():
 
 
 def test_unknown_metric_lists_valid_names():
-    assert metric_names() == ["ablation", "angular", "cka", "cosine", "cosine-signed"]
+    assert metric_names() == ["ablation", "angular", "cka", "cosine", "cosine-signed", "gradnorm"]
     with pytest.raises(ConfigError) as err:
         get_metric("cosin")
-    assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed"
-    assert err.value.hint == "use --metric with one of: ablation, angular, cka, cosine, cosine-signed"
+    assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed, gradnorm"
+    assert err.value.hint == "use --metric with one of: ablation, angular, cka, cosine, cosine-signed, gradnorm"
 
 
 def test_parse_token_ranges():

@@ -105,7 +105,7 @@ def test_errors(transformer) -> None:
     bm = find_blocks(model)
     with pytest.raises(ConfigError) as err:
         score_blocks(model, bm, _batches(1), ScoreConfig(metrics=("cosin",)))
-    assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed"
+    assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed, gradnorm"
     with pytest.raises(CalibrationError, match="the calibration data has no batches"):
         score_blocks(model, bm, [], ScoreConfig())
     with pytest.raises(CalibrationError, match="calibration batch 0 does not fit the model"):

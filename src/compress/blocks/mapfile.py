@@ -6,6 +6,7 @@ its callers check it against the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,10 @@ def _is_opt_str(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_gradnorm(v: Any) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
 
 
 def _is_shape(v: Any) -> bool:
@@ -49,6 +54,7 @@ _BLOCK_FIELDS: dict[str, tuple[Any, str, bool]] = {  # field: (check, expected, 
     "dtype": (_is_opt_str, "a type name or null", False),
     "reason": (_is_opt_str, "a string or null", False),
     "streams": (lambda v: v is None or isinstance(v, list), "a list of streams", False),
+    "gradnorm": (_is_gradnorm, "a finite number >= 0 or null", False),
 }
 _STREAM_FIELDS: dict[str, tuple[Any, str, bool]] = {
     "name": (_is_str, "a string", True),
@@ -64,7 +70,9 @@ def check_block_map(data: Any, *, source: str) -> None:
 
     Checks the shape of the data only (the caller checks it against the model): a mapping
     with ``blocks``, a list of mappings with the fields of :class:`compress.blocks.Block`
-    of the right types, block ``i`` having ``index`` i.
+    of the right types, block ``i`` having ``index`` i. The GradNorm fields are optional
+    (``blocks[i].gradnorm``: a finite number >= 0 or null; ``gradnorm_loss``: a string or
+    null), so maps written before them stay readable.
 
     Raises:
         ModelError: naming ``source`` (the file) and the field, e.g. ``blocks[2].index``.
@@ -87,6 +95,8 @@ def check_block_map(data: Any, *, source: str) -> None:
         raise bad("containers", f"must be a list of module paths, got {_kind(containers)}")
     if not _is_opt_str(data.get("source")):
         raise bad("source", f"must be a string, got {_kind(data.get('source'))}")
+    if not _is_opt_str(data.get("gradnorm_loss")):
+        raise bad("gradnorm_loss", f"must be a string or null, got {_kind(data.get('gradnorm_loss'))}")
     for i, b in enumerate(blocks):
         _check_fields(b, _BLOCK_FIELDS, f"blocks[{i}]", bad)
         if b["index"] != i:

@@ -71,6 +71,9 @@ class Block:
         reason: why it is not removable (None when it is).
         streams: the block's streams, the primary one first (the stream with the most
             elements, e.g. the image tokens of an MMDiT block); one for a plain layer.
+        gradnorm: the block's GradNorm (SGLP's importance, computed in torch by
+            :func:`compress.export.gradnorm.block_gradnorms`; the loss is the map's
+            ``gradnorm_loss``); None when it was not computed (written only when set).
     """
 
     index: int
@@ -85,6 +88,7 @@ class Block:
     removable: bool
     reason: str | None = None
     streams: tuple[Stream, ...] = ()
+    gradnorm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.streams and self.input is not None and self.output is not None:
@@ -101,12 +105,17 @@ class Block:
         return tuple(s.output for s in self.streams)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (schema 2): every field, tuples as lists, ``streams`` as :meth:`Stream.to_dict`."""
+        """JSON-ready form (schema 2): every field, tuples as lists, ``streams`` as :meth:`Stream.to_dict`.
+
+        ``gradnorm`` is written only when it is set (maps without it read as before).
+        """
         d = asdict(self)
         d["side_inputs"] = list(self.side_inputs)
         d["nodes"] = list(self.nodes)
         d["shape"] = None if self.shape is None else list(self.shape)
         d["streams"] = [st.to_dict() for st in self.streams]
+        if self.gradnorm is None:
+            del d["gradnorm"]
         return d
 
     @classmethod
@@ -125,6 +134,7 @@ class Block:
             removable=bool(d["removable"]),
             reason=d.get("reason"),
             streams=tuple(Stream.from_dict(x) for x in d.get("streams") or ()),
+            gradnorm=None if d.get("gradnorm") is None else float(d["gradnorm"]),
         )
 
 
@@ -137,11 +147,14 @@ class BlockMap:
         source: how module paths were found: ``block-map``, ``metadata``, ``names``,
             ``graph`` or ``user``.
         blocks: the blocks in graph order.
+        gradnorm_loss: how the blocks' ``gradnorm`` was computed (the loss, a sentence);
+            None when no block has one (written only when set).
     """
 
     containers: tuple[str, ...]
     source: str
     blocks: tuple[Block, ...] = field(default_factory=tuple)
+    gradnorm_loss: str | None = None
 
     @property
     def removable(self) -> list[Block]:
@@ -149,13 +162,19 @@ class BlockMap:
         return [b for b in self.blocks if b.removable]
 
     def to_dict(self) -> dict[str, Any]:
-        """The layout of ``MODEL.blocks.json``: ``schema_version``, ``containers``, ``source``, ``blocks``."""
-        return {
+        """The layout of ``MODEL.blocks.json``: ``schema_version``, ``containers``, ``source``, ``blocks``.
+
+        ``gradnorm_loss`` is added when the blocks carry GradNorm.
+        """
+        d: dict[str, Any] = {
             "schema_version": BLOCK_MAP_SCHEMA,
             "containers": list(self.containers),
             "source": self.source,
             "blocks": [b.to_dict() for b in self.blocks],
         }
+        if self.gradnorm_loss is not None:
+            d["gradnorm_loss"] = self.gradnorm_loss
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "the block map") -> BlockMap:
@@ -170,7 +189,7 @@ class BlockMap:
             )
         check_block_map(d, source=source)
         return cls(tuple(d.get("containers", ())), str(d.get("source", "block-map")),
-                   tuple(Block.from_dict(b) for b in d["blocks"]))
+                   tuple(Block.from_dict(b) for b in d["blocks"]), d.get("gradnorm_loss"))
 
 
 def block_rows(block_map: BlockMap) -> tuple[list[str], list[list[Any]]]:

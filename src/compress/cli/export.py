@@ -36,7 +36,10 @@ def export_report_path(out: str | Path) -> Path:
         "(a mismatch is an error and nothing is written), then find its repeated blocks.\n\n"
         "Writes OUT.onnx (tensor data in OUT.onnx.data when the model is too large for one file),\n"
         "OUT.blocks.json (the block map) and OUT.export.json (versions, inputs, dynamic axes,\n"
-        "parity numbers, timings). The artifacts hold no absolute paths of this machine.\n\n"
+        "parity numbers, timings). The artifacts hold no absolute paths of this machine.\n"
+        "With --calib, each block's GradNorm (SGLP's block importance: the norm of the loss gradient\n"
+        "over the block's parameters, in torch) is computed on those batches and stored in the block\n"
+        "map, for 'compress prune --metric gradnorm [--per-segment]'.\n\n"
         "MODEL is one of:\n"
         "  package.module:callable   a callable returning an nn.Module, or (module, example_inputs)\n"
         "                            with example_inputs a tuple of tensors or a dict name -> tensor\n"
@@ -57,7 +60,8 @@ def export_report_path(out: str | Path) -> Path:
         "  compress export torchvision.models:resnet18 -o r18.onnx --input x:1x3x224x224 --blocks layer1,layer2,layer3,layer4\n"
         "  compress export hf:./all-MiniLM-L6-v2 -o minilm.onnx\n"
         "  compress export diffusers:./sd3-transformer -o sd3.onnx\n"
-        "  compress export model.pt2 -o model.onnx --opset 20"
+        "  compress export model.pt2 -o model.onnx --opset 20\n"
+        "  compress export net.py:build -o net.onnx --calib calib/   # + GradNorm in net.blocks.json"
     ),
 )
 class Export:
@@ -95,6 +99,16 @@ class Export:
                                  "code by nature and always run.)")
         parser.add_argument("--json", action="store_true",
                             help="print a machine-readable summary (JSON) instead of the block table")
+        g = parser.add_argument_group("GradNorm (SGLP block importance, stored in the block map)")
+        g.add_argument("--calib", metavar="PATH",
+                       help="calibration data (a folder of .npz files or one .npz; keys = the exported model's input "
+                            "names) on which each block's GradNorm is computed in torch and stored in OUT.blocks.json "
+                            "for 'compress prune --metric gradnorm' (e.g. --calib calib/)")
+        g.add_argument("--batch-size", type=int, metavar="N",
+                       help="with --calib: split each .npz file into batches of N samples (e.g. --batch-size 8)")
+        g.add_argument("--gradnorm", action=argparse.BooleanOptionalAction, default=None,
+                       help="compute GradNorm on the --calib batches (the default when --calib is given); "
+                            "--no-gradnorm skips it")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -116,7 +130,9 @@ class Export:
         specs = [InputSpec.parse(s) for s in args.input or ()]
         dynamic = tuple(DynamicAxis.parse(s) for s in args.dynamic or ())
         config = from_args(ExportConfig, args, dynamic=dynamic, verbose=args.verbose > 0)
-        outs = Outputs(inputs=[*model_files(args.model), *([args.weights] if args.weights else [])], force=args.force)
+        gradnorm = _gradnorm_wanted(args)
+        outs = Outputs(inputs=[*model_files(args.model), *([args.weights] if args.weights else []),
+                               *([args.calib] if args.calib else [])], force=args.force)
         out = outs.file(args.output, model=True)
         blocks_path = outs.file(block_map_path(out))
         report_path = outs.file(export_report_path(out))
@@ -139,6 +155,11 @@ class Export:
             config = replace(config, dynamic=tuple(d for d in loaded.dynamic if d.name in names))
 
         model, block_map, report = export_model(loaded.module, example, config)
+        gradnorm_summary = None
+        if gradnorm and block_map.blocks:
+            block_map, gradnorm_summary = _add_gradnorm(args, loaded.module, model, block_map)
+        elif gradnorm:
+            logger.warning("warning: no blocks were found, so no GradNorm was computed")
 
         context = {"model": loaded.name, "onnx": out.name, "exporter": report.exporter, "opset": report.opset,
                    "inputs": [i.to_dict() for i in report.inputs],
@@ -152,6 +173,7 @@ class Export:
                 "files": [f.name for f in (*files, blocks_path, report_path)],
                 "blocks": {"containers": list(block_map.containers), "source": block_map.source,
                            "count": len(block_map.blocks), "removable": len(block_map.removable)},
+                "gradnorm": gradnorm_summary,
             }
             summary["timings"]["load_s"] = round(load_s, 3)
             write_json(stage.path(report_path), summary)
@@ -168,4 +190,41 @@ class Export:
         print(f"wrote {out.name}: {report.nodes} nodes, {fmt(report.params)} params, {len(block_map.blocks)} blocks "
               f"in {where} ({len(block_map.removable)} removable); parity max abs error {worst.max_abs_error:.2g}, "
               f"cosine {min(p.cosine for p in report.parity):.6f}; export {report.export_s:.1f} s")
+        if gradnorm_summary is not None:
+            low = min(gradnorm_summary["values"], key=gradnorm_summary["values"].get)
+            print(f"GradNorm of {len(block_map.blocks)} blocks in {blocks_path.name} ({gradnorm_summary['loss']}; "
+                  f"{gradnorm_summary['batches']} batches): lowest {low} ({gradnorm_summary['values'][low]:.3g})")
         return 0
+
+
+def _gradnorm_wanted(args: argparse.Namespace) -> bool:
+    """Whether to compute GradNorm: with --calib unless --no-gradnorm; ConfigError for --gradnorm without --calib."""
+    from compress.errors import CalibrationError
+
+    if args.gradnorm and not args.calib:
+        raise ConfigError("--gradnorm needs calibration data", hint="pass --calib DIR (a folder of .npz batches "
+                          "keyed by the model's input names), or drop --gradnorm")
+    if args.batch_size is not None and not args.calib:
+        raise ConfigError("--batch-size splits the --calib data, but no --calib was given", hint="pass --calib DIR")
+    if args.calib and not Path(args.calib).exists():
+        raise CalibrationError(f"calibration data not found: {args.calib}",
+                               hint="pass a folder of .npz files or one .npz (make one with 'compress calib')")
+    return bool(args.calib) and args.gradnorm is not False
+
+
+def _add_gradnorm(args: argparse.Namespace, module: Any, model: Any, block_map: Any) -> tuple[Any, dict[str, Any]]:
+    """The block map with each block's GradNorm on the --calib batches, and the report's ``gradnorm`` entry."""
+    from compress.cli._common import load_calib_for
+    from compress.export.gradnorm import block_gradnorms
+    from compress.fidelity import logit_outputs
+    from compress.scoring.gradnorm import with_gradnorms
+
+    calib = load_calib_for(argparse.Namespace(calib=args.calib, batch_size=args.batch_size, random_calib=None,
+                                              random_dims=None), model)
+    inits = {t.name for t in model.graph.initializer}
+    logger.info("computing GradNorm of %d blocks on %s...", len(block_map.blocks), calib.description)
+    result = block_gradnorms(module, [b.name for b in block_map.blocks], calib, logits=logit_outputs(model),
+                             input_names=[i.name for i in model.graph.input if i.name not in inits],
+                             output_names=[o.name for o in model.graph.output])
+    summary = {"calibration": calib.description, **result.to_dict()}
+    return with_gradnorms(block_map, result.values, result.loss), summary

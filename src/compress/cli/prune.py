@@ -31,6 +31,7 @@ from compress.prune import (
     check_blocks,
     choose_metric,
     prune_model,
+    split_batches,
     sweep,
 )
 from compress.reports import write_plot
@@ -51,6 +52,10 @@ metrics (higher = more important):
   cka            linear CKA between block outputs + Fisher optimal segmentation (SGLP)
   ablation       skip each block and measure how far the final outputs move (1 extra
                  ONNX Runtime session per block; slower, the direct check)
+  gradnorm       SGLP's GradNorm: the norm of the loss gradient over the block's parameters,
+                 computed in torch (no ONNX Runtime pass): read from MODEL.blocks.json
+                 ('compress export --calib') or computed with --torch-source MODEL; with
+                 --per-segment: CKA segments, GradNorm inside each segment (SGLP)
   auto           (default) ablation when the blocks take convolutional feature maps
                  (rank 4, NCHW), else cosine; the report says which and why
 
@@ -73,6 +78,7 @@ examples:
   compress prune model.onnx --calib calib/ -o pruned.onnx --sweep 0:4 --report sweep.json
   compress prune model.onnx --calib calib/ --scores-only --report scores.json
   compress prune model.onnx --calib calib/ --scores-only --metric cosine,cka,ablation
+  compress prune model.onnx --calib calib/ -o pruned.onnx --remove 2 --metric gradnorm --per-segment --torch-source net.py:build
   compress prune sd3.onnx --calib calib/ --scores-only --stream-fusion mean --stream-weights hidden_states=3
   compress prune flux-old.onnx --calib calib/ --scores-only --token-ranges text=0:512,image=512:
 
@@ -135,6 +141,11 @@ class Prune:
         s.add_argument("--segments", type=int, metavar="K", help="number of CKA segments (default: automatic)")
         s.add_argument("--channel-axis", type=int, metavar="AXIS",
                        help="hidden axis of the activations (default: 1 for NCHW, else the last)")
+        s.add_argument("--torch-source", metavar="MODEL",
+                       help="the torch model the ONNX model was exported from (MODEL as for 'compress export', e.g. "
+                            "--torch-source net.py:build or hf:./minilm): each block's GradNorm is computed in torch on "
+                            "the scoring calibration batches before selection, for --metric gradnorm (otherwise it is "
+                            "read from MODEL.blocks.json, written by 'compress export --calib')")
         s.add_argument("--token-mask", default="auto", metavar="INPUT",
                        help="the padding-mask input ([batch, tokens], nonzero = real token): scores and healing "
                             "use real tokens only; auto (default) finds an integer input named like "
@@ -195,7 +206,9 @@ def _scores_only(args: argparse.Namespace) -> int:
     outs.check()
     metrics, options = _metrics(args.metric), _metric_config(args)
     model, block_map = load_model_and_blocks(args.model, spec=args.blocks)
+    _check_gradnorm(args, metrics, block_map)  # auto never stands for gradnorm
     calib = load_calib_for(args, model)
+    block_map = _torch_gradnorm(args, model, block_map, calib)
     config = ScoreConfig(metrics=_resolve_auto(metrics, block_map), options=options)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
     report = score_blocks(model, block_map, calib, config).to_dict()
@@ -250,7 +263,10 @@ def _prune(args: argparse.Namespace) -> int:
         config = replace(config, remove=blocks_for_ratio(args.ratio, block_map))
     with flag_errors(flags):
         check_blocks(config, block_map, counts=counts)
+    _check_gradnorm(args, (config.metric,), block_map)
     calib = load_calib_for(args, model)
+    if args.torch_source:  # on the scoring batches only: the held-out ones verify
+        block_map = _torch_gradnorm(args, model, block_map, split_batches(calib, config.holdout)[0])
     if args.sweep is not None:
         with flag_errors(flags):
             rows = sweep(model, block_map, calib, config, counts)
@@ -279,6 +295,39 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_gradnorm(args: argparse.Namespace, metrics: tuple[str, ...], block_map: Any) -> None:
+    """Before the calibration data is read: metric gradnorm needs GradNorm in the block map or --torch-source.
+
+    Raises:
+        BlockError: naming the block map (``MODEL.blocks.json``) and how to get GradNorm.
+    """
+    from compress.scoring.gradnorm import GRADNORM, has_gradnorm, missing_gradnorm_error
+
+    if GRADNORM not in metrics or args.torch_source or has_gradnorm(block_map):
+        return
+    sidecar = block_map_path(args.model)
+    raise missing_gradnorm_error(sidecar.name if sidecar.is_file() and not args.blocks
+                                 else f"the block map of {Path(args.model).name}")
+
+
+def _torch_gradnorm(args: argparse.Namespace, model: Any, block_map: Any, batches: Any) -> Any:
+    """With --torch-source: ``block_map`` with each block's GradNorm on ``batches`` (else ``block_map`` as is)."""
+    if not args.torch_source:
+        return block_map
+    from compress.export import load_torch_model
+    from compress.export.gradnorm import block_gradnorms
+    from compress.fidelity import logit_outputs
+    from compress.scoring.gradnorm import with_gradnorms
+
+    logger.info("loading %s for GradNorm...", args.torch_source)
+    loaded = load_torch_model(args.torch_source, verbose=args.verbose > 0)
+    inits = {t.name for t in model.graph.initializer}
+    result = block_gradnorms(loaded.module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
+                             input_names=[i.name for i in model.graph.input if i.name not in inits],
+                             output_names=[o.name for o in model.graph.output])
+    return with_gradnorms(block_map, result.values, result.loss)
+
+
 def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The flag of each PruneConfig / BenchConfig field, for error messages (the generated ones from the fields)."""
     return {**flag_names(PruneConfig), "metric": "--metric", "select": "--select", "duration_s": "--latency-seconds",
@@ -291,6 +340,11 @@ def _outputs(args: argparse.Namespace) -> Outputs:
     outs = Outputs(force=args.force)
     outs.add_model_input(args.model)
     outs.add_input(args.calib)
+    if args.torch_source:
+        from compress.export import model_files
+
+        for f in model_files(args.torch_source):
+            outs.add_input(f)
     return outs
 
 

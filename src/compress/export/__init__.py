@@ -11,7 +11,9 @@ Submodules: :mod:`~compress.export.config` (configs and reports), :mod:`~compres
 (MODEL strings, ``.pt2`` safety, weights), :mod:`~compress.export.hf` (transformers and
 diffusers folders), :mod:`~compress.export.exporters` (the exporters, :func:`quiet`),
 :mod:`~compress.export.parity` (ONNX Runtime vs torch), :mod:`~compress.export.containers`
-(block containers), :mod:`~compress.export.messages` (exception text). This module holds
+(block containers), :mod:`~compress.export.messages` (exception text),
+:mod:`~compress.export.gradnorm` (each block's GradNorm in torch, SGLP's importance, for the
+block map: ``compress export --calib``). This module holds
 :func:`export_model` and re-exports the public names.
 
 torch, onnxscript and transformers are imported inside the functions that use them. The
@@ -48,6 +50,7 @@ from compress.export.config import (
 )
 from compress.export.containers import _block_map, find_block_containers
 from compress.export.exporters import _environ_kept, _rename_dims, _specialized, quiet
+from compress.export.gradnorm import GradNormResult, block_gradnorms
 from compress.export.hf import diffusers_example_inputs, diffusers_for_export, is_causal_lm, plain_forward
 from compress.export.loaders import (
     _check_example_inputs,
@@ -68,9 +71,11 @@ __all__ = [
     "DynamicAxis",
     "ExportConfig",
     "ExportReport",
+    "GradNormResult",
     "InputSpec",
     "OutputParity",
     "TorchModel",
+    "block_gradnorms",
     "check_parity",
     "check_pt2_archive",
     "compare",

@@ -34,7 +34,7 @@ class PruneConfig(StageConfig):
 
     Attributes:
         metric: the score to rank blocks by; ``auto`` = :func:`choose_metric` (``ablation``
-            is allowed; slow).
+            is allowed; slow; ``gradnorm`` reads the blocks' GradNorm from the block map).
         select: selection rule name (:data:`SELECTIONS`); default ``lowest``
             (:func:`select_measured`).
         remove: number of blocks to remove (``lowest``, ``span``, ``segment``, baselines).
@@ -51,7 +51,8 @@ class PruneConfig(StageConfig):
     """
 
     metric: str = option(AUTO_METRIC, choices=lambda: [*metric_names(), AUTO_METRIC], flag="",
-                         help="the score to rank blocks by (auto: ablation for convolutional blocks, else cosine)")
+                         help="the score to rank blocks by (auto: ablation for convolutional blocks, else cosine; "
+                              "gradnorm: SGLP's GradNorm, stored in the block map by 'compress export --calib')")
     select: str = option("lowest", choices=SELECTIONS.names, flag="",
                          help="selection rule (lowest, span, segment, measured, auto, or the baselines last/random)")
     remove: int | None = option(None, minimum=0, metavar="N", help="remove N blocks")

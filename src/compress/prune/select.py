@@ -77,6 +77,9 @@ def select_span(c: Candidates) -> list[int]:
 def select_per_segment(c: Candidates) -> list[int]:
     """SGLP: blocks of one CKA segment are redundant with each other, so each segment keeps one.
 
+    ``scores`` rank the blocks inside the segments: any metric; SGLP's own is ``gradnorm``
+    (``--metric gradnorm --per-segment``: segments from ``cka``, importance from GradNorm).
+
     Round by round, the least important spare block of every segment (segments ordered by
     that block's score) is taken. A segment's spare blocks are its removable ones, except
     the most important of them when the segment has no other block to represent it: a

@@ -35,6 +35,7 @@ from compress.prune.heal import heal_spans
 from compress.prune.measured import MeasuredChoice, select_measured
 from compress.prune.select import AUTO_METRIC, MEASURED, SELECTIONS, Candidates, choose_metric
 from compress.scoring.collect import ScoreConfig, ScoreReport, score_blocks
+from compress.scoring.gradnorm import GRADNORM, carry_gradnorms, gradnorm_status, has_gradnorm, missing_gradnorm_error
 from compress.surgery import remove_blocks, verify_removal
 
 
@@ -85,7 +86,8 @@ def _prune_to_budget(model: onnx.ModelProto, block_map: BlockMap, score_set: Bat
         cands = [b for b in current_map.blocks if b.removable and b.name not in keep_names]
         if not cands:
             break
-        scores = _score(current, current_map, score_set, config, interval=1)
+        # GradNorm was computed on the original model: its blocks keep their values (one-shot, as in SGLP).
+        scores = _score(current, carry_gradnorms(current_map, block_map), score_set, config, interval=1)
         first_scores = first_scores or scores
         s = scores.metrics[config.metric]["scores"]
         best = min((b for b in cands if s[b.index] is not None), key=lambda b: (s[b.index], b.index), default=None)
@@ -124,13 +126,23 @@ def prune_model(
     a :class:`~compress.calibration.CalibrationSet`'s ``description`` and ``random``); the
     scoring and held-out parts are described as the whole.
 
+    With ``metric`` ``gradnorm`` the scores are the blocks' GradNorm from ``block_map``
+    (:mod:`compress.scoring.gradnorm`); with ``select`` ``segment`` (SGLP: CKA segments,
+    importance inside a segment from the metric, e.g. ``gradnorm``) or ``metric``
+    ``gradnorm``, ``report["method"]["gradnorm"]`` says whether the map carries GradNorm
+    (``absent``, or ``present (LOSS)``). With ``max_drop``, the blocks left after each removal
+    keep the GradNorm of the original model (computed once, as in SGLP).
+
     Raises:
         ConfigError: inconsistent options; BlockError: more blocks asked for than removable,
-        a ``--keep`` index out of range, a graph the checker rejects.
+        a ``--keep`` index out of range, a graph the checker rejects, metric ``gradnorm`` on a
+        block map without GradNorm.
     """
     if (config.remove is None) == (config.max_drop is None) and config.select != "auto":
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
     check_blocks(config, block_map)
+    if config.metric == GRADNORM and not has_gradnorm(block_map):
+        raise missing_gradnorm_error("the block map")
     requested, why = config.metric, None
     if config.metric == AUTO_METRIC:
         metric, why = choose_metric(block_map)
@@ -189,6 +201,9 @@ def prune_model(
         "size_bytes": {"before": model_nbytes(model), "after": model_nbytes(pruned)},
         "fidelity": fidelity,
     }
+    if config.select == "segment" or config.metric == GRADNORM:  # SGLP's own importance inside the segments
+        report["method"]["gradnorm"] = gradnorm_status(block_map)
+        logger.info("importance by %s; gradnorm: %s", config.metric, report["method"]["gradnorm"])
     if measured is not None:
         report["measured"] = measured.report
     if config.heal:

@@ -16,6 +16,7 @@ def prune_markdown(report: dict[str, Any]) -> str:
     lines = [f"## Pruned {report.get('model', 'model')}: {report['blocks_before']} -> {report['blocks_after']} blocks", ""]
     how = f"metric `{m['metric']}`" + (f" ({m['metric_choice']})" if m.get("metric_choice") else "")
     how += f", rule `{m['select']}`" + (f", budget {m['max_drop']}" if m["max_drop"] is not None else "")
+    how += f", GradNorm {m['gradnorm']}" if m.get("gradnorm") else ""
     lines.append(f"Method: {how}. Calibration: {cal['description']}"
                  + (" **(random data)**" if cal["random"] else "")
                  + f"; {cal['scoring_batches']} batches scored, {cal['holdout_batches']} held out"

@@ -89,12 +89,15 @@ class Accumulator:
         name: registered metric name (set by :func:`register_metric`).
         needs_final: False: ``update(BlockActivations)`` once per batch; True (ablation):
             ``update(block, reference, ablated)`` with the model's final outputs.
+        from_block_map: True (gradnorm): not fed at all; the scores come from the block map
+            (``score_map(blocks, source=..., loss=...)``), with no ONNX Runtime pass.
         num_blocks: number of blocks L being scored.
         config: the options.
     """
 
     name: ClassVar[str] = ""
     needs_final: ClassVar[bool] = False
+    from_block_map: ClassVar[bool] = False
 
     def __init__(self, num_blocks: int, config: MetricConfig | None = None) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:

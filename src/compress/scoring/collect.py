@@ -264,9 +264,12 @@ def score_blocks(
         config: metrics and their options.
 
     The report describes the data as ``batches`` do (:func:`compress.calibration.describe`).
+    Metrics read from the block map (``gradnorm``) add no ORT work; when they are the only
+    ones, no session is made and the batches are only counted (``providers`` is empty).
 
     Raises:
-        ConfigError: unknown metric; BlockError: no scorable block, NaN/Inf activations;
+        ConfigError: unknown metric; BlockError: no scorable block, NaN/Inf activations, a
+        block map without the GradNorm that ``gradnorm`` reads;
         CalibrationError: no batches, or a batch ORT rejects.
     """
     metrics = {name: get_metric(name) for name in config.metrics}  # validates names first
@@ -286,15 +289,21 @@ def score_blocks(
     streams = _stream_plan(scored, config.options)
     final_names = [o.name for o in model.graph.output]
     # ``needs_final`` says how a metric is fed (see compress.scoring.base.Accumulator).
-    stream = {n: cast(_BoundaryMetric, m) for n, m in metrics.items() if not m.needs_final}
+    stream = {n: cast(_BoundaryMetric, m) for n, m in metrics.items() if not m.needs_final and not m.from_block_map}
     ablation = {n: cast(_FinalMetric, m) for n, m in metrics.items() if m.needs_final}
+    mapped = {n: m for n, m in metrics.items() if m.from_block_map}  # gradnorm: read from the block map
 
     # Hashed before the session exists: the serialized copy then does not add to the peak memory.
     digest = model_digest(model)
     mask_name, mask_how = find_token_mask(model, config.options.token_mask)
     timings: dict[str, float] = {}
+    # Before any ORT work: a block map without the values fails at once.
+    mapped_results = {name: _expand(cast(Any, metric(len(scored), config.options)).score_map(
+        scored, loss=block_map.gradnorm_loss).to_dict(), scored, len(block_map.blocks)) for name, metric in mapped.items()}
+    run_ort = bool(stream or ablation)  # only metrics read from the block map: the batches are counted, not run
     t0 = time.perf_counter()
-    session = load_session(add_outputs(model, boundary), providers=config.providers, threads=config.threads)
+    session = load_session(add_outputs(model, boundary), providers=config.providers,
+                           threads=config.threads) if run_ort else None
     timings["session_s"] = time.perf_counter() - t0
     accs = {n: m(len(scored), config.options) for n, m in stream.items()}
     # One interval-1 accumulator per stream over that stream's (span input, span output) pairs:
@@ -310,6 +319,9 @@ def score_blocks(
     t0 = time.perf_counter()
     real = positions = 0
     for i, feed in enumerate(progress(batches, desc="scoring", total=_len(batches))):
+        if session is None:
+            counts.append(_batch_size(feed))
+            continue
         values = run_batch(session, feed, fetch, batch=i)
         mask = batch_mask(feed, mask_name, batch=i)
         if i == 0 and mask is not None and not mask_fits(mask, (values[t] for t in boundary), config.options.channel_axis):
@@ -343,6 +355,7 @@ def score_blocks(
                           len(block_map.blocks))["scores"] if idx else [None] * len(block_map.blocks)
                for s, idx in streams.items()}
         results[n] = _fuse(results[n], per, scored, config.options)
+    results.update(mapped_results)
 
     if ablation:
         t0 = time.perf_counter()
@@ -374,7 +387,8 @@ def score_blocks(
         config={"metrics": list(config.metrics), **_options(config.options),
                 "token_mask_used": {"input": mask_name, "how": mask_how, "real_tokens": real if mask_name else None,
                                     "positions": positions if mask_name else None}},
-        timings_s={k: round(v, 4) for k, v in timings.items()}, providers=tuple(session.get_providers()),
+        timings_s={k: round(v, 4) for k, v in timings.items()},
+        providers=tuple(session.get_providers()) if session is not None else (),
     )
 
 

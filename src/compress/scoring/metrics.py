@@ -77,7 +77,8 @@ NaN/Inf in any activation raises :class:`~compress.errors.BlockError` naming the
 and whether its input or output is affected.
 
 Where the code lives (this module re-exports the public names and, by importing them,
-registers every metric: ``cosine``, ``cosine-signed``, ``angular``, ``cka``, ``ablation``):
+registers every metric: ``cosine``, ``cosine-signed``, ``angular``, ``cka``, ``ablation``,
+``gradnorm``):
 
 - :mod:`compress.scoring.options`: :class:`MetricConfig`, :class:`TokenRange`, the
   multi-stream fusion (:func:`fuse_streams`);
@@ -87,7 +88,8 @@ registers every metric: ``cosine``, ``cosine-signed``, ``angular``, ``cka``, ``a
   registry (:func:`register_metric`; a new metric is a module registering its class,
   imported below);
 - :mod:`compress.scoring.tokens`: the per-token metrics; :mod:`compress.scoring.cka`:
-  CKA; :mod:`compress.scoring.ablation`: ablation.
+  CKA; :mod:`compress.scoring.ablation`: ablation; :mod:`compress.scoring.gradnorm`:
+  GradNorm (SGLP), read from the block map (computed in torch, no ONNX Runtime pass).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ from compress.scoring.base import (
     register_metric,
 )
 from compress.scoring.cka import CkaAccumulator, minibatch_hsic
+from compress.scoring.gradnorm import GradNormMetric
 from compress.scoring.options import (
     STREAM_FUSIONS,
     MetricConfig,
@@ -123,6 +126,7 @@ __all__ = [
     "BoundaryAccumulator",
     "CkaAccumulator",
     "CosineAccumulator",
+    "GradNormMetric",
     "MetricConfig",
     "MetricResult",
     "STREAM_FUSIONS",
