@@ -75,7 +75,7 @@ def executed_ops(model: Any, make_options: Any) -> dict[str, int]:
         from compress.runtime import make_session
 
         make_session(model, providers=["CPUExecutionProvider"], options=opts)
-        counts = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        counts = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node)
     return {op: counts[op] for op in EXECUTED_OPS if counts[op]}
 
 
