@@ -24,7 +24,6 @@ filters, the working directory and file descriptors 1 and 2 are restored.
 from __future__ import annotations
 
 import inspect
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,6 +50,7 @@ from compress.export.config import (
 from compress.export.containers import _block_map, find_block_containers
 from compress.export.exporters import _environ_kept, _rename_dims, _specialized, quiet
 from compress.export.gradnorm import GradNormResult, block_gradnorms
+from compress.export.gradnorm import output_leaves as _leaves
 from compress.export.hf import diffusers_example_inputs, diffusers_for_export, is_causal_lm, plain_forward
 from compress.export.loaders import (
     _check_example_inputs,
@@ -135,28 +135,6 @@ def _check_dynamic(dynamic: Sequence[DynamicAxis], call: _Call) -> None:
         if d.axis >= rank:
             raise ConfigError(f"--dynamic {d.name}:{d.axis}: input {d.name!r} has {rank} axes",
                               hint=f"use an axis from 0 to {rank - 1}")
-
-
-def _leaves(obj: Any) -> list[tuple[str, Any]]:
-    """Output tensors of torch, with names from their pytree path (``last_hidden_state``, ``output_0``)."""
-    import torch
-    from torch.utils import _pytree
-
-    flat, _ = _pytree.tree_flatten_with_path(obj)
-    out: list[tuple[str, Any]] = []
-    for path, leaf in flat:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        name = "_".join(parts) if parts else "output"
-        if name[:1].isdigit():
-            name = "output_" + name
-        name = re.sub(r"[^\w.]", "_", name)
-        while name in {n for n, _ in out}:
-            name += "_"
-        out.append((name, leaf))
-    return out
-
 
 
 def _versions(exporter: str) -> dict[str, str]:

@@ -114,8 +114,12 @@ def _tensor(torch: Any, a: Any, device: Any) -> Any:
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device)
 
 
-def _leaves(torch: Any, obj: Any) -> list[tuple[str, Any]]:
-    """Output tensors with the names ``compress export`` gives the graph outputs (``output``, ``logits``)."""
+def output_leaves(obj: Any) -> list[tuple[str, Any]]:
+    """Output tensors of torch, with names from their pytree path (``last_hidden_state``, ``output_0``).
+
+    The names ``compress export`` gives the graph outputs (``output``, ``logits``).
+    """
+    import torch
     from torch.utils import _pytree
 
     flat, _ = _pytree.tree_flatten_with_path(obj)
@@ -264,7 +268,7 @@ def block_gradnorms(
                 raise ModelError(f"GradNorm: the torch module fails on calibration batch {i}: {_user_exception(exc)}",
                                  hint="the calibration batches must fit the module's forward (the exported model's "
                                       "inputs)") from None
-            outputs = _leaves(torch, result)
+            outputs = output_leaves(result)
             if output_names is not None and len(output_names) == len(outputs):
                 outputs = [(n, t) for n, (_, t) in zip(output_names, outputs, strict=True)]
             if not any(t.is_floating_point() for _, t in outputs):
