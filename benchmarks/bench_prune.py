@@ -8,7 +8,9 @@ predicted noise to the unpruned model, since no trained DiT installs offline):
 1. export it with compress's export API (dynamo, opset 18) and find its blocks;
 2. evaluate the unpruned ONNX model's task metric with ONNX Runtime;
 3. for k = 1, 2, 3 removed blocks, prune with every selection method (``prune_model``
-   on real calibration batches, scored on 75 % of them, fidelity on the held-out 25 %)
+   on real calibration batches, scored on 75 % of them, fidelity on the held-out 25 %;
+   the ``gradnorm`` methods read each block's GradNorm, computed once per model in torch
+   on the same scoring batches, from the block map, as ``compress prune --torch-source`` does)
    and with two baselines (the last k removable blocks; k random removable blocks, 5 seeds),
    and evaluate the task metric of each pruned ONNX model with ONNX Runtime;
 4. time the default method's pruned model against the original (``PruneConfig.latency``:
@@ -97,6 +99,12 @@ METHODS = (
     Method("angular/lowest", "angular", "lowest", "prune", "mean arccos/pi (Gromov et al.), interval 1, all tokens; k lowest"),
     Method("cka/lowest", "cka", "lowest", "prune", "1 - linear CKA of block input vs output; k lowest"),
     Method("cka/segment", "cka", "segment", "prune", "SGLP: least important block of each CKA Fisher segment first"),
+    Method("gradnorm/lowest", "gradnorm", "lowest", "prune",
+           "GradNorm (norm of the loss gradient over the block's parameters, torch, scoring batches; loss in each "
+           "model's section); k lowest"),
+    Method("gradnorm/segment", "gradnorm", "segment", "prune",
+           "SGLP as published: CKA Fisher segments, GradNorm ranks the blocks inside each segment (`--metric gradnorm "
+           "--per-segment`)"),
     Method("ablation/lowest", "ablation", "lowest", "prune", "final-output change without the block (KL for logits, else 1 - cos); k lowest"),
     Method("cosine/span", "cosine", "span", "prune", "contiguous run of k blocks with the lowest span score (interval k)"),
     Method("auto/lowest+heal", "auto", "lowest", "prune",
@@ -161,13 +169,28 @@ def _row(method: Method, k: int, block_map: Any, removed: Sequence[int], task_me
             "task": rounded(dict(task_metrics)), "fidelity": _fidelity(fidelity), "seconds": round(seconds, 3), **extra}
 
 
-def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> dict[str, Any]:
+def _sig(x: Any, digits: int = 6) -> Any:
+    """``x`` with every float kept to ``digits`` significant digits (GradNorm values can be small), via lists."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+    if isinstance(x, list | tuple):
+        return [_sig(v, digits) for v in x]
+    return x
+
+
+def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> dict[str, Any] | None:
+    """``prune_model`` with the method's metric and rule; None for a ``gradnorm`` method without GradNorm."""
     from compress.errors import CompressError
     from compress.prune import PruneConfig, prune_model
 
     model, bm = ctx["model"], ctx["block_map"]
     from compress.scoring import MetricConfig
+    from compress.scoring.gradnorm import GRADNORM
 
+    if method.metric == GRADNORM:
+        if ctx.get("gradnorm_map") is None:
+            return None  # the torch module gives no GradNorm (why: the model's "gradnorm" entry)
+        bm = ctx["gradnorm_map"]
     config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency,
                          heal=method.heal, options=MetricConfig(token_mask=method.token_mask))
     t = time.perf_counter()
@@ -181,9 +204,12 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
     used = res.report["method"]["metric"]  # "auto" resolved by prune_model
     metric_scores = res.report["scores"][used]
     scores = {"metric": used, "interval": metric_scores.get("details", {}).get("interval"),
-              "scores": rounded(metric_scores["scores"])}
-    if used == "cka" and metric_scores.get("segments") is not None:
-        scores["segments"] = metric_scores["segments"]
+              "scores": _sig(metric_scores["scores"]) if used == GRADNORM else rounded(metric_scores["scores"])}
+    cka = res.report["scores"].get("cka") if used == "cka" or method.select == "segment" else None
+    if cka and cka.get("segments") is not None:
+        scores["segments"] = cka["segments"]
+    if "gradnorm" in res.report["method"]:
+        scores["gradnorm"] = res.report["method"]["gradnorm"]
     return _row(method, k, bm, removed, ctx["evaluate"](res.model), res.report["fidelity"], seconds,
                 scores=scores, params_after=res.report["params"]["after"],
                 latency=_latency(res.report.get("latency")))
@@ -257,7 +283,10 @@ def run_methods(methods: Sequence[Method], ks: Sequence[int], ctx: dict[str, Any
     for k in ks:
         for m in methods:
             if m.kind == "prune":
-                row = run_prune(m, k, ctx, latency=latency if m.key == default_key else None)
+                got = run_prune(m, k, ctx, latency=latency if m.key == default_key else None)
+                if got is None:  # no GradNorm for this model: no row (the tables print '-')
+                    continue
+                row = got
             elif m.kind == "iterative":
                 assert order is not None
                 row = run_blocks(m, k, ctx, order[:k]) if len(order) >= k else {
@@ -288,7 +317,7 @@ def run_variant(variant: Any, ctx: dict[str, Any], ks: Sequence[int], args: argp
     unpruned = evaluator(ctx["model"])
     _, held = split_batches(variant.calibration, HOLDOUT)
     vctx = {**ctx, "calibration": variant.calibration, "calibration_desc": variant.calibration_desc, "held": held,
-            "evaluate": evaluator}
+            "evaluate": evaluator, "gradnorm_map": None}  # GradNorm is of the main calibration: not re-run here
     keys = dict.fromkeys((default_key, *ROBUST_METHODS))
     methods = [m for m in METHODS if m.key in keys]
     rows = run_methods(methods, ks, vctx, args, log_prefix=f"{name}/{variant.name}", latency=None,
@@ -325,6 +354,32 @@ def rank_in_oracle(value: float | None, oracle: Mapping[str, Any] | None, metric
     return 1 + sum(1 for x in oracle["all"] if x["task"][metric] > value + 1e-12)
 
 
+def model_gradnorm(module: Any, model: Any, block_map: Any, batches: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """(block map with GradNorm, JSON entry): GradNorm of every block of ``module`` on ``batches``.
+
+    As ``compress prune --torch-source`` computes it: block names as module paths, the ONNX
+    model's input order, output names and logits outputs, no labels (so pseudo-labels for
+    logits, else the Hutchinson estimate). When the torch module cannot give it, the map is
+    None and the entry says why (``error``); the ``gradnorm`` methods then have no rows.
+    """
+    from compress.errors import CompressError
+    from compress.export.gradnorm import block_gradnorms
+    from compress.fidelity import logit_outputs
+    from compress.scoring.gradnorm import with_gradnorms
+
+    inits = {t.name for t in model.graph.initializer}
+    try:
+        result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
+                                 input_names=[i.name for i in model.graph.input if i.name not in inits],
+                                 output_names=[o.name for o in model.graph.output])
+        gmap = with_gradnorms(block_map, result.values, result.loss)
+    except (CompressError, RuntimeError) as exc:  # RuntimeError: torch autograd (e.g. outputs without a graph)
+        return None, {"error": f"{type(exc).__name__}: {exc}"}
+    entry = result.to_dict()
+    entry["values"] = {n: float(f"{v:.6g}") for n, v in result.values.items()}
+    return gmap, entry
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import importlib
 
@@ -346,9 +401,14 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     unpruned = evaluator(model)
     log(f"{name}: unpruned {task.metric} = {unpruned[task.metric]:.4f}; blocks {len(block_map.blocks)}, "
         f"removable {[b.index for b in block_map.blocks if b.removable]}")
-    _, held = split_batches(task.calibration, HOLDOUT)
+    scoring, held = split_batches(task.calibration, HOLDOUT)
+    gradnorm_map, gradnorm = model_gradnorm(task.module, model, block_map, scoring)
+    log(f"{name}: GradNorm " + (f"not available: {gradnorm['error']}" if gradnorm_map is None else
+                                f"({gradnorm['loss']}; {gradnorm['seconds']} s): "
+                                + ", ".join(f"{v:.3g}" for v in gradnorm["values"].values())))
     ctx = {"model": model, "block_map": block_map, "calibration": task.calibration,
-           "calibration_desc": task.calibration_desc, "held": held, "evaluate": evaluator, "metric": task.metric}
+           "calibration_desc": task.calibration_desc, "held": held, "evaluate": evaluator, "metric": task.metric,
+           "gradnorm_map": gradnorm_map}
     default = PruneConfig()
     default_key = f"{default.metric}/{default.select}"
     latency = BenchConfig(warmup_s=args.latency_warmup, iterations=10, duration_s=args.latency_duration)
@@ -384,7 +444,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         "holdout": HOLDOUT, "holdout_batches": len(held),
                         "samples": int(sum(len(next(iter(b.values()))) for b in task.calibration))},
         "export": rounded(export_report.to_dict()), "blocks": block_rows, "block_source": block_map.source,
-        "unpruned": rounded(unpruned), "default_method": default_key,
+        "unpruned": rounded(unpruned), "default_method": default_key, "gradnorm": gradnorm,
         "iterative": {"order": order, "order_names": [block_map.blocks[i].name for i in order], "steps": iter_steps,
                       "seconds": round(iter_s, 3)},
         "rows": rows, "budgets": budgets, "oracle": oracle, "variants": variants,
@@ -586,7 +646,7 @@ def _variants_md(m: Mapping[str, Any], st: Mapping[str, Any]) -> list[str]:
 
 #: The methods of the issue-16 comparison, in its table's order (those a run has).
 KEPT_METHODS = ("auto/lowest", "auto/lowest (all tokens)", "auto/lowest+heal", "auto/measured", "auto/measured+heal",
-                "cosine/span", "cosine/span+heal", "best span", "last", "random")
+                "cosine/span", "cosine/span+heal", "gradnorm/lowest", "gradnorm/segment", "best span", "last", "random")
 
 
 def _kept_table(models: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -625,6 +685,18 @@ def _kept_table(models: Sequence[Mapping[str, Any]]) -> list[str]:
                               f"({won / lost:.0%} of {lost:.3f})" if lost > 0 else "3N/4: nothing lost")
             out.append(f"| {m['name']} ({metric}) | {k} of {n} | " + " | ".join(cells) + " | " + "; ".join(checks) + " |")
     return out
+
+
+def _gradnorm_md(m: Mapping[str, Any]) -> str:
+    """The model's GradNorm line: the loss and the value per block, or why there is none."""
+    g = m.get("gradnorm")
+    if not g:
+        return "GradNorm: not computed (a run before the `gradnorm` methods)."
+    if "error" in g:
+        return f"GradNorm: not available from the torch module, so no `gradnorm` rows ({g['error']})."
+    vals = ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(g["values"].values()))
+    return (f"GradNorm (torch, {g['batches']} scoring batches, {g['samples']} samples, {g['seconds']} s): loss = "
+            f"{g['loss']}; per block {vals}.")
 
 
 def _command_args(st: Mapping[str, Any]) -> str:
@@ -677,8 +749,9 @@ def markdown(results: Mapping[str, Any]) -> str:
             ok = "yes" if x["default_at_least_best_baseline"] else "**NO**"
             orc = f"{_f(x.get('oracle_best'))} / {_f(x.get('oracle_median'))}" if "oracle_best" in x else "n/a"
             speed = f"{_f(x['speedup'], 2)}x / {_f(x['ideal_speedup'], 2)}x = {_f(x['speedup_over_ideal'], 2)}"
+            ran = [key for key in scored if key in x["values"]]  # a model without GradNorm has no gradnorm rows
             out.append(f"| {m['name']} ({m['metric']}) | {k} | {_f(m['unpruned'][m['metric']])} | "
-                       f"{_best_text(x['best_methods'], scored)} ({_f(x['best_value'])}) | {default} | {base} | {ok} | "
+                       f"{_best_text(x['best_methods'], ran)} ({_f(x['best_value'])}) | {default} | {base} | {ok} | "
                        f"{orc} | {speed} |")
     out += _kept_table(models)
     with_draws = [m for m in models if m.get("variants")]
@@ -740,6 +813,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"Export parity ok: {m['export']['parity']['ok']}. Unpruned: "
                 + ", ".join(f"{k} {_f(v, 4)}" for k, v in m["unpruned"].items()) + ". "
                 f"Iterative (budget-loop) order: {m['iterative']['order']}.", ""]
+        out += [_gradnorm_md(m), ""]
         sec = m.get("secondary_metric")
         out += [f"| k | method | removed | {m['metric']} | rank |" + (f" {sec} |" if sec else "") + " fidelity loss |",
                 "|---|---|---|---|---|" + ("---|" if sec else "") + "---|"]
