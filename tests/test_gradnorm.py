@@ -295,3 +295,41 @@ def test_export_gradnorm_flag_needs_calib(tmp_path, run_cli):
     assert r.code == 1
     assert "error: --gradnorm needs calibration data" in r.err
     assert not (tmp_path / "n.onnx").exists()
+
+
+class _Evil:
+    """Unpickling this writes the marker file named by its argument."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_torch_source_archive_with_pickles_is_refused_without_trust_code(exported, tmp_path, run_cli):
+    """--torch-source loads like 'compress export': a .pt2 with pickled payloads needs --trust-code."""
+    import io
+    import zipfile
+
+    import torch
+
+    evil = tmp_path / "evil.pt2"
+    program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), (torch.randn(2, 4),))
+    torch.export.save(program, str(evil))
+    marker = tmp_path / "marker"
+    buf = io.BytesIO()
+    torch.save((_Evil(str(marker)),), buf)
+    with zipfile.ZipFile(evil) as zf:
+        members = [(i, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(evil, "w") as zf:
+        for info, content in members:
+            zf.writestr(info, buf.getvalue() if info.filename.endswith("data/sample_inputs/model.pt") else content)
+    old = _strip(exported, tmp_path)
+    r = run_cli(["prune", old, "--calib", exported / "calib", "-o", tmp_path / "p.onnx", "--remove", "1",
+                 "--no-latency", "--metric", "gradnorm", "--torch-source", evil])
+    assert r.code == 1
+    assert "refuses" in r.err
+    assert "--trust-code" in r.err
+    assert not marker.exists()
+    assert not (tmp_path / "p.onnx").exists()

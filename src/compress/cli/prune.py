@@ -146,6 +146,9 @@ class Prune:
                             "--torch-source net.py:build or hf:./minilm): each block's GradNorm is computed in torch on "
                             "the scoring calibration batches before selection, for --metric gradnorm (otherwise it is "
                             "read from MODEL.blocks.json, written by 'compress export --calib')")
+        s.add_argument("--trust-code", action="store_true",
+                       help="allow a --torch-source .pt2 archive with pickled payloads (unpickling runs code: only "
+                            "for archives you made or trust; as in 'compress export')")
         s.add_argument("--token-mask", default="auto", metavar="INPUT",
                        help="the padding-mask input ([batch, tokens], nonzero = real token): scores and healing "
                             "use real tokens only; auto (default) finds an integer input named like "
@@ -320,7 +323,7 @@ def _torch_gradnorm(args: argparse.Namespace, model: Any, block_map: Any, batche
     from compress.scoring.gradnorm import with_gradnorms
 
     logger.info("loading %s for GradNorm...", args.torch_source)
-    loaded = load_torch_model(args.torch_source, verbose=args.verbose > 0)
+    loaded = load_torch_model(args.torch_source, verbose=args.verbose > 0, trust_code=args.trust_code)
     inits = {t.name for t in model.graph.initializer}
     result = block_gradnorms(loaded.module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
                              input_names=[i.name for i in model.graph.input if i.name not in inits],
