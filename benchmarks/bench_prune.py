@@ -363,16 +363,10 @@ def model_gradnorm(module: Any, model: Any, block_map: Any, batches: Sequence[An
     None and the entry says why (``error``); the ``gradnorm`` methods then have no rows.
     """
     from compress.errors import CompressError
-    from compress.export.gradnorm import block_gradnorms
-    from compress.fidelity import logit_outputs
-    from compress.scoring.gradnorm import with_gradnorms
+    from compress.export.gradnorm import block_map_with_gradnorms
 
-    inits = {t.name for t in model.graph.initializer}
     try:
-        result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
-                                 input_names=[i.name for i in model.graph.input if i.name not in inits],
-                                 output_names=[o.name for o in model.graph.output])
-        gmap = with_gradnorms(block_map, result.values, result.loss)
+        gmap, result = block_map_with_gradnorms(module, model, block_map, batches)
     except (CompressError, RuntimeError) as exc:  # RuntimeError: torch autograd (e.g. outputs without a graph)
         return None, {"error": f"{type(exc).__name__}: {exc}"}
     entry = result.to_dict()

@@ -215,16 +215,10 @@ def _gradnorm_wanted(args: argparse.Namespace) -> bool:
 def _add_gradnorm(args: argparse.Namespace, module: Any, model: Any, block_map: Any) -> tuple[Any, dict[str, Any]]:
     """The block map with each block's GradNorm on the --calib batches, and the report's ``gradnorm`` entry."""
     from compress.cli._common import load_calib_for
-    from compress.export.gradnorm import block_gradnorms
-    from compress.fidelity import logit_outputs
-    from compress.scoring.gradnorm import with_gradnorms
+    from compress.export.gradnorm import block_map_with_gradnorms
 
     calib = load_calib_for(argparse.Namespace(calib=args.calib, batch_size=args.batch_size, random_calib=None,
                                               random_dims=None), model)
-    inits = {t.name for t in model.graph.initializer}
     logger.info("computing GradNorm of %d blocks on %s...", len(block_map.blocks), calib.description)
-    result = block_gradnorms(module, [b.name for b in block_map.blocks], calib, logits=logit_outputs(model),
-                             input_names=[i.name for i in model.graph.input if i.name not in inits],
-                             output_names=[o.name for o in model.graph.output])
-    summary = {"calibration": calib.description, **result.to_dict()}
-    return with_gradnorms(block_map, result.values, result.loss), summary
+    block_map, result = block_map_with_gradnorms(module, model, block_map, calib)
+    return block_map, {"calibration": calib.description, **result.to_dict()}

@@ -318,17 +318,11 @@ def _torch_gradnorm(args: argparse.Namespace, model: Any, block_map: Any, batche
     if not args.torch_source:
         return block_map
     from compress.export import load_torch_model
-    from compress.export.gradnorm import block_gradnorms
-    from compress.fidelity import logit_outputs
-    from compress.scoring.gradnorm import with_gradnorms
+    from compress.export.gradnorm import block_map_with_gradnorms
 
     logger.info("loading %s for GradNorm...", args.torch_source)
     loaded = load_torch_model(args.torch_source, verbose=args.verbose > 0, trust_code=args.trust_code)
-    inits = {t.name for t in model.graph.initializer}
-    result = block_gradnorms(loaded.module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
-                             input_names=[i.name for i in model.graph.input if i.name not in inits],
-                             output_names=[o.name for o in model.graph.output])
-    return with_gradnorms(block_map, result.values, result.loss)
+    return block_map_with_gradnorms(loaded.module, model, block_map, batches)[0]
 
 
 def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:

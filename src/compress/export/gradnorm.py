@@ -323,3 +323,23 @@ def block_gradnorms(
     logger.info("GradNorm of %d blocks on %d batches (%s) in %.1f s", len(values), n_batches, loss_name, seconds)
     assert loss_name is not None
     return GradNormResult(values, loss_name, n_batches, n_samples, int(seed), used_draws, seconds)
+
+
+def block_map_with_gradnorms(module: Any, model: Any, block_map: Any, batches: Iterable[Mapping[str, Any]],
+                             **options: Any) -> tuple[Any, GradNormResult]:
+    """``(block_map with each block's GradNorm, result)`` for ONNX ``model`` exported from torch ``module``.
+
+    :func:`block_gradnorms` with what the ONNX model tells: the block map's names as module
+    paths, the model's (non-initializer) input order, its output names and its logits outputs
+    (:func:`compress.fidelity.logit_outputs`); ``options`` go to :func:`block_gradnorms`
+    (``labels``, ``draws``, ``seed``). Used by ``compress export --calib`` and ``compress
+    prune --torch-source``. Does not modify ``block_map`` or ``model``.
+    """
+    from compress.fidelity import logit_outputs
+    from compress.scoring.gradnorm import with_gradnorms
+
+    inits = {t.name for t in model.graph.initializer}
+    result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
+                             input_names=[i.name for i in model.graph.input if i.name not in inits],
+                             output_names=[o.name for o in model.graph.output], **options)
+    return with_gradnorms(block_map, result.values, result.loss), result

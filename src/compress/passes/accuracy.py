@@ -311,7 +311,8 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
     report: dict[str, Any] = {"target": config.fidelity, "max_fallback": limit, "candidates": len(ranking),
                               "loss_metric": None}
     if also is not None:
-        report["also_measured_on"] = describe_batches(also if hasattr(also, "__len__") else list(also))
+        also = also if hasattr(also, "__len__") else list(also)  # measured at every step: iterable more than once
+        report["also_measured_on"] = describe_batches(also)
     found: int | None = 0 if evaluate(0) else None
     lo = 0
     k = 1
