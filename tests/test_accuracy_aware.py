@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -208,6 +209,91 @@ def test_int8_target_unreachable_raises_with_report() -> None:
     assert "--max-fallback" in err.value.hint
     assert [s["kept"] for s in err.value.report["steps"]] == [0]
     assert err.value.report["local_error"][0]["node"] == "fc1/MatMul"
+
+
+def cancellation_model(seed: int = 0, outlier: float = 8.0, eps: float = 0.01) -> onnx.ModelProto:
+    """x[B,4,4,16] -> diff = x a.w - x b.w (a.w ~ b.w: 1 % apart), side = (x * s) c.w with one channel of s at 8.
+
+    a/b's own int8 errors are small but ``diff`` is their 100x smaller difference, so it
+    amplifies them; c's local error is 5x theirs (the outlier channel) but harmless at the
+    output. Neither output is logits (rank 4).
+    """
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((D, D)) / np.sqrt(D)
+    scale = np.ones(D, np.float32)
+    scale[5] = outlier
+    arrays = {"a.w": r.astype(np.float32), "b.w": (r + eps * rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32),
+              "c.scale": scale, "c.w": (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "a.w"], ["ya"], name="a/MatMul"),
+             helper.make_node("MatMul", ["x", "b.w"], ["yb"], name="b/MatMul"),
+             helper.make_node("Sub", ["ya", "yb"], ["diff"], name="sub"),
+             helper.make_node("Mul", ["x", "c.scale"], ["xc"], name="c/Mul"),
+             helper.make_node("MatMul", ["xc", "c.w"], ["side"], name="c/MatMul")]
+    shape = ["B", 4, 4, D]
+    graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("diff", TensorProto.FLOAT, shape),
+                               helper.make_tensor_value_info("side", TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_output_sensitivity_finds_the_amplified_nodes_that_local_error_ranks_last() -> None:
+    model, cal = cancellation_model(), batches(shape=(2, 4, 4, D))
+    quant, _ = int8_pass(model, Int8Config(calibration=cal))
+    errors = local_errors(model, qdq_variants(quant, model, ["a/MatMul", "b/MatMul", "c/MatMul"]), cal)
+    assert errors["c/MatMul"]["rel_error"] > 3 * max(errors["a/MatMul"]["rel_error"], errors["b/MatMul"]["rel_error"])
+    assert measure_fidelity(model, quant, cal)["outputs"]["diff"]["cosine"] < 0.9
+    target = TargetConfig(fidelity=0.99, max_fallback=0.67, time_steps=False, ranking="local")
+    with pytest.raises(FidelityTargetError) as err:  # local order: c first; 2 of 3 allowed, c + a or b is not enough
+        int8_pass(model, Int8Config(calibration=cal, target=target))
+    assert "(0 of 3 nodes kept float; at most 2 allowed)" in err.value.message
+    assert "output_sensitivity" not in err.value.report
+
+    out, report = int8_pass(model, Int8Config(calibration=cal, target=dataclasses.replace(target, ranking="auto")))
+    t = report.changes["target"]
+    assert (t["ranked_by"], t["met"], t["kept"]) == ("output sensitivity", True, 2)
+    assert [(s["ranked_by"], s["met"]) for s in t["searches"]] == [("local error", False), ("output sensitivity", True)]
+    assert {s["node"] for s in t["output_sensitivity"][:2]} == {"a/MatMul", "b/MatMul"}
+    assert t["output_sensitivity"][2]["node"] == "c/MatMul"
+    assert t["output_sensitivity"][2]["cosine"] > 0.999
+    status = {i["node"]: i for i in report.items}
+    assert status["c/MatMul"]["status"] == "quantized"
+    for name in ("a/MatMul", "b/MatMul"):
+        assert status[name]["status"] == "kept float"
+        assert "by output sensitivity" in status[name]["reason"]
+    assert 1 - measure_fidelity(model, out, cal)["loss"] >= 0.99
+
+
+def test_a_logits_output_does_not_hide_another_outputs_damage() -> None:
+    """Loss = the worst of 1 - top1 (logits) and 1 - cosine (the other float outputs)."""
+    from compress.fidelity import compare_models, fidelity_loss
+
+    assert fidelity_loss({"top1": 1.0, "cosine": 0.5, "cosine_non_logits": 0.5}) == (0.5, "max(1 - top1, 1 - cosine)")
+    assert fidelity_loss({"top1": 0.9, "cosine": 0.95}) == (pytest.approx(0.1), "1 - top1")  # logits only
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((D, OUT)).astype(np.float32)
+
+    def two_heads(box_scale: float) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+                 helper.make_node("Mul", ["x", "s"], ["boxes"], name="box")]
+        graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", D])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", OUT]),
+                                   helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["B", D])],
+                                  [numpy_helper.from_array(w, "w"),
+                                   numpy_helper.from_array(np.full(D, box_scale, np.float32) * np.sign(np.arange(D) - 7.5).astype(np.float32), "s")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 9
+        return m
+
+    cal = [{"x": rng.standard_normal((8, D)).astype(np.float32)}]
+    result = compare_models(two_heads(1.0), two_heads(-1.0), cal)  # same classes, boxes flipped
+    assert result["top1"] == 1.0
+    assert result["outputs"]["boxes"]["cosine"] == pytest.approx(-1.0)
+    assert result["loss"] == pytest.approx(2.0)
+    assert result["loss_metric"] == "max(1 - top1, 1 - cosine)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,12 +154,17 @@ def worst(result: Mapping[str, Mapping[str, Any]], key: str) -> float | None:
 def fidelity_loss(summary: Mapping[str, float | None]) -> tuple[float, str]:
     """The fidelity loss of a summary (worst values over outputs) and how it was computed.
 
-    ``1 - top1`` when there are logits outputs, else ``1 - cosine`` over the float outputs;
-    integer outputs add ``1 - agreement``; the loss is the largest of those that apply.
+    ``1 - top1`` over the logits outputs, ``1 - cosine`` over the other float outputs
+    (``cosine_non_logits`` when the summary has both kinds; without that key, ``cosine``
+    counts only when there are no logits), ``1 - agreement`` over integer outputs; the loss
+    is the largest of those that apply. A model with a class head and a box head is thus
+    judged on both: its boxes cannot break unseen behind agreeing classes.
     """
     parts: list[tuple[float, str]] = []
     if summary.get("top1") is not None:
         parts.append((1.0 - float(summary["top1"]), "1 - top1"))  # type: ignore[arg-type]
+        if summary.get("cosine_non_logits") is not None:
+            parts.append((1.0 - float(summary["cosine_non_logits"]), "1 - cosine"))  # type: ignore[arg-type]
     elif summary.get("cosine") is not None:
         parts.append((1.0 - float(summary["cosine"]), "1 - cosine"))  # type: ignore[arg-type]
     if summary.get("agreement") is not None:
@@ -216,5 +221,7 @@ class HeldOut:
 def _fidelity_summary(acc: FidelityAccumulator) -> dict[str, Any]:
     per_output = acc.result()
     summary = {k: worst(per_output, k) for k in ("cosine", "max_abs", "mean_abs", "top1", "kl", "agreement")}
+    if summary["top1"] is not None:  # logits beside other float outputs: those count by their cosine
+        summary["cosine_non_logits"] = worst({n: o for n, o in per_output.items() if "top1" not in o}, "cosine")
     loss, how = fidelity_loss(summary)
     return {"outputs": per_output, **summary, "loss": loss, "loss_metric": how}

@@ -214,7 +214,8 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
 
     ops, nodes, matched = resolve_exclude(model, config.exclude)
     measurable = calib is not None and not getattr(calib, "random", False)
-    target = (TargetConfig(fidelity=config.target_fidelity, max_fallback=config.max_fallback)
+    target = (TargetConfig(fidelity=config.target_fidelity, max_fallback=config.max_fallback,
+                           ranking=config.fallback_order)
               if config.target_fidelity is not None and measurable else None)
     steps: list[tuple[str, Any]] = []
     if config.sparsity == "2:4":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from compress.bench import BenchConfig
 from compress.build.trt import ShapeProfile
 from compress.config import StageConfig, option
+from compress.passes.accuracy import RANKINGS
 from compress.validate import FieldError, check_choice, check_number
 
 #: Valid values of the :class:`BuildConfig` fields with a fixed set of names.
@@ -32,7 +33,7 @@ _BENCH_FIELDS = {"warmup_s": ("warmup_ms", "200"), "iterations": ("iterations", 
 
 #: The groups of ``compress build --help``: field names in the order they are listed.
 PASS_OPTIONS = ("precision", "sparsity", "calibration_method", "int8_activations", "exclude", "target_fidelity",
-                "max_fallback", "sparsity_method", "smoothquant")
+                "max_fallback", "fallback_order", "sparsity_method", "smoothquant")
 ENGINE_OPTIONS = ("backend", "shapes", "legacy_precision", "warmup_ms", "iterations", "duration")
 
 
@@ -71,6 +72,11 @@ class BuildConfig(StageConfig):
     max_fallback: float = option(0.5, minimum=0, metavar="SHARE",
                                  help="at most this share of the int8 nodes / 2:4 layers kept float / dense for the "
                                       "target (default 0.5)")
+    fallback_order: str = option(
+        "auto", choices=RANKINGS,
+        help="which nodes the target keeps float / dense first: local (each node's own error, one ORT pass), "
+             "output (the final output's loss with that node alone changed, one run per node), auto (default): "
+             "local, then output if local misses the target")
     sparsity_method: str = option(
         "magnitude", choices=SPARSITY_METHODS,
         help="how 2:4 picks the weights: magnitude (no data), wanda (|w| x input activation norm), sparsegpt "
@@ -98,6 +104,7 @@ class BuildConfig(StageConfig):
         check_number("BuildConfig", "max_fallback", self.max_fallback, low=0, high=1, example="0.5")
         check_number("BuildConfig", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
         check_choice("BuildConfig", "sparsity_method", self.sparsity_method, SPARSITY_METHODS)
+        check_choice("BuildConfig", "fallback_order", self.fallback_order, RANKINGS)
         check_choice("BuildConfig", "precision", self.precision, PRECISIONS)
         check_choice("BuildConfig", "sparsity", self.sparsity, SPARSITIES, optional=True)
         check_choice("BuildConfig", "backend", self.backend, BACKENDS)

@@ -211,12 +211,37 @@ def measure_fidelity(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         BuildError: ONNX Runtime cannot load ``candidate``.
         CalibrationError: a batch does not fit the models.
     """
-    from compress.fidelity import compare_models
+    return FidelityProbe(reference, batches)(candidate)
 
-    try:
-        return compare_models(reference, _retype_inputs(candidate, reference), batches)  # type: ignore[arg-type]
-    except BlockError as exc:
-        raise BuildError(f"cannot measure fidelity: {exc.message}", hint=exc.hint) from None
+
+class FidelityProbe:
+    """:func:`measure_fidelity` against one ``reference`` on fixed ``batches``, for many candidates.
+
+    The reference's outputs are computed once (:class:`compress.fidelity.HeldOut`, kept in
+    memory as :func:`compress.fidelity.compare_models` keeps them for one candidate); each
+    call loads one candidate session. ``probe(candidate)`` equals
+    ``measure_fidelity(reference, candidate, batches)``. Does not modify either model.
+
+    Raises:
+        BuildError: ONNX Runtime cannot load the reference or a candidate.
+        CalibrationError: a batch does not fit the models.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, batches: Iterable[Batch]) -> None:
+        from compress.fidelity import HeldOut
+
+        self.reference = reference
+        try:
+            self._held = HeldOut(reference, batches)  # type: ignore[arg-type]
+        except BlockError as exc:
+            raise BuildError(f"cannot measure fidelity: {exc.message}", hint=exc.hint) from None
+
+    def __call__(self, candidate: onnx.ModelProto) -> dict[str, Any]:
+        """The fidelity dict of ``candidate`` (as :func:`measure_fidelity` returns it)."""
+        try:
+            return self._held.fidelity(_retype_inputs(candidate, self.reference))
+        except BlockError as exc:
+            raise BuildError(f"cannot measure fidelity: {exc.message}", hint=exc.hint) from None
 
 
 # --------------------------------------------------------------------------------------------

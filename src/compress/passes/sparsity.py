@@ -264,7 +264,7 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
                  done: Mapping[str, Any], originals: Mapping[str, onnx.TensorProto], held: Any,
                  target: TargetConfig, also: Any = None) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
     """Restore the pruned weights with the largest local error until the target holds (on ``held``, and ``also``)."""
-    from compress.passes.accuracy import FidelityTargetError, Variant, local_errors, search_fallback
+    from compress.passes.accuracy import FidelityTargetError, Variant, kept_reasons, local_errors, search_fallback
 
     ref = copy_model(model)
     name_nodes(ref)
@@ -302,9 +302,8 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
     except FidelityTargetError as exc:
         raise FidelityTargetError(exc.message, hint=exc.hint, report={**report, **exc.report}) from None
     report.update(search)
-    dense = {node_of[n]: f"kept dense for the fidelity target (local error {errors[n]['rel_error']:.3g}, "
-                         f"rank {i + 1} of {len(ranking)})" for i, n in enumerate(kept)}
-    return final, dense, report
+    reasons = kept_reasons(kept, search, errors, verb="kept dense")
+    return final, {node_of[n]: reasons[n] for n in kept}, report
 
 
 @register_pass("sparsity-2:4", config=SparsityConfig, kind="sparsity",
