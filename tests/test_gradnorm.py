@@ -289,6 +289,41 @@ def test_torch_source_computes_gradnorm_for_prune(exported, tmp_path, run_cli):
     assert all("gradnorm" not in b for b in json.loads((tmp_path / "p.blocks.json").read_text())["blocks"])
 
 
+LABELS = [np.array([0, 1, 2, 0]), np.array([2, 2, 1, 0]), np.array([1, 0, 0, 2]), np.array([0, 0, 1, 1])]
+
+
+def test_labels_in_the_calibration_files_give_the_task_loss(exported, tmp_path, run_cli):
+    """A 'labels' array in every .npz: GradNorm uses cross-entropy vs them; ORT never sees them."""
+    calib = tmp_path / "labelled"
+    calib.mkdir()
+    for i, (b, y) in enumerate(zip(_batches(4), LABELS, strict=True)):
+        np.savez(calib / f"b{i}.npz", **b, labels=y)
+    old = _strip(exported, tmp_path)
+    out = tmp_path / "p.onnx"
+    r = run_cli(["prune", old, "--calib", calib, "-o", out, "--remove", "1", "--no-latency", "--json",
+                 "--metric", "gradnorm", "--torch-source", f"{exported / 'net.py'}:build"])
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["method"]["gradnorm"] == "present (cross-entropy vs labels (output 'output'))"
+    assert [b["name"] for b in rep["removed"]] == [f"blocks.{TINY}"]
+    # the values: torch's cross-entropy against the labels of the 3 scoring batches (batch 2 of 4 is held out)
+    scoring = [0, 1, 3]
+    batches = [{**_batches(4)[i], "labels": LABELS[i]} for i in scoring]
+    want = block_gradnorms(_net(), PATHS, batches, logits=("output",))
+    assert want.loss == "cross-entropy vs labels (output 'output')"
+    assert rep["scores"]["gradnorm"]["scores"] == pytest.approx([want.values[p] for p in PATHS], rel=1e-6)
+    pseudo = block_gradnorms(_net(), PATHS, [_batches(4)[i] for i in scoring], logits=("output",))
+    assert want.values["blocks.1"] != pytest.approx(pseudo.values["blocks.1"], rel=1e-3)  # the labels mattered
+
+    np.savez(calib / "b1.npz", **_batches(4)[1])  # one file without labels
+    r = run_cli(["prune", old, "--calib", calib, "-o", tmp_path / "q.onnx", "--remove", "1", "--no-latency"])
+    assert r.code == 1
+    error, hint = r.err.strip().splitlines()[-2:]
+    assert error == f"error: {calib / 'b1.npz'} has no 'labels' array, but {calib / 'b0.npz'} has one"
+    assert hint == "hint: give every calibration file a 'labels' array (one label per sample), or none"
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_export_gradnorm_flag_needs_calib(tmp_path, run_cli):
     (tmp_path / "net.py").write_text(NET)
     r = run_cli(["export", f"{tmp_path / 'net.py'}:build", "-o", tmp_path / "n.onnx", "--gradnorm"])

@@ -59,25 +59,28 @@ from compress.calibration.random import (
     static_batch,
 )
 from compress.calibration.source import (
+    LABELS,
     CalibrationBatch,
     CalibrationReader,
     CalibrationSet,
     as_data_reader,
     describe,
     iter_batches,
+    iter_labels,
     load_calibration,
     relabel,
     split_calibration,
     summarize_batches,
+    with_labels,
 )
 from compress.calibration.text import MAX_TEXT_LENGTH, TextOptions, load_tokenizer, split_texts, text_batches
 
 __all__ = [
-    "DEFAULT_RANDOM_INT_HIGH", "IMAGE_SUFFIXES", "MAX_ARRAYS", "MAX_DEFLATE_RATIO", "MAX_FILE_BYTES",
+    "DEFAULT_RANDOM_INT_HIGH", "IMAGE_SUFFIXES", "LABELS", "MAX_ARRAYS", "MAX_DEFLATE_RATIO", "MAX_FILE_BYTES",
     "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "MAX_RANDOM_BATCHES", "MAX_RANDOM_ELEMENTS",
     "MAX_TEXT_LENGTH", "ArraySpec", "CalibrationBatch", "CalibrationFile", "CalibrationReader", "CalibrationSet",
     "ImageOptions", "TextOptions", "as_data_reader", "check_calibration", "describe", "find_images", "image_batches",
-    "iter_batches", "load_calibration", "load_tokenizer", "model_input_types", "parse_floats", "preprocess_image",
+    "iter_batches", "iter_labels", "load_calibration", "load_tokenizer", "model_input_types", "parse_floats", "preprocess_image",
     "random_calibration", "read_npz_header", "relabel", "shared_inputs", "split_calibration", "split_texts", "static_batch",
-    "summarize_batches", "text_batches",
+    "summarize_batches", "text_batches", "with_labels",
 ]

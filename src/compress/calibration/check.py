@@ -28,8 +28,8 @@ def model_input_types(model: onnx.ModelProto) -> dict[str, TensorType | None]:
     return {vi.name: value_type(vi) for vi in model.graph.input if vi.name not in inits}
 
 
-def _check_names(f: CalibrationFile, expected: Sequence[str]) -> None:
-    have = [a.name for a in f.arrays]
+def _check_names(f: CalibrationFile, expected: Sequence[str], labels: str | None = None) -> None:
+    have = [a.name for a in f.arrays if a.name != labels]
     for name in expected:
         if name not in have:
             raise CalibrationError(f"{f.label()} has no array for model input '{name}'; it has: {', '.join(have)}",
@@ -116,7 +116,7 @@ def check_calibration(calib: CalibrationSet, model: onnx.ModelProto) -> None:
         sizes.setdefault(b.file, set()).add(b.size)
     for i in used:
         f = calib.files[i]
-        _check_names(f, expected)
+        _check_names(f, expected, calib.labels_key)
         by_name = {a.name: a for a in f.arrays}
         symbols: dict[str, tuple[str, int]] = {}
         for name in expected:

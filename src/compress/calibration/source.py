@@ -59,6 +59,8 @@ class CalibrationSet:
         batches: the batches, in order; a file contributes one or more consecutive batches.
         batch_size: samples per batch when files are split, None for one batch per file.
         random: True for generated random inputs (:func:`random_calibration`).
+        labels_key: the array of every file that holds the samples' labels, not a model
+            input (:func:`with_labels`); left out of the batches, read by :func:`iter_labels`.
 
     Iterating a set streams its batches (:func:`iter_batches`); ``len()`` is the batch count.
     """
@@ -69,6 +71,7 @@ class CalibrationSet:
     batch_size: int | None = None
     random: bool = False
     _generator: tuple[int, tuple[_RandomSpec, ...]] | None = field(default=None, repr=False, compare=False)
+    labels_key: str | None = None
 
     @property
     def samples(self) -> int:
@@ -77,8 +80,10 @@ class CalibrationSet:
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        """Array names of the first file (the inputs the data feeds)."""
-        return tuple(a.name for a in self.files[self.batches[0].file].arrays) if self.batches else ()
+        """Array names of the first file (the inputs the data feeds; the labels array left out)."""
+        if not self.batches:
+            return ()
+        return tuple(a.name for a in self.files[self.batches[0].file].arrays if a.name != self.labels_key)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -160,15 +165,58 @@ def _generate(seed: int, index: int, specs: Sequence[_RandomSpec]) -> dict[str, 
     return out
 
 
-def iter_batches(calib: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
+#: The array name that holds labels in a calibration file (when the model has no input of that name).
+LABELS = "labels"
+
+
+def with_labels(calib: CalibrationSet, model_inputs: Sequence[str]) -> CalibrationSet:
+    """``calib`` reading its files' ``labels`` arrays as labels, if they have them and the model does not take one.
+
+    ``model_inputs``: the model's input names. Every file of the set must then hold a
+    ``labels`` array (its axis 0 = the samples, checked with the other arrays when the file
+    header is read); GradNorm uses them for the task loss (:func:`iter_labels`), every other
+    consumer sees the batches without them. A set without labels is returned unchanged.
+
+    Raises:
+        CalibrationError: some files have labels and others not (naming one of each).
+    """
+    if LABELS in model_inputs or calib.random:
+        return calib
+    used = sorted({b.file for b in calib.batches})
+    have = [i for i in used if any(a.name == LABELS for a in calib.files[i].arrays)]
+    if not have:
+        return calib
+    lacking = [i for i in used if i not in have]
+    if lacking:
+        raise CalibrationError(
+            f"{calib.files[lacking[0]].label()} has no '{LABELS}' array, but {calib.files[have[0]].label()} has one",
+            hint=f"give every calibration file a '{LABELS}' array (one label per sample), or none")
+    return replace(calib, labels_key=LABELS)
+
+
+def iter_labels(calib: CalibrationSet) -> Iterator[np.ndarray]:
+    """Yield each batch's labels (``labels_key`` array, same sample range as :func:`iter_batches`).
+
+    Raises:
+        ConfigError: the set has no labels (``labels_key`` None).
+    """
+    if calib.labels_key is None:
+        raise ConfigError(f"{calib.description} has no labels", hint=f"add a '{LABELS}' array to every calibration file")
+    for batch in iter_batches(calib, labels=True):
+        yield batch[calib.labels_key]
+
+
+def iter_batches(calib: CalibrationSet, *, labels: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Yield the batches of ``calib`` as ``{input name: array}``, reading one file at a time.
 
     A file is read once, when its first batch is due, and dropped after its last; float
-    arrays are checked for NaN/Inf when read.
+    arrays are checked for NaN/Inf when read. The labels array (``calib.labels_key``) is left
+    out unless ``labels``.
 
     Raises:
         CalibrationError: a file cannot be read or holds NaN/Inf.
     """
+    drop = None if labels else calib.labels_key
     loaded: tuple[int, dict[str, np.ndarray]] | None = None
     for b in calib.batches:
         if loaded is None or loaded[0] != b.file:
@@ -182,10 +230,10 @@ def iter_batches(calib: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
             loaded = (b.file, arrays)
         arrays = loaded[1]
         if b.start == 0 and b.stop == calib.files[b.file].samples:
-            yield dict(arrays)
+            yield {k: v for k, v in arrays.items() if k != drop}
         else:
             shared = calib.files[b.file].shared
-            yield {k: v if k in shared else v[b.start : b.stop] for k, v in arrays.items()}
+            yield {k: v if k in shared else v[b.start : b.stop] for k, v in arrays.items() if k != drop}
 
 
 class CalibrationReader:
@@ -271,7 +319,7 @@ def split_calibration(calib: CalibrationSet, *, holdout: float) -> tuple[Calibra
         chosen = tuple(b for i, b in enumerate(calib.batches) if (i in held) == keep)
         samples = sum(b.size for b in chosen)
         desc = f"{calib.description}: {label}, {len(chosen)} of {n} batches ({samples} samples)"
-        parts.append(CalibrationSet(desc, calib.files, chosen, calib.batch_size, calib.random, calib._generator))
+        parts.append(replace(calib, description=desc, batches=chosen))
     return parts[0], parts[1]
 
 

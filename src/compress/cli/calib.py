@@ -17,11 +17,13 @@ from compress.calibration import (
     image_batches,
     iter_batches,
     load_calibration,
+    model_input_types,
     parse_floats,
     shared_inputs,
     split_texts,
     summarize_batches,
     text_batches,
+    with_labels,
 )
 from compress.cli import command
 from compress.config import flag_names
@@ -132,9 +134,12 @@ def _run_images(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     calib = load_calibration(args.data, batch_size=args.batch_size, shared=shared_inputs(model) or None)
+    calib = with_labels(calib, list(model_input_types(model)))
     check_calibration(calib, model)
     shapes = [{k: (v.dtype.name, tuple(v.shape)) for k, v in b.items()} for b in iter_batches(calib)]
-    print(f"ok: {calib.description}, {len(calib)} batches fit {Path(args.model).name}: {summarize_batches(shapes)}")
+    labels = f"; labels in '{calib.labels_key}' (GradNorm's task loss)" if calib.labels_key else ""
+    print(f"ok: {calib.description}, {len(calib)} batches fit {Path(args.model).name}: {summarize_batches(shapes)}"
+          f"{labels}")
     return 0
 
 

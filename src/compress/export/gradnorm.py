@@ -332,12 +332,17 @@ def block_map_with_gradnorms(module: Any, model: Any, block_map: Any, batches: I
     :func:`block_gradnorms` with what the ONNX model tells: the block map's names as module
     paths, the model's (non-initializer) input order, its output names and its logits outputs
     (:func:`compress.fidelity.logit_outputs`); ``options`` go to :func:`block_gradnorms`
-    (``labels``, ``draws``, ``seed``). Used by ``compress export --calib`` and ``compress
+    (``labels``, ``draws``, ``seed``); a calibration set with labels
+    (:func:`compress.calibration.with_labels`: a ``labels`` array in every .npz file) gives
+    them unless ``labels`` is passed. Used by ``compress export --calib`` and ``compress
     prune --torch-source``. Does not modify ``block_map`` or ``model``.
     """
+    from compress.calibration import iter_labels
     from compress.fidelity import logit_outputs
     from compress.scoring.gradnorm import with_gradnorms
 
+    if getattr(batches, "labels_key", None) is not None and "labels" not in options:
+        options["labels"] = list(iter_labels(batches))  # type: ignore[arg-type]  # the files' labels arrays
     inits = {t.name for t in model.graph.initializer}
     result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
                              input_names=[i.name for i in model.graph.input if i.name not in inits],

@@ -126,7 +126,14 @@ def load_calib(run: Run, model: onnx.ModelProto) -> Any:
     Raises:
         CalibrationError: the batches do not fit ``model``'s inputs.
     """
-    from compress.calibration import check_calibration, load_calibration, random_calibration, shared_inputs
+    from compress.calibration import (
+        check_calibration,
+        load_calibration,
+        model_input_types,
+        random_calibration,
+        shared_inputs,
+        with_labels,
+    )
 
     c = run.config.calibration
     if c.random is not None:
@@ -134,6 +141,7 @@ def load_calib(run: Run, model: onnx.ModelProto) -> Any:
         calib = random_calibration(model, batches=r.batches, batch_size=r.batch_size, dims=dict(r.dims), seed=r.seed)
     elif c.npz is not None:
         calib = load_calibration(c.npz, batch_size=c.batch_size, shared=shared_inputs(model) or None)
+        calib = with_labels(calib, list(model_input_types(model)))
     else:
         calib = load_calibration(run.out / "calib")
         source = c.text if c.text is not None else c.images
