@@ -24,8 +24,10 @@ Variants, side by side in one run:
   with the default fidelity target 0.99 (``target`` rows: held-out calibration batches,
   local-error fallback) and without it (``no target`` rows, the old behaviour);
 - ``2:4 magnitude / wanda / sparsegpt``: the 2:4 pass on the same layers (same sparsity),
-  no target, so the three methods' losses compare directly (``min_channels``: the pass's
-  default 256);
+  no target, so the methods' losses compare directly (``min_channels``: the pass's
+  default 256); beside the defaults, SparseGPT with the paper's fixed 1 % dampening and
+  sequentially (statistics from the already pruned model), Wanda without the padding mask
+  (MiniLM);
 - ``fp16`` (MiniLM, PP-OCR).
 
 A variant whose pass fails (target not met, unsupported model, ORT cannot load the result)
@@ -248,15 +250,26 @@ def _target_summary(tr: dict[str, Any]) -> dict[str, Any]:
             "calibration_methods": tr.get("calibration_methods")}
 
 
-def sparse_variant(m: dict[str, Any], method: str) -> tuple[Any, dict[str, Any]]:
+#: 2:4 rows: (row name, method, extra SparsityConfig options). The first is the baseline.
+SPARSE_VARIANTS = (("magnitude", "magnitude", {}), ("wanda", "wanda", {}), ("sparsegpt", "sparsegpt", {}),
+                   ("sparsegpt (damp 0.01)", "sparsegpt", {"damp": 0.01}),
+                   ("sparsegpt (sequential)", "sparsegpt", {"sequential": True}),
+                   ("wanda (no token mask)", "wanda", {"token_mask": "none"}))
+
+
+def sparse_variant(m: dict[str, Any], method: str, **options: Any) -> tuple[Any, dict[str, Any]]:
     from compress.passes import SparsityConfig, sparsity_pass
 
     t0 = time.perf_counter()
     out, report = sparsity_pass(m["model"], SparsityConfig(method=method, calibration=m["calib"],
-                                                           min_channels=m["min_channels"]))
+                                                           min_channels=m["min_channels"], **options))
+    pruned = [i for i in report.items if i["status"] == "pruned"]
     return out, {"pass_seconds": time.perf_counter() - t0, "layers_pruned": report.changes["layers_pruned"],
-                 "sparse_fraction": report.changes["sparse_fraction"],
-                 "methods_used": dict(Counter(i.get("method") for i in report.items if i["status"] == "pruned"))}
+                 "sparse_fraction": report.changes["sparse_fraction"], "options": options,
+                 "token_mask": report.changes["token_mask"],
+                 "calibration_passes": report.changes["calibration_passes"],
+                 "methods_used": dict(Counter(i.get("method") for i in pruned)),
+                 "damp_chosen": {f"{d:g}": c for d, c in sorted(Counter(i["damp"] for i in pruned if "damp" in i).items())}}
 
 
 def failure(exc: Exception, t0: float) -> dict[str, Any]:
@@ -292,8 +305,10 @@ def run_model(m: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         for target in (None, TARGET):
             key = f"int8 ({form}, {'target ' + str(target) if target else 'no target'})"
             build(key, lambda act=act, target=target: int8_variant(m, act, target))
-    for method in ("magnitude", "wanda", "sparsegpt"):
-        build(f"2:4 {method}", lambda method=method: sparse_variant(m, method))
+    for name, method, extra in SPARSE_VARIANTS:
+        if extra.get("token_mask") == "none" and m["name"] != "minilm":
+            continue  # only MiniLM has a padding mask
+        build(f"2:4 {name}", lambda method=method, extra=extra: sparse_variant(m, method, **extra))
 
     rows: dict[str, dict[str, Any]] = {k: dict(v) for k, v in info.items()}
     for k, model in list(variants.items()):
@@ -342,8 +357,12 @@ def markdown(result: dict[str, Any]) -> str:
              "default): calibrated on the first calibration batches, measured on the held-out last one(s) and on the "
              "calibration batches, nodes kept float by local error until it holds, and by output sensitivity (each "
              "node quantized alone, final-output cosine) when local error's order cannot reach it. `fidelity (calib)`: 1 - loss vs FP32 on all calibration batches "
-             "(output cosine; top-1 agreement for logits). 2:4 rows: same layers for the three methods, no target, "
-             "no fine-tuning, not timed (no sparse kernels on ORT CPU).", ""]
+             "(output cosine; top-1 agreement for logits). 2:4 rows: same layers for every method, no target, "
+             "no fine-tuning, not timed (no sparse kernels on ORT CPU); defaults: SparseGPT's dampening chosen per "
+             "layer by its output error on the odd calibration batches with H from the even ones, padding tokens "
+             "left out of Wanda's and SparseGPT's statistics (MiniLM's attention_mask), statistics from the float "
+             "model in one pass; `damp 0.01` (the paper's fixed dampening), `sequential` (each layer's statistics "
+             "from the model with the layers upstream already pruned) and `no token mask` rows vary one default.", ""]
     for mr in result["models"].values():
         lines += [f"## {mr['title']}", "", f"Calibration: {mr['calibration']}. Task fidelity: {mr['task_metric']}. "
                   "Load average (1/5/15 min) before timing: " + ", ".join(f"{x:.1f}" for x in mr["load_average"]["before"])
@@ -361,18 +380,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {k} | {task} | {r['fidelity_calib']:.4f} | {kept} | {r['median_ms']:.1f} | "
                          f"{r['speedup_vs_fp32']:.2f}x | {r.get('pass_seconds', 0):.0f} |")
         lines += ["", f"2:4 (min_channels {mr['min_channels_2_4']}):", "",
-                  "| method | task fidelity | loss (1 - task fidelity) | loss vs magnitude | fidelity (calib) | layers | sparse fraction | pass s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | task fidelity | loss (1 - task fidelity) | loss vs magnitude | fidelity (calib) | layers | sparse fraction | SparseGPT dampening (layers) | pass s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for k, r in mr["results"].items():
             if not k.startswith("2:4"):
                 continue
             if "error" in r:
-                lines.append(f"| {k[4:]} | failed: {r['error'][:160]} | - | - | - | - | - | {r.get('pass_seconds', 0):.0f} |")
+                lines.append(f"| {k[4:]} | failed: {r['error'][:160]} | - | - | - | - | - | - | {r.get('pass_seconds', 0):.0f} |")
                 continue
             ratio = "-" if r["loss_vs_magnitude"] is None else f"{r['loss_vs_magnitude']:.2f}"
             task = ", ".join(f"{a} {b:.4f}" for a, b in r["task"].items())
+            damp = ", ".join(f"{d}: {c}" for d, c in r.get("damp_chosen", {}).items()) or "-"
             lines.append(f"| {k[4:]} | {task} | {r['task_loss']:.4f} | {ratio} | "
-                         f"{r['fidelity_calib']:.4f} | {r['layers_pruned']} | {r['sparse_fraction']:.3f} | {r['pass_seconds']:.0f} |")
+                         f"{r['fidelity_calib']:.4f} | {r['layers_pruned']} | {r['sparse_fraction']:.3f} | {damp} | "
+                         f"{r['pass_seconds']:.0f} |")
         lines += ["", "Nodes kept float by the target and the search steps per order (kept: fidelity, the lower of "
                   "held-out and calibration batches where the held-out ones meet the target):", ""]
         for k, r in mr["results"].items():

@@ -415,6 +415,100 @@ def test_sparsity_target_keeps_costly_layers_dense() -> None:
     assert 1 - measure_fidelity(model, out, cal[-2:])["loss"] >= 0.95
 
 
+def test_sparsegpt_dampening_chosen_on_held_out_batches_generalizes_with_few_tokens() -> None:
+    # 4 batches of 12 tokens for a 64-wide input: H = X^T X has rank 48 < 64, so SparseGPT's
+    # usual 1 % dampening fits those tokens and errs on new ones; the held-out choice does not.
+    from compress.passes.sparse_calib import DAMP_GRID, InputStats, output_error, sparsify
+
+    rng = np.random.default_rng(0)
+    mix = np.eye(64) + 0.5 * rng.standard_normal((64, 64)) / 8
+    scales = np.exp(rng.uniform(np.log(0.3), np.log(3.0), 64))
+
+    def tokens(n: int) -> np.ndarray:
+        return (rng.standard_normal((n, 64)) @ mix) * scales
+
+    w = rng.standard_normal((64, 32))  # MatMul B [K, N]
+    parts = [tokens(12) for _ in range(4)]
+    stats = InputStats(hessian=sum(p.T @ p for p in parts), hessian_held=sum(p.T @ p for p in parts[1::2]),
+                       sq_norm=sum((p * p).sum(0) for p in parts))
+    chosen, info = sparsify(w, "MatMul", 0, "sparsegpt", stats, damp=None)
+    fixed, _ = sparsify(w, "MatMul", 0, "sparsegpt", stats, damp=DAMP_GRID[0])
+    assert info["method"] == "sparsegpt"
+    assert set(info["damp_errors"]) == {f"{d:g}" for d in DAMP_GRID}
+    assert info["damp"] > DAMP_GRID[0]
+    assert is_2_4_sparse(chosen, 0)
+    fresh = tokens(4096)
+    h = fresh.T @ fresh
+    assert output_error((chosen - w).T, h) < 0.9 * output_error((fixed - w).T, h)  # observed ratio 0.86
+
+
+def masked_linear_model(k: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """x[B,T,k], attention_mask[B,T] -> l1 -> Tanh -> l2 -> y * mask: padding never reaches y."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    w2 = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="l1"), helper.make_node("Tanh", ["h"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "w2"], ["z"], name="l2"),
+             helper.make_node("Unsqueeze", ["attention_mask", "axes"], ["m3"], name="unsq"),
+             helper.make_node("Cast", ["m3"], ["mf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["z", "mf"], ["y"], name="mask")]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", k]),
+                                                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", k])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_padding_tokens_do_not_change_the_2_4_masks(method: str) -> None:
+    rng = np.random.default_rng(5)
+    real = [skewed_batches(1, seed=s)[0]["x"].reshape(4, 16, 64) for s in range(4)]
+    mask = np.ones((4, 16), np.int64)
+    mask[:, 10:] = 0  # the last 6 of 16 tokens are padding
+
+    def with_padding(scale: float) -> list[dict[str, np.ndarray]]:
+        out = []
+        for x in real:
+            x = x.copy()
+            x[:, 10:] = scale * rng.standard_normal((4, 6, 64))
+            out.append({"x": x.astype(np.float32), "attention_mask": mask})
+        return out
+
+    model = masked_linear_model()
+    weights = {}
+    for option in ("auto", "none"):
+        for scale in (1.0, 100.0):
+            out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method=method, token_mask=option,
+                                                              calibration=with_padding(scale)))
+            weights[option, scale] = {t.name: read_array(t) for t in out.graph.initializer if t.name != "axes"}
+        assert report.changes["token_mask"] == {"auto": "attention_mask (auto: integer [batch, tokens] input named like a mask)",
+                                                "none": "off (--token-mask none)"}[option]
+    for name in ("w1", "w2"):
+        np.testing.assert_allclose(weights["auto", 1.0][name], weights["auto", 100.0][name], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(weights["none", 1.0][name], weights["none", 100.0][name])
+
+
+def test_sequential_statistics_come_from_the_pruned_upstream_layer() -> None:
+    model, cal = linear_model(), skewed_batches(4)
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    w2 = numpy_helper.to_array(model.graph.initializer[1])
+    xs = np.concatenate([b["x"].reshape(-1, 64) for b in cal]).astype(np.float64)
+    results = {}
+    for sequential in (False, True):
+        out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method="sparsegpt", calibration=cal,
+                                                          damp=0.01, sequential=sequential))
+        assert report.changes["calibration_passes"] == (2 if sequential else 1)
+        results[sequential] = {t.name: read_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(results[True]["w1"], results[False]["w1"])  # same input statistics
+    for sequential, first in ((False, w1), (True, results[True]["w1"].astype(np.float64))):
+        t = np.tanh(xs @ first)  # l2's input: from the float or from the pruned l1
+        expected = sparsegpt_2_4(w2.T, t.T @ t, damp=0.01).T.astype(np.float32)
+        np.testing.assert_allclose(results[sequential]["w2"], expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(results[True]["w2"] - results[False]["w2"]).max() > 1e-3
+
 # ---------------------------------------------------------------------------------------------
 # --exclude by module path, and the CLI's exit code
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ reduced on the fly, so no activation outlives its batch:
   Applies to MatMul/Gemm and to 1x1 Conv (group 1); other Conv layers use Wanda (the
   report says so).
 
-Everything is numpy; ``H`` of a 4096-wide input is 128 MiB in float64. Activations come from
-the *float* model for every layer at once (one pass), not layer by layer from the already
-pruned model as in the SparseGPT paper.
+Everything is numpy; ``H`` of a 4096-wide input is 128 MiB in float64. :func:`collect_input_stats`
+runs whatever model it is given: the ``sparsity-2:4`` pass gives it the model with the layers
+upstream already pruned (sequential, as in both papers), or the float model once for all
+layers (``sequential=False``).
 
 ``onnxsim`` 0.8.1 (PyPI) ships ONNX-level ``apply_wanda_pruning`` / ``apply_sparsegpt_pruning``
 with ``n=2, m=4``; measured side by side on all-MiniLM-L6-v2 (4 calibration batches of 8 x 128
@@ -52,6 +53,7 @@ class InputStats:
 
     sq_norm: np.ndarray | None = None  # sum of x_k^2 per input channel (float64)
     hessian: np.ndarray | None = None  # X^T X (float64), only when asked for
+    hessian_held: np.ndarray | None = None  # the part of ``hessian`` from the odd-numbered batches
     tokens: int = 0
     layout: str = "last"  # "last": channels on the last axis (MatMul/Gemm), "nchw": axis 1 (Conv)
     batches: int = 0
@@ -66,34 +68,61 @@ def _as_rows(x: np.ndarray, layout: str) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def collect_input_stats(model: onnx.ModelProto, tensors: Mapping[str, tuple[str, bool]], batches: Any) -> dict[str, InputStats]:
+def _real_rows(rows: np.ndarray, value: np.ndarray, layout: str, mask: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """The rows of the real tokens when ``mask`` ``[B, T]`` fits ``value``'s leading axes, else all rows.
+
+    A ``last``-layout value fits as ``[B, T, C]`` or flattened ``[B*T, C]``; an ``nchw``
+    value never does (positions are pixels).
+    """
+    if mask is None or layout != "last":
+        return rows, False
+    if value.ndim == 3 and tuple(value.shape[:2]) == tuple(mask.shape) or rows.shape[0] == mask.size:
+        return rows[mask.reshape(-1)], True
+    return rows, False
+
+
+def collect_input_stats(model: onnx.ModelProto, tensors: Mapping[str, tuple[str, bool]], batches: Any, *,
+                        token_mask: str | None = None) -> dict[str, InputStats]:
     """Per tensor (name -> (layout, needs the Hessian)): channel square norms and optionally X^T X.
 
     One ORT session with the tensors as extra outputs, streamed over ``batches``.
+    ``token_mask``: the model input holding the padding mask (bool/int ``[batch, tokens]``,
+    :func:`compress.scoring.find_token_mask`): padding tokens are left out of a tensor's
+    statistics wherever the mask fits its token rows (``InputStats.notes`` says where).
 
     Raises:
-        CalibrationError: no batches, or a batch that does not fit the model.
+        CalibrationError: no batches, a batch that does not fit the model, or lacks the mask.
     """
     from compress.runtime import add_outputs, load_session, run_batch
+    from compress.scoring.collect import batch_mask
 
     names = list(tensors)
     sess = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
     stats = {t: InputStats(layout=tensors[t][0]) for t in names}
+    masked: dict[str, bool] = {}
     for i, feed in enumerate(batches):
+        mask = batch_mask(feed, token_mask, batch=i)
         values = run_batch(sess, feed, names, batch=i)
         for t, v in values.items():
-            rows = _as_rows(v, stats[t].layout)
             s = stats[t]
+            rows, used = _real_rows(_as_rows(v, s.layout), v, s.layout, mask)
+            masked[t] = masked.get(t, True) and used
             sq = (rows * rows).sum(axis=0)
             s.sq_norm = sq if s.sq_norm is None else s.sq_norm + sq
             if tensors[t][1]:
                 h = rows.T @ rows
                 s.hessian = h if s.hessian is None else s.hessian + h
+                if i % 2:
+                    s.hessian_held = h if s.hessian_held is None else s.hessian_held + h
             s.tokens += rows.shape[0]
             s.batches += 1
     if not names or not any(s.batches for s in stats.values()):
         raise CalibrationError("sparsity: the calibration data has no batches",
                                hint="pass calibration batches (--calib DIR) for --sparsity-method wanda/sparsegpt")
+    if token_mask is not None:
+        for t, s in stats.items():
+            s.notes.append(f"real tokens only ({token_mask})" if masked.get(t) else
+                           f"every position: {token_mask} does not fit this tensor's rows")
     return stats
 
 
@@ -168,22 +197,72 @@ def layer_rows(weight: np.ndarray, op: str, axis: int) -> tuple[np.ndarray, Any]
     return weight, lambda r: r  # Gemm transB: [N, K]
 
 
+#: SparseGPT dampenings (share of ``mean(diag H)``) that ``damp=None`` chooses from per layer.
+DAMP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+#: Weight rows (output channels, evenly spaced) :func:`choose_damp` prunes per candidate: SparseGPT
+#: solves each row on its own for a shared ``H``, so a subset estimates the whole layer's error.
+DAMP_SAMPLE_ROWS = 128
+
+
+def output_error(delta_rows: np.ndarray, hessian: np.ndarray) -> float:
+    """``||X ΔWᵀ||²_F = tr(ΔW H ΔWᵀ)``: a weight change's squared output error on the tokens of ``H = XᵀX``."""
+    return float(((delta_rows @ hessian) * delta_rows).sum())
+
+
+def choose_damp(rows: np.ndarray, stats: InputStats, *, block_size: int,
+                grid: Sequence[float] = DAMP_GRID) -> tuple[float, dict[str, float]]:
+    """The dampening of ``grid`` whose SparseGPT result, fitted on the even batches, errs least on the odd ones.
+
+    ``rows``: the layer's ``[outputs, K]`` weight rows. Each candidate prunes ``rows`` with
+    ``H_even`` and is scored by :func:`output_error` on ``H_odd`` (relative to the
+    output's energy there): held-out layer output error, no model run. Too little dampening
+    overfits the few calibration tokens (``H`` of rank below K), too much ignores them.
+    Only :data:`DAMP_SAMPLE_ROWS` evenly spaced rows are pruned per candidate.
+    Returns ``(damp, {damp: relative error})``; without odd batches, ``(grid[0], {})``.
+    """
+    if stats.hessian is None or stats.hessian_held is None or not np.any(stats.hessian - stats.hessian_held):
+        return float(grid[0]), {}
+    fit, held = stats.hessian - stats.hessian_held, stats.hessian_held
+    rows = np.asarray(rows)[:: max(1, len(rows) // DAMP_SAMPLE_ROWS)]
+    base = max(output_error(np.asarray(rows, dtype=np.float64), held), 1e-30)
+    errors: dict[str, float] = {}
+    for d in grid:
+        try:
+            pruned = sparsegpt_2_4(rows, fit, damp=d, block_size=block_size)
+        except BuildError:
+            continue
+        errors[f"{d:g}"] = output_error(pruned - rows, held) / base
+    if not errors:
+        return float(grid[0]), {}
+    best = min(errors, key=lambda k: (errors[k], float(k)))
+    return float(best), errors
+
+
 def sparsify(weight: np.ndarray, op: str, axis: int, method: str, stats: InputStats | None, *,
-             damp: float = 0.01, block_size: int = 128) -> tuple[np.ndarray, str]:
-    """The 2:4 version of one weight by ``method``; returns ``(weight, method used)``."""
+             damp: float | None = 0.01, block_size: int = 128) -> tuple[np.ndarray, dict[str, Any]]:
+    """The 2:4 version of one weight by ``method``; returns ``(weight, {"method": used, ...})``.
+
+    SparseGPT with ``damp=None`` picks the dampening per layer (:func:`choose_damp`; the
+    dict gives ``damp`` and ``damp_errors``).
+    """
     if method == "magnitude" or stats is None:
-        return prune_2_4(weight, axis), "magnitude"
+        return prune_2_4(weight, axis), {"method": "magnitude"}
     one_by_one = weight.ndim == 2 if op != "Conv" else (weight.ndim == 4 and weight.shape[2:] == (1, 1))
     if method == "sparsegpt" and one_by_one and stats.hessian is not None:
         rows, back = layer_rows(weight, op, axis)
+        info: dict[str, Any] = {"method": "sparsegpt"}
+        if damp is None:
+            damp, info["damp_errors"] = choose_damp(rows, stats, block_size=block_size)
+        info["damp"] = damp
         out = sparsegpt_2_4(rows, stats.hessian, damp=damp, block_size=block_size)
-        return back(out).astype(weight.dtype), "sparsegpt"
+        return back(out).astype(weight.dtype), info
     assert stats.sq_norm is not None
     if op == "Conv":
         moved = np.moveaxis(weight, 1, -1)  # [O, kh, kw, I]
         pruned = wanda_2_4(moved, moved.ndim - 1, stats.sq_norm)
-        return np.moveaxis(pruned, -1, 1), "wanda"
-    return wanda_2_4(weight, axis, stats.sq_norm), "wanda"
+        return np.moveaxis(pruned, -1, 1), {"method": "wanda"}
+    return wanda_2_4(weight, axis, stats.sq_norm), {"method": "wanda"}
 
 
 def needs(method: str, op: str, weight_shape: Sequence[int]) -> bool:
@@ -193,4 +272,5 @@ def needs(method: str, op: str, weight_shape: Sequence[int]) -> bool:
     return method == "sparsegpt" and len(weight_shape) == 2
 
 
-__all__ = ["METHODS", "InputStats", "collect_input_stats", "mask_2_4", "sparsegpt_2_4", "sparsify", "wanda_2_4"]
+__all__ = ["DAMP_GRID", "DAMP_SAMPLE_ROWS", "METHODS", "InputStats", "choose_damp", "collect_input_stats", "mask_2_4", "output_error",
+           "sparsegpt_2_4", "sparsify", "wanda_2_4"]
