@@ -216,3 +216,27 @@ def test_a_candidate_metric_that_fails_leaves_the_default_rule_and_a_note(tiny, 
     rules = {r for row in m["candidates"] for r in row["rules"]}
     assert rules == {"lowest/cosine", "span/cosine"}
     assert m["candidates"][0]["rules"][0] == "lowest/cosine"
+
+
+def test_measured_adds_gradnorm_candidates_when_the_block_map_carries_gradnorm(tiny) -> None:
+    _, model, bm = tiny
+    batches = _batches()
+    from compress.scoring.gradnorm import with_gradnorms
+
+    plain = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
+    assert not any("gradnorm" in r for row in plain.report["measured"]["candidates"] for r in row["rules"])
+    assert any(n.startswith("no gradnorm candidates") for n in plain.report["measured"]["notes"])
+    # GradNorm that calls the first two blocks least important: a set no other rule needs to give
+    names = [b.name for b in bm.blocks]
+    graded = with_gradnorms(bm, {n: (0.01 * (i + 1) if i < 2 else 5.0 + i) for i, n in enumerate(names)}, "test loss")
+    res = prune_model(model, graded, batches, PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
+    table = res.report["measured"]["candidates"]
+    by_rule = {r: row["blocks"] for row in table for r in row["rules"]}
+    assert by_rule["lowest/gradnorm"] == [0, 1]
+    assert by_rule["span/gradnorm"] == [0, 1]
+    assert "lowest/cosine" in table[0]["rules"]  # the default stays the first candidate
+    _, held = split_batches(batches, 0.25)
+    row = next(r for r in table if "lowest/gradnorm" in r["rules"])
+    fid = compare_models(model, remove_blocks(model, [bm.blocks[0], bm.blocks[1]]), held)
+    assert fid["loss"] == pytest.approx(row["loss"], abs=1e-12)
+    assert res.report["fidelity"]["loss"] <= min(r["loss"] for r in table if not r["healed"]) + 1e-12

@@ -25,6 +25,7 @@ from compress.prune.cost import _params
 from compress.prune.heal import _better, fit_spans, heal_spans, removed_spans
 from compress.prune.select import MEASURED_METRICS, SELECTIONS, Candidates
 from compress.scoring.collect import ScoreConfig, ScoreReport, score_blocks
+from compress.scoring.gradnorm import GRADNORM, has_gradnorm
 from compress.scoring.heal import LinearFit
 from compress.surgery import remove_blocks, verify_removal
 
@@ -79,7 +80,7 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
 
     Candidates (deduplicated; each set is evaluated once and lists every rule that gives it):
     ``lowest`` by ``config.metric`` (the default rule, always the first candidate) and by
-    each of :data:`MEASURED_METRICS`; ``segment`` (SGLP, the CKA segments) by each; ``span``
+    each of :data:`MEASURED_METRICS` (and ``gradnorm`` when ``block_map`` carries it); ``segment`` (SGLP, the CKA segments) by each; ``span``
     (the best contiguous run) by each token metric, from a second scoring pass with
     ``interval = count`` (``count == 1``: the single-block scores). With ``config.heal``, each
     candidate is also healed (:func:`heal_spans`; the fits of every candidate's spans come
@@ -101,6 +102,11 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
     t0 = time.perf_counter()
     metrics = tuple(dict.fromkeys([config.metric, *MEASURED_METRICS]))
     extra_notes: list[str] = []
+    if has_gradnorm(block_map):
+        metrics = tuple(dict.fromkeys([*metrics, GRADNORM]))  # read from the block map: no ORT work
+    else:
+        extra_notes.append("no gradnorm candidates: the block map has no GradNorm (compress export --calib, "
+                           "or prune --torch-source)")
     try:
         single = score_blocks(model, block_map, score_set,
                               ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)))

@@ -21,6 +21,13 @@ interrupted search) redoes nothing finished. The winner's files go to ``OUT/best
 ``latency.json`` holding the comparison with the original; the pipeline's ``gates`` are
 evaluated on it. ``OUT/search.json`` (schema :data:`SEARCH_SCHEMA`), ``search.md`` and
 ``search.png`` report every candidate.
+
+One module of ~610 lines on purpose: two thirds of it is :class:`_Search`, the state of one
+search (the candidate records, the executor, the stage folders, the measured numbers the
+predictions read) and the rounds that change it; split over files, every method would
+take and return that state. Prediction, the search space, task execution and rendering
+live in their own modules (``predict``, ``space``, ``execute``/``tasks``,
+:mod:`compress.reports.search`).
 """
 
 from __future__ import annotations
