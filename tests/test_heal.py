@@ -298,3 +298,48 @@ def test_a_linear_span_of_a_feature_map_is_healed_by_a_1x1_conv(tmp_path) -> Non
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     fid = result.report["heal"]
     assert fid["fidelity_without"]["cosine"] < 0.999 < 0.9999 <= fid["fidelity_with"]["cosine"]
+
+
+def test_later_spans_are_also_fitted_on_their_input_in_the_pruned_model(tmp_path) -> None:
+    from compress.prune import fit_spans
+    from compress.runtime import add_outputs
+    from compress.surgery import remove_blocks
+
+    torch.manual_seed(0)
+    module = models._randomise(Net(linear=(), depth=5), 7)
+    path = models.export_onnx(module, models.transformer_input(), tmp_path / "n.onnx", dynamic_batch=True)
+    model = onnx.load(path)
+    bm = find_blocks(model)
+    batches = _batches(4)
+    # The fit reads X from the model with block 1 removed and Y from the original (block 3's span).
+    upstream = remove_blocks(model, [bm.blocks[1]])
+    span = [bm.blocks[3]]
+    (fits,), _ = fit_spans(model, [span], batches, inputs_from=upstream)
+    (fit,) = fits
+    x_name, y_name = span[0].streams[0].input, span[0].streams[0].output
+    xs = make_session(add_outputs(upstream, [x_name]))
+    ys = make_session(add_outputs(model, [y_name]))
+    xtx, xty = np.zeros((33, 33)), np.zeros((33, 32))
+    for feed in batches:
+        x = xs.run([x_name], feed)[0].reshape(-1, 32).astype(np.float64)
+        y = ys.run([y_name], feed)[0].reshape(-1, 32).astype(np.float64)
+        xa = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        xtx += xa.T @ xa
+        xty += xa.T @ y
+    np.testing.assert_allclose(fit.xtx, xtx, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(fit.xty, xty, rtol=1e-9, atol=1e-6)
+    (orig,), _ = fit_spans(model, [span], batches)
+    assert np.abs(orig[0].xtx - fit.xtx).max() > 1e-3  # upstream removal changed the span's input
+    # In heal_spans the second span tries both fits; the kept trial is the best held-out one.
+    config = PruneConfig(metric="cosine", remove=2, keep=(0, 2, 4), heal=True, **NO_LATENCY)
+    report = prune_model(model, bm, _batches(8), config).report["heal"]
+    first, second = report["spans"]
+    assert {r["fit_inputs"] for r in first["ridges"]} == {"original"}
+    assert [r["fit_inputs"] for r in second["ridges"]] == ["original"] * len(RIDGE_GRID) + ["pruned"] * len(RIDGE_GRID)
+    if second.get("loss_with") is not None:
+        best = min(second["ridges"], key=lambda r: (r["loss"], -r["cosine"]))
+        assert second["loss_with"] == best["loss"]
+        assert second["fit_inputs"] == best["fit_inputs"]
+    off = prune_model(model, bm, _batches(8), PruneConfig(metric="cosine", remove=2, keep=(0, 2, 4), heal=True,
+                                                           heal_refit=False, **NO_LATENCY)).report["heal"]
+    assert {r["fit_inputs"] for r in off["spans"][1]["ridges"]} == {"original"}

@@ -46,6 +46,10 @@ class PruneConfig(StageConfig):
         seed: seed of the ``random`` baseline.
         heal: replace each removed span by a fitted linear map where that improves the
             held-out fidelity (:func:`heal_spans`).
+        heal_refit: for every removed span after the first, also try the map fitted with the
+            span's input taken from the model pruned and healed so far (the map then corrects
+            the upstream spans' error too; one more pass of both models per span); the better
+            of the two on the held-out batches is kept.
         heal_ridge: relative ridge strength of the healing fit (>= 0; ``--heal-ridge``); None
             (default) = per span, the best held-out fidelity over :data:`RIDGE_GRID`.
     """
@@ -69,6 +73,10 @@ class PruneConfig(StageConfig):
         None, minimum=0, metavar="R",
         help="relative ridge strength of the healing fit (x trace(X^T X)/d); default: per span, the best on the "
              f"held-out batches of {', '.join(f'{r:g}' for r in RIDGE_GRID)}")
+    heal_refit: bool = option(
+        True, flag="",
+        help="heal each span after the first also with a map fitted on its input in the model already pruned "
+             "(and healed) upstream, and keep the better of the two fits on the held-out batches")
 
     def __post_init__(self) -> None:
         """Checks every field once (the CLI and ``compress run`` share it); blocks are checked by :func:`check_blocks`."""
@@ -82,6 +90,8 @@ class PruneConfig(StageConfig):
         check_int("PruneConfig", "seed", self.seed, example="0")
         if not isinstance(self.heal, bool):
             raise FieldError("PruneConfig", "heal", self.heal, "must be true or false", example="true")
+        if not isinstance(self.heal_refit, bool):
+            raise FieldError("PruneConfig", "heal_refit", self.heal_refit, "must be true or false", example="true")
         check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-2", optional=True)
         if not isinstance(self.keep, tuple) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
                                                        for k in self.keep):

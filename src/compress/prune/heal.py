@@ -53,11 +53,15 @@ def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches: Batches, *,
-              token_mask: str = "auto") -> tuple[list[list[LinearFit | str]], str | None]:
+              token_mask: str = "auto", inputs_from: onnx.ModelProto | None = None,
+              ) -> tuple[list[list[LinearFit | str]], str | None]:
     """Healing sums for every stream of every span, from one ORT pass of ``model`` over ``batches``.
 
-    Returns, per span and stream (the first block's streams), a :class:`LinearFit` or the
-    reason the stream cannot be healed, and the token mask input used (None = every position).
+    ``inputs_from``: read the spans' input streams ``X`` from this model instead (the model
+    with the spans upstream already removed and healed, run side by side with ``model``, which
+    gives the targets ``Y``): the map then also corrects what upstream pruning changed in its
+    input. Returns, per span and stream (the first block's streams), a :class:`LinearFit` or
+    the reason the stream cannot be healed, and the token mask input used (None = every position).
     """
     mask_name, _ = find_token_mask(model, token_mask)
     plan: list[list[tuple[str, str] | str]] = []
@@ -71,14 +75,24 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
             else:
                 row.append((st.input, out.output))
         plan.append(row)
+    if inputs_from is not None:
+        known = {i.name for i in inputs_from.graph.input} | {o for n in inputs_from.graph.node for o in n.output}
+        plan = [[e if isinstance(e, str) or e[0] in known else f"stream input {e[0]!r} is not in the pruned model"
+                 for e in row] for row in plan]
     names = list(dict.fromkeys(n for row in plan for e in row if isinstance(e, tuple) for n in e))
     fits: list[list[LinearFit | str]] = [[e if isinstance(e, str) else "" for e in row] for row in plan]
     if not names:
         return fits, None
     session = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
+    x_names = list(dict.fromkeys(e[0] for row in plan for e in row if isinstance(e, tuple)))
+    x_session = (None if inputs_from is None else
+                 load_session(add_outputs(inputs_from, x_names), providers=("CPUExecutionProvider",)))
     used = mask_name
     for i, feed in enumerate(batches):
         values = run_batch(session, feed, names, batch=i)
+        if x_session is not None:
+            values_x = run_batch(x_session, feed, x_names, batch=i)
+            values = {**values, **{f"{n}\0x": v for n, v in values_x.items()}}
         mask = batch_mask(feed, used, batch=i)
         if i == 0 and mask is not None and not mask_fits(mask, values.values(), None):
             used, mask = None, None
@@ -86,7 +100,7 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
             for k, e in enumerate(row):
                 if isinstance(e, str) or isinstance(fits[r][k], str) and fits[r][k]:
                     continue
-                a, b = values[e[0]], values[e[1]]
+                a, b = values[e[0] if x_session is None else f"{e[0]}\0x"], values[e[1]]
                 if (a.ndim >= 4) != (b.ndim >= 4) or (a.ndim >= 4 and a.shape[2:] != b.shape[2:]):
                     fits[r][k] = (f"stream {e[0]!r}: the span maps {list(a.shape)} to {list(b.shape)} "
                                   "(not one position to one position): not healed")
@@ -135,41 +149,48 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
     rows: list[dict[str, Any]] = []
     index = GraphIndex(model)
     ridges = (config.heal_ridge,) if config.heal_ridge is not None else RIDGE_GRID
-    for span, span_fits in zip(spans, all_fits, strict=True):
+    for j, (span, span_fits) in enumerate(zip(spans, all_fits, strict=True)):
         last = span[-1]
         row: dict[str, Any] = {"blocks": [b.name for b in span], "first": span[0].index, "last": last.index,
                                "accepted": False, "loss_without": current_fid["loss"],
                                "cosine_without": current_fid["cosine"], "ridges": []}
+        sources: list[tuple[str, list[LinearFit | str]]] = [("original", span_fits)]
+        if j and config.heal_refit:  # spans upstream are removed: this span's input is not the original's
+            refit, _ = fit_spans(model, [span], score_set, token_mask=config.options.token_mask, inputs_from=current)
+            sources.append(("pruned", refit[0]))
         best: tuple[dict[str, Any], Any, dict[tuple[int, int], HealMap], list[dict[str, Any]]] | None = None
-        for ridge in ridges:
-            streams: list[dict[str, Any]] = []
-            trial_maps = dict(maps)
-            for k, fit in enumerate(span_fits):
-                st = span[0].streams[k]
-                entry: dict[str, Any] = {"stream": st.name, "input": st.input, "output": last.streams[k].output}
-                if isinstance(fit, LinearFit) and fit.rows:
-                    m: LinearMap = fit.solve(ridge)
-                    entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
-                    out_k = next(j for j, o in enumerate(last.streams) if o.name == st.name)
-                    trial_maps[last.index, out_k] = (st.input, m.weight, m.bias, fit.spatial)
-                else:
-                    entry["skipped"] = fit or "no token to fit on"
-                streams.append(entry)
-            if len(trial_maps) == len(maps):
-                row["streams"] = streams
-                break
-            trial = remove_blocks(model, removed, check=False, index=index, heal=trial_maps)
-            check_model(trial)
-            verify_removal(model, trial, next(iter(held)), blocks=removed)
-            fid = evaluate(trial)
-            row["ridges"].append({"ridge": ridge, "loss": fid["loss"], "cosine": fid["cosine"]})
-            if best is None or _better(fid, best[0]):
-                best = (fid, trial, trial_maps, streams)
+        for source, source_fits in sources:
+            for ridge in ridges:
+                streams: list[dict[str, Any]] = []
+                trial_maps = dict(maps)
+                for k, fit in enumerate(source_fits):
+                    st = span[0].streams[k]
+                    entry: dict[str, Any] = {"stream": st.name, "input": st.input, "output": last.streams[k].output,
+                                             "fit_inputs": source}
+                    if isinstance(fit, LinearFit) and fit.rows:
+                        m: LinearMap = fit.solve(ridge)
+                        entry.update(tokens=m.rows, residual=m.residual, skip_residual=m.skip_residual, ridge=m.ridge)
+                        out_k = next(i for i, o in enumerate(last.streams) if o.name == st.name)
+                        trial_maps[last.index, out_k] = (st.input, m.weight, m.bias, fit.spatial)
+                    else:
+                        entry["skipped"] = fit or "no token to fit on"
+                    streams.append(entry)
+                if len(trial_maps) == len(maps):
+                    row.setdefault("streams", streams)
+                    break
+                trial = remove_blocks(model, removed, check=False, index=index, heal=trial_maps)
+                check_model(trial)
+                verify_removal(model, trial, next(iter(held)), blocks=removed)
+                fid = evaluate(trial)
+                row["ridges"].append({"fit_inputs": source, "ridge": ridge, "loss": fid["loss"], "cosine": fid["cosine"]})
+                if best is None or _better(fid, best[0]):
+                    best = (fid, trial, trial_maps, streams)
         if best is None:
             row["note"] = "no stream of this span can be healed"
         else:
             fid, trial, trial_maps, streams = best
-            row.update(streams=streams, ridge=streams[0].get("ridge"), loss_with=fid["loss"], cosine_with=fid["cosine"])
+            row.update(streams=streams, ridge=streams[0].get("ridge"), fit_inputs=streams[0]["fit_inputs"],
+                       loss_with=fid["loss"], cosine_with=fid["cosine"])
             if _better(fid, current_fid):
                 row["accepted"] = True
                 maps, current, current_fid = trial_maps, trial, fid
@@ -179,7 +200,9 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
         logger.info("heal %s: %s", row["blocks"], "kept" if row["accepted"] else row.get("note"))
     report = {"ridge": config.heal_ridge if config.heal_ridge is not None else "auto", "ridge_grid": list(ridges),
               "token_mask": mask_used, "fit_batches": len(score_set),
-              "fit_pass": "one ORT pass of the original model over the scoring batches, after the selection",
+              "fit_pass": "one ORT pass of the original model over the scoring batches, after the selection"
+                          + ("; every later span also refitted on its input in the model pruned (and healed) so far, "
+                             "one pass of both models" if config.heal_refit and len(spans) > 1 else ""),
               "spans": rows, "healed_spans": sum(r["accepted"] for r in rows),
               "fidelity_without": dict(fidelity), "fidelity_with": current_fid}
     return current, current_fid, report

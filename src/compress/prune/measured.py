@@ -102,11 +102,12 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
     t0 = time.perf_counter()
     metrics = tuple(dict.fromkeys([config.metric, *MEASURED_METRICS]))
     extra_notes: list[str] = []
+    last_notes: list[str] = []
     if has_gradnorm(block_map):
         metrics = tuple(dict.fromkeys([*metrics, GRADNORM]))  # read from the block map: no ORT work
     else:
-        extra_notes.append("no gradnorm candidates: the block map has no GradNorm (compress export --calib, "
-                           "or prune --torch-source)")
+        last_notes.append("no gradnorm candidates: the block map has no GradNorm (compress export --calib, "
+                          "or prune --torch-source)")
     try:
         single = score_blocks(model, block_map, score_set,
                               ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)))
@@ -126,7 +127,7 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
         except (BlockError, ConfigError) as exc:
             extra_notes.append(f"no span candidates: {exc.message}")
     sets, notes = _candidate_sets(config, block_map, count, single, span)
-    notes = extra_notes + notes
+    notes = extra_notes + notes + last_notes
     reference = HeldOut(model, held)
     spans_fits: dict[tuple[int, int], list[LinearFit | str]] = {}
     mask_used = None

@@ -99,6 +99,7 @@ def _heal_lines(report: dict[str, Any]) -> list[str]:
     for s in heal["spans"]:
         st = [x for x in s.get("streams", []) if "residual" in x]
         rows.append([", ".join(s["blocks"]), ", ".join(x["stream"] for x in st) or "-", s.get("ridge"),
+                     s.get("fit_inputs", "-"),
                      max((x["residual"] for x in st), default=None),
                      max((x["skip_residual"] for x in st if x["skip_residual"] is not None), default=None),
                      s.get("loss_without"), s.get("loss_with"), "yes" if s["accepted"] else "no"])
@@ -107,7 +108,7 @@ def _heal_lines(report: dict[str, Any]) -> list[str]:
     ridge = heal["ridge"] if isinstance(heal["ridge"], str) else f"{heal['ridge']:g}"
     return ["", f"Healing (ridge {ridge}, fitted on {heal['fit_batches']} scoring batches"
             + (f", real tokens of `{heal['token_mask']}`" if heal.get("token_mask") else "") + "):", "",
-            markdown_table(["span", "streams", "ridge", "fit residual", "residual without map", "held-out loss without",
+            markdown_table(["span", "streams", "ridge", "fit on inputs of", "fit residual", "residual without map", "held-out loss without",
                             "with", "healed"], rows), "",
             f"Held-out fidelity: loss {fmt(wo['loss'])} -> {fmt(w['loss'])}, cosine {fmt(wo['cosine'])} -> "
             f"{fmt(w['cosine'])} ({heal['healed_spans']} of {len(heal['spans'])} spans healed).", *notes]
