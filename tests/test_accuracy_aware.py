@@ -491,6 +491,25 @@ def test_padding_tokens_do_not_change_the_2_4_masks(method: str) -> None:
         assert not np.allclose(weights["none", 1.0][name], weights["none", 100.0][name])
 
 
+def test_the_token_mask_applies_only_where_it_fits_the_rows() -> None:
+    from compress.passes.sparse_calib import _as_rows, _real_rows
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)  # [B=2, T=3]: 3 real tokens
+    btc = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)
+    rows, used = _real_rows(_as_rows(btc, "last"), btc, "last", mask)
+    assert used
+    np.testing.assert_array_equal(rows, btc[mask])
+    flat = btc.reshape(6, 4)
+    rows, used = _real_rows(_as_rows(flat, "last"), flat, "last", mask)
+    assert used
+    np.testing.assert_array_equal(rows, btc[mask])
+    tbc = btc.transpose(1, 0, 2)  # [T, B, C]: same row count, other order -> every row kept
+    rows, used = _real_rows(_as_rows(tbc, "last"), tbc, "last", mask)
+    assert not used
+    assert rows.shape == (6, 4)
+    nchw = np.zeros((2, 4, 3, 1))
+    assert not _real_rows(_as_rows(nchw, "nchw"), nchw, "nchw", mask)[1]
+
 def test_sequential_statistics_come_from_the_pruned_upstream_layer() -> None:
     model, cal = linear_model(), skewed_batches(4)
     w1 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)

@@ -71,12 +71,12 @@ def _as_rows(x: np.ndarray, layout: str) -> np.ndarray:
 def _real_rows(rows: np.ndarray, value: np.ndarray, layout: str, mask: np.ndarray | None) -> tuple[np.ndarray, bool]:
     """The rows of the real tokens when ``mask`` ``[B, T]`` fits ``value``'s leading axes, else all rows.
 
-    A ``last``-layout value fits as ``[B, T, C]`` or flattened ``[B*T, C]``; an ``nchw``
-    value never does (positions are pixels).
+    A ``last``-layout value fits as ``[B, T, C]`` or flattened ``[B*T, C]`` (batch-major);
+    anything else (``[T, B, C]``, attention heads, an ``nchw`` feature map) keeps every row.
     """
     if mask is None or layout != "last":
         return rows, False
-    if value.ndim == 3 and tuple(value.shape[:2]) == tuple(mask.shape) or rows.shape[0] == mask.size:
+    if (value.ndim == 3 and tuple(value.shape[:2]) == tuple(mask.shape)) or (value.ndim == 2 and len(value) == mask.size):
         return rows[mask.reshape(-1)], True
     return rows, False
 
