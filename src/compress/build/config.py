@@ -80,7 +80,8 @@ class BuildConfig(StageConfig):
     sparsity_method: str = option(
         "magnitude", choices=SPARSITY_METHODS,
         help="how 2:4 picks the weights: magnitude (no data), wanda (|w| x input activation norm), sparsegpt "
-             "(one-shot OBS with weight compensation); the last two need --calib")
+             "(one-shot OBS with weight compensation, dampening chosen per layer on held-out batches); the last two "
+             "need --calib and leave padding tokens out (the model's attention mask input, found by name)")
     smoothquant: float | None = option(
         None, minimum=0, metavar="ALPHA",
         help="SmoothQuant before int8: migrate activation outliers into the weights with strength ALPHA in [0, 1] "
