@@ -93,7 +93,8 @@ METHODS = (
            "the default with `--token-mask none`: padding positions scored like real tokens (before issue 16)",
            token_mask="none"),
     Method("auto/measured", "auto", "measured", "prune",
-           "`--measured`: candidate sets of every rule and metric, the best on the held-out batches"),
+           "`--measured`: candidate sets of every rule and metric (GradNorm too, where torch gives it), the best on "
+           "the held-out batches"),
     Method("cosine/lowest", "cosine", "lowest", "prune", "mean 1 - |cos| of block input vs output (Sana 1.5); k lowest"),
     Method("cosine-signed/lowest", "cosine-signed", "lowest", "prune", "mean 1 - cos (ShortGPT Block Influence); k lowest"),
     Method("angular/lowest", "angular", "lowest", "prune", "mean arccos/pi (Gromov et al.), interval 1, all tokens; k lowest"),
@@ -191,6 +192,8 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
         if ctx.get("gradnorm_map") is None:
             return None  # the torch module gives no GradNorm (why: the model's "gradnorm" entry)
         bm = ctx["gradnorm_map"]
+    elif method.select == "measured" and ctx.get("gradnorm_map") is not None:
+        bm = ctx["gradnorm_map"]  # as after 'compress export --calib': GradNorm's sets are candidates too
     config = PruneConfig(metric=method.metric, select=method.select, remove=k, holdout=HOLDOUT, latency=latency,
                          heal=method.heal, options=MetricConfig(token_mask=method.token_mask))
     t = time.perf_counter()
