@@ -31,7 +31,7 @@ Submodules (each imports its siblings directly, never this package):
 
 from __future__ import annotations
 
-from compress.calibration.check import check_calibration, model_input_types, shared_inputs
+from compress.calibration.check import check_calibration, load_calibration_for, model_input_types, shared_inputs
 from compress.calibration.images import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_ASPECT,
@@ -80,7 +80,8 @@ __all__ = [
     "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "MAX_RANDOM_BATCHES", "MAX_RANDOM_ELEMENTS",
     "MAX_TEXT_LENGTH", "ArraySpec", "CalibrationBatch", "CalibrationFile", "CalibrationReader", "CalibrationSet",
     "ImageOptions", "TextOptions", "as_data_reader", "check_calibration", "describe", "find_images", "image_batches",
-    "iter_batches", "iter_labels", "load_calibration", "load_tokenizer", "model_input_types", "parse_floats", "preprocess_image",
+    "iter_batches", "iter_labels", "load_calibration", "load_calibration_for", "load_tokenizer", "model_input_types",
+    "parse_floats", "preprocess_image",
     "random_calibration", "read_npz_header", "relabel", "shared_inputs", "split_calibration", "split_texts", "static_batch",
     "summarize_batches", "text_batches", "with_labels",
 ]

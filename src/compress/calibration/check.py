@@ -8,13 +8,14 @@ an error. Nothing here reads array data or modifies the model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import onnx
 
 from compress.calibration.npz import ArraySpec, CalibrationFile, _shape_str
-from compress.calibration.source import CalibrationSet
+from compress.calibration.source import CalibrationSet, load_calibration, with_labels
 from compress.errors import CalibrationError
 from compress.graph import TensorType, value_type
 
@@ -152,3 +153,15 @@ def _check_shared(f: CalibrationFile, a: ArraySpec, t: TensorType, unbatched: bo
                 f"batches along axis 0", hint="drop --batch-size (one batch per file); a shared input is passed whole")
         return True  # passed whole: the file is one batch
     return a.name not in f.shared
+
+
+def load_calibration_for(path: str | os.PathLike[str], model: onnx.ModelProto, *,
+                         batch_size: int | None = None) -> CalibrationSet:
+    """The ``.npz`` calibration set at ``path`` as ``model`` reads it (not yet checked: :func:`check_calibration`).
+
+    :func:`~compress.calibration.source.load_calibration` with the model's batch-free inputs
+    as ``shared`` (:func:`shared_inputs`), then :func:`~compress.calibration.source.with_labels`
+    with its input names. The one loader of the CLI, ``compress calib check`` and the pipeline.
+    """
+    calib = load_calibration(path, batch_size=batch_size, shared=shared_inputs(model) or None)
+    return with_labels(calib, list(model_input_types(model)))

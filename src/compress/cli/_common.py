@@ -90,14 +90,7 @@ def _parse_dims(spec: str | None) -> dict[str, int]:
 
 def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
     """The CalibrationSet chosen by ``--calib`` / ``--random-calib``, checked against ``model``."""
-    from compress.calibration import (
-        check_calibration,
-        load_calibration,
-        model_input_types,
-        random_calibration,
-        shared_inputs,
-        with_labels,
-    )
+    from compress.calibration import check_calibration, load_calibration_for, random_calibration
     from compress.errors import ConfigError
 
     if args.calib and args.random_calib:
@@ -108,8 +101,7 @@ def load_calib_for(args: argparse.Namespace, model: onnx.ModelProto) -> Any:
         batch = dims.pop("batch", args.batch_size)
         calib = random_calibration(model, batches=args.random_calib, batch_size=batch, dims=dims, seed=0)
     elif args.calib:
-        calib = load_calibration(args.calib, batch_size=args.batch_size, shared=shared_inputs(model) or None)
-        calib = with_labels(calib, list(model_input_types(model)))
+        calib = load_calibration_for(args.calib, model, batch_size=args.batch_size)
     else:
         raise ConfigError("calibration data is required", hint="pass --calib DIR (or --random-calib N for a smoke test)")
     check_calibration(calib, model)

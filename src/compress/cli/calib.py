@@ -16,14 +16,11 @@ from compress.calibration import (
     find_images,
     image_batches,
     iter_batches,
-    load_calibration,
-    model_input_types,
+    load_calibration_for,
     parse_floats,
-    shared_inputs,
     split_texts,
     summarize_batches,
     text_batches,
-    with_labels,
 )
 from compress.cli import command
 from compress.config import flag_names
@@ -133,8 +130,7 @@ def _run_images(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    calib = load_calibration(args.data, batch_size=args.batch_size, shared=shared_inputs(model) or None)
-    calib = with_labels(calib, list(model_input_types(model)))
+    calib = load_calibration_for(args.data, model, batch_size=args.batch_size)
     check_calibration(calib, model)
     shapes = [{k: (v.dtype.name, tuple(v.shape)) for k, v in b.items()} for b in iter_batches(calib)]
     labels = f"; labels in '{calib.labels_key}' (GradNorm's task loss)" if calib.labels_key else ""

@@ -126,22 +126,14 @@ def load_calib(run: Run, model: onnx.ModelProto) -> Any:
     Raises:
         CalibrationError: the batches do not fit ``model``'s inputs.
     """
-    from compress.calibration import (
-        check_calibration,
-        load_calibration,
-        model_input_types,
-        random_calibration,
-        shared_inputs,
-        with_labels,
-    )
+    from compress.calibration import check_calibration, load_calibration, load_calibration_for, random_calibration
 
     c = run.config.calibration
     if c.random is not None:
         r = c.random
         calib = random_calibration(model, batches=r.batches, batch_size=r.batch_size, dims=dict(r.dims), seed=r.seed)
     elif c.npz is not None:
-        calib = load_calibration(c.npz, batch_size=c.batch_size, shared=shared_inputs(model) or None)
-        calib = with_labels(calib, list(model_input_types(model)))
+        calib = load_calibration_for(c.npz, model, batch_size=c.batch_size)
     else:
         calib = load_calibration(run.out / "calib")
         source = c.text if c.text is not None else c.images

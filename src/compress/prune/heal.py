@@ -83,8 +83,10 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
     fits: list[list[LinearFit | str]] = [[e if isinstance(e, str) else "" for e in row] for row in plan]
     if not names:
         return fits, None
-    session = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
     x_names = list(dict.fromkeys(e[0] for row in plan for e in row if isinstance(e, tuple)))
+    if inputs_from is not None:  # the original model gives the targets only
+        names = list(dict.fromkeys(e[1] for row in plan for e in row if isinstance(e, tuple)))
+    session = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
     x_session = (None if inputs_from is None else
                  load_session(add_outputs(inputs_from, x_names), providers=("CPUExecutionProvider",)))
     used = mask_name
