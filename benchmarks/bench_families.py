@@ -4,7 +4,7 @@ For each family of ``tests/families.py`` (tiny seeded diffusers and transformers
 Sana, SD3 (MMDiT), Flux (double + single stream), PixArt, DiT, GPT-2, Llama, Qwen2) the
 script does what a user of ``compress export`` + ``compress prune`` gets:
 
-1. export with :func:`compress.export.export_model` (the family's default exporter, then the
+1. export with :func:`compress.export.export` (the family's default exporter, then the
    other one; block containers detected from the module tree, as the CLI does);
 2. count the blocks found, the removable ones, and the true blocks (the length of the
    module's block container(s));

@@ -7,7 +7,7 @@ predicted noise to the unpruned model, since no trained DiT installs offline):
 
 1. export it with compress's export API (dynamo, opset 18) and find its blocks;
 2. evaluate the unpruned ONNX model's task metric with ONNX Runtime;
-3. for k = 1, 2, 3 removed blocks, prune with every selection method (``prune_model``
+3. for k = 1, 2, 3 removed blocks, prune with every selection method (``prune``
    on real calibration batches, scored on 75 % of them, fidelity on the held-out 25 %;
    the ``gradnorm`` methods read each block's GradNorm, computed once per model in torch
    on the same scoring batches, from the block map, as ``compress prune --torch-source`` does)
@@ -72,7 +72,7 @@ ITERATIVE_BUDGET = 1.0
 class Method:
     """One way of choosing blocks.
 
-    ``kind``: ``prune`` (``prune_model`` with ``metric``/``select``), ``iterative`` (the
+    ``kind``: ``prune`` (``compress.prune.prune`` with ``metric``/``select``), ``iterative`` (the
     budget loop's removal order, first k steps), ``baseline`` (``last``/``random`` of
     ``compress.prune.SELECTIONS``, no scoring).
     """
@@ -180,9 +180,10 @@ def _sig(x: Any, digits: int = 6) -> Any:
 
 
 def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> dict[str, Any] | None:
-    """``prune_model`` with the method's metric and rule; None for a ``gradnorm`` method without GradNorm."""
+    """``prune`` with the method's metric and rule; None for a ``gradnorm`` method without GradNorm."""
+    from compress.blocks import MappedModel
     from compress.errors import CompressError
-    from compress.prune import PruneConfig, prune_model
+    from compress.prune import PruneConfig, prune
 
     model, bm = ctx["model"], ctx["block_map"]
     from compress.scoring import MetricConfig
@@ -198,28 +199,28 @@ def run_prune(method: Method, k: int, ctx: dict[str, Any], *, latency: Any) -> d
                          heal=method.heal, options=MetricConfig(token_mask=method.token_mask))
     t = time.perf_counter()
     try:
-        res = prune_model(model, bm, ctx["calibration"], config)
+        pruned, report = prune(MappedModel(model, bm), config, data=ctx["calibration"])
     except CompressError as exc:
         return {"k": k, "method": method.key, "metric": method.metric, "select": method.select, "kind": method.kind,
                 "error": f"{type(exc).__name__}: {exc}"}
     seconds = time.perf_counter() - t
-    removed = [b["index"] for b in res.report["removed"]]
-    used = res.report["method"]["metric"]  # "auto" resolved by prune_model
-    metric_scores = res.report["scores"][used]
+    removed = [b["index"] for b in report.removed]
+    used = report.method["metric"]  # "auto" resolved by prune
+    metric_scores = report.scores[used]
     scores = {"metric": used, "interval": metric_scores.get("details", {}).get("interval"),
               "scores": _sig(metric_scores["scores"]) if used == GRADNORM else rounded(metric_scores["scores"])}
-    cka = res.report["scores"].get("cka") if used == "cka" or method.select == "segment" else None
+    cka = report.scores.get("cka") if used == "cka" or method.select == "segment" else None
     if cka and cka.get("segments") is not None:
         scores["segments"] = cka["segments"]
-    if "gradnorm" in res.report["method"]:
-        scores["gradnorm"] = res.report["method"]["gradnorm"]
-    return _row(method, k, bm, removed, ctx["evaluate"](res.model), res.report["fidelity"], seconds,
-                scores=scores, params_after=res.report["params"]["after"],
-                latency=_latency(res.report.get("latency")))
+    if "gradnorm" in report.method:
+        scores["gradnorm"] = report.method["gradnorm"]
+    return _row(method, k, bm, removed, ctx["evaluate"](pruned.proto), report.fidelity, seconds,
+                scores=scores, params_after=report.params["after"],
+                latency=_latency(report.latency))
 
 
 def run_blocks(method: Method, k: int, ctx: dict[str, Any], chosen: Sequence[int], **extra: Any) -> dict[str, Any]:
-    """Remove ``chosen`` directly (baselines, iterative prefixes) and verify like prune_model does."""
+    """Remove ``chosen`` directly (baselines, iterative prefixes) and verify like prune does."""
     from compress.fidelity import compare_models
     from compress.surgery import remove_blocks
 
@@ -254,28 +255,29 @@ def baseline_choice(select: str, k: int, block_map: Any, seed: int = 0) -> list[
 
 def iterative_order(ctx: dict[str, Any]) -> tuple[list[int], list[dict[str, Any]], float]:
     """The budget loop's removal order with an unreachable budget (every removable block, one at a time)."""
-    from compress.prune import PruneConfig, prune_model
+    from compress.blocks import MappedModel
+    from compress.prune import PruneConfig, prune
 
     bm = ctx["block_map"]
     t = time.perf_counter()
-    res = prune_model(ctx["model"], bm, ctx["calibration"],
-                      PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None))
+    pruned, report = prune(MappedModel(ctx["model"], bm), PruneConfig(metric="cosine", max_drop=ITERATIVE_BUDGET, holdout=HOLDOUT, latency=None), data=ctx["calibration"])
     by_name = {b.name: b.index for b in bm.blocks}
-    steps = [rounded(dict(s)) for s in res.report["steps"]]
+    steps = [rounded(dict(s)) for s in report.steps]
     order = [by_name[s["block"]] for s in steps if s["accepted"]]
     return order, steps, time.perf_counter() - t
 
 
 def run_budget(budget: float, ctx: dict[str, Any]) -> dict[str, Any]:
-    from compress.prune import PruneConfig, prune_model
+    from compress.blocks import MappedModel
+    from compress.prune import PruneConfig, prune
 
     bm = ctx["block_map"]
     t = time.perf_counter()
-    res = prune_model(ctx["model"], bm, ctx["calibration"], PruneConfig(max_drop=budget, holdout=HOLDOUT, latency=None))
-    removed = sorted(b["index"] for b in res.report["removed"])
-    return {"max_drop": budget, "metric": res.report["method"]["metric"], "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
-            "steps": [rounded(dict(s)) for s in res.report["steps"]], "task": rounded(ctx["evaluate"](res.model)),
-            "fidelity": _fidelity(res.report["fidelity"]), "seconds": round(time.perf_counter() - t, 3)}
+    pruned, report = prune(MappedModel(ctx["model"], bm), PruneConfig(max_drop=budget, holdout=HOLDOUT, latency=None), data=ctx["calibration"])
+    removed = sorted(b["index"] for b in report.removed)
+    return {"max_drop": budget, "metric": report.method["metric"], "removed": removed, "removed_names": [bm.blocks[i].name for i in removed],
+            "steps": [rounded(dict(s)) for s in report.steps], "task": rounded(ctx["evaluate"](pruned.proto)),
+            "fidelity": _fidelity(report.fidelity), "seconds": round(time.perf_counter() - t, 3)}
 
 
 def run_methods(methods: Sequence[Method], ks: Sequence[int], ctx: dict[str, Any], args: argparse.Namespace, *,
@@ -381,7 +383,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import importlib
 
     from compress.bench import BenchConfig
-    from compress.export import export_model
+    from compress.export import export
     from compress.prune import PruneConfig, split_batches
 
     start = time.perf_counter()
@@ -391,7 +393,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     log(f"{name}: exporting")
     t = time.perf_counter()
-    model, block_map, export_report = export_model(task.module, task.example_inputs, task.export_config)
+    exported, export_report = export(task.module, task.export_config, data=task.example_inputs)
+    model, block_map = exported.proto, exported.block_map
     export_s = time.perf_counter() - t
     prepared = task.prepare(model) if task.prepare else {}
     evaluator = Evaluator(task.evaluate)
@@ -592,7 +595,7 @@ CAVEATS = """Reading the numbers:
   moves in steps of 1/16 to 1/64; the budget loop (`--max-drop`) acts on that number.
 - Latency: ORT CPU on a shared 2-core machine (other jobs were running: see the load averages), short
   measurements (`BenchConfig` warm-up 0.1 s, >= 10 runs, 0.5 s). "ideal" = original / (original - sum of
-  the removed blocks' own latencies, each block cut out and timed alone), as `prune_model` reports it; a
+  the removed blocks' own latencies, each block cut out and timed alone), as `prune` reports it; a
   ratio above 1 is measurement noise or per-call overhead, not a real super-linear gain. On the digits MLP
   the whole model takes ~0.3 ms, so fixed per-run overhead dominates both numbers.
 """

@@ -386,16 +386,17 @@ def run_skipping(module: nn.Module, inputs: Mapping[str, torch.Tensor], containe
 
 
 def export(family: Family, *, exporter: str | None = None, blocks: str | None = None, **config: Any) -> tuple[Any, Any, Any]:
-    """Export ``family`` with :func:`compress.export.export_model`: ``(onnx model, block map, report)``.
+    """Export ``family`` with :func:`compress.export.export`: ``(onnx model, block map, report)``.
 
     ``blocks`` defaults to none (the module-tree detection the CLI uses); pass
     ``",".join(family.containers)`` to name them.
     """
-    from compress.export import DynamicAxis, ExportConfig, export_model
+    from compress.export import DynamicAxis, ExportConfig, export
 
     cfg = ExportConfig(exporter=exporter or family.exporter, blocks=blocks,
                        dynamic=tuple(DynamicAxis(n, a, label) for n, a, label in family.dynamic), **config)
-    return export_model(family.module, family.inputs, cfg)
+    exported, report = export(family.module, cfg, data=family.inputs)
+    return exported.proto, exported.block_map, report
 
 
 def ort_run(model: Any, inputs: Mapping[str, torch.Tensor]) -> list[Any]:

@@ -206,10 +206,10 @@ def test_build_returns_data_and_the_glue_adds_gates(tiny, tmp_path) -> None:
     config = BuildConfig(shapes=("x:1x8x16/2x8x16/4x8x16",), warmup_ms=0.0, iterations=3, duration=0.0)
     result = build(onnx.load(small), config, names={"model": "s.onnx", "baseline": None})
     assert isinstance(result, BuildResult)
-    assert "gates" not in result.latency
-    gates = evaluate_gates(result.latency, Gates(max_latency_ms=1e9), previous=None)
+    assert "gates" not in result.latency.to_dict()
+    gates = evaluate_gates(result.latency.to_dict(), Gates(max_latency_ms=1e9), previous=None)
     reports = render_build(result, gates)
-    assert "gates" not in result.latency  # not modified
+    assert "gates" not in result.latency.to_dict()  # not modified
     assert [g["name"] for g in reports.latency["gates"]] == ["max-latency"]
     assert "| max-latency | pass |" in reports.markdown
     assert render_build(result).latency["gates"] == []

@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 import compress.onnx_io  # noqa: E402
 from compress import export as ex  # noqa: E402
 from compress.errors import ConfigError, ExportError  # noqa: E402
-from compress.export import DynamicAxis, ExportConfig, InputSpec, export_model  # noqa: E402
+from compress.export import DynamicAxis, ExportConfig, InputSpec, export  # noqa: E402
 from compress.runtime import add_outputs, make_session  # noqa: E402
 from models import block_hooks, image_input, tiny_resnet, tiny_transformer, transformer_input  # noqa: E402
 
@@ -280,7 +280,8 @@ def test_block_boundaries_match_torch_hooks(kind, exporter):
     module, x = (tiny_transformer(), transformer_input()) if kind == "transformer" else (tiny_resnet(), image_input())
     before = {k: v.clone() for k, v in module.state_dict().items()}
 
-    model, block_map, report = export_model(module, (x,), ExportConfig(exporter=exporter))
+    exported, report = export(module, ExportConfig(exporter=exporter), data=(x,))
+    model, block_map = exported.proto, exported.block_map
 
     assert [b.name for b in block_map.blocks] == [f"blocks.{i}" for i in range(4)]
     assert block_map.containers == ("blocks",)
@@ -303,7 +304,8 @@ def test_block_boundaries_match_torch_hooks(kind, exporter):
 def test_export_model_is_pure_and_strips_host_paths():
     module, x = tiny_transformer(depth=2), transformer_input()
     module.train()
-    model, _, report = export_model(module, {"x": x}, ExportConfig())
+    exported, report = export(module, ExportConfig(), data={"x": x})
+    model = exported.proto
     assert module.training  # restored
     assert report.inputs == (InputSpec("x", (2, 8, 16), "float32"),)
     keys = {p.key for n in model.graph.node for p in n.metadata_props}
@@ -320,8 +322,8 @@ def test_export_model_parity_failure_is_an_error():
     x = torch.ones(2, 3)
     with pytest.raises(ExportError, match=r"^ONNX Runtime output 'output' differs from torch: max abs error 1, "
                                           r"max rel error 1, cosine 1\.000000 \(allowed: atol 0\.0001 \+ rtol 0\.001"):
-        export_model(Offset(), (x,), ExportConfig(exporter="torchscript"))
-    _, _, report = export_model(Offset(), (x,), ExportConfig(exporter="torchscript", atol=1.0, rtol=0.0))
+        export(Offset(), ExportConfig(exporter="torchscript"), data=(x,))
+    _, report = export(Offset(), ExportConfig(exporter="torchscript", atol=1.0, rtol=0.0), data=(x,))
     assert report.parity[0].max_abs_error == 1.0
     assert report.parity[0].ok
 
@@ -644,5 +646,5 @@ def test_quiet_restores_loggers_warnings_streams_and_descriptors_on_error(capfd)
 def test_export_model_leaves_the_process_as_it_found_it(exporter, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # torch's inductor sets it while exporting
     before = _process_state()
-    export_model(tiny_transformer(), (transformer_input(),), ExportConfig(exporter=exporter))
+    export(tiny_transformer(), ExportConfig(exporter=exporter), data=(transformer_input(),))
     assert _process_state() == before

@@ -127,7 +127,7 @@ def test_a_returned_cache_gets_its_own_hint_and_torchscript_does_not_point_back(
     model = transformers.AutoModel.from_config(families.causal_lm_config("gpt2")).eval()  # use_cache=True
     x = {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.int64)}
     with pytest.raises(ExportError) as info:
-        ex.export_model(model, x, ex.ExportConfig())
+        ex.export(model, ex.ExportConfig(), data=x)
     assert "DynamicCache" in info.value.message
     assert info.value.hint == ("the model returns a key/value cache: call it with use_cache=False and return_dict=False "
                                "(hf:FOLDER does this for you); -v shows the exporter's own log")

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import compress.onnx_io
 import families  # noqa: E402
-from compress.blocks import BlockMap, Stream, check_block, find_blocks, make_block  # noqa: E402
+from compress.blocks import BlockMap, MappedModel, Stream, check_block, find_blocks, make_block  # noqa: E402
 from compress.errors import BlockError, ConfigError  # noqa: E402
 from compress.graph import GraphIndex, node_keys  # noqa: E402
 from compress.reports.scoring import scores_markdown  # noqa: E402
@@ -28,7 +28,7 @@ from compress.runtime import (
     make_session,
 )
 from compress.scoring import MetricConfig, parse_token_ranges  # noqa: E402
-from compress.scoring.collect import ScoreConfig, score_blocks  # noqa: E402
+from compress.scoring.collect import ScoreConfig, score  # noqa: E402
 from compress.surgery import remove_blocks, verify_removal  # noqa: E402
 
 #: family -> builder options: 3-4 blocks each keep the whole file near a minute on 2 cores.
@@ -177,7 +177,7 @@ def test_guard_refuses_the_gpt2_bug_blocks_without_scope_repair() -> None:
 def test_per_stream_scores_on_sd3() -> None:
     fam, model, bm = exported("sd3")
     batches = [_feeds(fam, s) for s in (11, 12)]
-    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",))).to_dict()
+    report = score(MappedModel(model, bm), ScoreConfig(metrics=("cosine",)), data=batches)[1].to_dict()
     m = report["metrics"]["cosine"]
     assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
     assert m["stream_fusion"] == "max"
@@ -203,14 +203,14 @@ def test_per_stream_scores_on_sd3() -> None:
     assert "| # | block | hidden_states | encoder_hidden_states | fused |" in md
     # weighted fusion
     weights = (("hidden_states", 3.0), ("encoder_hidden_states", 1.0))
-    mean = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-        stream_fusion="mean", stream_weights=weights))).to_dict()["metrics"]["cosine"]
+    mean = score(MappedModel(model, bm), ScoreConfig(metrics=("cosine",), options=MetricConfig(
+        stream_fusion="mean", stream_weights=weights)), data=batches)[1].to_dict()["metrics"]["cosine"]
     expected = (3 * want["hidden_states"] + want["encoder_hidden_states"]) / 4
     assert mean["scores"][joint.index] == pytest.approx(expected, rel=1e-4)
     # token ranges slice one tensor: refused on separate streams
     with pytest.raises(ConfigError) as err:
-        score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-            token_ranges=parse_token_ranges("text=0:8,image=8:"))))
+        score(MappedModel(model, bm), ScoreConfig(metrics=("cosine",), options=MetricConfig(
+            token_ranges=parse_token_ranges("text=0:8,image=8:"))), data=batches)[1]
     assert err.value.message == (f"--token-ranges slices one tensor, but block 0 ({bm.blocks[0].name}) has 2 separate "
                                  "streams (hidden_states, encoder_hidden_states)")
 
@@ -227,7 +227,7 @@ def test_per_stream_span_scores_on_sd3() -> None:
     fam, model, bm = exported("sd3")
     batches = [_feeds(fam, s) for s in (21, 22)]
     cfg = ScoreConfig(metrics=("cosine",), options=MetricConfig(interval=2))
-    report = score_blocks(model, bm, batches, cfg).to_dict()
+    report = score(MappedModel(model, bm), cfg, data=batches)[1].to_dict()
     m = report["metrics"]["cosine"]
     assert list(m["per_stream"]) == ["hidden_states", "encoder_hidden_states"]
     blocks = bm.blocks
@@ -265,8 +265,8 @@ def test_per_stream_span_scores_on_sd3() -> None:
     assert "`-` = the stream does not run through the whole span; row i = the span of blocks i..i+1." in md
     # weighted fusion on spans, and the first span's mean uses both streams
     weights = (("hidden_states", 3.0), ("encoder_hidden_states", 1.0))
-    mean = score_blocks(model, bm, batches, ScoreConfig(metrics=("cosine",), options=MetricConfig(
-        interval=2, stream_fusion="mean", stream_weights=weights))).to_dict()["metrics"]["cosine"]
+    mean = score(MappedModel(model, bm), ScoreConfig(metrics=("cosine",), options=MetricConfig(
+        interval=2, stream_fusion="mean", stream_weights=weights)), data=batches)[1].to_dict()["metrics"]["cosine"]
     ps = m["per_stream"]
     assert abs(mean["scores"][first] - (3 * ps["hidden_states"][first] + ps["encoder_hidden_states"][first]) / 4) <= 1e-9
     assert mean["scores"][last_span] == ps["hidden_states"][last_span]

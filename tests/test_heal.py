@@ -10,8 +10,8 @@ from torch import nn
 
 import compress.onnx_io
 import models
-from compress.blocks import find_blocks
-from compress.prune import PruneConfig, prune_model, removed_spans
+from compress.blocks import MappedModel, find_blocks
+from compress.prune import PruneConfig, prune, removed_spans
 from compress.runtime import make_session
 from compress.scoring.heal import RIDGE_GRID, LinearFit, LinearMap
 from compress.validate import FieldError
@@ -90,9 +90,9 @@ def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> Non
     bm = find_blocks(model)
     assert len(bm.blocks) == 4
     config = PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True, **NO_LATENCY)
-    result = prune_model(model, bm, _batches(), config)
-    heal = result.report["heal"]
-    assert [b["index"] for b in result.report["removed"]] == [1, 2]
+    pruned, report = prune(MappedModel(model, bm), config, data=_batches())
+    heal = report.heal
+    assert [b["index"] for b in report.removed] == [1, 2]
     (span,) = heal["spans"]
     assert span["accepted"]
     assert span["blocks"] == ["blocks.1", "blocks.2"]
@@ -106,14 +106,14 @@ def test_exactly_linear_span_is_healed_to_the_unpruned_model(linear_span) -> Non
     assert span["cosine_with"] == best["cosine"]
     assert heal["fidelity_without"]["cosine"] < 0.99  # removal alone hurts ...
     assert heal["fidelity_with"]["cosine"] >= 0.9999  # ... the map repairs it
-    assert result.report["fidelity"] == heal["fidelity_with"]
-    assert _heal_nodes(result.model) == ["MatMul", "Add"]
-    compress.onnx_io.check_model(result.model, full_check=True)
+    assert report.fidelity == heal["fidelity_with"]
+    assert _heal_nodes(pruned.proto) == ["MatMul", "Add"]
+    compress.onnx_io.check_model(pruned.proto, full_check=True)
     # against torch, on data neither the fit nor the held-out check saw
     x = models.transformer_input(4, 8, seed=99)
     with torch.no_grad():
         expected = module(x).numpy()
-    got = make_session(result.model).run(
+    got = make_session(pruned.proto).run(
         None, {"x": x.numpy()})[0]
     cos = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
     assert cos.min() >= 0.9999
@@ -124,23 +124,23 @@ def test_a_map_that_hurts_is_not_written(linear_span, monkeypatch) -> None:
     _, model = linear_span
     bm = find_blocks(model)
     base = PruneConfig(metric="cosine", remove=2, keep=(0, 3), **NO_LATENCY)
-    plain = prune_model(model, bm, _batches(), base)
+    plain_model, plain = prune(MappedModel(model, bm), base, data=_batches())
 
     def bad(self, ridge=0.0):  # a map far from anything the span does
         return LinearMap(weight=np.zeros((self.d_in, self.d_out)), bias=np.full(self.d_out, 50.0), rows=self.rows,
                          residual=1.0, skip_residual=None, ridge=ridge, lam=0.0)
 
     monkeypatch.setattr(LinearFit, "solve", bad)
-    healed = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True,
-                                                            **NO_LATENCY))
-    (span,) = healed.report["heal"]["spans"]
+    healed_model, healed = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True,
+                                                            **NO_LATENCY), data=_batches())
+    (span,) = healed.heal["spans"]
     assert not span["accepted"]
     assert "does not improve" in span["note"]
     assert span["loss_with"] > span["loss_without"]
-    assert healed.report["heal"]["healed_spans"] == 0
-    assert _heal_nodes(healed.model) == []
-    assert healed.model.SerializeToString() == plain.model.SerializeToString()
-    assert healed.report["fidelity"] == plain.report["fidelity"]
+    assert healed.heal["healed_spans"] == 0
+    assert _heal_nodes(healed_model.proto) == []
+    assert healed_model.proto.SerializeToString() == plain_model.proto.SerializeToString()
+    assert healed.fidelity == plain.fidelity
 
 
 def test_healing_is_never_worse_on_the_held_out_batches(tmp_path) -> None:
@@ -149,8 +149,8 @@ def test_healing_is_never_worse_on_the_held_out_batches(tmp_path) -> None:
     model = onnx.load(path)
     bm = find_blocks(model)
     for remove in (2, 4):
-        r = prune_model(model, bm, _batches(8, seed=50), PruneConfig(metric="cosine", remove=remove, heal=True,
-                                                                     **NO_LATENCY)).report
+        r = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=remove, heal=True,
+                                                                     **NO_LATENCY), data=_batches(8, seed=50))[1].to_dict()
         heal = r["heal"]
         assert len(heal["spans"]) == len(removed_spans([bm.blocks[b["index"]] for b in r["removed"]]))
         assert heal["fidelity_with"]["loss"] <= heal["fidelity_without"]["loss"]
@@ -280,23 +280,23 @@ def test_a_linear_span_of_a_feature_map_is_healed_by_a_1x1_conv(tmp_path) -> Non
     assert len(bm.blocks) == 4
     batches = [{"x": models.image_input(3, 8, seed=40 + i).numpy()} for i in range(8)]
     config = PruneConfig(metric="cosine", remove=2, keep=(0, 3), heal=True, heal_ridge=1e-9, **NO_LATENCY)
-    result = prune_model(model, bm, batches, config)
-    (span,) = result.report["heal"]["spans"]
-    assert [b["index"] for b in result.report["removed"]] == [1, 2]
+    pruned, report = prune(MappedModel(model, bm), config, data=batches)
+    (span,) = report.heal["spans"]
+    assert [b["index"] for b in report.removed] == [1, 2]
     assert span["accepted"]
     (stream,) = span["streams"]
     assert stream["residual"] < 1e-6 < 0.01 < stream["skip_residual"]
     assert stream["tokens"] == 6 * 3 * 8 * 8  # 6 scoring batches of 3 images of 8 x 8 positions
-    assert _heal_nodes(result.model) == ["Conv"]
-    (conv,) = [n for n in result.model.graph.node if n.name.startswith("compress_heal_")]
+    assert _heal_nodes(pruned.proto) == ["Conv"]
+    (conv,) = [n for n in pruned.proto.graph.node if n.name.startswith("compress_heal_")]
     assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[1, 1]]
-    compress.onnx_io.check_model(result.model, full_check=True)
+    compress.onnx_io.check_model(pruned.proto, full_check=True)
     x = models.image_input(4, 8, seed=99)
     with torch.no_grad():
         expected = module(x).numpy()
-    got = make_session(result.model).run(None, {"x": x.numpy()})[0]
+    got = make_session(pruned.proto).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
-    fid = result.report["heal"]
+    fid = report.heal
     assert fid["fidelity_without"]["cosine"] < 0.999 < 0.9999 <= fid["fidelity_with"]["cosine"]
 
 
@@ -332,7 +332,7 @@ def test_later_spans_are_also_fitted_on_their_input_in_the_pruned_model(tmp_path
     assert np.abs(orig[0].xtx - fit.xtx).max() > 1e-3  # upstream removal changed the span's input
     # In heal_spans the second span tries both fits; the kept trial is the best held-out one.
     config = PruneConfig(metric="cosine", remove=2, keep=(0, 2, 4), heal=True, **NO_LATENCY)
-    report = prune_model(model, bm, _batches(8), config).report["heal"]
+    report = prune(MappedModel(model, bm), config, data=_batches(8))[1].heal
     first, second = report["spans"]
     assert {r["fit_inputs"] for r in first["ridges"]} == {"original"}
     assert [r["fit_inputs"] for r in second["ridges"]] == ["original"] * len(RIDGE_GRID) + ["pruned"] * len(RIDGE_GRID)
@@ -340,6 +340,6 @@ def test_later_spans_are_also_fitted_on_their_input_in_the_pruned_model(tmp_path
         best = min(second["ridges"], key=lambda r: (r["loss"], -r["cosine"]))
         assert second["loss_with"] == best["loss"]
         assert second["fit_inputs"] == best["fit_inputs"]
-    off = prune_model(model, bm, _batches(8), PruneConfig(metric="cosine", remove=2, keep=(0, 2, 4), heal=True,
-                                                           heal_refit=False, **NO_LATENCY)).report["heal"]
+    off = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=2, keep=(0, 2, 4), heal=True,
+                                                           heal_refit=False, **NO_LATENCY), data=_batches(8))[1].heal
     assert {r["fit_inputs"] for r in off["spans"][1]["ridges"]} == {"original"}

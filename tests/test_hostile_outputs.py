@@ -358,7 +358,7 @@ def test_output_appearing_during_the_run_is_not_replaced(work, capsys, monkeypat
     """Check-then-write race: another process creates -o while this run works."""
     import compress.cli.prune as cli_prune
 
-    real = cli_prune.prune_model
+    real = cli_prune.prune
     out = work / "out" / "p.onnx"
 
     def racing(*args, **kwargs):
@@ -366,7 +366,7 @@ def test_output_appearing_during_the_run_is_not_replaced(work, capsys, monkeypat
         out.write_text("the other run's model")
         return result
 
-    monkeypatch.setattr(cli_prune, "prune_model", racing)
+    monkeypatch.setattr(cli_prune, "prune", racing)
     result = _run(["prune", work / "in" / "m.onnx", *RANDOM, "-o", out, "--remove", "1", "--no-latency"], capsys)
     _judged(work, result, contains=[f"output {out} appeared while compress was running", "--force"],
             absent=[work / "out" / "p.blocks.json"])

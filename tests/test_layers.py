@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "compress"
 #: Layer of each top-level module or package of ``compress`` (its submodules share it).
 LAYERS: dict[str, int] = {
     **dict.fromkeys(("errors", "registry", "log", "validate", "config", "graph", "onnx_io", "external", "outputs",
-                     "runtime", "fidelity", "bench"), 0),
+                     "runtime", "fidelity", "bench", "stage"), 0),
     **dict.fromkeys(("blocks", "calibration", "scoring", "surgery"), 1),
     **dict.fromkeys(("export", "prune", "passes", "build"), 2),
     **dict.fromkeys(("reports", "gates"), 3),

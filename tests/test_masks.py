@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import models
-from compress.blocks import find_blocks
+from compress.blocks import MappedModel, find_blocks
 from compress.errors import ConfigError
-from compress.prune import PruneConfig, prune_model, split_batches
+from compress.prune import PruneConfig, prune, split_batches
 from compress.scoring import MetricConfig
-from compress.scoring.collect import ScoreConfig, find_token_mask, score_blocks
+from compress.scoring.collect import ScoreConfig, find_token_mask, score
 
 METRICS = ("cosine", "cosine-signed", "angular", "cka")
 
@@ -92,7 +92,7 @@ def _padded(sentences: list[list[np.ndarray]], width: int, *, seed: int) -> list
 
 def _score(model, batches, **options):
     config = ScoreConfig(metrics=METRICS, options=MetricConfig(min_rows=4, **options))
-    return score_blocks(model, find_blocks(model), batches, config)
+    return score(MappedModel(model, find_blocks(model)), config, data=batches)[1]
 
 
 def test_the_mask_input_is_found(encoder) -> None:
@@ -183,7 +183,7 @@ def test_prune_heals_on_real_tokens_only(encoder) -> None:
     _, model = encoder
     batches = _padded(_sentences(), 12, seed=1) * 2
     config = PruneConfig(metric="cosine", remove=2, heal=True, latency=None)
-    r = prune_model(model, find_blocks(model), batches, config).report
+    r = prune(MappedModel(model, find_blocks(model)), config, data=batches)[1].to_dict()
     assert r["heal"]["token_mask"] == "attention_mask"
     score_set, _ = split_batches(batches, config.holdout)
     real = sum(int(b["attention_mask"].sum()) for b in score_set)

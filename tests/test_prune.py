@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import models
-from compress.blocks import find_blocks
+from compress.blocks import MappedModel, find_blocks
 from compress.cli import main
 from compress.errors import BlockError, ConfigError
-from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune_model, split_batches
+from compress.prune import SELECTIONS, Candidates, PruneConfig, choose_metric, prune, split_batches
 from compress.reports.prune import prune_markdown
 from compress.runtime import make_session
 
@@ -123,17 +123,17 @@ def _torch_without(module, removed):
 def test_prune_model_matches_torch_and_reports(tiny) -> None:
     module, model, _, batches = tiny
     bm = find_blocks(model)
-    result = prune_model(model, bm, batches, PruneConfig(remove=2, **NO_LATENCY))
-    removed = [b["index"] for b in result.report["removed"]]
+    pruned, report = prune(MappedModel(model, bm), PruneConfig(remove=2, **NO_LATENCY), data=batches)
+    removed = [b["index"] for b in report.removed]
     assert len(removed) == 2
     x = models.transformer_input(3, 8, seed=99)
     with torch.no_grad():
         expected = _torch_without(module, removed)(x).numpy()
-    sess = make_session(result.model)
+    sess = make_session(pruned.proto)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
-    r = result.report
+    r = report.to_dict()
     assert (r["blocks_before"], r["blocks_after"]) == (4, 2)
-    assert [b.name for b in result.block_map.blocks] == [f"blocks.{i}" for i in range(4) if i not in removed]
+    assert [b.name for b in pruned.block_map.blocks] == [f"blocks.{i}" for i in range(4) if i not in removed]
     assert r["params"]["before"] - r["params"]["after"] == sum(b["params"] for b in r["removed"])
     assert r["calibration"]["holdout_batches"] == 2
     assert 0 <= r["fidelity"]["loss"] <= 1
@@ -153,8 +153,8 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
     assert choose_metric(bm) == (
         "ablation", "4 of 4 removable blocks take rank-4+ feature maps (convolutional): ablation")
     images = [{"x": models.image_input(4, 8, seed=30 + i).numpy()} for i in range(8)]
-    result = prune_model(cnn, bm, images, PruneConfig(remove=1, **NO_LATENCY))
-    r = result.report
+    pruned, report = prune(MappedModel(cnn, bm), PruneConfig(remove=1, **NO_LATENCY), data=images)
+    r = report.to_dict()
     assert (r["method"]["metric"], r["method"]["metric_requested"]) == ("ablation", "auto")
     assert r["method"]["metric_choice"].endswith(": ablation")
     assert "Method: metric `ablation` (4 of 4 removable blocks take rank-4+ feature maps" in prune_markdown(r)
@@ -164,48 +164,47 @@ def test_default_metric_is_cosine_for_tokens_and_ablation_for_conv_blocks(tiny, 
     x = models.image_input(3, 8, seed=99)
     with torch.no_grad():
         expected = _torch_without(module, removed)(x).numpy()
-    sess = make_session(result.model)
+    sess = make_session(pruned.proto)
     np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_budget_stops_before_exceeding_and_keeps_the_original_if_nothing_fits(tiny) -> None:
     _, model, _, batches = tiny
     bm = find_blocks(model)
-    loose = prune_model(model, bm, batches, PruneConfig(max_drop=1.0, **NO_LATENCY))
-    assert len(loose.report["removed"]) == 4  # every removal is within a budget of 1
-    tight = prune_model(model, bm, batches, PruneConfig(max_drop=0.0, **NO_LATENCY))
-    assert tight.report["removed"] == []
-    assert tight.report["steps"][0]["accepted"] is False
-    assert tight.model == model
-    mid_budget = sorted(s["loss"] for s in loose.report["steps"])[1]
-    mid = prune_model(model, bm, batches, PruneConfig(max_drop=mid_budget, **NO_LATENCY))
-    assert all(s["loss"] <= mid_budget for s in mid.report["steps"] if s["accepted"])
-    assert mid.report["fidelity"]["loss"] <= mid_budget
+    loose_model, loose = prune(MappedModel(model, bm), PruneConfig(max_drop=1.0, **NO_LATENCY), data=batches)
+    assert len(loose.removed) == 4  # every removal is within a budget of 1
+    tight_model, tight = prune(MappedModel(model, bm), PruneConfig(max_drop=0.0, **NO_LATENCY), data=batches)
+    assert tight.removed == []
+    assert tight.steps[0]["accepted"] is False
+    assert tight_model.proto == model
+    mid_budget = sorted(s["loss"] for s in loose.steps)[1]
+    mid_model, mid = prune(MappedModel(model, bm), PruneConfig(max_drop=mid_budget, **NO_LATENCY), data=batches)
+    assert all(s["loss"] <= mid_budget for s in mid.steps if s["accepted"])
+    assert mid.fidelity["loss"] <= mid_budget
 
 
 def test_keep_and_bad_options(tiny) -> None:
     _, model, _, batches = tiny
     bm = find_blocks(model)
-    kept = prune_model(model, bm, batches, PruneConfig(remove=3, keep=(0,), **NO_LATENCY))
-    assert sorted(b["index"] for b in kept.report["removed"]) == [1, 2, 3]
+    kept_model, kept = prune(MappedModel(model, bm), PruneConfig(remove=3, keep=(0,), **NO_LATENCY), data=batches)
+    assert sorted(b["index"] for b in kept.removed) == [1, 2, 3]
     # checked before any scoring, naming the config field
     with pytest.raises(ConfigError, match=r"^PruneConfig\.remove = 4: asks for 4 blocks, but only 3 of the 4 blocks can "
                                           r"be removed \(1 kept\) \(hint"):
-        prune_model(model, bm, batches, PruneConfig(remove=4, keep=(0,), **NO_LATENCY))
+        prune(MappedModel(model, bm), PruneConfig(remove=4, keep=(0,), **NO_LATENCY), data=batches)
     with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist: the model has blocks 0\.\.3"):
-        prune_model(model, bm, batches, PruneConfig(remove=1, keep=(7,), **NO_LATENCY))
+        prune(MappedModel(model, bm), PruneConfig(remove=1, keep=(7,), **NO_LATENCY), data=batches)
     with pytest.raises(ConfigError, match=r"^PruneConfig\.keep = 7: block 7 does not exist"):  # the budget path too
-        prune_model(model, bm, batches, PruneConfig(max_drop=0.5, keep=(7,), **NO_LATENCY))
+        prune(MappedModel(model, bm), PruneConfig(max_drop=0.5, keep=(7,), **NO_LATENCY), data=batches)
     with pytest.raises(ConfigError, match="say how much to prune"):
-        prune_model(model, bm, batches, PruneConfig(**NO_LATENCY))
+        prune(MappedModel(model, bm), PruneConfig(**NO_LATENCY), data=batches)
 
 
 def test_latency_report_has_ideal_and_efficiency(tiny) -> None:
     from compress.bench import BenchConfig
 
     _, model, _, batches = tiny
-    r = prune_model(model, find_blocks(model), batches,
-                    PruneConfig(remove=2, latency=BenchConfig(warmup_s=0.01, duration_s=0.05))).report
+    r = prune(MappedModel(model, find_blocks(model)), PruneConfig(remove=2, latency=BenchConfig(warmup_s=0.01, duration_s=0.05)), data=batches)[1].to_dict()
     lat = r["latency"]
     assert set(lat["block_ms"]) == {"0", "1", "2", "3"}
     assert lat["ideal_speedup"] > 1

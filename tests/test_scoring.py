@@ -1,4 +1,4 @@
-"""score_blocks: one ORT pass over calibration batches, checked against torch hooks."""
+"""score: one ORT pass over calibration batches, checked against torch hooks."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import models
-from compress.blocks import find_blocks
+from compress.blocks import MappedModel, find_blocks
 from compress.cli import main
 from compress.errors import BlockError, CalibrationError, ConfigError
 from compress.runtime import make_session
 from compress.scoring import MetricConfig
-from compress.scoring.collect import ScoreConfig, score_blocks
+from compress.scoring.collect import ScoreConfig, score
 from compress.surgery import remove_blocks
 
 ALL = ("cosine", "cosine-signed", "angular", "cka", "ablation")
@@ -48,7 +48,7 @@ def _reference_cosine(module, batches, *, signed: bool) -> np.ndarray:
 def test_cosine_scores_match_torch_hooks(transformer) -> None:
     module, model, _ = transformer
     batches = _batches(3)
-    report = score_blocks(model, find_blocks(model), batches, ScoreConfig(metrics=("cosine", "cosine-signed")))
+    report = score(MappedModel(model, find_blocks(model)), ScoreConfig(metrics=("cosine", "cosine-signed")), data=batches)[1]
     np.testing.assert_allclose(report.scores("cosine"), _reference_cosine(module, batches, signed=False), rtol=1e-4)
     np.testing.assert_allclose(report.scores("cosine-signed"), _reference_cosine(module, batches, signed=True), rtol=1e-4)
     assert report.batches == 3
@@ -61,8 +61,8 @@ def test_streaming_equals_one_shot(transformer) -> None:
     batches = _batches(4)
     one = [{"x": np.concatenate([b["x"] for b in batches])}]
     config = ScoreConfig(metrics=("cosine", "angular"), options=MetricConfig(interval=2))
-    a = score_blocks(model, bm, batches, config)
-    b = score_blocks(model, bm, one, config)
+    a = score(MappedModel(model, bm), config, data=batches)[1]
+    b = score(MappedModel(model, bm), config, data=one)[1]
     for metric in ("cosine", "angular"):
         np.testing.assert_allclose(np.array(a.scores(metric)[:3], dtype=float),
                                    np.array(b.scores(metric)[:3], dtype=float), rtol=1e-9)
@@ -73,7 +73,7 @@ def test_ablation_matches_direct_removal(transformer) -> None:
     _, model, _ = transformer
     bm = find_blocks(model)
     batches = _batches(2)
-    report = score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)))
+    report = score(MappedModel(model, bm), ScoreConfig(metrics=("ablation",)), data=batches)[1]
     full = make_session(model)
     for block in bm.blocks:
         pruned = make_session(remove_blocks(model, [block]))
@@ -88,7 +88,7 @@ def test_ablation_matches_direct_removal(transformer) -> None:
 
 def test_cka_matrix_and_segments(transformer) -> None:
     _, model, _ = transformer
-    report = score_blocks(model, find_blocks(model), _batches(3), ScoreConfig(metrics=("cka",)))
+    report = score(MappedModel(model, find_blocks(model)), ScoreConfig(metrics=("cka",)), data=_batches(3))[1]
     cka = report.metrics["cka"]
     m = np.array(cka["matrix"])
     assert m.shape == (5, 5)
@@ -104,16 +104,16 @@ def test_errors(transformer) -> None:
     _, model, _ = transformer
     bm = find_blocks(model)
     with pytest.raises(ConfigError) as err:
-        score_blocks(model, bm, _batches(1), ScoreConfig(metrics=("cosin",)))
+        score(MappedModel(model, bm), ScoreConfig(metrics=("cosin",)), data=_batches(1))[1]
     assert err.value.message == "unknown metric 'cosin'; valid: ablation, angular, cka, cosine, cosine-signed, gradnorm"
     with pytest.raises(CalibrationError, match="the calibration data has no batches"):
-        score_blocks(model, bm, [], ScoreConfig())
+        score(MappedModel(model, bm), ScoreConfig(), data=[])[1]
     with pytest.raises(CalibrationError, match="calibration batch 0 does not fit the model"):
-        score_blocks(model, bm, [{"x": np.zeros((2, 8, 5), np.float32)}], ScoreConfig())
+        score(MappedModel(model, bm), ScoreConfig(), data=[{"x": np.zeros((2, 8, 5), np.float32)}])[1]
     nan = _batches(1)
     nan[0]["x"][0, 0, 0] = np.nan
     with pytest.raises(BlockError, match=r"block 0 \(blocks.0\) input contains NaN or Inf"):
-        score_blocks(model, bm, nan, ScoreConfig())
+        score(MappedModel(model, bm), ScoreConfig(), data=nan)[1]
 
 
 def test_cli_scores_only_writes_json_markdown_and_plot(transformer, tmp_path, capsys) -> None:
@@ -186,6 +186,6 @@ def test_ablation_ort_failure_names_the_ablated_model(transformer, monkeypatch) 
 
     monkeypatch.setattr(collect, "load_session", fake)
     with pytest.raises(BlockError) as err:
-        score_blocks(model, bm, batches, ScoreConfig(metrics=("ablation",)))
+        score(MappedModel(model, bm), ScoreConfig(metrics=("ablation",)), data=batches)[1]
     assert err.value.message == ("ablation: ONNX Runtime fails on the model without block 0 (blocks.0) on calibration "
                                  "batch 0 (the full model runs it): Non-zero status code returned while running Add node")

@@ -237,10 +237,10 @@ def test_failed_candidate_is_recorded_and_resume_redoes_nothing(project: Path, t
 
     real = compress.build.run_passes
 
-    def broken(model, config, *, calib=None):  # noqa: ANN001, ANN202
+    def broken(model, config, *, data=None):  # noqa: ANN001, ANN202
         if config.precision == "int8":
             raise CompressError("int8: planted failure", hint="none")
-        return real(model, config, calib=calib)
+        return real(model, config, data=data)
 
     config = load_search_config(project / "s.yaml")
     monkeypatch.setattr(compress.build, "run_passes", broken)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import models
-from compress.blocks import find_blocks
+from compress.blocks import MappedModel, find_blocks
 from compress.cli import main
 from compress.errors import BlockError
 from compress.fidelity import HeldOut, compare_models
@@ -20,7 +20,7 @@ from compress.prune import (
     PruneConfig,
     mark_fronts,
     pareto_front,
-    prune_model,
+    prune,
     split_batches,
 )
 from compress.prune.heal import _better
@@ -54,8 +54,8 @@ def _best(rows):
 def test_measured_keeps_the_candidate_with_the_best_independently_measured_fidelity(tiny, remove) -> None:
     _, model, bm = tiny
     batches = _batches()
-    res = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="measured", **NO_LATENCY))
-    table = res.report["measured"]["candidates"]
+    pruned, report = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=remove, select="measured", **NO_LATENCY), data=batches)
+    table = report.measured["candidates"]
     sets = [tuple(r["blocks"]) for r in table]
     assert len(sets) == len(set(sets)) >= 2  # deduplicated, and more than the default alone
     assert all(len(s) == remove for s in sets)
@@ -69,14 +69,14 @@ def test_measured_keeps_the_candidate_with_the_best_independently_measured_fidel
     chosen = [r for r in table if r["chosen"]]
     assert len(chosen) == 1
     assert chosen[0]["blocks"] == _best(measured)["blocks"]
-    assert [b["index"] for b in res.report["removed"]] == chosen[0]["blocks"]
-    assert res.report["fidelity"]["loss"] == pytest.approx(compare_models(model, res.model, held)["loss"], abs=1e-12)
+    assert [b["index"] for b in report.removed] == chosen[0]["blocks"]
+    assert report.fidelity["loss"] == pytest.approx(compare_models(model, pruned.proto, held)["loss"], abs=1e-12)
     # The default rule is a candidate (the first), and the choice is never worse than it.
-    default = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=remove, select="lowest", **NO_LATENCY))
+    default_model, default = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=remove, select="lowest", **NO_LATENCY), data=batches)
     assert "lowest/cosine" in table[0]["rules"]
-    assert table[0]["blocks"] == [b["index"] for b in default.report["removed"]]
-    assert table[0]["loss"] == pytest.approx(default.report["fidelity"]["loss"], abs=1e-12)
-    assert res.report["fidelity"]["loss"] <= default.report["fidelity"]["loss"]
+    assert table[0]["blocks"] == [b["index"] for b in default.removed]
+    assert table[0]["loss"] == pytest.approx(default.fidelity["loss"], abs=1e-12)
+    assert report.fidelity["loss"] <= default.fidelity["loss"]
     rules = {r.split("/")[0] for row in table for r in row["rules"]}
     assert {"lowest", "span", "segment"} <= rules
 
@@ -85,22 +85,22 @@ def test_measured_with_heal_tries_each_candidate_healed_and_is_never_worse_than_
     _, model, bm = tiny
     batches = _batches()
     cfg = PruneConfig(metric="cosine", remove=3, heal=True, select="lowest", **NO_LATENCY)
-    res = prune_model(model, bm, batches, PruneConfig(**{**cfg.__dict__, "select": "measured"}))
-    default = prune_model(model, bm, batches, cfg)
-    table = res.report["measured"]["candidates"]
+    pruned, report = prune(MappedModel(model, bm), PruneConfig(**{**cfg.__dict__, "select": "measured"}), data=batches)
+    default_model, default = prune(MappedModel(model, bm), cfg, data=batches)
+    table = report.measured["candidates"]
     assert {r["healed"] for r in table} == {False, True}
     for r in table:
         if r["healed"]:  # a healed row follows the plain row of the same set and is strictly better than it
             plain = next(p for p in table if p["blocks"] == r["blocks"] and not p["healed"])
             assert _better(r, plain)
     _, held = split_batches(batches, 0.25)
-    independent = compare_models(model, res.model, held)
+    independent = compare_models(model, pruned.proto, held)
     chosen = next(r for r in table if r["chosen"])
     assert independent["loss"] == pytest.approx(chosen["loss"], abs=1e-12)
     assert chosen is _best(table)
-    assert res.report["fidelity"]["loss"] <= default.report["fidelity"]["loss"] + 1e-12
-    assert res.report["heal"]["spans"]  # the chosen candidate's healing table
-    assert res.report["measured"]["heal_fit_passes"] == 1
+    assert report.fidelity["loss"] <= default.fidelity["loss"] + 1e-12
+    assert report.heal["spans"]  # the chosen candidate's healing table
+    assert report.measured["heal_fit_passes"] == 1
 
 
 def test_held_out_reference_matches_compare_models(tiny) -> None:
@@ -199,19 +199,19 @@ def test_cli_sweep_lists_every_candidate_and_marks_the_fronts(tiny, tmp_path) ->
 
 
 def test_a_candidate_metric_that_fails_leaves_the_default_rule_and_a_note(tiny, monkeypatch) -> None:
-    import compress.prune.measured as prune
+    import compress.prune.measured as measured_module
 
     _, model, bm = tiny
-    real = prune.score_blocks
+    real = measured_module.score
 
-    def no_cka(model, block_map, batches, config, **kw):
+    def no_cka(model, config, **kw):
         if "cka" in config.metrics:
             raise BlockError("cka: not for this model", hint="-")
-        return real(model, block_map, batches, config, **kw)
+        return real(model, config, **kw)
 
-    monkeypatch.setattr(prune, "score_blocks", no_cka)
-    res = prune_model(model, bm, _batches(), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
-    m = res.report["measured"]
+    monkeypatch.setattr(measured_module, "score", no_cka)
+    pruned, report = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY), data=_batches())
+    m = report.measured
     assert m["notes"][0] == "the candidate metrics cosine-signed, angular, cka were not scored: cka: not for this model"
     rules = {r for row in m["candidates"] for r in row["rules"]}
     assert rules == {"lowest/cosine", "span/cosine"}
@@ -223,14 +223,14 @@ def test_measured_adds_gradnorm_candidates_when_the_block_map_carries_gradnorm(t
     batches = _batches()
     from compress.scoring.gradnorm import with_gradnorms
 
-    plain = prune_model(model, bm, batches, PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
-    assert not any("gradnorm" in r for row in plain.report["measured"]["candidates"] for r in row["rules"])
-    assert any(n.startswith("no gradnorm candidates") for n in plain.report["measured"]["notes"])
+    plain_model, plain = prune(MappedModel(model, bm), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY), data=batches)
+    assert not any("gradnorm" in r for row in plain.measured["candidates"] for r in row["rules"])
+    assert any(n.startswith("no gradnorm candidates") for n in plain.measured["notes"])
     # GradNorm that calls the first two blocks least important: a set no other rule needs to give
     names = [b.name for b in bm.blocks]
     graded = with_gradnorms(bm, {n: (0.01 * (i + 1) if i < 2 else 5.0 + i) for i, n in enumerate(names)}, "test loss")
-    res = prune_model(model, graded, batches, PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY))
-    table = res.report["measured"]["candidates"]
+    pruned, report = prune(MappedModel(model, graded), PruneConfig(metric="cosine", remove=2, select="measured", **NO_LATENCY), data=batches)
+    table = report.measured["candidates"]
     by_rule = {r: row["blocks"] for row in table for r in row["rules"]}
     assert by_rule["lowest/gradnorm"] == [0, 1]
     assert by_rule["span/gradnorm"] == [0, 1]
@@ -239,4 +239,4 @@ def test_measured_adds_gradnorm_candidates_when_the_block_map_carries_gradnorm(t
     row = next(r for r in table if "lowest/gradnorm" in r["rules"])
     fid = compare_models(model, remove_blocks(model, [bm.blocks[0], bm.blocks[1]]), held)
     assert fid["loss"] == pytest.approx(row["loss"], abs=1e-12)
-    assert res.report["fidelity"]["loss"] <= min(r["loss"] for r in table if not r["healed"]) + 1e-12
+    assert report.fidelity["loss"] <= min(r["loss"] for r in table if not r["healed"]) + 1e-12

@@ -11,7 +11,8 @@ modifies a model.
 Submodules (each imports its siblings directly, never this package):
 
 * :mod:`compress.blocks.model`: the values :class:`Stream`, :class:`Block`,
-  :class:`BlockMap`, their (de)serialization (``MODEL.blocks.json``) and :func:`block_rows`.
+  :class:`BlockMap`, :class:`MappedModel` (a model with its map), their (de)serialization
+  (``MODEL.blocks.json``) and :func:`block_rows`.
 * :mod:`compress.blocks.mapfile`: the field-by-field check of a saved block map.
 * :mod:`compress.blocks.boundary`: stream pairing, residual paths, the structural guard
   :func:`check_block`, :func:`make_block` and blocks made from groups of nodes.
@@ -32,7 +33,7 @@ from compress.blocks.boundary import (
     remaining_blocks,
     residual_sources,
 )
-from compress.blocks.model import BLOCK_MAP_SCHEMA, Block, BlockMap, Stream, block_rows
+from compress.blocks.model import BLOCK_MAP_SCHEMA, Block, BlockMap, MappedModel, Stream, block_rows
 from compress.blocks.scopes import (
     blocks_from_paths,
     choose_containers,
@@ -43,7 +44,7 @@ from compress.blocks.scopes import (
 )
 
 __all__ = [
-    "BLOCK_MAP_SCHEMA", "WEIGHT_OPS", "Block", "BlockMap", "Stream", "block_rows", "blocks_from_groups",
+    "BLOCK_MAP_SCHEMA", "WEIGHT_OPS", "Block", "BlockMap", "MappedModel", "Stream", "block_rows", "blocks_from_groups",
     "blocks_from_paths", "check_block", "choose_containers", "find_blocks", "find_containers", "hoisted_nodes",
     "make_block", "node_module_paths", "remaining_blocks", "repair_scopes", "residual_sources",
 ]

@@ -3,7 +3,8 @@
 A *block* is one entry of a repeated container (``encoder.layer.3``); its boundary is a
 tuple of *streams* (residual-stream tensors flowing in and the tensors replacing them on
 the way out); every other tensor it reads from outside is a *side input*. These are plain
-frozen values: nothing here reads or modifies a model. ``to_dict``/``from_dict`` give the
+frozen values: nothing here reads or modifies a model (:class:`MappedModel` only pairs one
+with its map). ``to_dict``/``from_dict`` give the
 layout of ``MODEL.blocks.json`` (schema :data:`BLOCK_MAP_SCHEMA`; schema 1 is still read);
 :func:`block_rows` gives the table ``compress inspect`` and ``compress export`` print.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.blocks.mapfile import READABLE_BLOCK_MAP_SCHEMAS, check_block_map
 from compress.errors import BlockError
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Schema version written into ``MODEL.blocks.json`` by :meth:`BlockMap.to_dict`.
 BLOCK_MAP_SCHEMA = 2
@@ -190,6 +194,24 @@ class BlockMap:
         check_block_map(d, source=source)
         return cls(tuple(d.get("containers", ())), str(d.get("source", "block-map")),
                    tuple(Block.from_dict(b) for b in d["blocks"]), d.get("gradnorm_loss"))
+
+
+@dataclass(frozen=True)
+class MappedModel:
+    """An ONNX model with its block map: what the block stages take and return.
+
+    :func:`compress.export.export` makes one; :func:`compress.scoring.score` and
+    :func:`compress.prune.prune` take one (the pruned model comes back with the map of the
+    blocks it still has). A plain value: making one copies nothing and checks nothing (the
+    block map's tensor names are checked against the graph where they are used).
+
+    Attributes:
+        proto: the ONNX model (large tensors may stay on disk as external-data references).
+        block_map: its blocks (:func:`compress.blocks.find_blocks`, or a saved map).
+    """
+
+    proto: onnx.ModelProto
+    block_map: BlockMap
 
 
 def block_rows(block_map: BlockMap) -> tuple[list[str], list[list[Any]]]:

@@ -2,7 +2,8 @@
 
 :func:`build` is pure apart from the temporary ONNX files TensorRT's parser reads (written
 under this process's temporary folder, tensors streamed as external data). It returns data
-(:class:`BuildResult`, whose ``latency`` is the ``latency.json`` dict without gates); the
+(:class:`BuildResult`: the built model and the reports of the passes and the benchmark,
+``latency`` being ``latency.json`` without gates); the
 glue evaluates the gates (:mod:`compress.gates`) and renders and writes the build folder
 (:mod:`compress.reports.build`). Models whose weights stay on
 disk (:func:`compress.onnx_io.load_model`) are never serialized whole: passes work one
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from compress.build.config import (
     TARGET_EXIT_CODE,
     BuildConfig,
 )
-from compress.build.latency import LATENCY_SCHEMA, compare, measurement
+from compress.build.latency import LATENCY_SCHEMA, LatencyReport, PassesReport, compare, measurement
 from compress.build.trt import Engine, EngineConfig, ShapeProfile, host_info, trtexec_command, versions
 from compress.errors import ConfigError
 from compress.log import logger
@@ -68,28 +69,36 @@ def check_profiles(model: onnx.ModelProto, profiles: tuple[ShapeProfile, ...]) -
 
 
 @dataclass(frozen=True)
+class BuiltModel:
+    """What the build stage makes: the ONNX model after the passes and, on TensorRT, its engine.
+
+    ``trtexec``: the equivalent trtexec command line; ``external_data``: the input had
+    external data, so the written model gets ``model.onnx.data`` too.
+    """
+
+    proto: onnx.ModelProto
+    engine: Engine | None
+    trtexec: str
+    external_data: bool = False
+
+
+@dataclass(frozen=True)
 class BuildResult:
     """What :func:`build` returns (data only; :func:`compress.reports.build.render_build` renders it).
 
-    ``model``: the model after the passes; ``passes``: ``passes.json`` (per-pass reports and
-    the input/output digests); ``engine``: the TensorRT engine (None on ONNX Runtime);
-    ``latency``: ``latency.json`` without its ``"gates"`` (schema :data:`LATENCY_SCHEMA`,
-    times in milliseconds); ``trtexec``: the equivalent trtexec command line.
+    ``model``: the built model (:func:`benchmark`'s); ``passes``: :func:`run_passes`'s report;
+    ``latency``: :func:`benchmark`'s report (``latency.json`` without its gates).
     """
 
-    model: onnx.ModelProto
-    passes: dict[str, Any]
-    engine: Engine | None
-    latency: dict[str, Any]
-    trtexec: str
-    #: The input had external data: the written model gets ``model.onnx.data`` too.
-    external_data: bool = False
+    model: BuiltModel
+    passes: PassesReport
+    latency: LatencyReport
 
 
 def benchmark_feed(model: onnx.ModelProto, calib: Any, profiles: tuple[ShapeProfile, ...]) -> tuple[dict[str, np.ndarray], bool]:
     """One input batch to time: the first calibration batch, else random data at the OPT shapes."""
     if calib is not None:
-        return dict(next(iter(calib))), bool(calib.random)
+        return dict(next(iter(calib))), bool(getattr(calib, "random", False))
     from compress.calibration import model_input_types, random_calibration
 
     types = model_input_types(model)
@@ -258,33 +267,40 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
     return current, reports
 
 
-def run_passes(model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The precision/sparsity passes of ``config`` on ``model``: ``(model after the passes, passes.json)``.
+def run_passes(model: onnx.ModelProto, config: BuildConfig, *, data: Any = None) -> tuple[onnx.ModelProto, PassesReport]:
+    """The precision/sparsity passes of ``config`` on ``model``: ``(model after the passes, report)``.
 
-    ``passes.json`` holds the per-pass reports and the input/output digests. With fp32 and no
-    sparsity there is no pass and ``model`` itself is returned. Does not modify ``model``.
+    The passes stage (the shape of :mod:`compress.stage`); ``data``: calibration batches (a
+    :class:`~compress.calibration.CalibrationSet`; random ones calibrate but are not measured).
+    With fp32 and no sparsity there is no pass and ``model`` itself is returned. Does not
+    modify ``model``.
 
     Raises:
         FidelityTargetError: a pass cannot reach ``config.target_fidelity``.
     """
-    final, reports = _apply_passes(model, config, calib) if (config.precision != "fp32" or config.sparsity) else (model, [])
-    return final, {"passes": reports, "input_sha256": model_digest(model), "output_sha256": model_digest(final)}
+    runs = config.precision != "fp32" or bool(config.sparsity)
+    final, reports = _apply_passes(model, config, data) if runs else (model, [])
+    return final, PassesReport(reports, model_digest(model), model_digest(final))
 
 
 def benchmark(
-    final: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
-    names: Mapping[str, str | None], timing_cache: bytes | None = None, passes: Mapping[str, Any] | None = None,
-    external_data: bool | None = None,
-) -> BuildResult:
-    """Build/time ``final`` (a model :func:`run_passes` returned for ``config``) and the baseline. Does not modify inputs.
+    model: onnx.ModelProto, config: BuildConfig, *, data: Any = None, baseline: onnx.ModelProto | None = None,
+    names: Mapping[str, str | None] | None = None, timing_cache: bytes | None = None,
+) -> tuple[BuiltModel, LatencyReport]:
+    """Build/time ``model`` (one :func:`run_passes` returned for ``config``) and the baseline: ``(built, report)``.
 
-    ``passes``: the ``passes.json`` of :func:`run_passes` (default: no passes ran);
-    ``external_data``: whether the written model gets ``model.onnx.data`` (default: whether
-    ``final`` has external data). The TensorRT engine is built with ``config``'s sparsity flag.
+    The benchmark stage (the shape of :mod:`compress.stage`); does not modify its inputs.
+    ``data``: calibration batches (the first one is timed, else random inputs at the OPT
+    shapes; with a baseline, the candidate's fidelity against it is measured on them);
+    ``names``: ``{"model": ..., "baseline": ...}``, the labels the report gives the two
+    models (default ``model.onnx`` / ``baseline.onnx``). The built model is written with
+    ``model.onnx.data`` when ``model`` has external data. The TensorRT engine is built with ``config``'s sparsity flag.
 
     Raises:
         ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
     """
+    final, calib = model, data
+    names = names if names is not None else {"model": "model.onnx", "baseline": "baseline.onnx"}
     check_profiles(final, config.profiles)
     feed, random_inputs = benchmark_feed(final, calib, config.profiles)
     engine_cfg = EngineConfig(profiles=config.profiles, sparse_weights=config.sparsity == "2:4",
@@ -314,40 +330,40 @@ def benchmark(
     candidate = {"model": names["model"], "precision": config.precision, "sparsity": config.sparsity,
                  "sha256": digest, "random_inputs": random_inputs,
                  **measurement(timing.to_dict(), batch=batch)}
-    report: dict[str, Any] = {
-        "schema_version": LATENCY_SCHEMA, "backend": config.backend, "provider": provider,
-        "percentile_method": "nearest rank, as trtexec (float32 index arithmetic)",
-        "bench": {"warmup_s": config.bench.warmup_s, "iterations_min": config.bench.iterations,
-                  "duration_s": config.bench.duration_s, "input_shapes": {k: list(v.shape) for k, v in feed.items()}},
-        "candidate": candidate,
-        "environment": {"host": host_info(), "versions": versions()},
-    }
+    engine_info = None
+    environment: dict[str, Any] = {"host": host_info(), "versions": versions()}
     if engine is not None:
-        report["environment"]["gpu"] = engine.info.get("gpu")
-        report["engine"] = {k: engine.info[k] for k in ("tensorrt", "strongly_typed", "sparse_weights", "legacy_precision", "size_bytes")}
+        environment["gpu"] = engine.info.get("gpu")
+        engine_info = {k: engine.info[k] for k in ("tensorrt", "strongly_typed", "sparse_weights", "legacy_precision",
+                                                   "size_bytes")}
+    base_entry: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None
     if base_timing is not None:
-        report["baseline"] = {"model": names["baseline"], "precision": "fp32", "sparsity": None, "random_inputs": random_inputs,
-                              **measurement(base_timing.to_dict(), batch=batch)}
-        report["comparison"] = compare(candidate, report["baseline"])
+        base_entry = {"model": names["baseline"], "precision": "fp32", "sparsity": None, "random_inputs": random_inputs,
+                      **measurement(base_timing.to_dict(), batch=batch)}
+        comparison = compare(candidate, base_entry)
         if calib is not None and baseline is not None:
             from compress.fidelity import compare_models
 
-            report["comparison"]["fidelity"] = compare_models(baseline, final, calib)
+            comparison["fidelity"] = compare_models(baseline, final, calib)
+    report = LatencyReport(
+        backend=config.backend, provider=provider,
+        bench={"warmup_s": config.bench.warmup_s, "iterations_min": config.bench.iterations,
+               "duration_s": config.bench.duration_s, "input_shapes": {k: list(v.shape) for k, v in feed.items()}},
+        candidate=candidate, environment=environment, engine=engine_info, baseline=base_entry, comparison=comparison)
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
-    passes = dict(passes) if passes is not None else {"passes": [], "input_sha256": digest, "output_sha256": digest}
-    return BuildResult(final, passes, engine, report, cmd,
-                       external_data=has_external_data(final) if external_data is None else external_data)
+    built = BuiltModel(final, engine, cmd, external_data=has_external_data(final))
+    return built, report
 
 
 def build(
-    model: onnx.ModelProto, config: BuildConfig, *, calib: Any = None, baseline: onnx.ModelProto | None = None,
-    names: Mapping[str, str | None], timing_cache: bytes | None = None,
+    model: onnx.ModelProto, config: BuildConfig, *, data: Any = None, baseline: onnx.ModelProto | None = None,
+    names: Mapping[str, str | None] | None = None, timing_cache: bytes | None = None,
 ) -> BuildResult:
-    """Run the passes, build/time the candidate (and baseline) and return the report. Does not modify inputs.
+    """Run the passes, build/time the candidate (and baseline) and return the reports. Does not modify inputs.
 
-    :func:`run_passes` then :func:`benchmark`. ``names``: ``{"model": ..., "baseline": ...}``,
-    the labels the report gives the two models. The gates are not evaluated here (see
-    :func:`compress.gates.evaluate_gates`).
+    :func:`run_passes` then :func:`benchmark` (their arguments). The gates are not evaluated
+    here (see :func:`compress.gates.evaluate_gates`).
 
     Raises:
         FieldError: a shape profile that does not fit ``model``'s inputs (before any work).
@@ -356,9 +372,10 @@ def build(
     """
     check_profiles(model, config.profiles)
     check_backend(config)
-    final, passes = run_passes(model, config, calib=calib)
-    return benchmark(final, config, calib=calib, baseline=baseline, names=names, timing_cache=timing_cache,
-                     passes=passes, external_data=has_external_data(model))
+    final, passes = run_passes(model, config, data=data)
+    built, latency = benchmark(final, config, data=data, baseline=baseline, names=names, timing_cache=timing_cache)
+    # written in the input's layout: a pass's new tensors are in memory, the input's were on disk
+    return BuildResult(replace(built, external_data=has_external_data(model)), passes, latency)
 
 
 def check_backend(config: BuildConfig) -> None:
@@ -375,6 +392,7 @@ def check_backend(config: BuildConfig) -> None:
 
 __all__ = [
     "BACKENDS", "CALIBRATION_METHODS", "INT8_ACTIVATIONS", "LATENCY_SCHEMA", "PRECISIONS", "SPARSITIES",
-    "SPARSITY_METHODS", "TARGET_EXIT_CODE", "BuildConfig", "BuildResult", "benchmark", "benchmark_feed", "build",
+    "SPARSITY_METHODS", "TARGET_EXIT_CODE", "BuildConfig", "BuildResult", "BuiltModel", "LatencyReport", "PassesReport",
+    "benchmark", "benchmark_feed", "build",
     "check_backend", "check_profiles", "compare", "measurement", "resolve_exclude", "run_passes",
 ]

@@ -120,11 +120,11 @@ class Build:
 
         try:
             with flag_errors(flags):
-                result = build(model, config, calib=calib, baseline=baseline,
+                result = build(model, config, data=calib, baseline=baseline,
                                names={"model": Path(args.model).name,
                                       "baseline": Path(args.baseline).name if args.baseline else None},
                                timing_cache=timing_cache)
-                results = evaluate_gates(result.latency, gates, previous=previous)
+                results = evaluate_gates(result.latency.to_dict(), gates, previous=previous)
         except FidelityTargetError as exc:
             from compress.onnx_io import model_digest, write_json
 

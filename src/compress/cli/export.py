@@ -120,7 +120,7 @@ class Export:
         from compress.export import (
             DynamicAxis,
             InputSpec,
-            export_model,
+            export,
             load_torch_model,
             make_example_inputs,
             model_files,
@@ -154,7 +154,8 @@ class Export:
             names = set(example) if isinstance(example, dict) else set()
             config = replace(config, dynamic=tuple(d for d in loaded.dynamic if d.name in names))
 
-        model, block_map, report = export_model(loaded.module, example, config)
+        exported, report = export(loaded.module, config, data=example)
+        model, block_map = exported.proto, exported.block_map
         gradnorm_summary = None
         if gradnorm and block_map.blocks:
             block_map, gradnorm_summary = _add_gradnorm(args, loaded.module, model, block_map)

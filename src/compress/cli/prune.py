@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bench import BenchConfig
+from compress.blocks import MappedModel
 from compress.cli import command
 from compress.cli._common import (
     add_blocks_argument,
@@ -30,7 +31,7 @@ from compress.prune import (
     blocks_for_ratio,
     check_blocks,
     choose_metric,
-    prune_model,
+    prune,
     split_batches,
     sweep,
 )
@@ -38,7 +39,7 @@ from compress.reports import write_plot
 from compress.reports.prune import plot_sweep, prune_markdown, sweep_markdown, write_prune_files
 from compress.reports.scoring import plot_scores, scores_markdown, scores_text
 from compress.scoring import STREAM_FUSIONS, MetricConfig, metric_names, parse_stream_weights, parse_token_ranges
-from compress.scoring.collect import ScoreConfig, score_blocks
+from compress.scoring.collect import ScoreConfig, score
 
 _DESCRIPTION = """\
 Score every block of an ONNX model on calibration data, in one ONNX Runtime pass per batch
@@ -214,7 +215,7 @@ def _scores_only(args: argparse.Namespace) -> int:
     block_map = _torch_gradnorm(args, model, block_map, calib)
     config = ScoreConfig(metrics=_resolve_auto(metrics, block_map), options=options)
     logger.info("scoring %d blocks on %s", len(block_map.blocks), calib.description)
-    report = score_blocks(model, block_map, calib, config).to_dict()
+    report = score(MappedModel(model, block_map), config, data=calib)[1].to_dict()
     report["model"] = Path(args.model).name
     if report_path is not None:
         with outs.writing() as stage:
@@ -272,7 +273,7 @@ def _prune(args: argparse.Namespace) -> int:
         block_map = _torch_gradnorm(args, model, block_map, split_batches(calib, config.holdout)[0])
     if args.sweep is not None:
         with flag_errors(flags):
-            rows = sweep(model, block_map, calib, config, counts)
+            rows = sweep(MappedModel(model, block_map), config, data=calib, counts=counts)
         report = {"schema_version": 1, "model": Path(args.model).name, "sweep": rows,
                   "calibration": {"description": calib.description, "random": calib.random},
                   "method": {"metric": config.metric, "select": select}}
@@ -284,12 +285,12 @@ def _prune(args: argparse.Namespace) -> int:
         print_json(report) if args.json else print(sweep_markdown(report))
         return 0
     with flag_errors(flags):
-        result = prune_model(model, block_map, calib, config)
-    report = {"model": Path(args.model).name, "output": out.name if out else None, **result.report}
+        pruned, pruned_report = prune(MappedModel(model, block_map), config, data=calib)
+    report = {"model": Path(args.model).name, "output": out.name if out else None, **pruned_report.to_dict()}
     assert out is not None
     assert blocks_out is not None
     with outs.writing() as stage:
-        write_prune_files(result, report, model=stage.path(out), blocks=stage.path(blocks_out),
+        write_prune_files(pruned, report, model=stage.path(out), blocks=stage.path(blocks_out),
                           report_json=stage.path(report_path) if report_path is not None else None)
     if args.json:
         print_json(report)

@@ -1,11 +1,12 @@
 """PyTorch -> ONNX export with a parity check against torch and a block map.
 
 :func:`load_torch_model` turns a ``MODEL`` string into a torch module (and, where the
-source provides them, example inputs); :func:`export_model` exports it with the dynamo
+source provides them, example inputs); :func:`export` exports it with the dynamo
 (``torch.onnx.export(dynamo=True)``) or TorchScript exporter, checks the result with
 ``onnx.checker``, runs it in ONNX Runtime (CPU) on the example inputs, compares every
-output with torch, and finds the model's blocks. It returns the model, the block map and
-an :class:`ExportReport`; it writes no files (the CLI does, through :mod:`compress.onnx_io`).
+output with torch, and finds the model's blocks. It returns the model with its block map
+(a :class:`~compress.blocks.MappedModel`) and an :class:`ExportReport`; it writes no files (the
+CLI does, through :mod:`compress.onnx_io`).
 
 Submodules: :mod:`~compress.export.config` (configs and reports), :mod:`~compress.export.loaders`
 (MODEL strings, ``.pt2`` safety, weights), :mod:`~compress.export.hf` (transformers and
@@ -14,7 +15,7 @@ diffusers folders), :mod:`~compress.export.exporters` (the exporters, :func:`qui
 (block containers), :mod:`~compress.export.messages` (exception text),
 :mod:`~compress.export.gradnorm` (each block's GradNorm in torch, SGLP's importance, for the
 block map: ``compress export --calib``). This module holds
-:func:`export_model` and re-exports the public names.
+:func:`export` (the stage) and re-exports the public names.
 
 torch, onnxscript and transformers are imported inside the functions that use them. The
 library leaves the process as it found it: environment variables, logger levels, warning
@@ -32,7 +33,7 @@ import numpy as np
 import onnx
 
 from compress import onnx_io
-from compress.blocks import BlockMap
+from compress.blocks import MappedModel
 from compress.errors import ConfigError, ExportError, MissingDependencyError, ModelError
 from compress.export.config import (
     DEFAULT_OPSET,
@@ -82,7 +83,7 @@ __all__ = [
     "diffusers_example_inputs",
     "diffusers_for_export",
     "export_error",
-    "export_model",
+    "export",
     "find_block_containers",
     "is_causal_lm",
     "load_torch_model",
@@ -113,7 +114,7 @@ def _forward_params(module: Any) -> list[str] | None:
 def _bind(module: Any, example_inputs: tuple[Any, ...] | Mapping[str, Any]) -> _Call:
     """How to call ``module`` on ``example_inputs``: by keyword when every dict key is a ``forward`` parameter."""
     torch = _import_torch()
-    checked = _check_example_inputs(example_inputs, "export_model")
+    checked = _check_example_inputs(example_inputs, "export")
     params = _forward_params(module) or []
     if isinstance(checked, dict):
         names = tuple(checked)
@@ -160,9 +161,9 @@ def _torch_params(module: Any) -> int:
 
 
 
-def export_model(
-    module: Any, example_inputs: tuple[Any, ...] | Mapping[str, Any], config: ExportConfig
-) -> tuple[onnx.ModelProto, BlockMap, ExportReport]:
+def export(
+    model: Any, config: ExportConfig, *, data: tuple[Any, ...] | Mapping[str, Any],
+) -> tuple[MappedModel, ExportReport]:
     """Export ``module`` to ONNX, check it against torch, and find its blocks. Writes no files.
 
     The module runs in eval mode (its training flag is restored afterwards) and is not
@@ -174,12 +175,12 @@ def export_model(
     ``os.environ``, the exporters' logger levels, warning filters and descriptors 1 and 2.
 
     Args:
-        module: an ``nn.Module`` or ``torch.export.ExportedProgram``.
-        example_inputs: tuple of tensors, or dict name -> tensor.
+        model: the torch model, an ``nn.Module`` or ``torch.export.ExportedProgram``.
         config: exporter, opset, dynamic axes, block containers, parity tolerances.
+        data: the example inputs: a tuple of tensors, or a dict name -> tensor.
 
     Returns:
-        ``(model, block_map, report)``.
+        ``(model with its block map, report)``: the export stage (the shape of :mod:`compress.stage`).
 
     Raises:
         ConfigError: a dynamic axis names no input or axis.
@@ -188,8 +189,8 @@ def export_model(
             tolerances (``|onnx - torch| > atol + rtol * |torch|`` anywhere, or cosine < min_cosine).
         BlockError: ``config.blocks`` names no container of the model.
     """
-    torch = _import_torch()
-    call = _bind(module, example_inputs)
+    torch, module = _import_torch(), model
+    call = _bind(module, data)
     _check_dynamic(config.dynamic, call)
     is_program = isinstance(module, torch.export.ExportedProgram)
     runner = module.module() if is_program else module
@@ -247,4 +248,4 @@ def export_model(
         params=sum(int(np.prod(t.dims)) for t in model.graph.initializer), torch_params=_torch_params(module),
         warnings=tuple(notes),
     )
-    return model, block_map, report
+    return MappedModel(model, block_map), report

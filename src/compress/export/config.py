@@ -29,6 +29,10 @@ MIN_DYNAMO_OPSET = 18
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
+#: ``schema_version`` of ``MODEL.export.json`` (:meth:`ExportReport.to_dict`).
+EXPORT_SCHEMA = 1
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One model input: name, shape and element type (``--input x:1x3x224x224:float32``)."""
@@ -86,7 +90,7 @@ class DynamicAxis:
 
 @dataclass(frozen=True)
 class ExportConfig(StageConfig):
-    """Options of :func:`export_model`.
+    """Options of :func:`export`.
 
     Attributes:
         exporter: ``dynamo`` (torch.export based) or ``torchscript``.
@@ -185,7 +189,7 @@ class OutputParity:
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_model` did. Times in seconds; ``params`` counts initializer elements."""
+    """What :func:`export` did. Times in seconds; ``params`` counts initializer elements."""
 
     exporter: str
     opset: int
@@ -201,11 +205,13 @@ class ExportReport:
     params: int
     torch_params: int
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    schema_version: int = field(default=EXPORT_SCHEMA, init=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (``MODEL.export.json``): parity grouped with its tolerances, times rounded to ms."""
         return {
-            "exporter": self.exporter, "opset": self.opset, "versions": dict(self.versions),
+            "schema_version": self.schema_version, "exporter": self.exporter, "opset": self.opset,
+            "versions": dict(self.versions),
             "inputs": [i.to_dict() for i in self.inputs], "outputs": list(self.outputs),
             "dynamic_axes": [d.to_dict() for d in self.dynamic],
             "parity": {"ok": all(p.ok for p in self.parity), "tolerance": dict(self.tolerance),

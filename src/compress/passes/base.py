@@ -15,7 +15,7 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -109,17 +109,27 @@ class Pass:
     needs_calibration: bool
     summary: str
 
-    def __call__(self, model: onnx.ModelProto, config: Any = None) -> tuple[onnx.ModelProto, PassReport]:
+    def __call__(self, model: onnx.ModelProto, config: Any = None, *,
+                 data: Any = None) -> tuple[onnx.ModelProto, PassReport]:
         """Run the pass on ``model`` with ``config`` (its defaults when None); ``model`` is not modified.
 
+        The stage shape (:mod:`compress.stage`): ``data`` (calibration batches) goes into the
+        config's ``calibration`` field, which the pass reads; None keeps what the config has.
+
         Raises:
-            ConfigError: ``config`` is not this pass's config type.
+            ConfigError: ``config`` is not this pass's config type, or ``data`` was given to a
+                pass that takes no calibration data.
         """
         if config is None:
             config = self.config_type()
         if not isinstance(config, self.config_type):
             raise ConfigError(f"pass {self.name!r} takes a {self.config_type.__name__}, got {type(config).__name__}",
                               hint=f"pass a {self.config_type.__name__} (or None for its defaults)")
+        if data is not None:
+            dataclass_config: Any = config
+            if not any(f.name == "calibration" for f in fields(dataclass_config)):
+                raise ConfigError(f"pass {self.name!r} takes no calibration data", hint="call it without data=")
+            config = replace(dataclass_config, calibration=data)
         return self.run(model, config)
 
 

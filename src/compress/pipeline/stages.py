@@ -2,7 +2,7 @@
 
 Each ``*_stage`` function computes its input hash (:mod:`compress.pipeline.cache`) and runs its
 ``*_work`` only when that hash changed; the work calls the same library function the command
-does (:func:`compress.export.export_model`, :func:`compress.prune.prune_model`,
+does (:func:`compress.export.export`, :func:`compress.prune.prune`,
 :func:`compress.build.build`) and writes through :mod:`compress.onnx_io` and the shared
 report writers (:mod:`compress.reports`).
 """
@@ -59,7 +59,7 @@ def export_stage(run: Run) -> tuple[StageRun, Artifact]:
 
 
 def _export_work(config: PipelineConfig, tmp: Path) -> None:
-    from compress.export import InputSpec, export_model, load_torch_model, make_example_inputs
+    from compress.export import InputSpec, export, load_torch_model, make_example_inputs
 
     section = config.model
     export_config = section.export_config()
@@ -76,8 +76,9 @@ def _export_work(config: PipelineConfig, tmp: Path) -> None:
     if not section.dynamic and loaded.dynamic:
         names = set(example) if isinstance(example, dict) else set()
         export_config = replace(export_config, dynamic=tuple(d for d in loaded.dynamic if d.name in names))
-    model, block_map, report = export_model(loaded.module, example, export_config)
-    save_model(model, tmp / "model.onnx")
+    exported, report = export(loaded.module, export_config, data=example)
+    block_map = exported.block_map
+    save_model(exported.proto, tmp / "model.onnx")
     context = {"model": loaded.name, "onnx": "model.onnx", "exporter": report.exporter, "opset": report.opset,
                "inputs": [i.to_dict() for i in report.inputs], "dynamic_axes": [d.to_dict() for d in report.dynamic]}
     write_json(tmp / "model.blocks.json", {**block_map.to_dict(), "export": context})
@@ -209,7 +210,8 @@ def prune_stage(run: Run, original: Artifact, calib: Any, calib_hash: str | None
 
 
 def _prune_work(run: Run, section: PruneSection, original: Artifact, calib: Any, tmp: Path) -> None:
-    from compress.prune import blocks_for_ratio, check_blocks, prune_model
+    from compress.blocks import MappedModel
+    from compress.prune import blocks_for_ratio, check_blocks, prune
     from compress.reports.prune import write_prune_files
     from compress.validate import FieldError
 
@@ -223,9 +225,9 @@ def _prune_work(run: Run, section: PruneSection, original: Artifact, calib: Any,
     except FieldError as exc:
         key = "ratio" if section.ratio is not None else exc.field
         raise exc.as_key(f"{run.config.source}: prune.{key}", section.ratio if section.ratio is not None else None) from None
-    result = prune_model(model, block_map, calib, config)
-    report = {"model": f"{run.config.name}.onnx", "output": "model.onnx", **result.report}
-    write_prune_files(result, report, model=tmp / "model.onnx", blocks=tmp / "model.blocks.json",
+    pruned, pruned_report = prune(MappedModel(model, block_map), config, data=calib)
+    report = {"model": f"{run.config.name}.onnx", "output": "model.onnx", **pruned_report.to_dict()}
+    write_prune_files(pruned, report, model=tmp / "model.onnx", blocks=tmp / "model.blocks.json",
                       report_json=tmp / "prune.json", scores_png=tmp / "scores.png", original=block_map)
 
 
@@ -259,7 +261,7 @@ def _build_work(run: Run, models: tuple[Artifact, Artifact | None], calib: Any, 
     label = "pruned" if run.config.prune is not None else "exported"
     names = {"model": f"{run.config.name} ({label})", "baseline": f"{run.config.name} (original)" if baseline else None}
     try:
-        result = build(model, config, calib=calib, baseline=baseline, names=names)
+        result = build(model, config, data=calib, baseline=baseline, names=names)
     except FieldError as exc:  # a shape profile that does not fit the model's inputs
         raise exc.as_key(f"{run.config.source}: build.{exc.field}") from None
     write_build_files(tmp, result, render_build(result))  # no gates: the report stage evaluates them

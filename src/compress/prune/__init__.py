@@ -49,17 +49,17 @@ Padding: ``options.token_mask`` (``--token-mask``) names the model's padding-mas
 Every function here is pure: models are never modified, nothing touches files.
 
 Modules: :mod:`~compress.prune.select` (the rules, :func:`choose_metric`),
-:mod:`~compress.prune.config` (:class:`PruneConfig`, :class:`PruneResult`,
+:mod:`~compress.prune.config` (:class:`PruneConfig`, :class:`PruneReport`,
 :func:`check_blocks`, :func:`split_batches`), :mod:`~compress.prune.cost` (parameters,
 latency), :mod:`~compress.prune.heal`, :mod:`~compress.prune.measured`,
-:mod:`~compress.prune.stage` (:func:`prune_model`), :mod:`~compress.prune.sweep`. The
+:mod:`~compress.prune.stage` (:func:`prune`, the stage), :mod:`~compress.prune.sweep`. The
 fidelity of a pruned model is measured by :mod:`compress.fidelity`.
 """
 
 from __future__ import annotations
 
 from compress.fidelity import Batches
-from compress.prune.config import PRUNE_SCHEMA, PruneConfig, PruneResult, blocks_for_ratio, check_blocks, split_batches
+from compress.prune.config import PRUNE_SCHEMA, PruneConfig, PruneReport, blocks_for_ratio, check_blocks, split_batches
 from compress.prune.cost import block_times, time_model
 from compress.prune.heal import fit_spans, heal_spans, removed_spans
 from compress.prune.measured import MeasuredChoice, select_measured
@@ -79,7 +79,7 @@ from compress.prune.select import (
     select_random,
     select_span,
 )
-from compress.prune.stage import prune_model
+from compress.prune.stage import prune
 from compress.prune.sweep import mark_fronts, pareto_front, sweep
 
 __all__ = [
@@ -92,7 +92,7 @@ __all__ = [
     "Candidates",
     "MeasuredChoice",
     "PruneConfig",
-    "PruneResult",
+    "PruneReport",
     "Selector",
     "block_times",
     "blocks_for_ratio",
@@ -102,7 +102,7 @@ __all__ = [
     "heal_spans",
     "mark_fronts",
     "pareto_front",
-    "prune_model",
+    "prune",
     "removed_spans",
     "select_auto",
     "select_last",

@@ -1,7 +1,7 @@
 """The configuration and result of the prune stage, and the data helpers every prune module shares.
 
 :class:`PruneConfig` (one frozen config, checked in ``__post_init__``; the CLI and
-``compress run`` share it), :class:`PruneResult`, :func:`check_blocks` (the config against
+``compress run`` share it), :class:`PruneReport`, :func:`check_blocks` (the config against
 a block map, before any work), :func:`split_batches` (scoring vs held-out batches).
 Nothing here runs a model or touches files.
 """
@@ -99,12 +99,54 @@ class PruneConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class PruneResult:
-    """The pruned model, its block map and the verification report (JSON-ready dict)."""
+class PruneReport:
+    """What :func:`compress.prune.prune` did (``MODEL.prune.json`` without the file names).
 
-    model: onnx.ModelProto
-    block_map: BlockMap
-    report: dict[str, Any]
+    JSON-ready values; :meth:`to_dict` gives the report's layout (schema :data:`PRUNE_SCHEMA`;
+    the optional parts only when present). Fidelity losses are ``1 - top1`` for logits outputs,
+    ``1 - cosine`` otherwise (worst output); sizes in bytes; parameters in elements.
+
+    Attributes:
+        method: the rule as run (metric, select, remove, max_drop, keep, holdout, ...).
+        calibration: the data (description, random, scoring/held-out batch counts).
+        blocks_before / blocks_after: block counts of the input and the pruned model.
+        removed: one entry per removed block (index, name, params, score).
+        scores: per-metric scores of the scoring pass (``scores.json``'s ``metrics``).
+        steps: the fidelity budget's steps (``max_drop``), else empty.
+        params / size_bytes: ``{"before": ..., "after": ...}``.
+        fidelity: the pruned model against the input on the held-out batches.
+        measured: the candidate table of the ``measured`` rule (None otherwise).
+        heal: the healing report (None without ``heal``).
+        latency: the latency estimate (None without ``latency`` or held-out batches).
+    """
+
+    method: dict[str, Any]
+    calibration: dict[str, Any]
+    blocks_before: int
+    blocks_after: int
+    removed: list[dict[str, Any]]
+    scores: dict[str, Any]
+    steps: list[dict[str, Any]]
+    params: dict[str, int]
+    size_bytes: dict[str, int]
+    fidelity: dict[str, Any]
+    measured: dict[str, Any] | None = None
+    heal: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    schema_version: int = field(default=PRUNE_SCHEMA, init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: ``schema_version`` first, then the fields; ``measured``, ``heal``, ``latency`` when set."""
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version, "method": self.method, "calibration": self.calibration,
+            "blocks_before": self.blocks_before, "blocks_after": self.blocks_after, "removed": self.removed,
+            "scores": self.scores, "steps": self.steps, "params": self.params, "size_bytes": self.size_bytes,
+            "fidelity": self.fidelity,
+        }
+        for key in ("measured", "heal", "latency"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 def check_blocks(config: PruneConfig, block_map: BlockMap, *, counts: Sequence[int] = ()) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from compress.blocks import BlockMap
+from compress.blocks import BlockMap, MappedModel
 from compress.errors import BlockError, ConfigError
 from compress.fidelity import Batches, HeldOut
 from compress.graph import GraphIndex
@@ -24,7 +24,7 @@ from compress.prune.config import PruneConfig, _copy
 from compress.prune.cost import _params
 from compress.prune.heal import _better, fit_spans, heal_spans, removed_spans
 from compress.prune.select import MEASURED_METRICS, SELECTIONS, Candidates
-from compress.scoring.collect import ScoreConfig, ScoreReport, score_blocks
+from compress.scoring.collect import ScoreConfig, ScoreReport, score
 from compress.scoring.gradnorm import GRADNORM, has_gradnorm
 from compress.scoring.heal import LinearFit
 from compress.surgery import remove_blocks, verify_removal
@@ -108,22 +108,23 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
     else:
         last_notes.append("no gradnorm candidates: the block map has no GradNorm (compress export --calib, "
                           "or prune --torch-source)")
+    mapped = MappedModel(model, block_map)
     try:
-        single = score_blocks(model, block_map, score_set,
-                              ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)))
+        single = score(mapped, ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)),
+                       data=score_set)[1]
     except (BlockError, ConfigError) as exc:  # an extra metric does not apply here: the default rule's alone
         if len(metrics) == 1:
             raise
         extra_notes.append(f"the candidate metrics {', '.join(metrics[1:])} were not scored: {exc.message}")
         metrics = (config.metric,)
-        single = score_blocks(model, block_map, score_set,
-                              ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)))
+        single = score(mapped, ScoreConfig(metrics=metrics, options=replace(config.options, interval=1)),
+                       data=score_set)[1]
     span = None
     token = tuple(m for m in metrics if m not in ("cka", "ablation"))
     if count > 1 and token:
         try:
-            span = score_blocks(model, block_map, score_set,
-                                ScoreConfig(metrics=token, options=replace(config.options, interval=count)))
+            span = score(mapped, ScoreConfig(metrics=token, options=replace(config.options, interval=count)),
+                         data=score_set)[1]
         except (BlockError, ConfigError) as exc:
             extra_notes.append(f"no span candidates: {exc.message}")
     sets, notes = _candidate_sets(config, block_map, count, single, span)

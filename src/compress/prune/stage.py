@@ -1,11 +1,11 @@
-"""The prune stage: :func:`prune_model` chooses blocks by a ``PruneConfig``, removes them and verifies.
+"""The prune stage: :func:`prune` chooses blocks by a ``PruneConfig``, removes them and verifies.
 
 Three ways to choose: a selection rule on the scores of the scoring batches
 (:mod:`compress.prune.select`), the ``measured`` rule (:mod:`compress.prune.measured`), or
 the fidelity budget ``max_drop`` (:func:`_prune_to_budget`: one block at a time, re-scored,
 stopped before the held-out loss exceeds the budget). Then healing (with
 ``PruneConfig.heal``, :mod:`compress.prune.heal`), the held-out fidelity and the latency
-(:mod:`compress.prune.cost`) go into one JSON-ready report. Does not modify the model;
+(:mod:`compress.prune.cost`) go into one :class:`~compress.prune.config.PruneReport`. Does not modify the model;
 nothing touches files.
 """
 
@@ -16,16 +16,15 @@ from typing import Any
 
 import onnx
 
-from compress.blocks import Block, BlockMap, remaining_blocks
+from compress.blocks import Block, BlockMap, MappedModel, remaining_blocks
 from compress.calibration import describe, relabel
 from compress.errors import ConfigError
 from compress.fidelity import Batches, compare_models
 from compress.log import logger
 from compress.onnx_io import model_nbytes
 from compress.prune.config import (
-    PRUNE_SCHEMA,
     PruneConfig,
-    PruneResult,
+    PruneReport,
     _copy,
     check_blocks,
     split_batches,
@@ -34,7 +33,7 @@ from compress.prune.cost import _latency, _params
 from compress.prune.heal import heal_spans
 from compress.prune.measured import MeasuredChoice, select_measured
 from compress.prune.select import AUTO_METRIC, MEASURED, SELECTIONS, Candidates, choose_metric
-from compress.scoring.collect import ScoreConfig, ScoreReport, score_blocks
+from compress.scoring.collect import ScoreConfig, ScoreReport, score
 from compress.scoring.gradnorm import GRADNORM, carry_gradnorms, gradnorm_status, has_gradnorm, missing_gradnorm_error
 from compress.surgery import remove_blocks, verify_removal
 
@@ -64,7 +63,8 @@ def _score(model: onnx.ModelProto, block_map: BlockMap, batches: Batches, config
            interval: int) -> ScoreReport:
     """Scores of ``config.metric`` (and ``cka`` for ``segment``) at ``interval``."""
     options = replace(config.options, interval=interval)
-    return score_blocks(model, block_map, batches, ScoreConfig(metrics=_metrics_for(config), options=options))
+    score_config = ScoreConfig(metrics=_metrics_for(config), options=options)
+    return score(MappedModel(model, block_map), score_config, data=batches)[1]
 
 
 def _prune_to_budget(model: onnx.ModelProto, block_map: BlockMap, score_set: Batches, held: Batches,
@@ -115,12 +115,12 @@ def _describe(block: Block, score: float | None) -> dict[str, Any]:
     return {"index": block.index, "name": block.name, "params": block.params, "score": score}
 
 
-def prune_model(
-    model: onnx.ModelProto, block_map: BlockMap, batches: Batches, config: PruneConfig,
-) -> PruneResult:
-    """Choose blocks by ``config``, remove them and verify the result. Does not modify ``model``.
+def prune(model: MappedModel, config: PruneConfig, *, data: Batches) -> tuple[MappedModel, PruneReport]:
+    """Choose blocks by ``config``, remove them and verify the result: ``(pruned model, report)``.
 
-    ``batches`` are split into scoring and held-out batches (``config.holdout``); scores come
+    The prune stage (the shape of :mod:`compress.stage`). ``model`` is not modified; the
+    pruned model comes back with the map of the blocks it still has (indices renumbered).
+    The calibration batches ``data`` are split into scoring and held-out batches (``config.holdout``); scores come
     from the first part, fidelity from the second (the same batches when there is only one).
     The report describes the data as ``batches`` do (:func:`compress.calibration.describe`:
     a :class:`~compress.calibration.CalibrationSet`'s ``description`` and ``random``); the
@@ -129,7 +129,7 @@ def prune_model(
     With ``metric`` ``gradnorm`` the scores are the blocks' GradNorm from ``block_map``
     (:mod:`compress.scoring.gradnorm`); with ``select`` ``segment`` (SGLP: CKA segments,
     importance inside a segment from the metric, e.g. ``gradnorm``) or ``metric``
-    ``gradnorm``, ``report["method"]["gradnorm"]`` says whether the map carries GradNorm
+    ``gradnorm``, ``report.method["gradnorm"]`` says whether the map carries GradNorm
     (``absent``, or ``present (LOSS)``). With ``max_drop``, the blocks left after each removal
     keep the GradNorm of the original model (computed once, as in SGLP).
 
@@ -138,6 +138,7 @@ def prune_model(
         a ``--keep`` index out of range, a graph the checker rejects, metric ``gradnorm`` on a
         block map without GradNorm.
     """
+    proto, block_map, batches = model.proto, model.block_map, data
     if (config.remove is None) == (config.max_drop is None) and config.select != "auto":
         raise ConfigError("say how much to prune", hint="pass one of --remove N, --ratio R, --auto or --max-drop X")
     check_blocks(config, block_map)
@@ -158,9 +159,9 @@ def prune_model(
     steps: list[dict[str, Any]] = []
     measured: MeasuredChoice | None = None
     if config.max_drop is not None:
-        pruned, current_map, removed, steps, scores = _prune_to_budget(model, block_map, score_set, held, config)
+        pruned, current_map, removed, steps, scores = _prune_to_budget(proto, block_map, score_set, held, config)
     elif config.select == MEASURED:
-        measured = select_measured(model, block_map, score_set, held, config, config.remove or 0)
+        measured = select_measured(proto, block_map, score_set, held, config, config.remove or 0)
         scores, chosen = measured.scores, measured.blocks
         removed = [(block_map.blocks[i], scores.metrics[config.metric]["scores"][i]) for i in chosen]
         pruned = measured.model
@@ -168,47 +169,47 @@ def prune_model(
     else:
         count = config.remove or 0
         interval = count if config.select == "span" and count > 0 else 1
-        scores = _score(model, block_map, score_set, config, interval=interval)
+        scores = _score(proto, block_map, score_set, config, interval=interval)
         chosen = _removal_order(scores, config, block_map, count)
         removed = [(block_map.blocks[i], scores.metrics[config.metric]["scores"][i]) for i in chosen]
-        pruned = remove_blocks(model, [b for b, _ in removed]) if removed else _copy(model)
+        pruned = remove_blocks(proto, [b for b, _ in removed]) if removed else _copy(proto)
         if removed and held:  # the guard's last check: ORT output shapes and dtypes are unchanged
-            verify_removal(model, pruned, next(iter(held)), blocks=[b for b, _ in removed])
+            verify_removal(proto, pruned, next(iter(held)), blocks=[b for b, _ in removed])
         current_map = remaining_blocks(pruned, block_map, chosen)
     heal_report = None
     if measured is not None:
         fidelity, heal_report = measured.fidelity, measured.heal
     else:
-        fidelity = compare_models(model, pruned, held)
+        fidelity = compare_models(proto, pruned, held)
     if config.heal and removed and measured is None:
-        pruned, fidelity, heal_report = heal_spans(model, pruned, [b for b, _ in removed], score_set, held, config,
+        pruned, fidelity, heal_report = heal_spans(proto, pruned, [b for b, _ in removed], score_set, held, config,
                                                    fidelity)
-    report: dict[str, Any] = {
-        "schema_version": PRUNE_SCHEMA,
-        "method": {"metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
-                   "remove": config.remove, "max_drop": config.max_drop, "keep": list(config.keep),
-                   "holdout": config.holdout, "interval": config.options.interval,
-                   "metric_requested": requested, "metric_choice": why},
-        "calibration": {"description": calibration, "random": random_calibration,
-                        "scoring_batches": len(score_set), "holdout_batches": len(held),
-                        "holdout_is_scoring_data": holdout_is_scoring_data},
-        "blocks_before": len(block_map.blocks),
-        "blocks_after": len(current_map.blocks),
-        "removed": [_describe(b, s) for b, s in removed],
-        "scores": scores.to_dict()["metrics"],
-        "steps": steps,
-        "params": {"before": _params(model), "after": _params(pruned)},
-        "size_bytes": {"before": model_nbytes(model), "after": model_nbytes(pruned)},
-        "fidelity": fidelity,
-    }
+    method: dict[str, Any] = {
+        "metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
+        "remove": config.remove, "max_drop": config.max_drop, "keep": list(config.keep),
+        "holdout": config.holdout, "interval": config.options.interval,
+        "metric_requested": requested, "metric_choice": why}
     if config.select == "segment" or config.metric == GRADNORM:  # SGLP's own importance inside the segments
-        report["method"]["gradnorm"] = gradnorm_status(block_map)
-        logger.info("importance by %s; gradnorm: %s", config.metric, report["method"]["gradnorm"])
-    if measured is not None:
-        report["measured"] = measured.report
+        method["gradnorm"] = gradnorm_status(block_map)
+        logger.info("importance by %s; gradnorm: %s", config.metric, method["gradnorm"])
     if config.heal:
-        report["method"]["heal"] = True
-        report["heal"] = heal_report or {"spans": [], "note": "no block was removed"}
-    if config.latency is not None and held:
-        report["latency"] = _latency(model, pruned, block_map, [b for b, _ in removed], next(iter(held)), config.latency)
-    return PruneResult(pruned, current_map, report)
+        method["heal"] = True
+    report = PruneReport(
+        method=method,
+        calibration={"description": calibration, "random": random_calibration,
+                     "scoring_batches": len(score_set), "holdout_batches": len(held),
+                     "holdout_is_scoring_data": holdout_is_scoring_data},
+        blocks_before=len(block_map.blocks),
+        blocks_after=len(current_map.blocks),
+        removed=[_describe(b, s) for b, s in removed],
+        scores=scores.to_dict()["metrics"],
+        steps=steps,
+        params={"before": _params(proto), "after": _params(pruned)},
+        size_bytes={"before": model_nbytes(proto), "after": model_nbytes(pruned)},
+        fidelity=fidelity,
+        measured=measured.report if measured is not None else None,
+        heal=(heal_report or {"spans": [], "note": "no block was removed"}) if config.heal else None,
+        latency=(_latency(proto, pruned, block_map, [b for b, _ in removed], next(iter(held)), config.latency)
+                 if config.latency is not None and held else None),
+    )
+    return MappedModel(pruned, current_map), report

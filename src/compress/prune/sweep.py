@@ -1,6 +1,6 @@
 """Sweeps: prune 0..K blocks with one rule, one row per count, and the Pareto fronts over the rows.
 
-:func:`sweep` runs :func:`~compress.prune.stage.prune_model` once per count; each row holds
+:func:`sweep` runs :func:`~compress.prune.stage.prune` once per count; each row holds
 the held-out fidelity, parameters and ORT latency (ms) of that count's model (and, with the
 rule ``measured``, every candidate tried). :func:`pareto_front` and :func:`mark_fronts`
 mark the models no other one beats in both loss and cost. Models are never modified;
@@ -14,18 +14,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import onnx
-
-from compress.blocks import BlockMap
+from compress.blocks import MappedModel
 from compress.fidelity import Batches
 from compress.log import progress
 from compress.prune.config import PruneConfig, check_blocks
-from compress.prune.stage import prune_model
+from compress.prune.stage import prune
 
 
-def sweep(
-    model: onnx.ModelProto, block_map: BlockMap, batches: Batches, config: PruneConfig, counts: Sequence[int],
-) -> list[dict[str, Any]]:
+def sweep(model: MappedModel, config: PruneConfig, *, data: Batches, counts: Sequence[int]) -> list[dict[str, Any]]:
     """Prune 0..K blocks with the same rule; one row per count: fidelity and latency.
 
     With the rule ``measured`` each row also lists every candidate it tried
@@ -38,20 +34,20 @@ def sweep(
     Raises:
         FieldError: a count above the removable blocks (checked before any work).
     """
-    check_blocks(replace(config, remove=None, max_drop=None), block_map, counts=counts)
+    check_blocks(replace(config, remove=None, max_drop=None), model.block_map, counts=counts)
     rows = []
     for k in progress(counts, desc="sweep"):
-        res = prune_model(model, block_map, batches, replace(config, remove=k, max_drop=None))
-        lat = res.report.get("latency", {})
-        table = res.report.get("measured", {}).get("candidates", [])
+        _, report = prune(model, replace(config, remove=k, max_drop=None), data=data)
+        lat = report.latency or {}
+        table = (report.measured or {}).get("candidates", [])
         chosen = next((c for c in table if c["chosen"]), None)
-        rows.append({"removed": k, "blocks": [b["name"] for b in res.report["removed"]],
+        rows.append({"removed": k, "blocks": [b["name"] for b in report.removed],
                      "rule": ", ".join(chosen["rules"]) if chosen else config.select,
-                     "healed": bool(res.report.get("heal", {}).get("healed_spans")),
+                     "healed": bool((report.heal or {}).get("healed_spans")),
                      "candidates": [{key: c[key] for key in ("rules", "blocks", "healed", "loss", "cosine", "params",
                                                               "chosen")} for c in table],
-                     "loss": res.report["fidelity"]["loss"], "cosine": res.report["fidelity"]["cosine"],
-                     "top1": res.report["fidelity"]["top1"], "params": res.report["params"]["after"],
+                     "loss": report.fidelity["loss"], "cosine": report.fidelity["cosine"],
+                     "top1": report.fidelity["top1"], "params": report.params["after"],
                      "median_ms": lat.get("pruned", {}).get("median_ms"), "speedup": lat.get("speedup_median"),
                      "ideal_speedup": lat.get("ideal_speedup")})
     mark_fronts(rows)

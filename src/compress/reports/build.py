@@ -42,7 +42,7 @@ def render_build(result: BuildResult, gates: Sequence[GateResult] = ()) -> Build
 
     A missing matplotlib is a logged note, not an error (the plot is optional).
     """
-    latency = {**result.latency, "gates": gate_entries(gates)}
+    latency = {**result.latency.to_dict(), "gates": gate_entries(gates)}
     plot = optional_plot(plot_latency, latency, name="latency.png")
     return BuildReports(latency, latency_markdown(latency), plot, benchmark_action_json(latency), tuple(gates))
 
@@ -56,14 +56,15 @@ def write_build_files(folder: Path, result: BuildResult, reports: BuildReports) 
     """
     from compress.onnx_io import save_model, write_bytes, write_json, write_text
 
-    save_model(result.model, folder / "model.onnx", external_data=result.external_data or None)
-    write_json(folder / "passes.json", result.passes)
+    built = result.model
+    save_model(built.proto, folder / "model.onnx", external_data=built.external_data or None)
+    write_json(folder / "passes.json", result.passes.to_dict())
     write_text(folder / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
-               + result.trtexec + "\n")
-    if result.engine is not None:
-        write_bytes(folder / "engine.plan", result.engine.plan)
-        write_bytes(folder / "timing.cache", result.engine.timing_cache)
-        write_json(folder / "engine.json", result.engine.info)
+               + built.trtexec + "\n")
+    if built.engine is not None:
+        write_bytes(folder / "engine.plan", built.engine.plan)
+        write_bytes(folder / "timing.cache", built.engine.timing_cache)
+        write_json(folder / "engine.json", built.engine.info)
     write_json(folder / "latency.json", reports.latency)
     write_text(folder / "latency.md", reports.markdown)
     if reports.plot is not None:

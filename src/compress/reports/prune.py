@@ -181,12 +181,13 @@ def plot_sweep(report: dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
-def write_prune_files(result: Any, report: dict[str, Any], *, model: Path, blocks: Path, report_json: Path | None,
+def write_prune_files(pruned: Any, report: dict[str, Any], *, model: Path, blocks: Path, report_json: Path | None,
                       scores_png: Path | None = None, original: Any = None) -> None:
     """Write a prune stage's artifacts (the CLI and ``compress run`` call this inside an atomic folder).
 
-    ``result``: a :class:`~compress.prune.PruneResult`; ``report``: its report with the
-    model names added; ``model``/``blocks``: the pruned model and its block map;
+    ``pruned``: the :class:`~compress.blocks.MappedModel` the prune stage returned;
+    ``report``: its report's ``to_dict()`` with the model names added;
+    ``model``/``blocks``: the pruned model and its block map;
     ``report_json``: ``prune.json``, with ``prune.md`` beside it (None: no report files);
     ``scores_png``: the score plot of ``original`` (the unpruned block map), skipped with a
     note without matplotlib. Nothing is modified.
@@ -195,8 +196,8 @@ def write_prune_files(result: Any, report: dict[str, Any], *, model: Path, block
     from compress.reports import write_plot
     from compress.reports.scoring import plot_scores
 
-    save_model(result.model, model)
-    write_json(blocks, result.block_map.to_dict())
+    save_model(pruned.proto, model)
+    write_json(blocks, pruned.block_map.to_dict())
     if report_json is not None:
         write_json(report_json, report)
         write_text(report_json.with_suffix(".md"), prune_markdown(report))

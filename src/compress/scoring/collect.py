@@ -29,7 +29,7 @@ the real tokens, ``details["positions"]`` all of them, and ``config["token_mask_
 says which input was used and how it was chosen.
 
 Sessions come from :func:`compress.runtime.load_session`, bound here as ``make_session``:
-that module-level name is what :func:`score_blocks` calls (tests and the scoring benchmark
+that module-level name is what :func:`score` calls (tests and the scoring benchmark
 replace it), and with ``run_batch`` (:func:`compress.runtime.run_batch`) it stays
 importable from here for the stages that still do. Does not modify the model.
 """
@@ -44,7 +44,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import onnx
 
-from compress.blocks import Block, BlockMap
+from compress.blocks import Block, MappedModel
 from compress.calibration import describe
 from compress.errors import BlockError, CalibrationError, ConfigError
 from compress.fidelity import logit_outputs
@@ -160,6 +160,7 @@ class ScoreReport:
     config: dict[str, Any]
     timings_s: dict[str, float]
     providers: tuple[str, ...]
+    schema_version: int = field(default=SCORES_SCHEMA, init=False)
 
     def scores(self, metric: str, *, key: str = "scores") -> list[float | None]:
         """Per-block scores of ``metric`` (higher = more important)."""
@@ -171,7 +172,7 @@ class ScoreReport:
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (``scores.json``, schema :data:`SCORES_SCHEMA`)."""
         return {
-            "schema_version": SCORES_SCHEMA,
+            "schema_version": self.schema_version,
             "model_sha256": self.model_sha256,
             "calibration": {"description": self.calibration, "random": self.random_calibration,
                             "batches": self.batches, "samples": self.samples},
@@ -248,22 +249,24 @@ def _expand(result: dict[str, Any], scored: Sequence[Block], total: int) -> dict
     return out
 
 
-def score_blocks(
-    model: onnx.ModelProto,
-    block_map: BlockMap,
-    batches: Iterable[Mapping[str, np.ndarray]],
+def score(
+    model: MappedModel,
     config: ScoreConfig,
-) -> ScoreReport:
-    """Score every block of ``block_map`` on ``batches``. Does not modify ``model``.
+    *,
+    data: Iterable[Mapping[str, np.ndarray]],
+) -> tuple[MappedModel, ScoreReport]:
+    """Score every block of ``model.block_map`` on the batches ``data``: ``(model, report)``.
+
+    The scoring stage (the shape of :mod:`compress.stage`): ``model`` comes back as it was
+    (scoring changes no graph) and is not modified.
 
     Args:
-        model: the ONNX model.
-        block_map: its blocks (``find_blocks``).
-        batches: calibration feeds (input name -> array with a leading batch axis). Must be
-            re-iterable when ``ablation`` is requested (it runs the batches once per block).
+        model: the ONNX model and its blocks (``find_blocks``).
         config: metrics and their options.
+        data: calibration feeds (input name -> array with a leading batch axis). Must be
+            re-iterable when ``ablation`` is requested (it runs the batches once per block).
 
-    The report describes the data as ``batches`` do (:func:`compress.calibration.describe`).
+    The report describes the data as ``data`` does (:func:`compress.calibration.describe`).
     Metrics read from the block map (``gradnorm``) add no ORT work; when they are the only
     ones, no session is made and the batches are only counted (``providers`` is empty).
 
@@ -272,6 +275,7 @@ def score_blocks(
         block map without the GradNorm that ``gradnorm`` reads;
         CalibrationError: no batches, or a batch ORT rejects.
     """
+    proto, block_map, batches = model.proto, model.block_map, data
     metrics = {name: get_metric(name) for name in config.metrics}  # validates names first
     calibration, random_calibration = describe(batches)
     # Every block with a stream input and one output takes part (spans must not jump over a
@@ -287,22 +291,22 @@ def score_blocks(
     boundary = list(dict.fromkeys(t for b, x, y in zip(scored, inputs, outputs, strict=True)
                                   for t in (x, y, *b.stream_inputs, *b.stream_outputs)))
     streams = _stream_plan(scored, config.options)
-    final_names = [o.name for o in model.graph.output]
+    final_names = [o.name for o in proto.graph.output]
     # ``needs_final`` says how a metric is fed (see compress.scoring.base.Accumulator).
     stream = {n: cast(_BoundaryMetric, m) for n, m in metrics.items() if not m.needs_final and not m.from_block_map}
     ablation = {n: cast(_FinalMetric, m) for n, m in metrics.items() if m.needs_final}
     mapped = {n: m for n, m in metrics.items() if m.from_block_map}  # gradnorm: read from the block map
 
     # Hashed before the session exists: the serialized copy then does not add to the peak memory.
-    digest = model_digest(model)
-    mask_name, mask_how = find_token_mask(model, config.options.token_mask)
+    digest = model_digest(proto)
+    mask_name, mask_how = find_token_mask(proto, config.options.token_mask)
     timings: dict[str, float] = {}
     # Before any ORT work: a block map without the values fails at once.
     mapped_results = {name: _expand(cast(Any, metric(len(scored), config.options)).score_map(
         scored, loss=block_map.gradnorm_loss).to_dict(), scored, len(block_map.blocks)) for name, metric in mapped.items()}
     run_ort = bool(stream or ablation)  # only metrics read from the block map: the batches are counted, not run
     t0 = time.perf_counter()
-    session = load_session(add_outputs(model, boundary), providers=config.providers,
+    session = load_session(add_outputs(proto, boundary), providers=config.providers,
                            threads=config.threads) if run_ort else None
     timings["session_s"] = time.perf_counter() - t0
     accs = {n: m(len(scored), config.options) for n, m in stream.items()}
@@ -360,11 +364,11 @@ def score_blocks(
     if ablation:
         t0 = time.perf_counter()
         removable = [j for j, b in enumerate(scored) if b.removable]
-        graph_index = GraphIndex(model)  # one shape inference for every removal
+        graph_index = GraphIndex(proto)  # one shape inference for every removal
         for name, metric in ablation.items():
-            final_acc = metric(len(scored), config.options, logits=logit_outputs(model))
+            final_acc = metric(len(scored), config.options, logits=logit_outputs(proto))
             for j in progress(removable, desc="ablation"):
-                ablated = load_session(remove_blocks(model, [scored[j]], check=False, index=graph_index),
+                ablated = load_session(remove_blocks(proto, [scored[j]], check=False, index=graph_index),
                                        providers=config.providers, threads=config.threads)
                 seen = 0
                 for i, feed in enumerate(batches):
@@ -381,7 +385,7 @@ def score_blocks(
     blocks = tuple({"index": b.index, "name": b.name, "input": b.input, "output": b.output, "params": b.params,
                     "removable": b.removable, "reason": b.reason, "streams": [st.name for st in b.streams]}
                    for b in block_map.blocks)
-    return ScoreReport(
+    return model, ScoreReport(
         model_sha256=digest, calibration=calibration, random_calibration=random_calibration,
         batches=num_batches, samples=samples, blocks=blocks, metrics=results,
         config={"metrics": list(config.metrics), **_options(config.options),

@@ -75,10 +75,10 @@ def build_task(run: Run, source: Artifact, original: Artifact, config: BuildConf
         reference = load_model(original.path)
         calib = load_calib(run, reference)
         model = load_model(source.path)
-        final, passes = run_passes(model, config, calib=calib)
+        final, passes = run_passes(model, config, data=calib)
         fidelity = compare_models(reference, final, _held_out(run, calib))
         save_model(final, tmp / "model.onnx", external_data=has_external_data(model) or None)
-        write_json(tmp / "passes.json", passes)
+        write_json(tmp / "passes.json", passes.to_dict())
         write_json(tmp / "measure.json", {"fidelity": fidelity, "size_bytes": model_nbytes(final)})
 
     stage = run_stage(run, name, inputs, work)
@@ -108,14 +108,15 @@ def bench_task(run: Run, model: Artifact, config: BuildConfig, name: str, calib_
         from compress.reports.latency import latency_markdown
 
         m = load_model(model.path)
-        result = benchmark(m, config, calib=load_calib(run, m), names={"model": name.rsplit("/", 1)[-1], "baseline": None})
-        write_json(tmp / "latency.json", result.latency)
-        write_text(tmp / "latency.md", latency_markdown(result.latency))
+        built, report = benchmark(m, config, data=load_calib(run, m),
+                                  names={"model": name.rsplit("/", 1)[-1], "baseline": None})
+        write_json(tmp / "latency.json", report.to_dict())
+        write_text(tmp / "latency.md", latency_markdown(report.to_dict()))
         write_text(tmp / "trtexec.sh", "#!/bin/sh\n# Equivalent trtexec build and benchmark of model.onnx\n"
-                   + result.trtexec + "\n")
-        if result.engine is not None:
-            write_bytes(tmp / "engine.plan", result.engine.plan)
-            write_json(tmp / "engine.json", result.engine.info)
+                   + built.trtexec + "\n")
+        if built.engine is not None:
+            write_bytes(tmp / "engine.plan", built.engine.plan)
+            write_json(tmp / "engine.json", built.engine.info)
 
     stage = run_stage(run, name, inputs, work)
     latency = read_json(run.out / name / "latency.json", what="latency report")
@@ -142,9 +143,9 @@ def confirm_task(run: Run, model: Artifact, original: Artifact, config: BuildCon
         reference = load_model(original.path)
         m = load_model(model.path)
         held = _held_out(run, load_calib(run, reference))
-        result = benchmark(m, config, calib=held, baseline=reference,
-                           names={"model": name.rsplit("/", 1)[-1], "baseline": f"{run.config.name} (original)"})
-        write_json(tmp / "latency.json", result.latency)
+        _, report = benchmark(m, config, data=held, baseline=reference,
+                              names={"model": name.rsplit("/", 1)[-1], "baseline": f"{run.config.name} (original)"})
+        write_json(tmp / "latency.json", report.to_dict())
 
     stage = run_stage(run, name, inputs, work)
     latency = read_json(run.out / name / "latency.json", what="latency report")
