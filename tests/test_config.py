@@ -10,7 +10,7 @@ import pytest
 from compress.config import add_arguments, from_args, option, read_section, settings
 from compress.errors import ConfigError
 from compress.registry import Registry
-from compress.validate import check_int
+from compress.validate import Interval, check_int
 
 TOOLS: Registry = Registry("tool")
 TOOLS.register("hammer")(object)
@@ -35,7 +35,7 @@ class Toy:
     internal: int = 3
 
     def __post_init__(self) -> None:
-        check_int("Toy", "iterations", self.iterations, high=100, example="10")
+        check_int("Toy", "iterations", self.iterations, within=Interval(high=100), example="10")
 
 
 def _read(data: object) -> Toy:

@@ -25,7 +25,7 @@ pytest.importorskip("onnxscript")
 from compress.blocks import BlockMap  # noqa: E402
 from compress.blocks.mapfile import check_block_map  # noqa: E402
 from compress.errors import BlockError, ModelError  # noqa: E402
-from compress.export.gradnorm import block_gradnorms  # noqa: E402
+from compress.export.gradnorm import Hutchinson, ModuleIO, block_gradnorms  # noqa: E402
 from compress.scoring.gradnorm import GradNormMetric, carry_gradnorms, with_gradnorms  # noqa: E402
 
 NET = '''
@@ -101,7 +101,7 @@ def _order(values) -> list[str]:
 def test_pseudo_label_gradnorm_matches_torch_and_ranks_the_identity_block_lowest():
     model, batches = _net(), _batches()
     before = [p.detach().clone() for p in model.parameters()]
-    r = block_gradnorms(model, PATHS, batches, logits=("output",))
+    r = block_gradnorms(model, PATHS, batches, io=ModuleIO(logits=("output",)))
 
     assert r.loss == "cross-entropy vs the unpruned model's argmax (pseudo-labels; output 'output')"
     assert (r.batches, r.samples, r.draws) == (3, 12, 0)
@@ -120,7 +120,7 @@ def test_labels_use_cross_entropy_and_match_torch():
     model = _net()
     labels = [np.array([0, 1, 2, 0]), np.array([2, 2, 1, 0]), np.array([1, 0, 0, 2])]
     batches = [{**b, "labels": y} for b, y in zip(_batches(), labels, strict=True)]
-    r = block_gradnorms(model, PATHS, batches, logits=("output",))
+    r = block_gradnorms(model, PATHS, batches, io=ModuleIO(logits=("output",)))
 
     assert r.loss == "cross-entropy vs labels (output 'output')"
     want = _direct(model, batches, lambda out, i: torch.nn.functional.cross_entropy(out, torch.from_numpy(labels[i])))
@@ -130,13 +130,14 @@ def test_labels_use_cross_entropy_and_match_torch():
 
 def test_hutchinson_gradnorm_is_seeded_and_estimates_the_jacobian_norm():
     model, batches = _net(), _batches(2)
-    r = block_gradnorms(model, PATHS, batches, logits=(), draws=4, seed=3)
+    no_logits, seeded = ModuleIO(logits=()), Hutchinson(draws=4, seed=3)
+    r = block_gradnorms(model, PATHS, batches, io=no_logits, hutchinson=seeded)
     assert r.loss == "Hutchinson: <f(x), u>, u ~ N(0, I), 4 draws per batch, seed 3 (all 1 float outputs)"
     assert r.draws == 4
-    assert r.values == block_gradnorms(model, PATHS, batches, logits=(), draws=4, seed=3).values  # deterministic
+    assert r.values == block_gradnorms(model, PATHS, batches, io=no_logits, hutchinson=seeded).values  # deterministic
     assert _order(r.values)[0] == f"blocks.{TINY}"
     # many draws: close to the exact ||J||_F (the Jacobian of the batch output w.r.t. the block's parameters)
-    many = block_gradnorms(model, PATHS, batches, logits=(), draws=400, seed=0)
+    many = block_gradnorms(model, PATHS, batches, io=no_logits, hutchinson=Hutchinson(draws=400, seed=0))
     block = model.get_submodule("blocks.1")
     exact = 0.0
     for b in batches:
@@ -220,7 +221,7 @@ def test_export_with_calib_stores_gradnorm_in_the_block_map(exported):
     assert [b.name for b in bm.blocks] == PATHS
     assert bm.gradnorm_loss == "cross-entropy vs the unpruned model's argmax (pseudo-labels; output 'output')"
     values = {b.name: b.gradnorm for b in bm.blocks}
-    direct = block_gradnorms(_net(), PATHS, _batches(4), logits=("output",))
+    direct = block_gradnorms(_net(), PATHS, _batches(4), io=ModuleIO(logits=("output",)))
     for p in PATHS:
         assert values[p] == pytest.approx(direct.values[p], rel=1e-6)
     assert _order(values)[0] == f"blocks.{TINY}"
@@ -309,10 +310,10 @@ def test_labels_in_the_calibration_files_give_the_task_loss(exported, tmp_path, 
     # the values: torch's cross-entropy against the labels of the 3 scoring batches (batch 2 of 4 is held out)
     scoring = [0, 1, 3]
     batches = [{**_batches(4)[i], "labels": LABELS[i]} for i in scoring]
-    want = block_gradnorms(_net(), PATHS, batches, logits=("output",))
+    want = block_gradnorms(_net(), PATHS, batches, io=ModuleIO(logits=("output",)))
     assert want.loss == "cross-entropy vs labels (output 'output')"
     assert rep["scores"]["gradnorm"]["scores"] == pytest.approx([want.values[p] for p in PATHS], rel=1e-6)
-    pseudo = block_gradnorms(_net(), PATHS, [_batches(4)[i] for i in scoring], logits=("output",))
+    pseudo = block_gradnorms(_net(), PATHS, [_batches(4)[i] for i in scoring], io=ModuleIO(logits=("output",)))
     assert want.values["blocks.1"] != pytest.approx(pseudo.values["blocks.1"], rel=1e-3)  # the labels mattered
 
     np.savez(calib / "b1.npz", **_batches(4)[1])  # one file without labels

@@ -601,21 +601,21 @@ def test_missing_plotter_is_a_note_not_a_failure(work, capsys, monkeypatch) -> N
 
 
 def test_check_number_refuses_non_finite_bool_and_out_of_range() -> None:
-    from compress.validate import FieldError, check_number
+    from compress.validate import FieldError, Interval, check_number
 
     for value, problem in [(math.nan, "must be a finite number (not nan or inf)"),
                            (math.inf, "must be a finite number (not nan or inf)"),
                            (True, "must be a number"), ("1", "must be a number"),
                            (-1, "must be >= 0 and <= 1"), (2, "must be >= 0 and <= 1")]:
         with pytest.raises(FieldError) as exc:
-            check_number("C", "f", value, low=0, high=1, example="0.5")
+            check_number("C", "f", value, within=Interval(0, 1), example="0.5")
         assert exc.value.problem == problem
         assert exc.value.message.startswith("C.f = ")
         assert exc.value.hint == "e.g. f=0.5"
     check_number("C", "f", None, optional=True)
-    check_number("C", "f", 1, low=0, high=1)
+    check_number("C", "f", 1, within=Interval(0, 1))
     with pytest.raises(FieldError, match="must be > 0"):
-        check_number("C", "f", 0, low=0, low_open=True)
+        check_number("C", "f", 0, within=Interval(low=0, low_open=True))
 
 
 def test_field_error_renders_for_each_front_end() -> None:

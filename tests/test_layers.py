@@ -4,7 +4,8 @@ Every ``import`` / ``from ... import`` in ``src/compress`` is parsed, function-l
 (a lazy import is still a dependency). A module may import its own layer or a lower one;
 an import that climbs, or a cycle between modules (which Python resolves by import order
 alone), fails with the importing file, the line and the imported module. See
-``docs/architecture.md`` for the diagram and the reasons.
+``docs/architecture.md`` for the diagram and the reasons. The same parse checks one habit of
+the code: no function takes more than six parameters.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_the_rule_sees_function_level_and_relative_imports() -> None:
         "import numpy\n"
         "from compress.errors import ConfigError\n"
         "def f():\n"
-        "    from compress.prune import prune_model\n"
+        "    from compress.prune import prune\n"
         "    from ..reports import latency\n"
         "    import compress.cli\n"
         "from . import cuts\n"
@@ -158,3 +159,43 @@ def test_the_rule_sees_function_level_and_relative_imports() -> None:
     found = _imports("compress.blocks.fake", source, is_package=False)
     assert found == [(2, "compress.errors"), (7, "compress.blocks.cuts"), (4, "compress.prune"),
                      (5, "compress.reports.latency"), (6, "compress.cli")]
+
+
+#: The most parameters a function in src/compress takes (positional and keyword-only, not ``self``/``cls``).
+MAX_PARAMETERS = 6
+
+
+def _parameter_counts(source: str) -> list[tuple[int, str, int]]:
+    """(line, name, count) of every function in ``source`` whose parameters exceed :data:`MAX_PARAMETERS`."""
+    over = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            count = len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+            if count > MAX_PARAMETERS:
+                over.append((node.lineno, node.name, count))
+    return over
+
+
+#: Known debt (issue 15): the passes' fallback searches, still to be regrouped. The test fails when one is
+#: fixed (remove it here) or when any other function goes over.
+PENDING = {("compress/passes/accuracy.py", "search_fallback"), ("compress/passes/accuracy.py", "choose_methods"),
+           ("compress/passes/accuracy.py", "repair_int8"), ("compress/passes/sparse_calib.py", "sparsify"),
+           ("compress/passes/sparsity.py", "_meet_target")}
+
+
+def test_no_function_takes_more_than_six_parameters() -> None:
+    """Options that travel together are one value (a config, a split, a removal), not a longer signature."""
+    found = {(str(path.relative_to(SRC.parent)), name): f"{path.relative_to(SRC.parent)}:{line}: {name} takes {count}"
+             for path in sorted(MODULES.values()) for line, name, count in _parameter_counts(path.read_text())}
+    over = [text for key, text in found.items() if key not in PENDING]
+    assert not over, f"functions over {MAX_PARAMETERS} parameters:\n" + "\n".join(over)
+    assert set(found) == PENDING, f"no longer over the limit, remove from PENDING: {sorted(PENDING - set(found))}"
+
+
+def test_the_parameter_count_skips_self_and_counts_keyword_only() -> None:
+    source = ("class A:\n    def m(self, a, b, c, d, e, f): ...\n"
+              "def g(a, b, *, c, d, e, f, g=1): ...\n"
+              "def h(a, /, b, *args, c, **kw): ...\n")
+    assert _parameter_counts(source) == [(3, "g", 7)]

@@ -107,21 +107,17 @@ def test_prediction_formula() -> None:
 
 
 def test_skip_rules() -> None:
+    median = SearchSection(goal="median", target_fidelity=0.99, margin=0.005, latency_margin=0.1)
+    pareto = SearchSection(goal="pareto", target_fidelity=0.99, margin=0.005, latency_margin=0.1)
     low = Numbers(fidelity=0.97, median_ms=1.0)
-    assert skip_reason(low, goal="median", target=0.99, margin=0.005, latency_margin=0.1, best=None) == (
-        "predicted fidelity 0.97000 < target 0.99 - margin 0.005")
-    assert skip_reason(Numbers(0.987, 1.0), goal="median", target=0.99, margin=0.005, latency_margin=0.1,
-                       best=None) is None  # within the margin: built
+    assert skip_reason(low, median, best=None) == "predicted fidelity 0.97000 < target 0.99 - margin 0.005"
+    assert skip_reason(Numbers(0.987, 1.0), median, best=None) is None  # within the margin: built
     slow = Numbers(fidelity=0.999, median_ms=2.3)
-    assert skip_reason(slow, goal="median", target=0.99, margin=0.005, latency_margin=0.1, best=("a", 2.0)) == (
-        "predicted median_ms 2.3 ms > best measured 2 ms (a) + 10%")
-    assert skip_reason(Numbers(0.999, 2.1), goal="median", target=0.99, margin=0.005, latency_margin=0.1,
-                       best=("a", 2.0)) is None
+    assert skip_reason(slow, median, best=("a", 2.0)) == "predicted median_ms 2.3 ms > best measured 2 ms (a) + 10%"
+    assert skip_reason(Numbers(0.999, 2.1), median, best=("a", 2.0)) is None
     measured = [("m", Numbers(0.999, 1.0))]
-    assert skip_reason(Numbers(0.98, 2.0), goal="pareto", target=0.99, margin=0.005, latency_margin=0.1,
-                       best=None, measured=measured).startswith("dominated by m")
-    assert skip_reason(Numbers(0.9999, 2.0), goal="pareto", target=0.99, margin=0.005, latency_margin=0.1,
-                       best=None, measured=measured) is None  # more faithful: on the front
+    assert skip_reason(Numbers(0.98, 2.0), pareto, best=None, measured=measured).startswith("dominated by m")
+    assert skip_reason(Numbers(0.9999, 2.0), pareto, best=None, measured=measured) is None  # more faithful: on the front
     assert best_measured({"b": Numbers(0.99, 1.0), "a": Numbers(0.995, 1.0), "c": Numbers(0.98, 0.5)},
                          goal="median", target=0.99) == ("a", 1.0)  # c misses the target; a tie goes to the name
 

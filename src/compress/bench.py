@@ -111,12 +111,13 @@ class BenchConfig:
     max_iterations: int = 100_000
 
     def __post_init__(self) -> None:
-        from compress.validate import MAX_SECONDS, check_int, check_number
+        from compress.validate import MAX_SECONDS, Interval, check_int, check_number
 
-        check_number("BenchConfig", "warmup_s", self.warmup_s, low=0, high=MAX_SECONDS, example="0.2")
-        check_number("BenchConfig", "duration_s", self.duration_s, low=0, high=MAX_SECONDS, example="1")
-        check_int("BenchConfig", "max_iterations", self.max_iterations, low=1, high=10_000_000, example="100000")
-        check_int("BenchConfig", "iterations", self.iterations, low=1, high=self.max_iterations, example="10")
+        check_number("BenchConfig", "warmup_s", self.warmup_s, within=Interval(0, MAX_SECONDS), example="0.2")
+        check_number("BenchConfig", "duration_s", self.duration_s, within=Interval(0, MAX_SECONDS), example="1")
+        check_int("BenchConfig", "max_iterations", self.max_iterations, within=Interval(1, 10_000_000),
+                  example="100000")
+        check_int("BenchConfig", "iterations", self.iterations, within=Interval(1, self.max_iterations), example="10")
 
 
 def measure(run: Callable[[], Any], config: BenchConfig | None = None) -> Timing:

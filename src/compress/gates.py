@@ -49,12 +49,14 @@ class Gates(StageConfig):
 
     def __post_init__(self) -> None:
         """Check every threshold that is on (see the class's Raises)."""
-        from compress.validate import check_number
+        from compress.validate import Interval, check_number
 
-        check_number("Gates", "max_latency_ms", self.max_latency_ms, low=0, low_open=True, example="5", optional=True)
-        check_number("Gates", "min_speedup", self.min_speedup, low=0, low_open=True, example="1.2", optional=True)
-        check_number("Gates", "max_regression_pct", self.max_regression_pct, low=-100, example="5", optional=True)
-        check_number("Gates", "min_fidelity", self.min_fidelity, low=-1, high=1, example="0.99", optional=True)
+        positive = Interval(low=0, low_open=True)
+        check_number("Gates", "max_latency_ms", self.max_latency_ms, within=positive, example="5", optional=True)
+        check_number("Gates", "min_speedup", self.min_speedup, within=positive, example="1.2", optional=True)
+        check_number("Gates", "max_regression_pct", self.max_regression_pct, within=Interval(low=-100), example="5",
+                     optional=True)
+        check_number("Gates", "min_fidelity", self.min_fidelity, within=Interval(-1, 1), example="0.99", optional=True)
 
 
 @dataclass(frozen=True)

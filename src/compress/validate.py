@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from compress.errors import CompressError, ConfigError
@@ -62,10 +63,46 @@ class FieldError(ConfigError):
         return ConfigError(f"{where} = {_show(self.value if value is None else value)}: {self.problem}", hint=hint)
 
 
-def check_number(owner: str, field: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, example: str | None = None,
+@dataclass(frozen=True)
+class Interval:
+    """The range a number may take: ``[low, high]``, either end open or absent.
+
+    ``low``/``high``: the bounds (None = unbounded on that side); ``low_open``/``high_open``:
+    the bound itself is excluded (``> low`` instead of ``>= low``). ``Interval()`` admits
+    every number. A plain value: the bounds are not checked against each other.
+
+    Attributes:
+        low: the lower bound, or None.
+        high: the upper bound, or None.
+        low_open: ``low`` itself is outside the interval.
+        high_open: ``high`` itself is outside the interval.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` (a number, nan excluded by the caller) lies within the bounds."""
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return not (below or above)
+
+    def describe(self) -> str:
+        """``must be >= 0 and <= 1`` (the bounds that exist, the lower one first)."""
+        parts = ([f"{'>' if self.low_open else '>='} {_num(self.low)}"] if self.low is not None else []) + \
+                ([f"{'<' if self.high_open else '<='} {_num(self.high)}"] if self.high is not None else [])
+        return "must be " + " and ".join(parts)
+
+
+#: Every number (no bound).
+ANY = Interval()
+
+
+def check_number(owner: str, field: str, value: Any, *, within: Interval = ANY, example: str | None = None,
                  optional: bool = False) -> None:
-    """``value`` is a finite real number (bool refused) within ``[low, high]`` (open ends as asked).
+    """``value`` is a finite real number (bool refused) within the interval ``within``.
 
     ``optional``: None is accepted (the option is off).
     """
@@ -75,31 +112,23 @@ def check_number(owner: str, field: str, value: Any, *, low: float | None = None
         raise FieldError(owner, field, value, "must be a number", example=example)
     if not math.isfinite(value):
         raise FieldError(owner, field, value, "must be a finite number (not nan or inf)", example=example)
-    if (low is not None and (value <= low if low_open else value < low)) or \
-            (high is not None and (value >= high if high_open else value > high)):
-        raise FieldError(owner, field, value, _range(low, high, low_open, high_open), example=example)
-
-
-def _range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
-    """``must be >= 0 and <= 1`` (the bounds that exist, the lower one first)."""
-    parts = ([f"{'>' if low_open else '>='} {_num(low)}"] if low is not None else []) + \
-            ([f"{'<' if high_open else '<='} {_num(high)}"] if high is not None else [])
-    return "must be " + " and ".join(parts)
+    if not within.contains(value):
+        raise FieldError(owner, field, value, within.describe(), example=example)
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
-def check_int(owner: str, field: str, value: Any, *, low: int | None = None, high: int | None = None,
-              example: str | None = None, optional: bool = False) -> None:
-    """``value`` is an integer (bool refused) within ``[low, high]``; None accepted when ``optional``."""
+def check_int(owner: str, field: str, value: Any, *, within: Interval = ANY, example: str | None = None,
+              optional: bool = False) -> None:
+    """``value`` is an integer (bool refused) within the interval ``within``; None accepted when ``optional``."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise FieldError(owner, field, value, "must be an integer", example=example)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise FieldError(owner, field, value, _range(low, high), example=example)
+    if not within.contains(value):
+        raise FieldError(owner, field, value, within.describe(), example=example)
 
 
 def check_choice(owner: str, field: str, value: Any, choices: Collection[str], *, optional: bool = False) -> None:

@@ -264,8 +264,8 @@ def check_block(index: GraphIndex, block: Block) -> str | None:
     return None
 
 
-def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, previous_output: str | None = None,
-               previous_outputs: Sequence[str] = (), shared: Collection[str] = ()) -> Block:
+def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, previous_outputs: Sequence[str] = (),
+               shared: Collection[str] = ()) -> Block:
     """Describe the nodes ``keys`` as block number ``i`` called ``name``.
 
     Streams are matched by :func:`_pair_streams` (``previous_outputs``: the streams leaving
@@ -275,7 +275,7 @@ def make_block(index: GraphIndex, i: int, name: str, keys: Sequence[str], *, pre
     Removability is decided by :func:`check_block`.
     """
     keyset = set(keys)
-    previous = [*previous_outputs, *([previous_output] if previous_output else [])]
+    previous = list(previous_outputs)
 
     def ordered() -> list[str]:
         return sorted(keyset, key=index.position.__getitem__)

@@ -394,7 +394,7 @@ def blocks_from_graph(model: onnx.ModelProto, *, index: GraphIndex | None = None
             hi = bounds[run.start + (g + 1) * run.period]
             keys = _without_hoisted(index, stream, order[lo + 1 : hi + 1])
             block = make_block(index, len(blocks) + len(group), f"graph.{len(blocks) + len(group)}", keys,
-                               previous_output=prev)
+                               previous_outputs=(prev,) if prev else ())
             group.append(block)
             prev = block.output
         if any(_is_residual(index, b) for b in group):

@@ -16,7 +16,7 @@ from compress.bench import BenchConfig
 from compress.build.trt import ShapeProfile
 from compress.config import StageConfig, option
 from compress.passes.accuracy import RANKINGS
-from compress.validate import FieldError, check_choice, check_number
+from compress.validate import FieldError, Interval, check_choice, check_number
 
 #: Valid values of the :class:`BuildConfig` fields with a fixed set of names.
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -100,10 +100,11 @@ class BuildConfig(StageConfig):
     duration: float = option(3.0, minimum=0, help="and at least this many seconds (default 3)")
 
     def __post_init__(self) -> None:
-        check_number("BuildConfig", "target_fidelity", self.target_fidelity, low=0, high=1, low_open=True,
+        check_number("BuildConfig", "target_fidelity", self.target_fidelity, within=Interval(0, 1, low_open=True),
                      example="0.99", optional=True)
-        check_number("BuildConfig", "max_fallback", self.max_fallback, low=0, high=1, example="0.5")
-        check_number("BuildConfig", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
+        check_number("BuildConfig", "max_fallback", self.max_fallback, within=Interval(0, 1), example="0.5")
+        check_number("BuildConfig", "smoothquant", self.smoothquant, within=Interval(0, 1), example="0.5",
+                     optional=True)
         check_choice("BuildConfig", "sparsity_method", self.sparsity_method, SPARSITY_METHODS)
         check_choice("BuildConfig", "fallback_order", self.fallback_order, RANKINGS)
         check_choice("BuildConfig", "precision", self.precision, PRECISIONS)

@@ -50,7 +50,7 @@ from compress.export.config import (
 )
 from compress.export.containers import _block_map, find_block_containers
 from compress.export.exporters import _environ_kept, _rename_dims, _specialized, quiet
-from compress.export.gradnorm import GradNormResult, block_gradnorms
+from compress.export.gradnorm import GradNormResult, Hutchinson, ModuleIO, block_gradnorms
 from compress.export.gradnorm import output_leaves as _leaves
 from compress.export.hf import diffusers_example_inputs, diffusers_for_export, is_causal_lm, plain_forward
 from compress.export.loaders import (
@@ -73,7 +73,9 @@ __all__ = [
     "ExportConfig",
     "ExportReport",
     "GradNormResult",
+    "Hutchinson",
     "InputSpec",
+    "ModuleIO",
     "OutputParity",
     "TorchModel",
     "block_gradnorms",

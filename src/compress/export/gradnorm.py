@@ -21,8 +21,9 @@ The loss (recorded as a sentence in :attr:`GradNormResult.loss`):
   argmax (pseudo-labels). The distance of the output to the unpruned output is not used:
   at the unpruned model it is zero with a zero gradient, so it would score every block 0.
 - no labels, no logits: a Hutchinson estimate of the output Jacobian. ``L = sum over the
-  float outputs of <f(x), u>`` with ``u ~ N(0, I)`` (``draws`` draws per batch, drawn from
-  ``torch.Generator().manual_seed(seed)``; the squared norms are averaged over draws).
+  float outputs of <f(x), u>`` with ``u ~ N(0, I)`` (:class:`Hutchinson`: ``draws`` draws per
+  batch, drawn from ``torch.Generator().manual_seed(seed)``; the squared norms are averaged
+  over draws).
   ``E ||dL/dtheta_b||^2 = ||J_b||_F^2``, the squared Frobenius norm of the Jacobian of the
   batch's outputs with respect to the block's parameters: the output's sensitivity to them.
 
@@ -80,6 +81,47 @@ class GradNormResult:
         """JSON form: every field, ``values`` in block order, ``seconds`` rounded to ms."""
         return {"values": dict(self.values), "loss": self.loss, "batches": self.batches, "samples": self.samples,
                 "seed": self.seed, "draws": self.draws, "seconds": round(self.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class ModuleIO:
+    """How the torch module's inputs and outputs are named: what the ONNX model exported from it tells.
+
+    Every field is optional; ``ModuleIO()`` feeds every batch entry in the mapping's order
+    and names the outputs as ``compress export`` does. A plain value: the names are not
+    checked against the module.
+
+    Attributes:
+        input_names: the inputs to feed, in order (the batch entries named here; the others
+            are left out); None = every entry, in the mapping's order.
+        output_names: names of the module's output tensors, in order (the ONNX model's
+            graph outputs; used when their number matches); None = the names
+            ``compress export`` gives them (``output``, ``logits``, ``output_0``, ...).
+        logits: output names that are logits (the ONNX model's
+            :func:`compress.fidelity.logit_outputs`); None = outputs named like ``*logit*``;
+            empty = none is (no pseudo-labels: the Hutchinson loss when there are no labels).
+    """
+
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    logits: Collection[str] | None = None
+
+
+@dataclass(frozen=True)
+class Hutchinson:
+    """The random draws of the label-free Hutchinson loss (used only when there are no labels and no logits).
+
+    ``draws`` must be an integer >= 1; :func:`block_gradnorms` checks it (ConfigError) before
+    any work, whatever the loss turns out to be.
+
+    Attributes:
+        draws: Hutchinson draws ``u ~ N(0, I)`` per batch.
+        seed: seed of the draws (``torch.Generator().manual_seed(seed)``), recorded in
+            :attr:`GradNormResult.seed`.
+    """
+
+    draws: int = DEFAULT_DRAWS
+    seed: int = 0
 
 
 def _submodules(module: Any, paths: Sequence[str]) -> list[Any]:
@@ -178,18 +220,15 @@ def block_gradnorms(
     batches: Iterable[Mapping[str, Any]],
     *,
     labels: Sequence[Any] | None = None,
-    logits: Collection[str] | None = None,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
-    draws: int = DEFAULT_DRAWS,
-    seed: int = 0,
+    io: ModuleIO | None = None,
+    hutchinson: Hutchinson | None = None,
 ) -> GradNormResult:
     """GradNorm of each block (a submodule named by its module path) on ``batches`` (module docstring).
 
     Each batch is a mapping input name -> array (numpy or torch; leading batch axis), the
     calibration format of ONNX models exported by ``compress export``: it is passed by
     keyword when every name is an argument of ``forward``, else positionally (in
-    ``input_names`` order when given, else in the mapping's order). A ``labels`` entry that
+    ``io.input_names`` order when given, else in the mapping's order). A ``labels`` entry that
     is not a ``forward`` argument holds the batch's labels.
 
     Args:
@@ -198,24 +237,24 @@ def block_gradnorms(
         block_paths: module paths of the blocks (``blocks.3``; the block map's names).
         batches: calibration batches (iterated once).
         labels: one label array per batch (overrides ``labels`` entries in the batches).
-        logits: output names that are logits (the ONNX model's
-            :func:`compress.fidelity.logit_outputs`); None = outputs named like ``*logit*``.
-        input_names: the order of positional inputs.
-        output_names: names of the module's output tensors, in order (the ONNX model's
-            graph outputs; used when their number matches); None = the names
-            ``compress export`` gives them (``output``, ``logits``, ``output_0``, ...).
-        draws: Hutchinson draws per batch (>= 1).
-        seed: seed of the Hutchinson draws.
+        io: the module's input order, output names and logits outputs (:class:`ModuleIO`);
+            None = ``ModuleIO()``.
+        hutchinson: draws and seed of the label-free Hutchinson loss (:class:`Hutchinson`);
+            None = ``Hutchinson()`` (4 draws, seed 0).
 
     Returns:
         A :class:`GradNormResult` (values in ``block_paths`` order).
 
     Raises:
         BlockError: a path is not a submodule of ``module``.
-        ConfigError: ``draws`` < 1, or labels that fit no output.
+        ConfigError: ``hutchinson.draws`` < 1, or labels that fit no output.
         CalibrationError: no batches, or a non-finite loss or gradient.
         ModelError: ``forward`` fails on a batch, or returns no float tensor.
     """
+    io = io if io is not None else ModuleIO()
+    hutchinson = hutchinson if hutchinson is not None else Hutchinson()
+    logits, input_names, output_names = io.logits, io.input_names, io.output_names
+    draws, seed = hutchinson.draws, hutchinson.seed
     torch = _import_torch()
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ConfigError(f"GradNorm draws {draws!r} must be an integer >= 1", hint="e.g. draws=4 (the default)")
@@ -331,8 +370,8 @@ def block_map_with_gradnorms(module: Any, model: Any, block_map: Any, batches: I
 
     :func:`block_gradnorms` with what the ONNX model tells: the block map's names as module
     paths, the model's (non-initializer) input order, its output names and its logits outputs
-    (:func:`compress.fidelity.logit_outputs`); ``options`` go to :func:`block_gradnorms`
-    (``labels``, ``draws``, ``seed``); a calibration set with labels
+    (:func:`compress.fidelity.logit_outputs`) as its :class:`ModuleIO`; ``options`` go to
+    :func:`block_gradnorms` (``labels``, ``hutchinson``); a calibration set with labels
     (:func:`compress.calibration.with_labels`: a ``labels`` array in every .npz file) gives
     them unless ``labels`` is passed. Used by ``compress export --calib`` and ``compress
     prune --torch-source``. Does not modify ``block_map`` or ``model``.
@@ -344,7 +383,7 @@ def block_map_with_gradnorms(module: Any, model: Any, block_map: Any, batches: I
     if getattr(batches, "labels_key", None) is not None and "labels" not in options:
         options["labels"] = list(iter_labels(batches))  # type: ignore[arg-type]  # the files' labels arrays
     inits = {t.name for t in model.graph.initializer}
-    result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, logits=logit_outputs(model),
-                             input_names=[i.name for i in model.graph.input if i.name not in inits],
-                             output_names=[o.name for o in model.graph.output], **options)
+    io = ModuleIO(logits=logit_outputs(model), input_names=[i.name for i in model.graph.input if i.name not in inits],
+                  output_names=[o.name for o in model.graph.output])
+    result = block_gradnorms(module, [b.name for b in block_map.blocks], batches, io=io, **options)
     return with_gradnorms(block_map, result.values, result.loss), result

@@ -72,13 +72,14 @@ class TargetConfig:
     ranking: str = "auto"
 
     def __post_init__(self) -> None:
-        from compress.validate import check_choice, check_number
+        from compress.validate import Interval, check_choice, check_number
 
         check_choice("TargetConfig", "ranking", self.ranking, RANKINGS)
 
-        check_number("TargetConfig", "fidelity", self.fidelity, low=0, high=1, low_open=True, example="0.99")
-        check_number("TargetConfig", "holdout", self.holdout, low=0, high=1, low_open=True, high_open=True, example="0.25")
-        check_number("TargetConfig", "max_fallback", self.max_fallback, low=0, high=1, example="0.5")
+        check_number("TargetConfig", "fidelity", self.fidelity, within=Interval(0, 1, low_open=True), example="0.99")
+        check_number("TargetConfig", "holdout", self.holdout, within=Interval(0, 1, low_open=True, high_open=True),
+                     example="0.25")
+        check_number("TargetConfig", "max_fallback", self.max_fallback, within=Interval(0, 1), example="0.5")
 
 
 def split_holdout(batches: Any, share: float) -> tuple[Any, Any, bool]:

@@ -141,9 +141,9 @@ class Int8Config:
     per_tensor_method: bool = True
 
     def __post_init__(self) -> None:
-        from compress.validate import check_number
+        from compress.validate import Interval, check_number
 
-        check_number("Int8Config", "smoothquant", self.smoothquant, low=0, high=1, example="0.5", optional=True)
+        check_number("Int8Config", "smoothquant", self.smoothquant, within=Interval(0, 1), example="0.5", optional=True)
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"int8: unknown calibration method {self.method!r}; valid: {', '.join(CALIBRATION_METHODS)}",
                               hint=f"use one of: {', '.join(CALIBRATION_METHODS)}")

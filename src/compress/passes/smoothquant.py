@@ -62,9 +62,9 @@ class SmoothQuantConfig:
     exclude_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from compress.validate import check_number
+        from compress.validate import Interval, check_number
 
-        check_number("SmoothQuantConfig", "alpha", self.alpha, low=0, high=1, example="0.5")
+        check_number("SmoothQuantConfig", "alpha", self.alpha, within=Interval(0, 1), example="0.5")
         bad = [t for t in self.op_types if t not in ("MatMul", "Gemm")]
         if bad or not self.op_types:
             raise ConfigError(f"smoothquant: op_types must be some of MatMul, Gemm, got {', '.join(self.op_types) or 'none'}",

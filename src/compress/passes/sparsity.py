@@ -109,12 +109,12 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         from compress.passes.sparse_calib import METHODS
-        from compress.validate import check_choice, check_int, check_number
+        from compress.validate import Interval, check_choice, check_int, check_number
 
         check_choice("SparsityConfig", "method", self.method, METHODS)
         if self.damp is not None:
-            check_number("SparsityConfig", "damp", self.damp, low=0, high=1, low_open=True, example="0.01")
-        check_int("SparsityConfig", "block_size", self.block_size, low=4, high=1 << 16, example="128")
+            check_number("SparsityConfig", "damp", self.damp, within=Interval(0, 1, low_open=True), example="0.01")
+        check_int("SparsityConfig", "block_size", self.block_size, within=Interval(4, 1 << 16), example="128")
         if self.block_size % 4:
             raise ConfigError(f"sparsity: block_size must be a multiple of 4, got {self.block_size}", hint="e.g. 128")
         if self.min_channels < 0:

@@ -182,8 +182,9 @@ def _report(run: Run, stages: tuple[StageRun, ...], calib: Any, previous: Mappin
     prune = read_json(out / "prune" / "prune.json", what="prune report") if config.prune is not None else None
     export = read_json(out / "export" / "export.json", what="export report") if config.model.source.kind != "onnx" else None
     gates = tuple(evaluate_gates(latency, config.gates, previous=previous))
-    summary = summarize(version=__version__, config={"file": config.file, "name": config.name, "sections": config.raw},
-                        model=config.model.source.written, stages=stages,
+    summary = summarize(version=__version__, config={"file": config.file, "name": config.name,
+                                                     "model": config.model.source.written, "sections": config.raw},
+                        stages=stages,
                         reports={"latency": latency, "prune": prune, "export": export}, calib=calib, gates=gates)
     markdown = summary_markdown(summary)
     write_json(out / "summary.json", summary)

@@ -228,7 +228,7 @@ def _prune_work(run: Run, section: PruneSection, original: Artifact, calib: Any,
     pruned, pruned_report = prune(MappedModel(model, block_map), config, data=calib)
     report = {"model": f"{run.config.name}.onnx", "output": "model.onnx", **pruned_report.to_dict()}
     write_prune_files(pruned, report, model=tmp / "model.onnx", blocks=tmp / "model.blocks.json",
-                      report_json=tmp / "prune.json", scores_png=tmp / "scores.png", original=block_map)
+                      report_json=tmp / "prune.json", scores_plot=(tmp / "scores.png", block_map))
 
 
 def _onnx_blocks_spec(config: PipelineConfig) -> str | None:

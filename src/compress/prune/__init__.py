@@ -59,9 +59,17 @@ fidelity of a pruned model is measured by :mod:`compress.fidelity`.
 from __future__ import annotations
 
 from compress.fidelity import Batches
-from compress.prune.config import PRUNE_SCHEMA, PruneConfig, PruneReport, blocks_for_ratio, check_blocks, split_batches
+from compress.prune.config import (
+    PRUNE_SCHEMA,
+    CalibrationSplit,
+    PruneConfig,
+    PruneReport,
+    blocks_for_ratio,
+    check_blocks,
+    split_batches,
+)
 from compress.prune.cost import block_times, time_model
-from compress.prune.heal import fit_spans, heal_spans, removed_spans
+from compress.prune.heal import Removal, fit_spans, heal_spans, removed_spans
 from compress.prune.measured import MeasuredChoice, select_measured
 from compress.prune.select import (
     AUTO_METRIC,
@@ -89,10 +97,12 @@ __all__ = [
     "PRUNE_SCHEMA",
     "SELECTIONS",
     "Batches",
+    "CalibrationSplit",
     "Candidates",
     "MeasuredChoice",
     "PruneConfig",
     "PruneReport",
+    "Removal",
     "Selector",
     "block_times",
     "blocks_for_ratio",

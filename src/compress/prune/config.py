@@ -80,19 +80,19 @@ class PruneConfig(StageConfig):
 
     def __post_init__(self) -> None:
         """Checks every field once (the CLI and ``compress run`` share it); blocks are checked by :func:`check_blocks`."""
-        from compress.validate import FieldError, check_choice, check_int, check_number
+        from compress.validate import FieldError, Interval, check_choice, check_int, check_number
 
         check_choice("PruneConfig", "metric", self.metric, [*metric_names(), AUTO_METRIC])
         check_choice("PruneConfig", "select", self.select, SELECTIONS.names())
-        check_int("PruneConfig", "remove", self.remove, low=0, example="2", optional=True)
-        check_number("PruneConfig", "max_drop", self.max_drop, low=0, high=1, example="0.02", optional=True)
-        check_number("PruneConfig", "holdout", self.holdout, low=0, high=1, high_open=True, example="0.25")
+        check_int("PruneConfig", "remove", self.remove, within=Interval(low=0), example="2", optional=True)
+        check_number("PruneConfig", "max_drop", self.max_drop, within=Interval(0, 1), example="0.02", optional=True)
+        check_number("PruneConfig", "holdout", self.holdout, within=Interval(0, 1, high_open=True), example="0.25")
         check_int("PruneConfig", "seed", self.seed, example="0")
         if not isinstance(self.heal, bool):
             raise FieldError("PruneConfig", "heal", self.heal, "must be true or false", example="true")
         if not isinstance(self.heal_refit, bool):
             raise FieldError("PruneConfig", "heal_refit", self.heal_refit, "must be true or false", example="true")
-        check_number("PruneConfig", "heal_ridge", self.heal_ridge, low=0, example="1e-2", optional=True)
+        check_number("PruneConfig", "heal_ridge", self.heal_ridge, within=Interval(low=0), example="1e-2", optional=True)
         if not isinstance(self.keep, tuple) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
                                                        for k in self.keep):
             raise FieldError("PruneConfig", "keep", self.keep, "must be block indices (integers >= 0)", example="0,5")
@@ -147,6 +147,20 @@ class PruneReport:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """The calibration batches of one prune run, split by :func:`split_batches`.
+
+    Attributes:
+        scoring: the batches block scores and healing fits are computed on.
+        held: the held-out batches fidelity is measured on (the same batches as
+            ``scoring`` when there is only one batch, or ``holdout`` is 0).
+    """
+
+    scoring: Batches
+    held: Batches
 
 
 def check_blocks(config: PruneConfig, block_map: BlockMap, *, counts: Sequence[int] = ()) -> None:

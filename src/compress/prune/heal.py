@@ -12,6 +12,7 @@ Models are never modified; nothing touches files.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from compress.blocks import Block
 from compress.fidelity import Batches, compare_models
 from compress.graph import GraphIndex
 from compress.log import logger
-from compress.prune.config import PruneConfig
+from compress.prune.config import CalibrationSplit, PruneConfig
 from compress.runtime import add_outputs, load_session, run_batch
 from compress.scoring.collect import batch_mask, find_token_mask, mask_fits
 from compress.scoring.heal import RIDGE_GRID, LinearFit, LinearMap
@@ -52,18 +53,8 @@ def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return v.reshape(-1, v.shape[-1])
 
 
-def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches: Batches, *,
-              token_mask: str = "auto", inputs_from: onnx.ModelProto | None = None,
-              ) -> tuple[list[list[LinearFit | str]], str | None]:
-    """Healing sums for every stream of every span, from one ORT pass of ``model`` over ``batches``.
-
-    ``inputs_from``: read the spans' input streams ``X`` from this model instead (the model
-    with the spans upstream already removed and healed, run side by side with ``model``, which
-    gives the targets ``Y``): the map then also corrects what upstream pruning changed in its
-    input. Returns, per span and stream (the first block's streams), a :class:`LinearFit` or
-    the reason the stream cannot be healed, and the token mask input used (None = every position).
-    """
-    mask_name, _ = find_token_mask(model, token_mask)
+def _stream_plan(spans: Sequence[Sequence[Block]]) -> list[list[tuple[str, str] | str]]:
+    """Per span and stream (the first block's streams): ``(input, output)`` tensors, or why it cannot be fitted."""
     plan: list[list[tuple[str, str] | str]] = []
     for span in spans:
         first, last = span[0], span[-1]
@@ -75,6 +66,35 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
             else:
                 row.append((st.input, out.output))
         plan.append(row)
+    return plan
+
+
+def target_session(model: onnx.ModelProto, spans: Sequence[Sequence[Block]]) -> Any:
+    """One ORT session of ``model`` with the output streams of every span as extra outputs.
+
+    For :func:`fit_spans` ``targets=``: the refits of later spans (each against a different
+    pruned model) then share one session of the original instead of loading it once per span.
+    Does not modify ``model``.
+    """
+    names = list(dict.fromkeys(e[1] for row in _stream_plan(spans) for e in row if isinstance(e, tuple)))
+    return load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
+
+
+def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches: Batches, *,
+              token_mask: str = "auto", inputs_from: onnx.ModelProto | None = None, targets: Any = None,
+              ) -> tuple[list[list[LinearFit | str]], str | None]:
+    """Healing sums for every stream of every span, from one ORT pass of ``model`` over ``batches``.
+
+    ``inputs_from``: read the spans' input streams ``X`` from this model instead (the model
+    with the spans upstream already removed and healed, run side by side with ``model``, which
+    gives the targets ``Y``): the map then also corrects what upstream pruning changed in its
+    input. ``targets``: with ``inputs_from``, a :func:`target_session` of ``model`` covering
+    these spans, used instead of a new session. Returns, per span and stream (the first
+    block's streams), a :class:`LinearFit` or the reason the stream cannot be healed, and the
+    token mask input used (None = every position).
+    """
+    mask_name, _ = find_token_mask(model, token_mask)
+    plan = _stream_plan(spans)
     if inputs_from is not None:
         known = {i.name for i in inputs_from.graph.input} | {o for n in inputs_from.graph.node for o in n.output}
         plan = [[e if isinstance(e, str) or e[0] in known else f"stream input {e[0]!r} is not in the pruned model"
@@ -86,7 +106,10 @@ def fit_spans(model: onnx.ModelProto, spans: Sequence[Sequence[Block]], batches:
     x_names = list(dict.fromkeys(e[0] for row in plan for e in row if isinstance(e, tuple)))
     if inputs_from is not None:  # the original model gives the targets only
         names = list(dict.fromkeys(e[1] for row in plan for e in row if isinstance(e, tuple)))
-    session = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
+    if targets is not None and inputs_from is not None:
+        session = targets
+    else:
+        session = load_session(add_outputs(model, names), providers=("CPUExecutionProvider",))
     x_session = (None if inputs_from is None else
                  load_session(add_outputs(inputs_from, x_names), providers=("CPUExecutionProvider",)))
     used = mask_name
@@ -122,26 +145,44 @@ def _better(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return abs(a["loss"] - b["loss"]) <= 1e-12 and ca is not None and cb is not None and ca > cb + 1e-9
 
 
-def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequence[Block], score_set: Batches,
-               held: Batches, config: PruneConfig, fidelity: Mapping[str, Any], *,
+@dataclass(frozen=True)
+class Removal:
+    """Blocks removed from a model without healing: what healing starts from.
+
+    Attributes:
+        pruned: the model without ``blocks`` (plain removal).
+        blocks: the removed blocks (of the original model's block map).
+        fidelity: ``pruned`` against the original on the held-out batches
+            (:func:`compress.fidelity.compare_models`).
+    """
+
+    pruned: onnx.ModelProto
+    blocks: Sequence[Block]
+    fidelity: Mapping[str, Any]
+
+
+def heal_spans(model: onnx.ModelProto, removal: Removal, data: CalibrationSplit, config: PruneConfig, *,
                evaluate: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
                fits: tuple[list[list[LinearFit | str]], str | None] | None = None,
                ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
-    """Heal the removed spans of ``pruned`` where that improves the held-out fidelity.
+    """Heal the removed spans of ``removal.pruned`` where that improves the held-out fidelity.
 
-    Fits the maps on ``score_set`` (:func:`fit_spans`), then tries the spans in order: a
+    Fits the maps on the scoring batches of ``data`` (:func:`fit_spans`), then tries the spans in order: a
     span's maps are solved for each ridge strength (``config.heal_ridge``, or every value of
     :data:`RIDGE_GRID`), the one with the best held-out fidelity is taken, and the span keeps
     it when the model with it (and the maps kept so far) has a better held-out fidelity than
     without (:func:`_better`); each trial passes the surgery guard,
     ``onnx.checker`` and :func:`verify_removal`. Returns the model to write (``pruned``
-    itself when no span helps), its fidelity, and the ``heal`` report section.
+    itself when no span helps), its fidelity, and the ``heal`` report section. Does not
+    modify ``model`` or ``removal.pruned``.
 
-    ``evaluate`` (default :func:`compare_models` against ``model`` on ``held``; e.g.
+    ``evaluate`` (default :func:`compare_models` against ``model`` on the held-out batches; e.g.
     :meth:`HeldOut.fidelity`) scores a trial; ``fits`` are the :func:`fit_spans` result for
     these spans when already computed (the ``measured`` rule fits every candidate's spans in
     one pass).
     """
+    pruned, removed, fidelity = removal.pruned, removal.blocks, removal.fidelity
+    score_set, held = data.scoring, data.held
     spans = removed_spans(removed)
     all_fits, mask_used = fits if fits is not None else fit_spans(model, spans, score_set,
                                                                  token_mask=config.options.token_mask)
@@ -150,6 +191,7 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
     current, current_fid = pruned, dict(fidelity)
     rows: list[dict[str, Any]] = []
     index = GraphIndex(model)
+    targets = None  # the original's session for the refits, made at the first one
     ridges = (config.heal_ridge,) if config.heal_ridge is not None else RIDGE_GRID
     for j, (span, span_fits) in enumerate(zip(spans, all_fits, strict=True)):
         last = span[-1]
@@ -158,7 +200,10 @@ def heal_spans(model: onnx.ModelProto, pruned: onnx.ModelProto, removed: Sequenc
                                "cosine_without": current_fid["cosine"], "ridges": []}
         sources: list[tuple[str, list[LinearFit | str]]] = [("original", span_fits)]
         if j and config.heal_refit:  # spans upstream are removed: this span's input is not the original's
-            refit, _ = fit_spans(model, [span], score_set, token_mask=config.options.token_mask, inputs_from=current)
+            if targets is None:
+                targets = target_session(model, spans[1:])
+            refit, _ = fit_spans(model, [span], score_set, token_mask=config.options.token_mask, inputs_from=current,
+                                 targets=targets)
             sources.append(("pruned", refit[0]))
         best: tuple[dict[str, Any], Any, dict[tuple[int, int], HealMap], list[dict[str, Any]]] | None = None
         for source, source_fits in sources:

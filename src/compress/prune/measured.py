@@ -20,9 +20,9 @@ from compress.errors import BlockError, ConfigError
 from compress.fidelity import Batches, HeldOut
 from compress.graph import GraphIndex
 from compress.log import logger
-from compress.prune.config import PruneConfig, _copy
+from compress.prune.config import CalibrationSplit, PruneConfig, _copy
 from compress.prune.cost import _params
-from compress.prune.heal import _better, fit_spans, heal_spans, removed_spans
+from compress.prune.heal import Removal, _better, fit_spans, heal_spans, removed_spans
 from compress.prune.select import MEASURED_METRICS, SELECTIONS, Candidates
 from compress.scoring.collect import ScoreConfig, ScoreReport, score
 from compress.scoring.gradnorm import GRADNORM, has_gradnorm
@@ -150,8 +150,8 @@ def select_measured(model: onnx.ModelProto, block_map: BlockMap, score_set: Batc
         options: list[tuple[bool, onnx.ModelProto, dict[str, Any], dict[str, Any] | None]] = [(False, plain, fid, None)]
         if config.heal and blocks:
             fits = [spans_fits[s[0].index, s[-1].index] for s in removed_spans(blocks)]
-            healed, hfid, heal_rep = heal_spans(model, plain, blocks, score_set, held, config, fid,
-                                                evaluate=reference.fidelity, fits=(fits, mask_used))
+            healed, hfid, heal_rep = heal_spans(model, Removal(plain, blocks, fid), CalibrationSplit(score_set, held),
+                                                config, evaluate=reference.fidelity, fits=(fits, mask_used))
             options[0] = (False, plain, fid, heal_rep)
             if heal_rep["healed_spans"]:
                 options.append((True, healed, hfid, heal_rep))

@@ -23,6 +23,7 @@ from compress.fidelity import Batches, compare_models
 from compress.log import logger
 from compress.onnx_io import model_nbytes
 from compress.prune.config import (
+    CalibrationSplit,
     PruneConfig,
     PruneReport,
     _copy,
@@ -30,7 +31,7 @@ from compress.prune.config import (
     split_batches,
 )
 from compress.prune.cost import _latency, _params
-from compress.prune.heal import heal_spans
+from compress.prune.heal import Removal, heal_spans
 from compress.prune.measured import MeasuredChoice, select_measured
 from compress.prune.select import AUTO_METRIC, MEASURED, SELECTIONS, Candidates, choose_metric
 from compress.scoring.collect import ScoreConfig, ScoreReport, score
@@ -182,8 +183,8 @@ def prune(model: MappedModel, config: PruneConfig, *, data: Batches) -> tuple[Ma
     else:
         fidelity = compare_models(proto, pruned, held)
     if config.heal and removed and measured is None:
-        pruned, fidelity, heal_report = heal_spans(proto, pruned, [b for b, _ in removed], score_set, held, config,
-                                                   fidelity)
+        pruned, fidelity, heal_report = heal_spans(proto, Removal(pruned, [b for b, _ in removed], fidelity),
+                                                   CalibrationSplit(score_set, held), config)
     method: dict[str, Any] = {
         "metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
         "remove": config.remove, "max_drop": config.max_drop, "keep": list(config.keep),

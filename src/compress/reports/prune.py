@@ -182,15 +182,15 @@ def plot_sweep(report: dict[str, Any]) -> bytes:
 
 
 def write_prune_files(pruned: Any, report: dict[str, Any], *, model: Path, blocks: Path, report_json: Path | None,
-                      scores_png: Path | None = None, original: Any = None) -> None:
+                      scores_plot: tuple[Path, Any] | None = None) -> None:
     """Write a prune stage's artifacts (the CLI and ``compress run`` call this inside an atomic folder).
 
     ``pruned``: the :class:`~compress.blocks.MappedModel` the prune stage returned;
     ``report``: its report's ``to_dict()`` with the model names added;
     ``model``/``blocks``: the pruned model and its block map;
     ``report_json``: ``prune.json``, with ``prune.md`` beside it (None: no report files);
-    ``scores_png``: the score plot of ``original`` (the unpruned block map), skipped with a
-    note without matplotlib. Nothing is modified.
+    ``scores_plot``: ``(scores.png, the unpruned block map)``: the score plot of the
+    original's blocks, skipped with a note without matplotlib. Nothing is modified.
     """
     from compress.onnx_io import save_model, write_json, write_text
     from compress.reports import write_plot
@@ -201,7 +201,8 @@ def write_prune_files(pruned: Any, report: dict[str, Any], *, model: Path, block
     if report_json is not None:
         write_json(report_json, report)
         write_text(report_json.with_suffix(".md"), prune_markdown(report))
-    if scores_png is not None and original is not None:
+    if scores_plot is not None:
+        scores_png, original = scores_plot
         scores = {"metrics": report["scores"], "blocks": [b.to_dict() for b in original.blocks],
                   "calibration": report["calibration"]}
         write_plot(scores_png, plot_scores, scores)

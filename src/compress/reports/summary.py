@@ -19,15 +19,14 @@ from compress.reports import fmt, markdown_table
 SUMMARY_SCHEMA = 1
 
 
-def summarize(*, version: str, config: Mapping[str, Any], model: str, stages: Sequence[Any], reports: Mapping[str, Any], calib: Any,
+def summarize(*, version: str, config: Mapping[str, Any], stages: Sequence[Any], reports: Mapping[str, Any], calib: Any,
               gates: Sequence[GateResult]) -> dict[str, Any]:
     """``summary.json``: the run's index (schema :data:`SUMMARY_SCHEMA`) from the stage reports.
 
     Args:
         version: compress's version.
-        config: ``{"file", "name", "sections"}``: the config file's name, the run's name and
-            the config as written.
-        model: ``model.source`` as written.
+        config: ``{"file", "name", "model", "sections"}``: the config file's name, the run's
+            name, ``model.source`` as written, and the config as written.
         stages: what each stage did (objects with ``name``, ``status``, ``seconds``,
             ``outputs``, ``hash``; :class:`compress.pipeline.StageRun`).
         reports: ``latency`` (``build/latency.json``), ``prune`` and ``export`` (None when
@@ -58,7 +57,7 @@ def summarize(*, version: str, config: Mapping[str, Any], model: str, stages: Se
         "schema_version": SUMMARY_SCHEMA,
         "compress_version": version,
         "config": {"file": config["file"], "name": config["name"], "sections": _jsonable(config["sections"])},
-        "model": model,
+        "model": config["model"],
         "calibration": {"description": calib.description, "random": bool(calib.random)},
         "stages": [{"name": s.name, "status": s.status, "seconds": None if s.seconds is None else round(s.seconds, 3),
                     "outputs": list(s.outputs), "hash": s.hash} for s in stages],

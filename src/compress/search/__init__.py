@@ -300,8 +300,7 @@ class _Search:
                                                                           f"({ref['name']}: {ref['reason']})")
                     continue
                 reason = None if self.sc.exhaustive else skip_reason(
-                    preds[c.name], goal=self.sc.goal, target=self.sc.target_fidelity, margin=self.sc.margin,
-                    latency_margin=self.sc.latency_margin, best=best, measured=list(self._measured().items()))
+                    preds[c.name], self.sc, best=best, measured=list(self._measured().items()))
                 if reason is not None:
                     self.records[c.name].update(status="skipped", reason=reason)
                 else:

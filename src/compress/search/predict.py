@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from compress.search.space import Candidate
+from compress.search.space import Candidate, SearchSection
 
 #: The measure each goal minimizes (``pareto``: latency against fidelity).
 GOAL_FIELD = {"median": "median_ms", "p99": "p99_ms", "size": "size_bytes", "pareto": "median_ms"}
@@ -72,16 +72,18 @@ def predict(candidate: Candidate, *, depth: Depth, reference: Numbers, original:
     return Numbers(fidelity, median, p99, size)
 
 
-def skip_reason(predicted: Numbers, *, goal: str, target: float, margin: float, latency_margin: float,
-                best: tuple[str, float] | None, measured: Sequence[tuple[str, Numbers]] = ()) -> str | None:
+def skip_reason(predicted: Numbers, rule: SearchSection, *, best: tuple[str, float] | None,
+                measured: Sequence[tuple[str, Numbers]] = ()) -> str | None:
     """Why a candidate predicted as ``predicted`` need not be built, or None (build it).
 
-    For every goal but ``pareto``: its predicted fidelity is below ``target - margin``, or its
+    ``rule``: the search section; its ``goal``, ``target_fidelity`` (``target`` below),
+    ``margin`` and ``latency_margin`` decide. For every goal but ``pareto``: its predicted fidelity is below ``target - margin``, or its
     predicted goal value exceeds ``best`` (the best measured candidate that meets the target:
     name, value) by more than ``latency_margin``. For ``pareto``: a measured candidate is
     faster by more than ``latency_margin`` and better in fidelity by more than ``margin``
     (it dominates the prediction with room to spare).
     """
+    goal, target, margin, latency_margin = rule.goal, rule.target_fidelity, rule.margin, rule.latency_margin
     if goal == "pareto":
         if predicted.median_ms is None or predicted.fidelity is None:
             return None

@@ -17,7 +17,7 @@ from typing import Any
 from compress.build.config import PRECISIONS, SPARSITY_METHODS
 from compress.config import SectionReader, StageConfig, option
 from compress.prune.select import SELECTIONS
-from compress.validate import FieldError, check_choice, check_number
+from compress.validate import FieldError, Interval, check_choice, check_number
 
 #: What the search minimizes: median or p99 latency, model size, or ``pareto`` (the front is the answer).
 GOALS = ("median", "p99", "size", "pareto")
@@ -95,10 +95,10 @@ class SearchSection(StageConfig):
                              example="[0, 2, 4]")
         check_choice("SearchSection", "goal", self.goal, GOALS)
         check_choice("SearchSection", "executor", self.executor, EXECUTORS)
-        check_number("SearchSection", "target_fidelity", self.target_fidelity, low=0, high=1, low_open=True,
+        check_number("SearchSection", "target_fidelity", self.target_fidelity, within=Interval(0, 1, low_open=True),
                      example="0.99")
-        check_number("SearchSection", "margin", self.margin, low=0, high=1, example="0.005")
-        check_number("SearchSection", "latency_margin", self.latency_margin, low=0, example="0.1")
+        check_number("SearchSection", "margin", self.margin, within=Interval(0, 1), example="0.005")
+        check_number("SearchSection", "latency_margin", self.latency_margin, within=Interval(low=0), example="0.1")
 
     def space(self) -> dict[str, Any]:
         """The axes as the report lists them, with the number of distinct candidates."""
