@@ -17,6 +17,7 @@ aside); the glue (``cli/``, ``pipeline/``) renders reports (``reports/``) and wr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -34,4 +35,9 @@ class Report(Protocol):
         ...
 
 
-__all__ = ["Report"]
+def set_fields(report: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The attributes ``names`` of ``report`` that are not None, in that order: a report's optional parts."""
+    return {n: v for n in names if (v := getattr(report, n)) is not None}
+
+
+__all__ = ["Report", "set_fields"]

@@ -294,15 +294,15 @@ def benchmark(
     shapes; with a baseline, the candidate's fidelity against it is measured on them);
     ``names``: ``{"model": ..., "baseline": ...}``, the labels the report gives the two
     models (default ``model.onnx`` / ``baseline.onnx``). The built model is written with
-    ``model.onnx.data`` when ``model`` has external data. The TensorRT engine is built with ``config``'s sparsity flag.
+    ``model.onnx.data`` when ``model`` has external data. The TensorRT engine is built with
+    ``config``'s sparsity flag.
 
     Raises:
         ConfigError: uint8 activations for TensorRT, or a dynamic input with no shape to time.
     """
-    final, calib = model, data
     names = names if names is not None else {"model": "model.onnx", "baseline": "baseline.onnx"}
-    check_profiles(final, config.profiles)
-    feed, random_inputs = benchmark_feed(final, calib, config.profiles)
+    check_profiles(model, config.profiles)
+    feed, random_inputs = benchmark_feed(model, data, config.profiles)
     engine_cfg = EngineConfig(profiles=config.profiles, sparse_weights=config.sparsity == "2:4",
                               legacy_precision=(config.precision if config.legacy_precision else None),
                               timing_cache=timing_cache)
@@ -312,7 +312,7 @@ def benchmark(
         from compress.build.trt import build_engine, import_tensorrt, major_version, time_engine
 
         major = major_version(import_tensorrt())
-        with _trt_input(final, "model.onnx") as path:
+        with _trt_input(model, "model.onnx") as path:
             engine = build_engine(str(path), engine_cfg)
         timing = time_engine(engine.plan, feed, config.bench)
         provider = "TensorRT"
@@ -323,10 +323,10 @@ def benchmark(
             base_timing = time_engine(base_engine.plan, feed, config.bench)
     else:
         logger.info("timing %s with ONNX Runtime", names["model"])
-        timing, provider = _time_ort(final, feed, config.bench)
+        timing, provider = _time_ort(model, feed, config.bench)
         base_timing = _time_ort(baseline, feed, config.bench)[0] if baseline is not None else None
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
-    digest = model_digest(final)
+    digest = model_digest(model)
     candidate = {"model": names["model"], "precision": config.precision, "sparsity": config.sparsity,
                  "sha256": digest, "random_inputs": random_inputs,
                  **measurement(timing.to_dict(), batch=batch)}
@@ -342,17 +342,17 @@ def benchmark(
         base_entry = {"model": names["baseline"], "precision": "fp32", "sparsity": None, "random_inputs": random_inputs,
                       **measurement(base_timing.to_dict(), batch=batch)}
         comparison = compare(candidate, base_entry)
-        if calib is not None and baseline is not None:
+        if data is not None and baseline is not None:
             from compress.fidelity import compare_models
 
-            comparison["fidelity"] = compare_models(baseline, final, calib)
+            comparison["fidelity"] = compare_models(baseline, model, data)
     report = LatencyReport(
         backend=config.backend, provider=provider,
         bench={"warmup_s": config.bench.warmup_s, "iterations_min": config.bench.iterations,
                "duration_s": config.bench.duration_s, "input_shapes": {k: list(v.shape) for k, v in feed.items()}},
         candidate=candidate, environment=environment, engine=engine_info, baseline=base_entry, comparison=comparison)
     cmd = trtexec_command("model.onnx", "engine.plan", engine_cfg, tensorrt_major=major)
-    built = BuiltModel(final, engine, cmd, external_data=has_external_data(final))
+    built = BuiltModel(model, engine, cmd, external_data=has_external_data(model))
     return built, report
 
 

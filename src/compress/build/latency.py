@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.bench import UNSTABLE_COV_PCT
+from compress.stage import set_fields
 
 #: ``schema_version`` of ``latency.json``.
 LATENCY_SCHEMA = 1
@@ -73,15 +74,11 @@ class LatencyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """``latency.json`` without ``gates`` (the glue adds them: :mod:`compress.gates`)."""
-        out: dict[str, Any] = {
+        return {
             "schema_version": self.schema_version, "backend": self.backend, "provider": self.provider,
             "percentile_method": self.percentile_method, "bench": self.bench, "candidate": self.candidate,
-            "environment": self.environment,
+            "environment": self.environment, **set_fields(self, ("engine", "baseline", "comparison")),
         }
-        for key in ("engine", "baseline", "comparison"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
 
 
 def measurement(timing: Mapping[str, Any], *, batch: int) -> dict[str, Any]:

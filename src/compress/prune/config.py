@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 
@@ -23,6 +23,7 @@ from compress.fidelity import Batches
 from compress.prune.select import AUTO_METRIC, SELECTIONS
 from compress.scoring import MetricConfig, metric_names
 from compress.scoring.heal import RIDGE_GRID
+from compress.stage import set_fields
 
 PRUNE_SCHEMA = 1
 
@@ -137,21 +138,16 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: ``schema_version`` first, then the fields; ``measured``, ``heal``, ``latency`` when set."""
-        out: dict[str, Any] = {
+        return {
             "schema_version": self.schema_version, "method": self.method, "calibration": self.calibration,
             "blocks_before": self.blocks_before, "blocks_after": self.blocks_after, "removed": self.removed,
             "scores": self.scores, "steps": self.steps, "params": self.params, "size_bytes": self.size_bytes,
-            "fidelity": self.fidelity,
+            "fidelity": self.fidelity, **set_fields(self, ("measured", "heal", "latency")),
         }
-        for key in ("measured", "heal", "latency"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
 
 
-@dataclass(frozen=True)
-class CalibrationSplit:
-    """The calibration batches of one prune run, split by :func:`split_batches`.
+class CalibrationSplit(NamedTuple):
+    """The calibration batches of one prune run, as :func:`split_batches` returns them.
 
     Attributes:
         scoring: the batches block scores and healing fits are computed on.
@@ -192,8 +188,8 @@ def blocks_for_ratio(ratio: float, block_map: BlockMap) -> int:
     return round(ratio * len(block_map.blocks))
 
 
-def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any]]:
-    """(scoring batches, held-out batches): every k-th batch is held out; both non-empty when n >= 2.
+def split_batches(batches: Batches, holdout: float) -> CalibrationSplit:
+    """``(scoring batches, held-out batches)``: every k-th batch is held out; both non-empty when n >= 2.
 
     ``max(1, round(holdout * n))`` of the ``n`` batches are held out, evenly spaced; with
     ``holdout == 0`` or fewer than two batches both parts are all the batches. A
@@ -209,14 +205,14 @@ def split_batches(batches: Batches, holdout: float) -> tuple[list[Any], list[Any
 
     if isinstance(batches, CalibrationSet):  # stays lazy: batches are read when iterated
         if holdout == 0 or len(batches) < 2:
-            return batches, batches  # type: ignore[return-value]
-        return split_calibration(batches, holdout=holdout)  # type: ignore[return-value]
+            return CalibrationSplit(batches, batches)
+        return CalibrationSplit(*split_calibration(batches, holdout=holdout))  # type: ignore[arg-type]
     items = list(batches)
     if holdout == 0 or len(items) < 2:
-        return items, items
+        return CalibrationSplit(items, items)
     h = max(1, round(holdout * len(items)))
     held = {math.floor((k + 0.5) * len(items) / h) for k in range(h)}
-    return [b for i, b in enumerate(items) if i not in held], [b for i, b in enumerate(items) if i in held]
+    return CalibrationSplit([b for i, b in enumerate(items) if i not in held], [b for i, b in enumerate(items) if i in held])
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -157,6 +157,7 @@ def prune(model: MappedModel, config: PruneConfig, *, data: Batches) -> tuple[Ma
         score_set = held = relabel(score_set, batches)
     else:
         score_set, held = relabel(score_set, batches), relabel(held, batches)
+    split = CalibrationSplit(score_set, held)
     steps: list[dict[str, Any]] = []
     measured: MeasuredChoice | None = None
     if config.max_drop is not None:
@@ -184,7 +185,7 @@ def prune(model: MappedModel, config: PruneConfig, *, data: Batches) -> tuple[Ma
         fidelity = compare_models(proto, pruned, held)
     if config.heal and removed and measured is None:
         pruned, fidelity, heal_report = heal_spans(proto, Removal(pruned, [b for b, _ in removed], fidelity),
-                                                   CalibrationSplit(score_set, held), config)
+                                                   split, config)
     method: dict[str, Any] = {
         "metric": config.metric, "select": "budget" if config.max_drop is not None else config.select,
         "remove": config.remove, "max_drop": config.max_drop, "keep": list(config.keep),
