@@ -163,7 +163,7 @@ def _clip_model(clip: float | None) -> onnx.ModelProto:
 
 def test_a_target_met_on_held_out_batches_is_checked_on_the_calibration_batches_too() -> None:
     """k = 0 meets the target on the held-out batches (small inputs) but not on the calibration ones."""
-    from compress.passes.accuracy import search_fallback
+    from compress.passes.accuracy import Fallback, FidelityCheck, search_fallback
 
     reference = _clip_model(None)
     rng = np.random.default_rng(0)
@@ -172,11 +172,12 @@ def test_a_target_met_on_held_out_batches_is_checked_on_the_calibration_batches_
     make = lambda kept: reference if kept else _clip_model(1.0)  # noqa: E731
     config = TargetConfig(fidelity=0.99, max_fallback=1.0, time_steps=False)
 
-    _, kept_alone, alone = search_fallback(reference, ["clip"], make, held, config, what="test")
+    fallback = Fallback(["clip"], make, what="test")
+    _, kept_alone, alone = search_fallback(fallback, FidelityCheck(reference, held), config)
     assert kept_alone == []
     assert alone["steps"][0]["fidelity"] > 0.9999
 
-    _, kept, report = search_fallback(reference, ["clip"], make, held, config, what="test", also=calib)
+    _, kept, report = search_fallback(fallback, FidelityCheck(reference, held, also=calib), config)
     assert kept == ["clip"]
     first, second = report["steps"]
     assert first["fidelity_held_out"] > 0.9999
@@ -418,7 +419,7 @@ def test_sparsity_target_keeps_costly_layers_dense() -> None:
 def test_sparsegpt_dampening_chosen_on_held_out_batches_generalizes_with_few_tokens() -> None:
     # 4 batches of 12 tokens for a 64-wide input: H = X^T X has rank 48 < 64, so SparseGPT's
     # usual 1 % dampening fits those tokens and errs on new ones; the held-out choice does not.
-    from compress.passes.sparse_calib import DAMP_GRID, InputStats, output_error, sparsify
+    from compress.passes.sparse_calib import DAMP_GRID, InputStats, MaskMethod, output_error, sparsify
 
     rng = np.random.default_rng(0)
     mix = np.eye(64) + 0.5 * rng.standard_normal((64, 64)) / 8
@@ -431,8 +432,8 @@ def test_sparsegpt_dampening_chosen_on_held_out_batches_generalizes_with_few_tok
     parts = [tokens(12) for _ in range(4)]
     stats = InputStats(hessian=sum(p.T @ p for p in parts), hessian_held=sum(p.T @ p for p in parts[1::2]),
                        sq_norm=sum((p * p).sum(0) for p in parts))
-    chosen, info = sparsify(w, "MatMul", 0, "sparsegpt", stats, damp=None)
-    fixed, _ = sparsify(w, "MatMul", 0, "sparsegpt", stats, damp=DAMP_GRID[0])
+    chosen, info = sparsify(w, "MatMul", 0, stats, MaskMethod("sparsegpt", damp=None))
+    fixed, _ = sparsify(w, "MatMul", 0, stats, MaskMethod("sparsegpt", damp=DAMP_GRID[0]))
     assert info["method"] == "sparsegpt"
     assert set(info["damp_errors"]) == {f"{d:g}" for d in DAMP_GRID}
     assert info["damp"] > DAMP_GRID[0]

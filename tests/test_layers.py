@@ -178,20 +178,11 @@ def _parameter_counts(source: str) -> list[tuple[int, str, int]]:
     return over
 
 
-#: Known debt (issue 15): the passes' fallback searches, still to be regrouped. The test fails when one is
-#: fixed (remove it here) or when any other function goes over.
-PENDING = {("compress/passes/accuracy.py", "search_fallback"), ("compress/passes/accuracy.py", "choose_methods"),
-           ("compress/passes/accuracy.py", "repair_int8"), ("compress/passes/sparse_calib.py", "sparsify"),
-           ("compress/passes/sparsity.py", "_meet_target")}
-
-
 def test_no_function_takes_more_than_six_parameters() -> None:
     """Options that travel together are one value (a config, a split, a removal), not a longer signature."""
     found = {(str(path.relative_to(SRC.parent)), name): f"{path.relative_to(SRC.parent)}:{line}: {name} takes {count}"
              for path in sorted(MODULES.values()) for line, name, count in _parameter_counts(path.read_text())}
-    over = [text for key, text in found.items() if key not in PENDING]
-    assert not over, f"functions over {MAX_PARAMETERS} parameters:\n" + "\n".join(over)
-    assert set(found) == PENDING, f"no longer over the limit, remove from PENDING: {sorted(PENDING - set(found))}"
+    assert not found, f"functions over {MAX_PARAMETERS} parameters:\n" + "\n".join(found.values())
 
 
 def test_the_parameter_count_skips_self_and_counts_keyword_only() -> None:

@@ -113,6 +113,38 @@ def fidelity_of(result: Mapping[str, Any]) -> float:
     return 1.0 - float(result["loss"])
 
 
+@dataclass(frozen=True)
+class FidelityCheck:
+    """Where a pass's candidates are measured: against ``reference`` (the pass's input) on ``held``.
+
+    ``also``: the calibration batches, measured too wherever ``held`` meets the target (the
+    lower fidelity counts; None: only ``held``). Both must be iterable more than once
+    (lists or a :class:`~compress.calibration.CalibrationSet`); the first ``held`` batch is
+    the one timed for the latency cost of a fallback.
+    """
+
+    reference: onnx.ModelProto
+    held: Any
+    also: Any = None
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The nodes a fallback search may keep out of a pass, and how to build the model with some kept.
+
+    ``ranking``: the candidate nodes, the first to keep out first (e.g. by local error, worst
+    first, as ``ranked_by`` says); ``make(kept)``: the pass's model with the nodes ``kept``
+    left as in the reference. ``what`` names the pass in logs and errors, ``unit`` says what
+    keeping a node out means ("kept float", "kept dense").
+    """
+
+    ranking: Sequence[str]
+    make: Callable[[Sequence[str]], onnx.ModelProto]
+    what: str
+    unit: str = "kept float"
+    ranked_by: str = "local error"
+
+
 # --------------------------------------------------------------------------------------------
 # Local error of each node, one ORT pass
 # --------------------------------------------------------------------------------------------
@@ -294,16 +326,13 @@ def by_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted(sensitivity, key=lambda n: (sensitivity[n]["cosine"], -sensitivity[n]["loss"], n))
 
 
-def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Callable[[Sequence[str]], onnx.ModelProto],
-                    held: Any, config: TargetConfig, *, what: str, unit: str = "kept float",
-                    feed: Batch | None = None, also: Any = None,
-                    ranked_by: str = "local error") -> tuple[onnx.ModelProto, list[str], dict[str, Any]]:
-    """Keep the fewest of ``ranking``'s first nodes out of the pass so that the target holds.
+def search_fallback(fallback: Fallback, check: FidelityCheck,
+                    config: TargetConfig) -> tuple[onnx.ModelProto, list[str], dict[str, Any]]:
+    """Keep the fewest of ``fallback.ranking``'s first nodes out of the pass so that the target holds.
 
-    ``make(kept)`` builds the pass's model with the nodes ``kept`` left as in ``reference``;
-    each candidate is measured against ``reference`` on ``held``, and where it meets the
-    target there also on ``also`` (the calibration batches; None: not): its fidelity is the
-    lower of the two. A target met on a dozen held-out samples alone is noise (all-MiniLM
+    Each candidate ``fallback.make(kept)`` is measured against ``check.reference`` on
+    ``check.held``, and where it meets the target there also on ``check.also`` (the
+    calibration batches; None: not): its fidelity is the lower of the two. A target met on a dozen held-out samples alone is noise (all-MiniLM
     int8: 0.990 on its 12 held-out sentences, 0.981 on the pipeline's); the calibration
     batches add samples, and a node choice that only suits the held-out ones fails there.
     Steps: ``k = 0``, then
@@ -323,13 +352,17 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
     Raises:
         FidelityTargetError: not met even at the largest allowed ``k`` (report attached).
     """
+    ranking, make, what, unit = list(fallback.ranking), fallback.make, fallback.what, fallback.unit
+    reference, held, also = check.reference, check.held, check.also
+    held = held if hasattr(held, "__len__") else list(held)  # measured at every step: iterable more than once
+    feed = next(iter(held), None) if config.time_steps else None
     limit = int(math.floor(config.max_fallback * len(ranking) + 1e-9))
     probe = FidelityProbe(reference, held)
     also_probe: list[FidelityProbe] = []
     report: dict[str, Any] = {"target": config.fidelity, "max_fallback": limit, "candidates": len(ranking),
                               "loss_metric": None}
     if also is not None:
-        also = also if hasattr(also, "__len__") else list(also)  # measured at every step: iterable more than once
+        also = also if hasattr(also, "__len__") else list(also)
         report["also_measured_on"] = describe_batches(also)
     cache: dict[tuple[str, ...], tuple[dict[str, Any], onnx.ModelProto]] = {}
 
@@ -355,7 +388,7 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
                 "loss_metric": fid["loss_metric"], "cosine": fid["cosine"], "met": value >= config.fidelity, **extra}
         if fid.get("top1") is not None:
             step["top1"] = fid["top1"]
-        if config.time_steps and feed is not None:
+        if feed is not None:
             step["latency_ms"] = _latency_ms(model, feed)
         logger.info("%s: %d %s -> fidelity %.5f (target %.4f)", what, k, unit, value, config.fidelity)
         cache[key] = (step, model)
@@ -391,7 +424,7 @@ def search_fallback(reference: onnx.ModelProto, ranking: Sequence[str], make: Ca
 
     orders: list[tuple[str, list[str]]] = []
     if config.ranking in ("auto", "local"):
-        orders.append((ranked_by, list(ranking)))
+        orders.append((fallback.ranked_by, list(ranking)))
     searches: list[dict[str, Any]] = []
     found: int | None = None
     steps: dict[int, dict[str, Any]] = {}
@@ -475,17 +508,39 @@ def _activation_qparams(qdq: onnx.ModelProto, nodes: Sequence[str]) -> dict[str,
     return out
 
 
-def choose_methods(float_model: onnx.ModelProto, qdq: onnx.ModelProto, errors: Mapping[str, Mapping[str, float]],
-                   alternatives: Mapping[str, onnx.ModelProto], nodes: Sequence[str], held: Sequence[Batch],
-                   method: str) -> tuple[onnx.ModelProto, dict[str, str], dict[str, dict[str, float]]]:
+@dataclass(frozen=True)
+class Int8Draft:
+    """The int8 pass's first result, before the fidelity target is met.
+
+    ``float_model``: the model it quantized (after its own preparation: named nodes, constants
+    as initializers, SmoothQuant); ``qdq``: its Q/DQ output (before non-quantized consumers
+    were given back float inputs); ``quantized``: the nodes meant to be quantized;
+    ``method``: the calibration method used; ``alternatives``: method -> a function
+    quantizing with that method instead (None: no per-tensor choice, :func:`choose_methods`).
+    """
+
+    float_model: onnx.ModelProto
+    qdq: onnx.ModelProto
+    quantized: frozenset[str]
+    method: str = "minmax"
+    alternatives: Mapping[str, Callable[[], onnx.ModelProto]] | None = None
+
+
+def choose_methods(draft: Int8Draft, alternatives: Mapping[str, onnx.ModelProto],
+                   errors: Mapping[str, Mapping[str, float]], held: Sequence[Batch],
+                   ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, dict[str, float]]]:
     """Per activation tensor, the calibration method whose Q/DQ gives its consumers the least local error.
 
-    ``alternatives``: method -> the same int8 pass calibrated with that method. The errors of
-    each alternative are measured like ``errors`` (one ORT pass each); per tensor the sum over
-    its quantized consumers decides, and the winner's activation scale and zero point are
-    copied into a copy of ``qdq``. Returns the model, tensor -> method (changed ones only), and
-    the local errors of the mixed model.
+    ``alternatives``: method -> the same int8 pass calibrated with that method (built from
+    ``draft.alternatives``); ``errors``: the local errors of ``draft.qdq`` per node (its keys
+    are the nodes compared). The errors of each alternative are measured like ``errors`` (one
+    ORT pass each, on ``held``); per tensor the sum over its quantized consumers decides, and
+    the winner's activation scale and zero point are copied into a copy of ``draft.qdq``.
+    Returns the model, tensor -> method (changed ones only), and the local errors of the mixed
+    model. Does not modify ``draft``.
     """
+    float_model, qdq, method = draft.float_model, draft.qdq, draft.method
+    nodes = sorted(errors, key=lambda n: (-errors[n]["rel_error"], n))  # worst first, as the search ranks them
     params = _activation_qparams(qdq, nodes)
     per_method: dict[str, Mapping[str, Mapping[str, float]]] = {method: dict(errors)}
     for m, model in alternatives.items():
@@ -517,32 +572,29 @@ def choose_methods(float_model: onnx.ModelProto, qdq: onnx.ModelProto, errors: M
     return mixed, choice, mixed_errors
 
 
-def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: onnx.ModelProto, quantized: set[str],
-                held: Any, config: TargetConfig, *, method: str = "minmax",
-                alternatives: Mapping[str, Callable[[], onnx.ModelProto]] | None = None, also: Any = None,
-                ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
+def repair_int8(draft: Int8Draft, check: FidelityCheck,
+                config: TargetConfig) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
     """Keep the int8 nodes with the largest local error float until ``config.fidelity`` holds.
 
-    ``qdq`` is the int8 pass's output for ``float_model`` (before non-quantized consumers were
-    given back float inputs), ``quantized`` the nodes meant to be quantized; fidelity is
-    measured against ``reference`` (the pass's input) on ``held`` (and, where met, on ``also``:
-    :func:`search_fallback`). Returns the model, the
-    nodes kept float with the reason, and the report: ``local_error`` per node (sorted,
-    worst first) and the search steps (:func:`search_fallback`).
+    Fidelity is measured as ``check`` says (against the pass's input on the held-out batches
+    and, where met, on the calibration batches: :func:`search_fallback`). Returns the model,
+    the nodes kept float with the reason, and the report: ``local_error`` per node (sorted,
+    worst first) and the search steps (:func:`search_fallback`). Does not modify ``draft``.
 
-    ``alternatives`` (method -> a function quantizing with that calibration method): when the
-    target is missed with no node float, each activation tensor gets the method with the
-    least local error (:func:`choose_methods`) if that raises the fidelity; the report's
+    ``draft.alternatives`` (method -> a function quantizing with that calibration method):
+    when the target is missed with no node float, each activation tensor gets the method with
+    the least local error (:func:`choose_methods`) if that raises the fidelity; the report's
     ``calibration_methods`` says what was measured and chosen.
 
     Raises:
         FidelityTargetError: the target is not met with ``max_fallback`` of the nodes float.
     """
-    held_list = held if hasattr(held, "__len__") else list(held)
-    variants = qdq_variants(qdq, float_model, sorted(quantized))
+    reference, float_model, quantized = check.reference, draft.float_model, draft.quantized
+    held_list = check.held if hasattr(check.held, "__len__") else list(check.held)
+    variants = qdq_variants(draft.qdq, float_model, sorted(quantized))
     errors = local_errors(float_model, variants, held_list)
     ranking = sorted(errors, key=lambda n: (-errors[n]["rel_error"], n))
-    feed = next(iter(held_list))
+    qdq = draft.qdq
 
     def make(kept: Sequence[str]) -> onnx.ModelProto:
         model = copy_model(qdq)
@@ -551,15 +603,14 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
         return model
 
     report: dict[str, Any] = {"measured_on": describe_batches(held_list)}
-    if alternatives:
+    if draft.alternatives:
         first = fidelity_of(measure_fidelity(reference, make(()), held_list))
         if first < config.fidelity:
-            built = {m: fn() for m, fn in alternatives.items()}
-            mixed, choice, mixed_errors = choose_methods(float_model, qdq, errors, built, ranking, held_list, method)
-            info: dict[str, Any] = {"tried": [method, *built], "fidelity_single_method": first, "chosen": {}}
+            built = {m: fn() for m, fn in draft.alternatives.items()}
+            mixed, choice, mixed_errors = choose_methods(draft, built, errors, held_list)
+            info: dict[str, Any] = {"tried": [draft.method, *built], "fidelity_single_method": first, "chosen": {}}
             if choice:
                 info["per_tensor_choice"] = choice
-                saved = qdq
                 qdq = mixed
                 second = fidelity_of(measure_fidelity(reference, make(()), held_list))
                 info["fidelity_per_tensor"] = second
@@ -568,18 +619,18 @@ def repair_int8(reference: onnx.ModelProto, float_model: onnx.ModelProto, qdq: o
                     errors = mixed_errors
                     ranking = sorted(errors, key=lambda n: (-errors[n]["rel_error"], n))
                 else:
-                    qdq = saved
+                    qdq = draft.qdq
             report["calibration_methods"] = info
     report["local_error"] = [{"node": n, **errors[n]} for n in ranking]
     try:
-        model, kept, search = search_fallback(reference, ranking, make, held_list, config, what="int8", feed=feed,
-                                              also=also)
+        model, kept, search = search_fallback(Fallback(ranking, make, what="int8"),
+                                              FidelityCheck(reference, held_list, check.also), config)
     except FidelityTargetError as exc:
         raise FidelityTargetError(exc.message, hint=exc.hint, report={**report, **exc.report}) from None
     report.update(search)
     return model, kept_reasons(kept, search, errors, verb="kept float"), report
 
 
-__all__ = ["DEFAULT_TARGET", "FidelityTargetError", "TargetConfig", "Variant", "fidelity_of", "local_errors", "qdq_variants",
+__all__ = ["DEFAULT_TARGET", "Fallback", "FidelityCheck", "FidelityTargetError", "Int8Draft", "TargetConfig", "Variant", "fidelity_of", "local_errors", "qdq_variants",
            "RANKINGS", "by_sensitivity", "choose_methods", "kept_reasons", "output_sensitivity", "repair_int8", "search_fallback",
            "split_holdout"]

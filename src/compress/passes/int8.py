@@ -299,7 +299,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     target_report = None
     kept_float: dict[str, str] = {}
     if config.target is not None:
-        from compress.passes.accuracy import repair_int8
+        from compress.passes.accuracy import FidelityCheck, Int8Draft, repair_int8
 
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
         restored = restore_float_inputs(copy_model(result), meant)
@@ -311,9 +311,10 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
                              folders)
 
         alternatives = {m: (lambda m=m: requantize(m)) for m in others} if config.per_tensor_method else None
+        quantized = frozenset(meant & {n for n, q in quantized_nodes(result, set(config.op_types)).items() if q})
+        draft = Int8Draft(work, result, quantized, method=config.method, alternatives=alternatives)
         result, kept_float, target_report = repair_int8(
-            model, work, result, meant & {n for n, q in quantized_nodes(result, set(config.op_types)).items() if q},
-            held, config.target, method=config.method, alternatives=alternatives, also=None if shared else fit)
+            draft, FidelityCheck(model, held, also=None if shared else fit), config.target)
     if not config.quantize_outputs and target_report is None:
         meant = {n for n, node in names.items() if node.op_type in config.op_types and n not in reasons}
         restored = restore_float_inputs(result, meant)

@@ -239,13 +239,29 @@ def choose_damp(rows: np.ndarray, stats: InputStats, *, block_size: int,
     return float(best), errors
 
 
-def sparsify(weight: np.ndarray, op: str, axis: int, method: str, stats: InputStats | None, *,
-             damp: float | None = 0.01, block_size: int = 128) -> tuple[np.ndarray, dict[str, Any]]:
-    """The 2:4 version of one weight by ``method``; returns ``(weight, {"method": used, ...})``.
+@dataclass(frozen=True)
+class MaskMethod:
+    """How :func:`sparsify` chooses the 2 of every 4 weights.
 
-    SparseGPT with ``damp=None`` picks the dampening per layer (:func:`choose_damp`; the
-    dict gives ``damp`` and ``damp_errors``).
+    ``name``: one of :data:`METHODS`; ``damp``: SparseGPT's dampening (share of
+    ``mean(diag H)``; None: chosen per layer, :func:`choose_damp`); ``block_size``: SparseGPT's
+    lazy-update block (input channels, a multiple of 4).
     """
+
+    name: str = "magnitude"
+    damp: float | None = 0.01
+    block_size: int = 128
+
+
+def sparsify(weight: np.ndarray, op: str, axis: int, stats: InputStats | None,
+             how: MaskMethod) -> tuple[np.ndarray, dict[str, Any]]:
+    """The 2:4 version of one weight by ``how``; returns ``(weight, {"method": used, ...})``.
+
+    ``axis``: the weight's input-channel axis; ``stats``: its input's statistics (None:
+    magnitude). SparseGPT with ``how.damp=None`` picks the dampening per layer
+    (:func:`choose_damp`; the dict gives ``damp`` and ``damp_errors``). Does not modify ``weight``.
+    """
+    method, damp, block_size = how.name, how.damp, how.block_size
     if method == "magnitude" or stats is None:
         return prune_2_4(weight, axis), {"method": "magnitude"}
     one_by_one = weight.ndim == 2 if op != "Conv" else (weight.ndim == 4 and weight.shape[2:] == (1, 1))
@@ -272,5 +288,5 @@ def needs(method: str, op: str, weight_shape: Sequence[int]) -> bool:
     return method == "sparsegpt" and len(weight_shape) == 2
 
 
-__all__ = ["DAMP_GRID", "DAMP_SAMPLE_ROWS", "METHODS", "InputStats", "choose_damp", "collect_input_stats", "mask_2_4", "output_error",
+__all__ = ["DAMP_GRID", "DAMP_SAMPLE_ROWS", "METHODS", "InputStats", "MaskMethod", "choose_damp", "collect_input_stats", "mask_2_4", "output_error",
            "sparsegpt_2_4", "sparsify", "wanda_2_4"]

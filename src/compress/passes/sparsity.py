@@ -46,7 +46,7 @@ import onnx
 from compress.errors import CalibrationError, ConfigError
 from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
-from compress.passes.accuracy import TargetConfig
+from compress.passes.accuracy import FidelityCheck, TargetConfig
 from compress.passes.base import (
     PassReport,
     constants_to_initializers,
@@ -304,20 +304,33 @@ def _waves(index: GraphIndex, layers: list[_Layer]) -> list[list[_Layer]]:
     return waves
 
 
-def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Layer], index: GraphIndex,
-                 done: Mapping[str, Any], originals: Mapping[str, onnx.TensorProto], held: Any,
-                 target: TargetConfig, also: Any = None) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
-    """Restore the pruned weights with the largest local error until the target holds (on ``held``, and ``also``)."""
-    from compress.passes.accuracy import FidelityTargetError, Variant, kept_reasons, local_errors, search_fallback
+def _meet_target(check: FidelityCheck, out: onnx.ModelProto, originals: Mapping[str, onnx.TensorProto],
+                 layers: list[_Layer], index: GraphIndex,
+                 target: TargetConfig) -> tuple[onnx.ModelProto, dict[str, str], dict[str, Any]]:
+    """Restore the pruned weights with the largest local error until the target holds (as ``check`` measures).
 
+    ``out``: the pruned model; ``originals``: each pruned weight's initializer before pruning
+    (its keys are the weights pruned). Returns the model, weight -> why it was kept dense,
+    and the report. Does not modify ``out``.
+    """
+    from compress.passes.accuracy import (
+        Fallback,
+        FidelityTargetError,
+        Variant,
+        kept_reasons,
+        local_errors,
+        search_fallback,
+    )
+
+    model = check.reference
     ref = copy_model(model)
     name_nodes(ref)
     names = [n.name for n in ref.graph.node]
-    pruned = {t.name: t for t in out.graph.initializer if t.name in done}
+    pruned = {t.name: t for t in out.graph.initializer if t.name in originals}
     variants: dict[str, Variant] = {}
     node_of: dict[str, str] = {}
     for layer in layers:
-        if layer.weight is None or layer.weight not in done or layer.weight in node_of.values():
+        if layer.weight is None or layer.weight not in originals or layer.weight in node_of.values():
             continue
         name = names[index.position[layer.key]]
         node = ref.graph.node[index.position[layer.key]]
@@ -327,7 +340,7 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
         inputs = tuple(sparse.name if x == layer.weight else x for x in node.input)
         variants[name] = Variant(inputs, (), (sparse,))
         node_of[name] = layer.weight
-    held_list = held if hasattr(held, "__len__") else list(held)
+    held_list = check.held if hasattr(check.held, "__len__") else list(check.held)
     errors = local_errors(ref, variants, held_list)
     ranking = sorted(errors, key=lambda n: (-errors[n]["rel_error"], n))
 
@@ -341,8 +354,8 @@ def _meet_target(model: onnx.ModelProto, out: onnx.ModelProto, layers: list[_Lay
 
     report: dict[str, Any] = {"local_error": [{"node": n, "weight": node_of[n], **errors[n]} for n in ranking]}
     try:
-        final, kept, search = search_fallback(model, ranking, make, held_list, target, what="sparsity-2:4",
-                                              unit="kept dense", feed=next(iter(held_list)), also=also)
+        final, kept, search = search_fallback(Fallback(ranking, make, what="sparsity-2:4", unit="kept dense"),
+                                              FidelityCheck(model, held_list, check.also), target)
     except FidelityTargetError as exc:
         raise FidelityTargetError(exc.message, hint=exc.hint, report={**report, **exc.report}) from None
     report.update(search)
@@ -409,7 +422,9 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     else:
         waves = [[layer for layer in layers if layer.code is None and layer.weight is not None]]
     from compress.log import progress
-    from compress.passes.sparse_calib import collect_input_stats, sparsify
+    from compress.passes.sparse_calib import MaskMethod, collect_input_stats, sparsify
+
+    how = MaskMethod(config.method, config.damp, config.block_size)
 
     out = copy_model(model)
     position = {t.name: i for i, t in enumerate(out.graph.initializer)}
@@ -430,8 +445,7 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
             tensor = out.graph.initializer[position[layer.weight]]
             before = read_array(tensor)  # one weight in memory at a time (read from its file when external)
             x = index.node_by_key[layer.key].input[0]
-            after, used[layer.weight] = sparsify(before, layer.op, layer.axis, config.method, stats.get(x),
-                                                 damp=config.damp, block_size=config.block_size)
+            after, used[layer.weight] = sparsify(before, layer.op, layer.axis, stats.get(x), how)
             zeroed[layer.weight] = int(((after == 0) & (before != 0)).sum())
             elements += zeroed[layer.weight]
             originals[layer.weight] = onnx.TensorProto()
@@ -443,8 +457,8 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     target_report = None
     dense: dict[str, str] = {}
     if config.target is not None and done:
-        out, dense, target_report = _meet_target(model, out, layers, index, done, originals, held, config.target,
-                                                 also=None if shared else fit)
+        check = FidelityCheck(model, held, also=None if shared else fit)
+        out, dense, target_report = _meet_target(check, out, originals, layers, index, config.target)
         for w in dense:
             elements -= zeroed[w]
     items: list[Mapping[str, Any]] = []
