@@ -218,11 +218,10 @@ def int8_variant(m: dict[str, Any], act: str, target: float | None) -> tuple[Any
     from compress.passes import Int8Config, int8_pass
     from compress.passes.accuracy import FidelityTargetError, TargetConfig
 
-    cfg = Int8Config(calibration=m["calib"], activation_type=act,
-                     target=TargetConfig(fidelity=target) if target is not None else None)
+    cfg = Int8Config(activation_type=act, target=TargetConfig(fidelity=target) if target is not None else None)
     t0 = time.perf_counter()
     try:
-        out, report = int8_pass(m["model"], cfg)
+        out, report = int8_pass(m["model"], cfg, data=m["calib"])
     except FidelityTargetError as exc:
         return None, {"error": exc.message, "target": _target_summary(exc.report), "pass_seconds": time.perf_counter() - t0}
     status = Counter(i["status"] for i in report.items)
@@ -260,8 +259,7 @@ def sparse_variant(m: dict[str, Any], method: str, **options: Any) -> tuple[Any,
     from compress.passes import SparsityConfig, sparsity_pass
 
     t0 = time.perf_counter()
-    out, report = sparsity_pass(m["model"], SparsityConfig(method=method, calibration=m["calib"],
-                                                           min_channels=m["min_channels"], **options))
+    out, report = sparsity_pass(m["model"], SparsityConfig(method=method, min_channels=m["min_channels"], **options), data=m["calib"])
     pruned = [i for i in report.items if i["status"] == "pruned"]
     return out, {"pass_seconds": time.perf_counter() - t0, "layers_pruned": report.changes["layers_pruned"],
                  "sparse_fraction": report.changes["sparse_fraction"], "options": options,
@@ -299,7 +297,7 @@ def run_model(m: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             variants[key] = out
 
     if m["fp16"]:
-        build("fp16", lambda: (get_pass("fp16").run(m["model"], Fp16Config(calibration=m["calib"]))[0], {}))
+        build("fp16", lambda: (get_pass("fp16").run(m["model"], Fp16Config(), data=m["calib"])[0], {}))
     for form, act in (("TensorRT form", "int8"), ("ORT CPU form", "uint8")):
         for target in (None, TARGET):
             key = f"int8 ({form}, {'target ' + str(target) if target else 'no target'})"

@@ -89,8 +89,8 @@ def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
 def test_a_node_kept_float_gets_its_float_weight_back_without_weight_qdq_pairs() -> None:
     # qdq_on_weights=False: ORT stores weights as int8 initializers behind a lone DequantizeLinear
     model, cal = outlier_model(), batches()
-    out, report = int8_pass(model, Int8Config(calibration=cal, qdq_on_weights=False,
-                                              target=TargetConfig(fidelity=0.99, time_steps=False)))
+    out, report = int8_pass(model, Int8Config(qdq_on_weights=False,
+                                              target=TargetConfig(fidelity=0.99, time_steps=False)), data=cal)
     assert report.changes["target"]["met"]
     producer = {o: n for n in out.graph.node for o in n.output}
     inits = {t.name: t for t in out.graph.initializer}
@@ -110,13 +110,13 @@ def test_a_node_kept_float_gets_its_float_weight_back_without_weight_qdq_pairs()
 @pytest.mark.parametrize("activation_type", ["int8", "uint8"])
 def test_int8_target_keeps_the_outlier_layer_float_and_names_it(activation_type: str) -> None:
     model, cal = outlier_model(), batches()
-    naive, _ = int8_pass(model, Int8Config(calibration=cal, activation_type=activation_type))
+    naive, _ = int8_pass(model, Int8Config(activation_type=activation_type), data=cal)
     broken = measure_fidelity(model, naive, cal[6:])
     assert broken["loss_metric"] == "1 - cosine"
     assert broken["cosine"] < 0.98  # observed 0.95
 
-    out, report = int8_pass(model, Int8Config(calibration=cal, activation_type=activation_type,
-                                              target=TargetConfig(fidelity=0.99, time_steps=False)))
+    out, report = int8_pass(model, Int8Config(activation_type=activation_type,
+                                              target=TargetConfig(fidelity=0.99, time_steps=False)), data=cal)
     target = report.changes["target"]
     assert target["met"]
     assert target["kept"] == 1
@@ -192,7 +192,7 @@ def test_a_target_met_on_held_out_batches_is_checked_on_the_calibration_batches_
 def test_local_errors_are_local_not_accumulated() -> None:
     """fc2/fc3's local errors do not include fc1's error: their inputs are the float activations."""
     model, cal = outlier_model(), batches()
-    quant, _ = int8_pass(model, Int8Config(calibration=cal))
+    quant, _ = int8_pass(model, Int8Config(), data=cal)
     errors = local_errors(model, qdq_variants(quant, model, ["fc1/MatMul", "fc2/MatMul", "fc3/MatMul"]), cal)
     # accumulated error at fc3's output in the quantized model, for comparison
     diff = [np.sum((run(quant, b) - run(model, b)) ** 2) / np.sum(run(model, b) ** 2) for b in cal]
@@ -204,7 +204,7 @@ def test_local_errors_are_local_not_accumulated() -> None:
 def test_int8_target_unreachable_raises_with_report() -> None:
     model, cal = outlier_model(), batches()
     with pytest.raises(FidelityTargetError) as err:
-        int8_pass(model, Int8Config(calibration=cal, target=TargetConfig(fidelity=0.99, max_fallback=0.0, time_steps=False)))
+        int8_pass(model, Int8Config(target=TargetConfig(fidelity=0.99, max_fallback=0.0, time_steps=False)), data=cal)
     assert err.value.message.startswith("int8: fidelity target 0.99 not reached: 0.")
     assert "(0 of 3 nodes kept float; at most 0 allowed)" in err.value.message
     assert "--max-fallback" in err.value.hint
@@ -243,17 +243,17 @@ def cancellation_model(seed: int = 0, outlier: float = 8.0, eps: float = 0.01) -
 
 def test_output_sensitivity_finds_the_amplified_nodes_that_local_error_ranks_last() -> None:
     model, cal = cancellation_model(), batches(shape=(2, 4, 4, D))
-    quant, _ = int8_pass(model, Int8Config(calibration=cal))
+    quant, _ = int8_pass(model, Int8Config(), data=cal)
     errors = local_errors(model, qdq_variants(quant, model, ["a/MatMul", "b/MatMul", "c/MatMul"]), cal)
     assert errors["c/MatMul"]["rel_error"] > 3 * max(errors["a/MatMul"]["rel_error"], errors["b/MatMul"]["rel_error"])
     assert measure_fidelity(model, quant, cal)["outputs"]["diff"]["cosine"] < 0.9
     target = TargetConfig(fidelity=0.99, max_fallback=0.67, time_steps=False, ranking="local")
     with pytest.raises(FidelityTargetError) as err:  # local order: c first; 2 of 3 allowed, c + a or b is not enough
-        int8_pass(model, Int8Config(calibration=cal, target=target))
+        int8_pass(model, Int8Config(target=target), data=cal)
     assert "(0 of 3 nodes kept float; at most 2 allowed)" in err.value.message
     assert "output_sensitivity" not in err.value.report
 
-    out, report = int8_pass(model, Int8Config(calibration=cal, target=dataclasses.replace(target, ranking="auto")))
+    out, report = int8_pass(model, Int8Config(target=dataclasses.replace(target, ranking="auto")), data=cal)
     t = report.changes["target"]
     assert (t["ranked_by"], t["met"], t["kept"]) == ("output sensitivity", True, 2)
     assert [(s["ranked_by"], s["met"]) for s in t["searches"]] == [("local error", False), ("output sensitivity", True)]
@@ -304,7 +304,7 @@ def test_a_logits_output_does_not_hide_another_outputs_damage() -> None:
 
 def test_smoothquant_folding_is_exact_in_fp32() -> None:
     model, cal = outlier_model(), batches()
-    out, report = smoothquant_pass(model, SmoothQuantConfig(calibration=cal[:6], alpha=0.5))
+    out, report = smoothquant_pass(model, SmoothQuantConfig(alpha=0.5), data=cal[:6])
     applied = {i["tensor"]: i["applied"] for i in report.items}
     assert applied == {"h0": "layernorm", "h3": "mul", "h5": "matmul"}
     assert report.changes["applied"] == {"layernorm": 1, "matmul": 1, "mul": 1}
@@ -324,8 +324,8 @@ def test_smoothquant_folding_is_exact_in_fp32() -> None:
 
 def test_smoothquant_lets_int8_meet_the_target_without_fallback() -> None:
     model, cal = outlier_model(), batches()
-    out, report = int8_pass(model, Int8Config(calibration=cal, smoothquant=0.5,
-                                              target=TargetConfig(fidelity=0.99, time_steps=False)))
+    out, report = int8_pass(model, Int8Config(smoothquant=0.5,
+                                              target=TargetConfig(fidelity=0.99, time_steps=False)), data=cal)
     assert report.changes["target"]["kept"] == 0
     assert report.changes["smoothquant"]["tensors_smoothed"] == 3
     assert 1 - measure_fidelity(model, out, cal[6:])["loss"] >= 0.99
@@ -365,7 +365,7 @@ def test_wanda_and_sparsegpt_give_valid_2_4_and_beat_magnitude() -> None:
     model, cal = linear_model(), skewed_batches()
     loss = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method=method, calibration=cal[:4]))
+        out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method=method), data=cal[:4])
         assert {i["node"]: i.get("method") for i in report.items} == {"l1": method, "l2": method}
         w = {t.name: read_array(t) for t in out.graph.initializer}
         for name in ("w1", "w2"):
@@ -402,8 +402,7 @@ def test_sparsegpt_compensates_better_than_wanda_in_the_layer_output() -> None:
 
 def test_sparsity_target_keeps_costly_layers_dense() -> None:
     model, cal = linear_model(), skewed_batches(8)
-    out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method="wanda", calibration=cal,
-                                                      target=TargetConfig(fidelity=0.95, time_steps=False)))
+    out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method="wanda", target=TargetConfig(fidelity=0.95, time_steps=False)), data=cal)
     t = report.changes["target"]
     assert [e["node"] for e in t["local_error"]] == ["l2", "l1"]  # observed rel. errors 0.126 / 0.021
     assert t["met"]
@@ -482,8 +481,7 @@ def test_padding_tokens_do_not_change_the_2_4_masks(method: str) -> None:
     weights = {}
     for option in ("auto", "none"):
         for scale in (1.0, 100.0):
-            out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method=method, token_mask=option,
-                                                              calibration=with_padding(scale)))
+            out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method=method, token_mask=option), data=with_padding(scale))
             weights[option, scale] = {t.name: read_array(t) for t in out.graph.initializer if t.name != "axes"}
         assert report.changes["token_mask"] == {"auto": "attention_mask (auto: integer [batch, tokens] input named like a mask)",
                                                 "none": "off (--token-mask none)"}[option]
@@ -518,8 +516,7 @@ def test_sequential_statistics_come_from_the_pruned_upstream_layer() -> None:
     xs = np.concatenate([b["x"].reshape(-1, 64) for b in cal]).astype(np.float64)
     results = {}
     for sequential in (False, True):
-        out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method="sparsegpt", calibration=cal,
-                                                          damp=0.01, sequential=sequential))
+        out, report = sparsity_pass(model, SparsityConfig(min_channels=0, method="sparsegpt", damp=0.01, sequential=sequential), data=cal)
         assert report.changes["calibration_passes"] == (2 if sequential else 1)
         results[sequential] = {t.name: read_array(t) for t in out.graph.initializer}
     np.testing.assert_array_equal(results[True]["w1"], results[False]["w1"])  # same input statistics
@@ -609,8 +606,8 @@ def test_top1_target_on_few_held_out_samples_warns() -> None:
     tanh = model.graph.node[-1]
     model.graph.node.remove(tanh)
     model.graph.node[-1].output[0] = "y"  # fc3's MatMul now makes the graph output: logits
-    _, report = int8_pass(model, Int8Config(calibration=batches(), per_tensor_method=False,
-                                            target=TargetConfig(fidelity=0.99, max_fallback=1.0, time_steps=False)))
+    _, report = int8_pass(model, Int8Config(per_tensor_method=False,
+                                            target=TargetConfig(fidelity=0.99, max_fallback=1.0, time_steps=False)), data=batches())
     target = report.changes["target"]
     assert target["loss_metric"] == "1 - top1"
     assert target["held_out_samples"] == 8  # 2 held-out batches x 4 samples

@@ -37,7 +37,7 @@ def feeds(n: int = 4) -> list[dict[str, np.ndarray]]:
 
 def test_int8_converts_opset_12_to_13_for_per_channel_scales_and_keeps_outputs() -> None:
     model = paddle_style(12)
-    out, report = int8_pass(model, Int8Config(calibration=feeds()))
+    out, report = int8_pass(model, Int8Config(), data=feeds())
     assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [13]
     assert any(w.startswith("converted from ONNX opset 12 to 13") for w in report.warnings)
     assert any("3 float Constant node(s) made initializers" in w for w in report.warnings)
@@ -52,14 +52,14 @@ def test_int8_converts_opset_12_to_13_for_per_channel_scales_and_keeps_outputs()
 
 
 def test_int8_at_opset_13_is_not_converted() -> None:
-    out, report = int8_pass(paddle_style(13), Int8Config(calibration=feeds()))
+    out, report = int8_pass(paddle_style(13), Int8Config(), data=feeds())
     assert not any("opset" in w for w in report.warnings)
     assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [13]
 
 
 def test_2_4_prunes_weights_stored_in_constant_nodes() -> None:
     model = paddle_style(12)
-    out, report = sparsity_pass(model, SparsityConfig(calibration=feeds(), method="wanda", min_channels=16))
+    out, report = sparsity_pass(model, SparsityConfig(method="wanda", min_channels=16), data=feeds())
     assert report.changes["layers_pruned"] == 2
     assert any("3 float Constant node(s) made initializers so their weights can be pruned" in w for w in report.warnings)
     weights = {t.name: read_array(t) for t in out.graph.initializer}

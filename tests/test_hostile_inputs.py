@@ -238,6 +238,32 @@ def test_config_files_are_parsed_within_bounds(work, capsys, monkeypatch, name, 
     assert not (work / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["deep.json", "deep.yaml"])
+def test_deep_nesting_is_refused_whatever_the_recursion_limit(work, capsys, monkeypatch, name) -> None:
+    """The parsers recurse; the refusal comes before them, so another module raising the limit changes nothing."""
+    import sys
+
+    case = next(c for c in YAML_CASES if c[0] == name)
+    (work / name).write_text(case[1])
+    monkeypatch.chdir(work)
+    before = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(100_000)
+        r = run_cli_inprocess(["run", name, "-o", "out"], capsys)
+    finally:
+        sys.setrecursionlimit(before)
+    assert_user_error(r, code=1)
+    assert r.error_lines == [f"error: {name}: nested too deeply to parse"]
+
+
+def test_json_depth_skips_brackets_in_strings() -> None:
+    from compress.validate import json_depth
+
+    assert json_depth('{"a": [1, {"b": "[[[[{"}], "c": "\\"]"}') == 3
+    assert json_depth("[]") == 1
+    assert json_depth('"x"') == 0
+
+
 def test_a_huge_value_is_shown_short_in_the_error(work, capsys) -> None:
     (work / "p.yaml").write_text(RUN_BASE + "build:\n  precision: [" + ", ".join(["fp16"] * 5000) + "]\n")
     r = run_cli_inprocess(["run", work / "p.yaml", "-o", work / "out"], capsys)
@@ -564,7 +590,7 @@ def test_int8_with_a_relative_calibration_path_keeps_the_working_directory(work,
     monkeypatch.chdir(work)
     calib = load_calibration("cal")  # relative: read lazily, while ORT calibrates
     before = sorted(os.listdir(work))
-    out, report = int8_pass(onnx.load("m.onnx"), Int8Config(calibration=calib))
+    out, report = int8_pass(onnx.load("m.onnx"), Int8Config(), data=calib)
     assert Path.cwd() == work
     assert sum(n.op_type == "QuantizeLinear" for n in out.graph.node) > 0
     assert not [w for w in report.warnings if "failed" in w]  # shape inference ran

@@ -11,7 +11,6 @@ the code: no function takes more than six parameters.
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "compress"
@@ -105,7 +104,6 @@ def _cycles() -> list[list[str]]:
     stack: list[str] = []
     on_stack: set[str] = set()
     found: list[list[str]] = []
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)

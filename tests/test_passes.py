@@ -128,9 +128,8 @@ def test_register_pass_rejects_a_duplicate_name() -> None:
 @pytest.mark.parametrize("name", ["fp16", "int8", "sparsity-2:4"])
 def test_passes_do_not_modify_their_input(name: str, transformer: onnx.ModelProto, tt_calib) -> None:
     before = transformer.SerializeToString()
-    config = {"fp16": Fp16Config(calibration=tt_calib[:2]), "int8": Int8Config(calibration=tt_calib[:2]),
-              "sparsity-2:4": SparsityConfig(min_channels=0)}[name]
-    out, report = get_pass(name)(transformer, config)
+    config = {"fp16": Fp16Config(), "int8": Int8Config(), "sparsity-2:4": SparsityConfig(min_channels=0)}[name]
+    out, report = get_pass(name)(transformer, config, data=tt_calib[:2] if name != "sparsity-2:4" else None)
     assert transformer.SerializeToString() == before
     assert out is not transformer
     assert out.SerializeToString() != before
@@ -223,7 +222,7 @@ def test_fp16_out_of_range_constants_and_activations_stay_fp32() -> None:
     with np.errstate(over="ignore"):
         assert not np.isfinite(ReferenceEvaluator(embedded_copy(out)).run(None, batches[0])[0]).all()
 
-    out, report = fp16_pass(model, Fp16Config(calibration=batches))
+    out, report = fp16_pass(model, Fp16Config(), data=batches)
     reasons = {i["node"]: i["reason"] for i in report.items}
     assert set(reasons) == {"scale_up", "add_eps", "scale_down"}
     assert reasons["scale_down"].startswith("input 'h3' reaches |x| = ")
@@ -280,7 +279,7 @@ def test_fp16_bad_input() -> None:
     with pytest.raises(ConfigError, match=r"activation_limit must be in \(0, 65504\]"):
         Fp16Config(activation_limit=1e6)
     with pytest.raises(CalibrationError, match="calibration batch 0 does not fit the model"):
-        fp16_pass(_range_model(), Fp16Config(calibration=[{"x": np.zeros((2, 5), np.float32)}]))
+        fp16_pass(_range_model(), Fp16Config(), data=[{"x": np.zeros((2, 5), np.float32)}])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
 
 
 def test_int8_transformer_symmetric_qdq_on_every_matmul(transformer, tt_calib, tt_held) -> None:
-    out, report = int8_pass(transformer, Int8Config(calibration=tt_calib))
+    out, report = int8_pass(transformer, Int8Config(), data=tt_calib)
     matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
     assert len(matmuls) == 26
     producers = _producers(out)
@@ -326,7 +325,7 @@ def test_int8_quantizes_weights_stored_as_constant_nodes(transformer, tt_calib, 
     del foreign.graph.node[:]
     foreign.graph.node.extend(constants + nodes)
     onnx.checker.check_model(foreign, full_check=True)
-    out, report = int8_pass(foreign, Int8Config(calibration=tt_calib))
+    out, report = int8_pass(foreign, Int8Config(), data=tt_calib)
     assert report.changes["nodes_quantized"] == 26  # as many as with initializers
     floats = sum(t.data_type == TensorProto.FLOAT and len(t.dims) > 0 for t in transformer.graph.initializer)
     assert any(w.startswith(f"{floats} float Constant node(s) made initializers") for w in report.warnings), report.warnings
@@ -337,8 +336,8 @@ def test_int8_quantizes_weights_stored_as_constant_nodes(transformer, tt_calib, 
 def test_int8_excludes_nodes_and_op_types(resnet) -> None:
     calib = _batches((2, 3, 8, 8), 3, seed=5) + _batches((3, 3, 8, 8), 1, seed=6)  # shapes vary
     first_conv = next(n.name for n in resnet.graph.node if n.op_type == "Conv")
-    out, report = int8_pass(resnet, Int8Config(calibration=calib, method="entropy", exclude_nodes=(first_conv,),
-                                               exclude_ops=("Gemm",)))
+    out, report = int8_pass(resnet, Int8Config(method="entropy", exclude_nodes=(first_conv,),
+                                               exclude_ops=("Gemm",)), data=calib)
     status = {i["node"]: (i["status"], i.get("reason")) for i in report.items}
     assert status[first_conv] == ("excluded", "excluded by name")
     gemm = next(n.name for n in resnet.graph.node if n.op_type == "Gemm")
@@ -357,22 +356,22 @@ def test_int8_excludes_nodes_and_op_types(resnet) -> None:
 def test_int8_bad_models(transformer, tt_calib) -> None:
     half, _ = fp16_pass(transformer, Fp16Config())
     with pytest.raises(ModelError, match=r"^int8: the model already has float16 weights \(e.g. 'embed.bias'\)"):
-        int8_pass(half, Int8Config(calibration=tt_calib))
-    quantized, _ = int8_pass(transformer, Int8Config(calibration=tt_calib[:2], qdq_on_weights=False))
+        int8_pass(half, Int8Config(), data=tt_calib)
+    quantized, _ = int8_pass(transformer, Int8Config(qdq_on_weights=False), data=tt_calib[:2])
     assert {t.data_type for t in quantized.graph.initializer if t.name.endswith("_quantized")} == {TensorProto.INT8}
     quantized = onnx.ModelProto.FromString(quantized.SerializeToString())
     keep = [t for t in quantized.graph.initializer if t.data_type != TensorProto.FLOAT]
     del quantized.graph.initializer[:]
     quantized.graph.initializer.extend(keep)
     with pytest.raises(ModelError, match="^int8: the model has no float32 weights to quantize"):
-        int8_pass(quantized, Int8Config(calibration=tt_calib))
+        int8_pass(quantized, Int8Config(), data=tt_calib)
 
 
 def test_sparsity_survives_int8(transformer, tt_calib) -> None:
     from polygraphy.tools.sparse import SparsityPruner
 
     sparse, report = sparsity_pass(transformer, SparsityConfig(min_channels=0))
-    quantized, _ = int8_pass(sparse, Int8Config(calibration=tt_calib[:2]))  # symmetric: 0 stays 0
+    quantized, _ = int8_pass(sparse, Int8Config(), data=tt_calib[:2])  # symmetric: 0 stays 0
     checker = SparsityPruner(embedded_copy(quantized))  # looks through the weights' Q/DQ pairs
     with np.errstate(over="ignore"):
         checker.check()
@@ -384,20 +383,20 @@ def test_int8_bad_calibration(transformer, tt_calib) -> None:
         int8_pass(transformer, Int8Config())
     assert err.value.message == "int8 needs calibration data"
     with pytest.raises(CalibrationError) as err:
-        int8_pass(transformer, Int8Config(calibration=[{"y": tt_calib[0]["x"]}]))
+        int8_pass(transformer, Int8Config(), data=[{"y": tt_calib[0]["x"]}])
     assert err.value.message == ("calibration batch 0 does not fit the model: missing input(s) x; "
                                  "unknown array(s) y (model inputs: x)")
     bad = [tt_calib[0], {"x": tt_calib[1]["x"].astype(np.float64)}]
     with pytest.raises(CalibrationError, match=r"^calibration batch 1: input 'x' is float64, the model wants float32"):
-        int8_pass(transformer, Int8Config(calibration=bad))
+        int8_pass(transformer, Int8Config(), data=bad)
     with pytest.raises(CalibrationError, match=r"^calibration batch 0: input 'x' axis 2 is 12, the model wants 16"):
-        int8_pass(transformer, Int8Config(calibration=[{"x": np.zeros((2, 8, 12), np.float32)}]))
+        int8_pass(transformer, Int8Config(), data=[{"x": np.zeros((2, 8, 12), np.float32)}])
     with pytest.raises(CalibrationError, match="^int8: the calibration data has no batches"):
-        int8_pass(transformer, Int8Config(calibration=[]))
+        int8_pass(transformer, Int8Config(), data=[])
     with pytest.raises(ConfigError, match=r"^int8: unknown calibration method 'kl'; valid: minmax, entropy, percentile"):
         Int8Config(method="kl")
     with pytest.raises(ConfigError, match=r"^int8: exclude list names unknown node\(s\): nope"):
-        int8_pass(transformer, Int8Config(calibration=tt_calib, exclude_nodes=("nope",)))
+        int8_pass(transformer, Int8Config(exclude_nodes=("nope",)), data=tt_calib)
     with pytest.raises(ConfigError) as err:
         Int8Config(activation_type="fp8")
     assert err.value.message == "int8: unknown activation type 'fp8'; valid: int8, uint8"
@@ -469,7 +468,7 @@ def test_int8_quantizes_matmul_inputs_only_and_matches_numpy(activation_type: st
     model = _qkv_model()
     rng = np.random.default_rng(4)
     calib = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
-    out, report = int8_pass(model, Int8Config(calibration=calib, activation_type=activation_type))
+    out, report = int8_pass(model, Int8Config(activation_type=activation_type), data=calib)
     producers = _producers(out)
     res2 = next(n for n in out.graph.node if n.name == "res2")
     # ORT's quantizer fed res2 the Q/DQ copy of 'a' (mm_2 is its only quantized reader); the pass restores it
@@ -507,8 +506,8 @@ def test_int8_uint8_activations_run_as_integer_matmuls_on_ort_cpu(tmp_path) -> N
     rng = np.random.default_rng(4)
     calib = [{"x": rng.standard_normal((4, 8, 16)).astype(np.float32)} for _ in range(4)]
     assert _ort_optimized_ops(model, tmp_path)["MatMul"] == 4
-    int8, _ = int8_pass(model, Int8Config(calibration=calib))
-    uint8, _ = int8_pass(model, Int8Config(calibration=calib, activation_type="uint8"))
+    int8, _ = int8_pass(model, Int8Config(), data=calib)
+    uint8, _ = int8_pass(model, Int8Config(activation_type="uint8"), data=calib)
     # int8: ORT turns an int8 Q->DQ pair into uint8 only when the Q feeds one DQ; the q/k/v pairs on 'ln'
     # are merged into one Q feeding 3 DQs, so those 3 MatMuls stay float
     ops = _ort_optimized_ops(int8, tmp_path)
@@ -534,7 +533,7 @@ def test_int8_restore_float_inputs_drops_unused_qdq_pairs() -> None:
 
 
 def test_int8_matmul_weights_only_keeps_activation_products_float(transformer, tt_calib, tt_held) -> None:
-    out, report = int8_pass(transformer, Int8Config(calibration=tt_calib, matmul_weights_only=True))
+    out, report = int8_pass(transformer, Int8Config(matmul_weights_only=True), data=tt_calib)
     excluded = {i["node"]: i["reason"] for i in report.items if i["status"] == "excluded"}
     assert len(excluded) == 8  # 2 attention products (scores, context) in each of the 4 blocks
     assert set(excluded.values()) == {"MatMul of two activations (matmul_weights_only)"}
@@ -758,9 +757,9 @@ def test_passes_on_a_model_with_external_data(name: str, external_mlp, tmp_path)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(ref, _mlp_numpy(x["x"], _mlp_arrays()), rtol=1e-5, atol=1e-5)
     config = {"fp16": Fp16Config(),
-              "int8": Int8Config(calibration=_batches((4, 64), 4, seed=3), activation_type="uint8"),  # ORT backend
+              "int8": Int8Config(activation_type="uint8"),  # ORT backend
               "sparsity-2:4": SparsityConfig(min_channels=0)}[name]
-    out, report = get_pass(name)(loaded, config)
+    out, report = get_pass(name)(loaded, config, data=_batches((4, 64), 4, seed=3) if name == "int8" else None)
     assert loaded.SerializeToString() == before  # the input (and its references) is not modified
     _no_big_embedded(out)
     got = make_session(out).run(None, x)[0]

@@ -22,6 +22,7 @@ from compress.build import BuildConfig, BuiltModel, benchmark, run_passes
 from compress.export import ExportConfig, export
 from compress.onnx_io import model_digest
 from compress.passes import Fp16Config, get_pass
+from compress.passes.base import describe_batches
 from compress.prune import PruneConfig, prune
 from compress.scoring.collect import ScoreConfig, score
 from compress.stage import Report
@@ -134,9 +135,16 @@ def test_passes_and_benchmark_return_models_and_reports(chain) -> None:
     assert nothing.to_dict()["passes"] == []
 
 
-def test_a_pass_takes_its_data_keyword_as_the_configs_calibration(chain) -> None:
+@pytest.mark.parametrize("name", ["fp16", "int8", "smoothquant", "sparsity-2:4"])
+def test_a_pass_takes_its_calibration_as_data_never_in_its_config(name: str, chain) -> None:
     _, exported, _, batches = chain
-    fp16 = get_pass("fp16")
-    by_keyword, _ = fp16(exported.proto, Fp16Config(), data=batches)
-    by_config, _ = fp16(exported.proto, Fp16Config(calibration=batches))
-    assert model_digest(by_keyword) == model_digest(by_config)
+    registered = get_pass(name)
+    assert "calibration" not in {f.name for f in dataclasses.fields(registered.config_type)}
+    assert list(inspect.signature(registered.run).parameters) == ["model", "config", "data"]
+    assert inspect.signature(registered.run).parameters["data"].kind is inspect.Parameter.KEYWORD_ONLY
+    if name == "fp16":  # optional data: rule 7 reads it, and the report describes it
+        _, without = registered(exported.proto, Fp16Config())
+        _, with_data = registered(exported.proto, Fp16Config(), data=batches)
+        assert (without.changes["calibration_batches"], without.config["calibration"]) == (0, None)
+        assert with_data.changes["calibration_batches"] == len(batches)
+        assert with_data.config["calibration"] == describe_batches(batches)

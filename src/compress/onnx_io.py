@@ -286,7 +286,7 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
     At most :data:`MAX_JSON_BYTES`, nested at most :data:`compress.validate.MAX_DEPTH` deep
     (checked without recursion); values are not otherwise checked (the caller does).
     """
-    from compress.validate import MAX_DEPTH, check_document, clip
+    from compress.validate import MAX_DEPTH, MAX_PARSE_DEPTH, check_document, clip, json_depth
 
     p = Path(path)
     if not p.is_file():
@@ -296,7 +296,10 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
     if size > MAX_JSON_BYTES:
         raise ModelError(f"{p} is not a valid {what}: {size} bytes, more than the {MAX_JSON_BYTES} read", hint=hint)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        if json_depth(text) > MAX_PARSE_DEPTH:
+            raise RecursionError  # refused before parsing: the parser's own limit depends on the process
+        data = json.loads(text)
     except RecursionError:
         raise ModelError(f"{p} is not a valid {what}: nested too deeply", hint=hint) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -14,6 +14,7 @@ that drives a loop or an allocation has an upper bound.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,36 @@ MAX_DEPTH = 64
 MAX_NODES = 200_000
 #: Longest a value may be when quoted in an error message.
 MAX_SHOWN = 120
+#: Nesting refused before parsing: the parsers recurse, so how deep they get would depend on the
+#: interpreter's recursion limit (what else ran in the process), not on the file.
+MAX_PARSE_DEPTH = 256
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON ``text`` (brackets inside strings skipped); no parse, no recursion."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def yaml_depth(text: str, loader: Any) -> int:
+    """The deepest sequence/mapping nesting of YAML ``text``, from ``loader``'s event stream (no composing, no recursion)."""
+    import yaml
+
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
 
 
 def clip(text: str, limit: int = MAX_SHOWN) -> str:

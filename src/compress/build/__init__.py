@@ -220,33 +220,33 @@ def _apply_passes(model: onnx.ModelProto, config: BuildConfig, calib: Any) -> tu
     """
     from compress.passes import Fp16Config, Int8Config, SparsityConfig, get_pass, measure_fidelity
     from compress.passes.accuracy import FidelityTargetError, TargetConfig, fidelity_of
+    from compress.passes.base import pass_options
 
     ops, nodes, matched = resolve_exclude(model, config.exclude)
     measurable = calib is not None and not getattr(calib, "random", False)
     target = (TargetConfig(fidelity=config.target_fidelity, max_fallback=config.max_fallback,
                            ranking=config.fallback_order)
               if config.target_fidelity is not None and measurable else None)
-    steps: list[tuple[str, Any]] = []
+    steps: list[tuple[str, Any, Any]] = []  # (pass, its config, its calibration data)
     if config.sparsity == "2:4":
-        steps.append(("sparsity-2:4", SparsityConfig(exclude_nodes=nodes, method=config.sparsity_method,
-                                                     calibration=calib if measurable else None, target=target)))
+        steps.append(("sparsity-2:4", SparsityConfig(exclude_nodes=nodes, method=config.sparsity_method, target=target),
+                      calib if measurable else None))
     if config.precision == "fp16":
-        steps.append(("fp16", Fp16Config(block_ops=ops, block_nodes=nodes, calibration=calib)))
+        steps.append(("fp16", Fp16Config(block_ops=ops, block_nodes=nodes), calib))
     elif config.precision == "int8":
         act = config.int8_activations
         if act == "auto":
             act = "int8" if config.backend == "trt" else "uint8"
-        steps.append(("int8", Int8Config(calibration=calib, method=config.calibration_method,
-                                         exclude_nodes=nodes, exclude_ops=ops, activation_type=act,
-                                         target=target, smoothquant=config.smoothquant)))
+        steps.append(("int8", Int8Config(method=config.calibration_method, exclude_nodes=nodes, exclude_ops=ops,
+                                         activation_type=act, target=target, smoothquant=config.smoothquant), calib))
     reports: list[dict[str, Any]] = []
     current = model
-    for name, cfg in steps:
+    for name, cfg, data in steps:
         logger.info("pass %s", name)
         try:
-            out, report = get_pass(name).run(current, cfg)
+            out, report = get_pass(name)(current, cfg, data=data)
         except FidelityTargetError as exc:
-            failed = {"name": name, "config": cfg.to_dict(), "target": exc.report, "error": exc.message}
+            failed = {"name": name, "config": pass_options(cfg, data), "target": exc.report, "error": exc.message}
             raise FidelityTargetError(exc.message, hint=exc.hint,
                                       report={"passes": reports, "failed": failed, "exclude": matched}) from None
         entry = report.to_dict()

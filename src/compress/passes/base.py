@@ -15,7 +15,7 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -95,15 +95,17 @@ class Pass:
 
     Attributes:
         name: the registered name.
-        run: the pass function ``(model, config) -> (model, PassReport)``.
+        run: the pass function ``(model, config, *, data=None) -> (model, PassReport)``; ``data``:
+            calibration batches (a :class:`~compress.calibration.CalibrationSet` or a
+            sequence of batches), which configs never hold.
         config_type: its frozen config dataclass.
         kind: ``"precision"`` or ``"sparsity"`` (the CLI flag that selects it).
-        needs_calibration: the config must carry calibration batches.
+        needs_calibration: the pass fails without ``data``.
         summary: one line for ``--help``.
     """
 
     name: str
-    run: Callable[[onnx.ModelProto, Any], tuple[onnx.ModelProto, PassReport]]
+    run: Callable[..., tuple[onnx.ModelProto, PassReport]]
     config_type: type
     kind: str
     needs_calibration: bool
@@ -113,24 +115,18 @@ class Pass:
                  data: Any = None) -> tuple[onnx.ModelProto, PassReport]:
         """Run the pass on ``model`` with ``config`` (its defaults when None); ``model`` is not modified.
 
-        The stage shape (:mod:`compress.stage`): ``data`` (calibration batches) goes into the
-        config's ``calibration`` field, which the pass reads; None keeps what the config has.
+        The stage shape (:mod:`compress.stage`): ``data`` are the calibration batches (None:
+        none; passes that need them raise CalibrationError).
 
         Raises:
-            ConfigError: ``config`` is not this pass's config type, or ``data`` was given to a
-                pass that takes no calibration data.
+            ConfigError: ``config`` is not this pass's config type.
         """
         if config is None:
             config = self.config_type()
         if not isinstance(config, self.config_type):
             raise ConfigError(f"pass {self.name!r} takes a {self.config_type.__name__}, got {type(config).__name__}",
                               hint=f"pass a {self.config_type.__name__} (or None for its defaults)")
-        if data is not None:
-            dataclass_config: Any = config
-            if not any(f.name == "calibration" for f in fields(dataclass_config)):
-                raise ConfigError(f"pass {self.name!r} takes no calibration data", hint="call it without data=")
-            config = replace(dataclass_config, calibration=data)
-        return self.run(model, config)
+        return self.run(model, config, data=data)
 
 
 #: All passes by name.
@@ -410,6 +406,11 @@ def describe_batches(batches: Sequence[Batch] | Any) -> str:
     from compress.calibration import describe
 
     return describe(batches)[0]
+
+
+def pass_options(config: Any, data: Any) -> dict[str, Any]:
+    """A pass report's ``config``: the calibration data described (None: none), then ``config.to_dict()``."""
+    return {"calibration": None if data is None else describe_batches(data), **config.to_dict()}
 
 
 def timer() -> Callable[[], float]:

@@ -56,10 +56,10 @@ from compress.passes.base import (
     PassReport,
     check_model,
     copy_model,
-    describe_batches,
     float_initializers,
     name_nodes,
     op_counts,
+    pass_options,
     register_pass,
     timer,
     toposort,
@@ -114,7 +114,6 @@ class Fp16Config:
             keeps its readers FP32 (rule 6).
         block_ops: op types that stay FP32.
         block_nodes: node names that stay FP32.
-        calibration: a CalibrationSet or a sequence of batches for rule 7 (None: no rule 7).
         max_batches: use at most this many calibration batches for rule 7 (None: all).
     """
 
@@ -126,7 +125,6 @@ class Fp16Config:
     underflow_share: float = 0.01
     block_ops: tuple[str, ...] = ()
     block_nodes: tuple[str, ...] = ()
-    calibration: CalibrationSet | Sequence[Batch] | None = None
     max_batches: int | None = 8
 
     def __post_init__(self) -> None:
@@ -144,12 +142,11 @@ class Fp16Config:
                               hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready options (the calibration data described, not included) for the pass report."""
+        """JSON-ready options for the pass report (:func:`~compress.passes.base.pass_options` adds the data)."""
         return {"keep_io_types": self.keep_io_types, "keep_normalization": self.keep_normalization,
                 "keep_softmax": self.keep_softmax, "max_reduce_elements": self.max_reduce_elements,
                 "activation_limit": self.activation_limit, "underflow_share": self.underflow_share,
                 "block_ops": list(self.block_ops), "block_nodes": list(self.block_nodes),
-                "calibration": None if self.calibration is None else describe_batches(self.calibration),
                 "max_batches": self.max_batches}
 
 
@@ -436,8 +433,11 @@ def _plan(model: onnx.ModelProto, index: GraphIndex, config: Fp16Config,
 
 @register_pass("fp16", config=Fp16Config, kind="precision",
                summary="FP32 -> FP16 (Cast insertion), FP32 kept for norms, big reductions and out-of-range values")
-def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelProto, PassReport]:
+def fp16_pass(model: onnx.ModelProto, config: Fp16Config, *,
+              data: CalibrationSet | Sequence[Batch] | None = None) -> tuple[onnx.ModelProto, PassReport]:
     """Convert ``model`` to FP16, keeping FP32 where FP16 is unsafe. Does not modify ``model``.
+
+    ``data``: a CalibrationSet or a sequence of batches for rule 7 (None: no rule 7).
 
     Returns the converted model (it passes ``onnx.checker`` with full checking) and a
     report listing every node kept FP32 with its reasons.
@@ -462,12 +462,12 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
         raise ConfigError(f"fp16: block list names unknown node(s): {', '.join(missing)}",
                           hint="use node names as 'compress inspect' or Netron show them")
     ranges, used = (None, 0)
-    if config.calibration is not None:
+    if data is not None:
         from compress.calibration import CalibrationSet, check_calibration
 
-        if isinstance(config.calibration, CalibrationSet):
-            check_calibration(config.calibration, work)
-        ranges, used = activation_ranges(work, config.calibration, max_batches=config.max_batches)
+        if isinstance(data, CalibrationSet):
+            check_calibration(data, work)
+        ranges, used = activation_ranges(work, data, max_batches=config.max_batches)
     plan = _plan(work, index, config, ranges)
     original_names = {n.name for n in work.graph.node}
     try:
@@ -502,7 +502,7 @@ def fp16_pass(model: onnx.ModelProto, config: Fp16Config) -> tuple[onnx.ModelPro
     if renamed:
         warnings.append(f"named {len(renamed)} unnamed or duplicate-named node(s) (e.g. {renamed[0]})")
     report = PassReport(name="fp16", nodes_before=op_counts(model), nodes_after=op_counts(converted),
-                        changes=changes, items=items, config=config.to_dict(), warnings=tuple(warnings),
+                        changes=changes, items=items, config=pass_options(config, data), warnings=tuple(warnings),
                         seconds=elapsed())
     return converted, report
 

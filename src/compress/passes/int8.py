@@ -67,9 +67,9 @@ from compress.passes.base import (
     check_model,
     constants_to_initializers,
     copy_model,
-    describe_batches,
     name_nodes,
     op_counts,
+    pass_options,
     register_pass,
     timer,
 )
@@ -86,7 +86,6 @@ class Int8Config:
     """Options of the ``int8`` pass.
 
     Attributes:
-        calibration: a CalibrationSet or a sequence of batches (input name -> array); required.
         method: calibration method, one of :data:`CALIBRATION_METHODS`.
         percentile: the percentile of |x| kept by ``method="percentile"`` (in (0, 100]).
         op_types: op types to quantize.
@@ -121,7 +120,6 @@ class Int8Config:
             (:func:`~compress.passes.accuracy.choose_methods`).
     """
 
-    calibration: CalibrationSet | Sequence[Batch] | None = None
     method: str = "minmax"
     percentile: float = 99.999
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
@@ -159,9 +157,8 @@ class Int8Config:
                               hint="leave it out (None) to use every calibration batch")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready options (the calibration data described, not included) for the pass report."""
-        return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
-                "method": self.method, "percentile": self.percentile, "op_types": list(self.op_types),
+        """JSON-ready options for the pass report (:func:`~compress.passes.base.pass_options` adds the data)."""
+        return {"method": self.method, "percentile": self.percentile, "op_types": list(self.op_types),
                 "exclude_nodes": list(self.exclude_nodes), "exclude_ops": list(self.exclude_ops),
                 "per_channel": self.per_channel, "preprocess": self.preprocess,
                 "qdq_on_weights": self.qdq_on_weights, "dedicated_qdq": self.dedicated_qdq,
@@ -216,8 +213,11 @@ def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.Mode
 @register_pass("int8", config=Int8Config, kind="precision", needs_calibration=True,
                summary="explicit INT8 Q/DQ (ONNX Runtime static quantization) from calibration data: symmetric "
                        "int8 (TensorRT) or uint8 activations (ONNX Runtime CPU)")
-def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelProto, PassReport]:
-    """Quantize ``model`` to explicit INT8 Q/DQ on ``config.calibration``. Does not modify ``model``.
+def int8_pass(model: onnx.ModelProto, config: Int8Config, *,
+              data: CalibrationSet | Sequence[Batch] | None = None) -> tuple[onnx.ModelProto, PassReport]:
+    """Quantize ``model`` to explicit INT8 Q/DQ calibrated on ``data``. Does not modify ``model``.
+
+    ``data``: a CalibrationSet or a sequence of batches (input name -> array); required.
 
     Returns the quantized model and a report: Q/DQ counts, per-node status (quantized,
     excluded with the reason, not quantized), zero points (all 0 for ``activation_type``
@@ -232,7 +232,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
         BuildError: ONNX Runtime fails to quantize, or the result fails the checker.
     """
     elapsed = timer()
-    if config.calibration is None:
+    if data is None:
         raise CalibrationError("int8 needs calibration data", hint="pass --calib with .npz batches ('compress calib')")
     halves = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     if halves:
@@ -244,7 +244,6 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     work, opset_note = _opset_for_qdq(work, config.per_channel)
     if opset_note.startswith("per-tensor"):
         config = dataclasses.replace(config, per_channel=False)
-    assert config.calibration is not None  # checked above; the replace loses mypy's narrowing
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in work.graph.initializer):
         raise ModelError("int8: the model has no float32 weights to quantize",
                          hint="it is already quantized or has no float parameters; drop --precision int8")
@@ -256,10 +255,10 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
                           hint="use node names as 'compress inspect' or Netron show them")
     from compress.calibration import CalibrationSet, check_calibration
 
-    if isinstance(config.calibration, CalibrationSet):
-        if not len(config.calibration):
+    if isinstance(data, CalibrationSet):
+        if not len(data):
             raise CalibrationError("int8: the calibration data has no batches", hint="pass calibration data with at least one batch")
-        check_calibration(config.calibration, work)
+        check_calibration(data, work)
     reasons: dict[str, str] = {}
     for name in config.exclude_nodes:
         reasons[name] = "excluded by name"
@@ -277,18 +276,18 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
                         f"(e.g. '{moved[0]}')")
     if opset_note:
         warnings.append(opset_note)
-    fit, held, shared = config.calibration, None, True
+    fit, held, shared = data, None, True
     if config.target is not None:
         from compress.passes.accuracy import split_holdout
 
-        fit, held, shared = split_holdout(config.calibration, config.target.holdout)
+        fit, held, shared = split_holdout(data, config.target.holdout)
         if shared:
             warnings.append("one calibration batch: the fidelity target is measured on the batch it was calibrated on")
     smooth = None
     if config.smoothquant is not None:
         from compress.passes.smoothquant import SmoothQuantConfig, smoothquant_pass
 
-        work, smooth = smoothquant_pass(work, SmoothQuantConfig(calibration=fit, alpha=config.smoothquant))
+        work, smooth = smoothquant_pass(work, SmoothQuantConfig(alpha=config.smoothquant), data=fit)
         names = {n.name: n for n in work.graph.node}
     reader = BatchReader(fit, model_inputs(work), max_batches=config.max_batches)
     if not len(reader):
@@ -364,7 +363,7 @@ def int8_pass(model: onnx.ModelProto, config: Int8Config) -> tuple[onnx.ModelPro
     logger.info("int8: %d nodes quantized, %d excluded, %d Q + %d DQ inserted", counts["quantized"],
                 counts["excluded"], changes["quantize_linear"], changes["dequantize_linear"])
     report = PassReport(name="int8", nodes_before=op_counts(model), nodes_after=after, changes=changes,
-                        items=tuple(items), config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
+                        items=tuple(items), config=pass_options(config, data), warnings=tuple(warnings), seconds=elapsed())
     return result, report
 
 

@@ -42,7 +42,7 @@ from compress.errors import CalibrationError, ConfigError
 from compress.external import array_tensor, read_array
 from compress.graph import GraphIndex
 from compress.log import logger
-from compress.passes.base import PassReport, copy_model, describe_batches, op_counts, register_pass, timer
+from compress.passes.base import PassReport, copy_model, op_counts, pass_options, register_pass, timer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,13 +50,11 @@ class SmoothQuantConfig:
     """Options of the ``smoothquant`` pass.
 
     Attributes:
-        calibration: batches (input name -> array) or a CalibrationSet; required.
         alpha: migration strength in [0, 1].
         op_types: layer types smoothed (MatMul with a constant B, Gemm with a constant B).
         exclude_nodes: layers never smoothed.
     """
 
-    calibration: Any = None
     alpha: float = 0.5
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     exclude_nodes: tuple[str, ...] = ()
@@ -71,9 +69,8 @@ class SmoothQuantConfig:
                               hint="e.g. op_types=('MatMul', 'Gemm')")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready options (the calibration data described, not included) for the pass report."""
-        return {"calibration": None if self.calibration is None else describe_batches(self.calibration),
-                "alpha": self.alpha, "op_types": list(self.op_types), "exclude_nodes": list(self.exclude_nodes)}
+        """JSON-ready options for the pass report (:func:`~compress.passes.base.pass_options` adds the data)."""
+        return {"alpha": self.alpha, "op_types": list(self.op_types), "exclude_nodes": list(self.exclude_nodes)}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -120,8 +117,11 @@ def channel_maxima(model: onnx.ModelProto, tensors: Sequence[str], batches: Any)
 
 @register_pass("smoothquant", config=SmoothQuantConfig, kind="precision", needs_calibration=True,
                summary="SmoothQuant: migrate activation outliers into the weights (exact), before int8")
-def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple[onnx.ModelProto, PassReport]:
+def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig, *,
+                     data: Any = None) -> tuple[onnx.ModelProto, PassReport]:
     """Smooth the activations of ``model``'s MatMul/Gemm layers. Does not modify ``model``.
+
+    ``data``: calibration batches (input name -> array) or a CalibrationSet; required.
 
     Returns the smoothed model and a report: one item per activation tensor with its
     consumers, how ``s`` was applied (``layernorm`` / ``matmul`` / ``mul``) and the outlier
@@ -132,7 +132,7 @@ def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple
         ConfigError: ``exclude_nodes`` names a node the model does not have.
     """
     elapsed = timer()
-    if config.calibration is None:
+    if data is None:
         raise CalibrationError("smoothquant needs calibration data", hint="pass --calib with .npz batches")
     out = copy_model(model)
     index = GraphIndex(out)
@@ -154,7 +154,7 @@ def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple
             skipped.append({"node": key, "status": "skipped", "reason": f"weight '{weight}' is shared by {len(readers)} nodes"})
             continue
         groups.setdefault(node.input[0], []).append((key, weight, axis))
-    maxima = channel_maxima(out, list(groups), config.calibration) if groups else {}
+    maxima = channel_maxima(out, list(groups), data) if groups else {}
     inits = {t.name: t for t in out.graph.initializer}
     new_nodes: list[tuple[int, onnx.NodeProto]] = []
     items: list[dict[str, Any]] = []
@@ -204,7 +204,7 @@ def smoothquant_pass(model: onnx.ModelProto, config: SmoothQuantConfig) -> tuple
                "layers_skipped": len(skipped), "applied": how_count}
     warnings = (f"{len(skipped)} layer(s) not smoothed (see items)",) if skipped else ()
     report = PassReport(name="smoothquant", nodes_before=op_counts(model), nodes_after=op_counts(out), changes=changes,
-                        items=tuple(items + skipped), config=config.to_dict(), warnings=warnings, seconds=elapsed())
+                        items=tuple(items + skipped), config=pass_options(config, data), warnings=warnings, seconds=elapsed())
     return out, report
 
 

@@ -51,9 +51,9 @@ from compress.passes.base import (
     PassReport,
     constants_to_initializers,
     copy_model,
-    describe_batches,
     name_nodes,
     op_counts,
+    pass_options,
     register_pass,
     timer,
 )
@@ -74,8 +74,7 @@ class SparsityConfig:
         method: how the 2 of every 4 weights are chosen: ``magnitude`` (the smallest |w|,
             no data), ``wanda`` (|w| times the input channel's activation norm) or
             ``sparsegpt`` (one-shot OBS with compensation of the kept weights); the last two
-            need ``calibration`` (:mod:`compress.passes.sparse_calib`).
-        calibration: batches or a CalibrationSet (for ``wanda``/``sparsegpt`` and ``target``).
+            need calibration data (:mod:`compress.passes.sparse_calib`).
         target: a fidelity target (:class:`~compress.passes.accuracy.TargetConfig`): the
             layers whose 2:4 costs the most (local error on held-out batches) stay dense
             until it holds; FidelityTargetError otherwise. None: no target.
@@ -100,7 +99,6 @@ class SparsityConfig:
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     exclude_nodes: tuple[str, ...] = ()
     method: str = "magnitude"
-    calibration: Any = None
     target: TargetConfig | None = None
     damp: float | None = None
     block_size: int = 128
@@ -125,10 +123,9 @@ class SparsityConfig:
                               hint="e.g. op_types=('MatMul', 'Gemm', 'Conv')")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready options (the calibration data described, not included) for the pass report."""
+        """JSON-ready options for the pass report (:func:`~compress.passes.base.pass_options` adds the data)."""
         return {"min_channels": self.min_channels, "op_types": list(self.op_types),
                 "exclude_nodes": list(self.exclude_nodes), "pattern": "2:4", "method": self.method,
-                "calibration": None if self.calibration is None else describe_batches(self.calibration),
                 "target": None if self.target is None else dataclasses.asdict(self.target),
                 "damp": self.damp, "block_size": self.block_size, "sequential": self.sequential,
                 "token_mask": self.token_mask}
@@ -365,8 +362,12 @@ def _meet_target(check: FidelityCheck, out: onnx.ModelProto, originals: Mapping[
 
 @register_pass("sparsity-2:4", config=SparsityConfig, kind="sparsity",
                summary="2:4 structured sparsity of MatMul/Gemm/Conv weights along their input dim")
-def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.ModelProto, PassReport]:
+def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig, *,
+                  data: Any = None) -> tuple[onnx.ModelProto, PassReport]:
     """Prune ``model``'s MatMul/Gemm/Conv weights to 2:4 sparsity. Does not modify ``model``.
+
+    ``data``: calibration batches or a CalibrationSet, for ``wanda``/``sparsegpt`` and a
+    ``target`` (None: magnitude without a target only).
 
     Weights are read, pruned and written back one at a time (new values go to the spill
     file, :func:`compress.external.array_tensor`); untouched weights keep their references.
@@ -392,18 +393,18 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
     layers = [_layer(k, n, index, config) for k, n in index.node_by_key.items() if n.op_type in config.op_types]
     _resolve_shared(layers, index)
 
-    fit, held, shared = config.calibration, None, True
+    fit, held, shared = data, None, True
     warnings: list[str] = []
     if moved:
         warnings.append(f"{len(moved)} float Constant node(s) made initializers so their weights can be pruned "
                         f"(e.g. '{moved[0]}')")
     if config.target is not None:
-        if config.calibration is None:
+        if data is None:
             raise CalibrationError("sparsity: a fidelity target needs calibration data",
                                    hint="pass --calib DIR, or turn the target off (--target-fidelity none)")
         from compress.passes.accuracy import split_holdout
 
-        fit, held, shared = split_holdout(config.calibration, config.target.holdout)
+        fit, held, shared = split_holdout(data, config.target.holdout)
         if shared:
             warnings.append("one calibration batch: the fidelity target is measured on the batch the masks came from")
     if config.method != "magnitude" and fit is None:
@@ -483,7 +484,7 @@ def sparsity_pass(model: onnx.ModelProto, config: SparsityConfig) -> tuple[onnx.
                         changes={**_summary(layers, elements, len(done) - len(dense), index, dense, target_report),
                                  "calibration_passes": stats_passes, "token_mask": mask_how},
                         items=tuple(items),
-                        config=config.to_dict(), warnings=tuple(warnings), seconds=elapsed())
+                        config=pass_options(config, data), warnings=tuple(warnings), seconds=elapsed())
     return out, report
 
 

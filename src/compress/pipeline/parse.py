@@ -13,7 +13,7 @@ from typing import Any
 
 from compress.config import type_name
 from compress.errors import ConfigError
-from compress.validate import check_document, clip, shown
+from compress.validate import MAX_PARSE_DEPTH, check_document, clip, json_depth, shown, yaml_depth
 
 
 def _no_duplicates_loader() -> Any:
@@ -60,11 +60,14 @@ def parse_config_text(text: str, *, source: str) -> Any:
 
 
 def _parse_config_text(text: str, *, source: str) -> Any:
+    too_deep = ConfigError(f"{source}: nested too deeply to parse", hint="a pipeline config is a few levels deep")
     if source.endswith(".json"):
+        if json_depth(text) > MAX_PARSE_DEPTH:
+            raise too_deep
         try:
             return json.loads(text)
         except RecursionError:
-            raise ConfigError(f"{source}: nested too deeply to parse", hint="a pipeline config is a few levels deep") from None
+            raise too_deep from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
                               hint="fix the JSON there (deploy/README.md has the format)") from None
@@ -74,10 +77,12 @@ def _parse_config_text(text: str, *, source: str) -> Any:
         from compress.errors import MissingDependencyError
 
         raise MissingDependencyError("pyyaml", purpose="YAML pipeline configs", extra="dev") from None
+    loader = _no_duplicates_loader()  # a SafeLoader that also rejects duplicate keys
     try:
-        return yaml.load(text, Loader=_no_duplicates_loader())  # a SafeLoader that also rejects duplicate keys
+        deep = yaml_depth(text, loader) > MAX_PARSE_DEPTH
+        data = None if deep else yaml.load(text, Loader=loader)
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to parse", hint="a pipeline config is a few levels deep") from None
+        raise too_deep from None
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}", hint=exc.hint) from None
     except yaml.YAMLError as exc:
@@ -85,4 +90,7 @@ def _parse_config_text(text: str, *, source: str) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = clip(getattr(exc, "problem", None) or str(exc).splitlines()[0], 300)
         raise ConfigError(f"{source}: not valid YAML: {problem}{where}", hint="check the indentation and quoting") from None
+    if deep:
+        raise too_deep
+    return data
 
