@@ -297,13 +297,14 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
         raise ModelError(f"{p} is not a valid {what}: {size} bytes, more than the {MAX_JSON_BYTES} read", hint=hint)
     try:
         text = p.read_text(encoding="utf-8")
-        if json_depth(text) > MAX_PARSE_DEPTH:
-            raise RecursionError  # refused before parsing: the parser's own limit depends on the process
-        data = json.loads(text)
+        deep = json_depth(text) > MAX_PARSE_DEPTH  # refused before parsing: the parser's limit depends on the process
+        data = None if deep else json.loads(text)
     except RecursionError:
-        raise ModelError(f"{p} is not a valid {what}: nested too deeply", hint=hint) from None
+        deep = True
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{p} is not a valid {what}: {clip(str(exc), 300)}", hint=hint) from None
+    if deep:
+        raise ModelError(f"{p} is not a valid {what}: nested too deeply", hint=hint)
     check_document(data, source=f"{p} ({what})", error=ModelError, max_depth=MAX_DEPTH,
                    max_nodes=1 << 62)
     return data
