@@ -283,8 +283,8 @@ MAX_JSON_BYTES = 256 << 20
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
     """Read a JSON file; ModelError naming the file when it is missing, malformed or unbounded.
 
-    At most :data:`MAX_JSON_BYTES`, nested at most :data:`compress.validate.MAX_DEPTH` deep
-    (checked without recursion); values are not otherwise checked (the caller does).
+    At most :data:`MAX_JSON_BYTES`, nested at most :data:`compress.validate.MAX_PARSE_DEPTH` deep
+    (checked without recursion, before parsing); values are not otherwise checked (the caller does).
     """
     from compress.validate import MAX_DEPTH, MAX_PARSE_DEPTH, check_document, clip, json_depth
 
@@ -297,14 +297,16 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file") -> Any:
         raise ModelError(f"{p} is not a valid {what}: {size} bytes, more than the {MAX_JSON_BYTES} read", hint=hint)
     try:
         text = p.read_text(encoding="utf-8")
-        deep = json_depth(text) > MAX_PARSE_DEPTH  # refused before parsing: the parser's limit depends on the process
-        data = None if deep else json.loads(text)
-    except RecursionError:
-        deep = True
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ModelError(f"{p} is not a valid {what}: {clip(str(exc), 300)}", hint=hint) from None
-    if deep:
+    # Refused before parsing (json_depth never undercounts), so the parser never reaches the
+    # process's recursion limit and the answer does not depend on it.
+    if json_depth(text) > MAX_PARSE_DEPTH:
         raise ModelError(f"{p} is not a valid {what}: nested too deeply", hint=hint)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{p} is not a valid {what}: {clip(str(exc), 300)}", hint=hint) from None
     check_document(data, source=f"{p} ({what})", error=ModelError, max_depth=MAX_DEPTH,
                    max_nodes=1 << 62)
     return data
